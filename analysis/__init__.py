@@ -1,0 +1,1 @@
+"""Reads what MLflow stores into pandas; fits and plots scaling laws. Imports neither torch nor harness."""

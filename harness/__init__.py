@@ -1,0 +1,1 @@
+"""Orchestration: configs, data, training, sweeps, evaluation. Depends on `models`, never on `analysis`."""

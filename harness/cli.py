@@ -1,0 +1,87 @@
+"""`ditscale` command line. Thin: each sub-command parses its arguments and calls one module.
+
+Heavy imports (torch, Ray, DeepSpeed, MLflow) happen inside the handlers so that `ditscale --help`
+and argument errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, without a traceback."""
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from harness.model_table import print_model_table
+
+    print_model_table(
+        image_size=args.image_size, input_size=args.input_size, channels=args.channels, as_json=args.json
+    )
+    return 0
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list model presets with parameters and forward GFLOPs")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--image-size", type=int, default=None,
+        help="pixel size of a latent-diffusion image (SD VAE: /8, 4 channels; 256 -> 32x32x4, the DiT setting)",
+    )
+    size.add_argument("--input-size", type=int, default=None, help="raw model input size (pixels or latents)")
+    p.add_argument("--channels", type=int, default=None, help="input channels with --input-size (default 4)")
+    p.add_argument("--json", action="store_true", help="one JSON object per preset, in a JSON list")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from harness.bench import run_bench
+
+    run_bench(
+        args.model, batch=args.batch, steps=args.steps, warmup=args.warmup, precision=args.precision,
+        device=args.device, input_size=args.input_size, channels=args.channels, reference=args.reference,
+        compile=args.compile, as_json=args.json,
+    )
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time training steps (forward+backward+AdamW) of one model")
+    p.add_argument("model", help="preset name, e.g. DiT-S/2")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--input-size", type=int, default=32, help="model input size (latents: 32 for 256 px)")
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument(
+        "--reference", choices=["auto", "none"], default="auto",
+        help="auto: also time diffusers' equivalent model in this process, when diffusers is installed",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile both models first")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditscale", description="Scaling studies of diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_models, _add_bench):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"ditscale {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

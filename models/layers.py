@@ -1,0 +1,153 @@
+"""Building blocks shared by DiT and MM-DiT.
+
+Module and attribute names follow the official DiT code (facebookresearch/DiT) so that
+state dicts line up key for key: `proj` for the patch convolution, `mlp.0/2` in the timestep
+embedder, `embedding_table` for labels, `qkv`/`proj` in attention and `fc1`/`fc2` in the MLP.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift, with per-sample shift/scale broadcast over tokens."""
+    # addcmul fuses the multiply and the add into one pass over the token tensor.
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens, as a strided convolution ([B,C,H,W] -> [B,N,D])."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int, bias: bool = True):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> vectors: sinusoidal features ([cos, sin]) then Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """Sinusoidal embedding of (possibly fractional) timesteps t [B] -> [B, dim], cos half first."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        # Under autocast the Linear runs in low precision anyway; outside it, match the weights.
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors. Row `num_classes` is the null class used for classifier-free guidance;
+    during training labels are replaced by it with probability `dropout_prob`."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection, computed by SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        # [B, N, 3, H, Dh] -> three [B, H, N, Dh] views; SDPA accepts the strided layout directly.
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: fc1 -> GELU(tanh) -> fc2."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def get_1d_sincos_pos_embed(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """Positions [M] -> [M, embed_dim] as [sin | cos], frequencies 1/10000^(2i/D); float64 like the reference."""
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos position embedding needs an even width, got {embed_dim}")
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def get_2d_sincos_pos_embed(
+    embed_dim: int,
+    grid_size: int | tuple[int, int],
+    base_size: int | None = None,
+    interpolation_scale: float = 1.0,
+) -> torch.Tensor:
+    """Fixed 2-D sin-cos table [H*W, embed_dim] for a grid of H x W patches (row-major tokens).
+
+    The first half of the channels encodes the column, the second half the row, as in the
+    official DiT/MAE code. `base_size`/`interpolation_scale` rescale coordinates the way SD3 does
+    (coordinate = index / (size / base_size) / interpolation_scale); the defaults leave them as indices.
+    """
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos position embedding needs a width divisible by 4, got {embed_dim}")
+    rows = torch.arange(gh, dtype=torch.float64)
+    cols = torch.arange(gw, dtype=torch.float64)
+    if base_size is not None:
+        rows = rows / (gh / base_size) / interpolation_scale
+        cols = cols / (gw / base_size) / interpolation_scale
+    row_grid, col_grid = torch.meshgrid(rows, cols, indexing="ij")
+    emb_col = get_1d_sincos_pos_embed(embed_dim // 2, col_grid)
+    emb_row = get_1d_sincos_pos_embed(embed_dim // 2, row_grid)
+    return torch.cat([emb_col, emb_row], dim=1)
