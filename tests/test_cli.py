@@ -1,0 +1,49 @@
+"""The `ditscale` console script, run as a user would run it."""
+
+import json
+import subprocess
+
+from tests.test_flops import PAPER_GFLOPS
+
+
+def ditscale(*args, check=True):
+    proc = subprocess.run(["ditscale", *args], capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_models_json_reproduces_the_paper_table():
+    rows = {r["name"]: r for r in json.loads(ditscale("models", "--json", "--image-size", "256").stdout)}
+    for short, paper in PAPER_GFLOPS.items():
+        row = rows[f"DiT-{short}"]
+        assert abs(row["gflops"] - paper) <= max(0.011, 5e-4 * paper)
+        assert {"name", "depth", "hidden", "heads", "patch", "tokens", "params", "gflops"} <= set(row)
+    assert round(rows["DiT-XL/2"]["params"] / 1e6, 1) == 675.1
+    assert rows["DiT-XL/2"]["tokens"] == 256
+
+
+def test_models_table_names_the_convention_and_raw_input_size():
+    out = ditscale("models", "--input-size", "16", "--channels", "1").stdout
+    assert "multiply-adds" in out
+    assert "DiT-XXS/2" in out and "DiT-S/8" in out  # 8 divides 16
+    rows = json.loads(ditscale("models", "--json", "--input-size", "12", "--channels", "1").stdout)
+    assert rows and all(12 % r["patch"] == 0 for r in rows) and all(r["in_channels"] == 1 for r in rows)
+
+
+def test_bench_runs_ours_and_the_diffusers_reference():
+    proc = ditscale("bench", "DiT-XXS/2", "--batch", "2", "--steps", "2", "--warmup", "1", "--input-size", "8",
+                    "--device", "cpu", "--json")
+    report = json.loads(proc.stdout)
+    labels = [r["label"] for r in report["results"]]
+    assert labels == ["ditscale DiT-XXS/2", "diffusers DiTTransformer2DModel"]
+    assert all(r["img_per_s"] > 0 and r["tflops"] > 0 for r in report["results"])
+    assert report["step_time_ratio_vs_reference"] > 0
+    assert report["results"][0]["mfu"] is None  # no known peak for a CPU
+
+
+def test_bad_model_name_is_one_clear_line():
+    proc = ditscale("bench", "DiT-Q/2", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "DiT-Q/2" in lines[0] and "Traceback" not in proc.stderr

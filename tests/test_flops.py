@@ -1,0 +1,55 @@
+"""Analytic parameter and FLOP counts against the DiT paper and against PyTorch's own counters."""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import build_model
+from models.flops import count_model, dit_count, latent_geometry, training_gflops
+
+# DiT paper, Table 4: forward Gflops (multiply-adds) at 256x256 px = 32x32x4 latents.
+PAPER_GFLOPS = {
+    "S/8": 0.36, "S/4": 1.41, "S/2": 6.06, "B/8": 1.42, "B/4": 5.56, "B/2": 23.01,
+    "L/8": 5.01, "L/4": 19.70, "L/2": 80.71, "XL/8": 7.39, "XL/4": 29.05, "XL/2": 118.64,
+}
+
+
+@pytest.mark.parametrize("short,paper", PAPER_GFLOPS.items())
+def test_reproduces_paper_table(short, paper):
+    size, channels = latent_geometry(256)
+    got = dit_count(f"DiT-{short}", input_size=size, in_channels=channels).gflops
+    assert abs(got - paper) <= max(0.011, 5e-4 * paper), (short, got, paper)
+
+
+def test_xl2_parameter_count():
+    assert abs(dit_count("DiT-XL/2").params / 1e6 - 675.1) < 0.05
+
+
+@pytest.mark.parametrize("short", PAPER_GFLOPS)
+def test_parameter_count_matches_the_module(short):
+    name = f"DiT-{short}"
+    with torch.device("meta"):
+        model = build_model(name, input_size=32, in_channels=4, num_classes=1000)
+    count = dit_count(name, input_size=32, in_channels=4)
+    assert count.params == sum(p.numel() for p in model.parameters())
+    assert count.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name,size,channels,learn_sigma", [("DiT-XXS/2", 16, 4, True), ("DiT-XS/4", 16, 1, False)])
+def test_flop_count_matches_torch_flop_counter(name, size, channels, learn_sigma):
+    model = build_model(name, input_size=size, in_channels=channels, num_classes=10, learn_sigma=learn_sigma)
+    batch = 3
+    x = torch.randn(batch, channels, size, size)
+    t, y = torch.randint(0, 1000, (batch,)), torch.randint(0, 10, (batch,))
+    # The math backend decomposes attention into matmuls the counter sees (the fused CPU kernel is not registered).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    analytic = count_model(name, size, channels, num_classes=10, learn_sigma=learn_sigma).gflops
+    assert counter.get_total_flops() == pytest.approx(2 * batch * analytic * 1e9, rel=1e-9)
+
+
+def test_training_compute_convention():
+    assert training_gflops(2.0, 1000) == 6000.0
+    with pytest.raises(ValueError):
+        latent_geometry(100)
