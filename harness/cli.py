@@ -10,8 +10,7 @@ import argparse
 import sys
 
 
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, without a traceback."""
+from harness.errors import UserError  # noqa: F401  (re-exported for sub-command modules)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -79,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as err:
-        print(f"ditscale {args.command}: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():
+            print(f"ditscale {args.command}: error: {line}", file=sys.stderr)
         return 2
 
 

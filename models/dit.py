@@ -162,14 +162,3 @@ class DiT(nn.Module):
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
 
-
-# name -> (depth, hidden, heads). S/B/L/XL are the paper's; the small ones are CPU presets of ours.
-DIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "XXS": (2, 64, 2),
-    "XS": (6, 192, 3),
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-}
-DIT_PATCHES = (2, 4, 8)

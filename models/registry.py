@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch.nn as nn
+if TYPE_CHECKING:  # torch is imported only when a model is built: config validation stays fast
+    import torch.nn as nn
 
-from .dit import DIT_PATCHES, DIT_SIZES, DiT
+# name -> (depth, hidden, heads). S/B/L/XL are the paper's; the small ones are CPU presets of ours.
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "XXS": (2, 64, 2),
+    "XS": (6, 192, 3),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+DIT_PATCHES = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -57,8 +68,10 @@ def list_presets() -> list[str]:
     return [f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in DIT_PATCHES]
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
+def build_model(name: str, **kwargs) -> "nn.Module":
     spec = parse_model_name(name)
     if spec.family == "dit":
+        from .dit import DiT
+
         return DiT(patch_size=spec.patch, hidden_size=spec.hidden, depth=spec.depth, num_heads=spec.heads, **kwargs)
     raise AssertionError(spec.family)

@@ -1,0 +1,390 @@
+"""The study file: schema, `--set` overrides, grid expansion and validation.
+
+A study is one YAML file (see experiments/). Everything outside `grid:` is a base value; `grid:`
+maps dotted keys to lists and every combination is a trial (minus the `exclude:` entries).
+Every problem is reported before anything starts, one line each, with the dotted path of the field
+to change: schema errors through pydantic, cross-field rules (patch divides the image, batch
+divides across workers, shards exist, ...) per trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from harness.errors import UserError
+
+
+class StudyError(UserError):
+    """One or more problems in a study file; str() is one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(dict.fromkeys(problems))  # unique, in order
+        super().__init__("\n".join(self.problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    shards: str = Field(description="training shards: brace pattern, local path, pipe: or http(s) URL")
+    val_shards: str | None = None
+    image_size: int = Field(gt=0, description="spatial size the model sees (the latent size for latents)")
+    channels: int = Field(gt=0)
+    conditioning: Literal["auto", "class", "text"] = Field(
+        "auto", description="auto: class labels for DiT, captions for MM-DiT")
+    num_classes: int | None = Field(None, gt=0, description="default: from the shards' dataset.json")
+    text_encoder: str = Field("builtin", description="builtin, or a models.text spec (clip:PATH, t5:PATH, sd3:...)")
+    flip: bool = Field(False, description="random horizontal flips (class-conditional data only)")
+    shuffle_buffer: int = Field(1000, ge=0)
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes per training process")
+
+
+class ModelConfig(_Section):
+    family: Literal["dit", "mmdit"] = "dit"
+    size: str = "S"
+    patch: int = Field(2, gt=0)
+    attention: Literal["joint", "split"] = Field("joint", description="mmdit only")
+    qk_norm: Literal["rms_norm"] | None = Field(None, description="mmdit only")
+    class_dropout_prob: float = Field(0.1, ge=0, lt=1, description="label/caption dropout for guidance")
+    learn_sigma: bool | None = Field(None, description="default: true for ddpm, false for rectified_flow")
+
+
+class ObjectiveConfig(_Section):
+    kind: Literal["ddpm", "rectified_flow"] = "ddpm"
+    timestep_sampling: Literal["logit_normal", "uniform"] = Field("logit_normal", description="rectified_flow")
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    shift: float = Field(1.0, gt=0, description="rectified_flow resolution shift for sampling")
+    shift_training: bool = Field(False, description="also shift the training timesteps")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="global batch size")
+    micro_batch_size: int | None = Field(None, gt=0, description="per worker; default batch_size / workers")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["constant", "warmup", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    zero_stage: int = Field(2, ge=0, le=3)
+    activation_checkpointing: bool = False
+    ema_decay: float = Field(0.9999, ge=0, le=1)
+    ema_warmup: bool = False
+    checkpoint_every: int = Field(1000, gt=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config merged last")
+
+
+class EvalConfig(_Section):
+    every: int | None = Field(None, gt=0, description="evaluate every N steps (and always at the end)")
+    fid_samples: int = Field(10000, ge=0)
+    sampler: Literal["ddpm", "ddim", "euler", "heun"] = "ddpm"
+    sampling_steps: int = Field(250, gt=0)
+    cfg_scale: list[float] = Field(default_factory=lambda: [1.0, 1.5])
+    val_batches: int = Field(4, ge=0, description="validation-loss batches (fixed timesteps and noise)")
+    feature_extractor: str = Field("auto", description="auto: Inception when present, else a named stand-in")
+
+
+class ResourcesConfig(_Section):
+    workers_per_trial: int = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    max_concurrent_trials: int | None = Field(None, gt=0, description="default: as many as the cluster fits")
+    storage: str = Field("runs", description="trial folders (checkpoints); a shared filesystem on clusters")
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    system_metrics: bool = True
+
+
+class TrialConfig(_Section):
+    """One fully specified training run: a study without its grid."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _resolve_defaults(self) -> "TrialConfig":
+        # Resolve "auto"/None choices per trial, so a trial's config says exactly what runs. A study
+        # keeps them open: a grid over model.family resolves them differently per point.
+        if isinstance(self, Study):
+            return self
+        if self.data.conditioning == "auto":
+            self.data.conditioning = "text" if self.model.family == "mmdit" else "class"
+        if self.model.learn_sigma is None:
+            self.model.learn_sigma = self.objective.kind == "ddpm"
+        return self
+
+    # --- derived values -------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        from models.registry import model_name
+
+        return model_name(self.model.family, self.model.size, self.model.patch)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.train.micro_batch_size or self.train.batch_size // self.resources.workers_per_trial
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.train.batch_size // (self.micro_batch_size * self.resources.workers_per_trial)
+
+    def identity(self) -> dict:
+        """What defines the trial's result: everything but where and how it runs."""
+        return self.model_dump(mode="json", include={"data", "model", "objective", "train", "eval"})
+
+    @property
+    def trial_id(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def flat_params(self) -> dict[str, str]:
+        """Dotted key -> string, the same keys for every trial of a study (for MLflow params)."""
+        return {k: ("" if v is None else str(v)) for k, v in flatten(self.model_dump(mode="json")).items()}
+
+
+class Study(TrialConfig):
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    exclude: list[dict[str, Any]] = Field(default_factory=list, description="grid points to leave out")
+
+
+# --- dotted keys ---------------------------------------------------------------------------
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def set_dotted(d: dict, dotted: str, value: Any) -> None:
+    """d["a"]["b"] = value for "a.b", creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = d
+    for part in parents:
+        if not isinstance(node.get(part, {}), dict):
+            raise StudyError([f"{dotted}: {part} is a value, not a section"])
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ("train.lr", 0.0003); values are parsed as YAML (numbers, lists, null)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise StudyError([f"--set {text!r}: expected dotted.key=value"])
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    # YAML 1.1 reads "1e-4" as a string; a user writing a number means a number.
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key.strip(), parsed
+
+
+def _field_paths(cls: type[BaseModel], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for name, field in cls.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out |= _field_paths(field.annotation, f"{prefix}{name}.")
+        else:
+            out.add(prefix + name)
+    return out
+
+
+_FIELDS = _field_paths(TrialConfig)
+
+
+def _known_field(dotted: str) -> bool:
+    return dotted in _FIELDS or dotted.startswith("train.deepspeed.")
+
+
+# --- loading and validation ----------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise StudyError([f"{path}: no such study file"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise StudyError([f"{path}:{where}: YAML syntax error: {problem}"]) from None
+    if not isinstance(raw, dict):
+        raise StudyError([f"{path}: a study file is a mapping of sections (name, data, model, train, ...)"])
+    return raw
+
+
+def _pydantic_problems(err: ValidationError, prefix: str = "") -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif e["type"] in ("literal_error", "enum") and "expected" in e.get("ctx", {}):
+            msg = f"got {e['input']!r}; allowed: {e['ctx']['expected']}"
+        else:
+            msg = f"{msg} (got {e['input']!r})" if not isinstance(e.get("input"), dict) else msg
+        problems.append(f"{prefix}{loc}: {msg}")
+    return problems
+
+
+def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True) -> Study:
+    """Read, override, validate. Raises StudyError listing every problem found."""
+    raw = _read_yaml(Path(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        if not _known_field(key) and not key.startswith("grid."):
+            raise StudyError([f"--set {key}: unknown field"])
+        if key.startswith("grid."):
+            raw.setdefault("grid", {})[key[len("grid."):]] = value
+        else:
+            set_dotted(raw, key, value)
+    try:
+        study = Study.model_validate(raw)
+    except ValidationError as err:
+        raise StudyError(_pydantic_problems(err)) from None
+    problems = [f"grid.{key}: not a study field" for key in study.grid if not _known_field(key)]
+    problems += [f"grid.{key}: a grid axis needs a non-empty list of values"
+                 for key, values in study.grid.items() if not isinstance(values, list) or not values]
+    for i, entry in enumerate(study.exclude):
+        problems += [f"exclude.{i}.{key}: not a grid axis" for key in entry if key not in study.grid]
+    if problems:
+        raise StudyError(problems)
+    trials = expand_grid(study)
+    problems = []
+    for trial in trials:
+        problems += check_trial(trial, check_files=check_files)
+    if problems:
+        raise StudyError(problems)
+    return study
+
+
+def expand_grid(study: Study) -> list[TrialConfig]:
+    """The cartesian product of the grid axes (in file order), minus excluded points, as trials."""
+    base = study.model_dump(mode="python", exclude={"grid", "exclude"})
+    keys = list(study.grid)
+    trials, problems = [], []
+    for values in itertools.product(*(study.grid[k] for k in keys)):
+        point = dict(zip(keys, values))
+        if any(all(point.get(k) == v for k, v in entry.items()) for entry in study.exclude):
+            continue
+        raw = copy.deepcopy(base)
+        for k, v in point.items():
+            set_dotted(raw, k, v)
+        try:
+            trials.append(TrialConfig.model_validate(raw))
+        except ValidationError as err:
+            where = ", ".join(f"{k}={v}" for k, v in point.items())
+            problems += [f"{p} (grid point {where})" for p in _pydantic_problems(err)]
+    if problems:
+        raise StudyError(problems)
+    return trials
+
+
+def check_trial(trial: TrialConfig, check_files: bool = True) -> list[str]:
+    """Cross-field rules that pydantic's per-field checks cannot see."""
+    from models.registry import parse_model_name
+
+    problems = []
+    m, d, t, r = trial.model, trial.data, trial.train, trial.resources
+    try:
+        spec = parse_model_name(trial.model_name)
+    except ValueError as err:
+        return [f"model.size: {err}"]
+    if spec.hidden % spec.heads:
+        problems.append(f"model.size: hidden size {spec.hidden} is not divisible by {spec.heads} heads")
+    if d.image_size % m.patch:
+        problems.append(f"model.patch: {m.patch} does not divide data.image_size {d.image_size}")
+    if m.family == "dit" and d.conditioning == "text":
+        problems.append("data.conditioning: DiT is class-conditional; use model.family: mmdit for captions")
+    if m.family != "mmdit" and (m.attention != "joint" or m.qk_norm):
+        problems.append("model.attention: joint/split and qk_norm apply to model.family: mmdit only")
+    if d.flip and d.conditioning == "text":
+        problems.append("data.flip: flips would contradict captions that say left/right; use it with class labels")
+    if t.batch_size % r.workers_per_trial:
+        problems.append(f"train.batch_size: {t.batch_size} is not divisible by resources.workers_per_trial "
+                        f"({r.workers_per_trial})")
+    elif t.batch_size % (trial.micro_batch_size * r.workers_per_trial):
+        problems.append(f"train.batch_size: {t.batch_size} is not divisible by resources.workers_per_trial "
+                        f"({r.workers_per_trial}) x train.micro_batch_size ({trial.micro_batch_size})")
+    if t.schedule != "constant" and t.warmup_steps >= t.steps:
+        problems.append(f"train.warmup_steps: {t.warmup_steps} must be below train.steps ({t.steps})")
+    if t.precision == "fp16" and m.family == "mmdit" and m.qk_norm is None:
+        pass  # allowed; fp16 uses dynamic loss scaling
+    if check_files:
+        for field in ("shards", "val_shards"):
+            pattern = getattr(d, field)
+            if not pattern:
+                continue
+            urls, missing = shard_urls(pattern)
+            if not urls:
+                problems.append(f"data.{field}: no file matches {pattern!r}")
+            elif missing:
+                problems.append(f"data.{field}: {len(missing)} of {len(urls) + len(missing)} shards are missing "
+                                f"(first: {missing[0]})")
+    return problems
+
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+
+
+def shard_urls(pattern: str) -> tuple[list[str], list[str]]:
+    """Expand a brace pattern into (existing or remote URLs, missing local files). Remote and
+    pipe: URLs are taken as given; local globs are expanded."""
+    import braceexpand
+
+    urls, missing = [], []
+    for item in braceexpand.braceexpand(pattern):
+        if item.startswith(REMOTE_PREFIXES):
+            urls.append(item)
+            continue
+        local = item[len("file:"):] if item.startswith("file:") else item
+        if any(c in local for c in "*?["):
+            urls.extend(sorted(glob.glob(local)))
+        elif os.path.isfile(local):
+            urls.append(local)
+        else:
+            missing.append(local)
+    return urls, missing
+
+
+def dump_yaml(trial: TrialConfig) -> str:
+    return yaml.safe_dump(trial.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,184 @@
+"""MLflow conventions.
+
+- Store: `tracking.uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/mlflow.db` (an absolute
+  path, because Ray workers run in other folders). An HTTP tracking server works the same way.
+- One experiment per study `name`; one run per trial, found again by its `trial_id` tag (a hash of
+  the trial's config), so a re-run resumes the same run instead of creating a second one.
+- Params: the trial's flattened config (the same keys for every trial, so the UI can compare them).
+  Tags: family, size, patch, objective, attention, model, trial_id, the git commit.
+- Only rank 0 talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from harness.errors import UserError
+
+TRIAL_ID_TAG = "trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+STATUS_TAG = "ditscale.status"  # running | finished | failed: <reason>
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # Relative SQLite paths would point somewhere else inside each Ray worker: anchor them here.
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail early, in one line, when an HTTP tracking server cannot be reached."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            if resp.status == 200:
+                return
+            problem = f"HTTP {resp.status}"
+    except urllib.error.HTTPError as err:
+        problem = f"HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        problem = str(getattr(err, "reason", err))
+    raise UserError(f"tracking.uri: cannot reach the MLflow server at {uri} ({problem}); start it or fix the URI")
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # created concurrently by another trial: read it back
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_trial_run(uri: str, exp_id: str, trial_id: str):
+    """The newest run of this trial in the experiment, or None."""
+    runs = client(uri).search_runs(
+        [exp_id], filter_string=f"tags.{TRIAL_ID_TAG} = '{trial_id}'", order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def trial_tags(trial) -> dict[str, str]:
+    tags = {
+        "family": trial.model.family,
+        "size": trial.model.size,
+        "patch": str(trial.model.patch),
+        "objective": trial.objective.kind,
+        "attention": trial.model.attention if trial.model.family == "mmdit" else "",
+        "model": trial.model_name,
+        TRIAL_ID_TAG: trial.trial_id,
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def open_trial_run(trial, uri: str, run_id: str | None = None, parent_run_id: str | None = None) -> str:
+    """Return the MLflow run id of this trial: `run_id` when resuming from a checkpoint, else the
+    existing run with the same trial_id, else a new run with params and tags logged."""
+    c = client(uri)
+    exp_id = experiment_id(uri, trial.name)
+    if run_id is None:
+        existing = find_trial_run(uri, exp_id, trial.trial_id)
+        run_id = existing.info.run_id if existing else None
+    if run_id is not None:
+        c.set_tag(run_id, STATUS_TAG, "running")
+        return run_id
+    tags = trial_tags(trial) | {STATUS_TAG: "running", "mlflow.runName": _run_name(trial)}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    run = c.create_run(exp_id, tags=tags)
+    from mlflow.entities import Param
+
+    params = [Param(k, v[:6000]) for k, v in trial.flat_params().items()]
+    for i in range(0, len(params), 100):  # MLflow's batch limit
+        c.log_batch(run.info.run_id, params=params[i:i + 100])
+    from harness.config import dump_yaml
+
+    c.log_text(run.info.run_id, dump_yaml(trial), "config.yaml")
+    return run.info.run_id
+
+
+def _run_name(trial) -> str:
+    extra = f"-{trial.model.attention}" if trial.model.family == "mmdit" else ""
+    return f"{trial.model_name}{extra}-{trial.objective.kind}-{trial.trial_id[:6]}"
+
+
+class RunLogger:
+    """Rank-0 metric logging into one MLflow run (batched, so logging never stalls a step for long)."""
+
+    def __init__(self, uri: str, run_id: str, system_metrics: bool = False):
+        self.uri, self.run_id = uri, run_id
+        self.client = client(uri)
+        self._system = None
+        if system_metrics:
+            self._system = _start_system_metrics(uri, run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def close(self, status: str) -> None:
+        """status: finished | failed: reason | killed (preempted; the run resumes later)."""
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
+        self.set_tag(STATUS_TAG, status)
+        terminal = "FINISHED" if status == "finished" else ("KILLED" if status == "killed" else "FAILED")
+        self.client.set_terminated(self.run_id, terminal)
+
+
+def _start_system_metrics(uri: str, run_id: str):
+    """CPU/GPU/memory sampling into the run, through MLflow's own monitor (needs psutil)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        return None
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, samples_before_logging=1, resume_logging=True,
+                                   tracking_uri=uri)
+    monitor.start()
+    return monitor
