@@ -65,10 +65,45 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from harness.config import expand_grid, load_study
+
+    study = load_study(args.config, args.set)
+    trials = expand_grid(study)
+    if args.trial is None and len(trials) > 1:
+        listing = "; ".join(f"{i}: {t.model_name} {t.objective.kind} ({t.trial_id})" for i, t in enumerate(trials))
+        raise UserError(f"the study has {len(trials)} trials; choose one with --trial INDEX ({listing}) "
+                        "or run them all with `ditscale sweep`")
+    index = args.trial or 0
+    if not 0 <= index < len(trials):
+        raise UserError(f"--trial {index}: the study has trials 0..{len(trials) - 1}")
+    from harness.tracking import check_tracking_uri, resolve_tracking_uri
+
+    check_tracking_uri(resolve_tracking_uri(trials[index].tracking.uri))
+    from harness.train import train_trial
+
+    result = train_trial(trials[index])
+    print(f"trial {trials[index].trial_id}: {result.status} at step {result.step}; MLflow run {result.run_id}")
+    return 0 if result.status in ("finished", "killed") else 1
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE",
+                   help="override a study field, e.g. --set train.steps=100 (repeatable)")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one trial of a study (alone or under torchrun)")
+    p.add_argument("config", help="study YAML file")
+    p.add_argument("--trial", type=int, default=None, help="index of the grid point to train (see --dry-run of sweep)")
+    _add_set(p)
+    p.set_defaults(func=_cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditscale", description="Scaling studies of diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_models, _add_bench):
+    for add in (_add_models, _add_bench, _add_train):
         add(sub)
     return parser
 

@@ -44,7 +44,9 @@ class DataConfig(_Section):
     conditioning: Literal["auto", "class", "text"] = Field(
         "auto", description="auto: class labels for DiT, captions for MM-DiT")
     num_classes: int | None = Field(None, gt=0, description="default: from the shards' dataset.json")
-    text_encoder: str = Field("builtin", description="builtin, or a models.text spec (clip:PATH, t5:PATH, sd3:...)")
+    text_encoder: str = Field("builtin", description=(
+        "builtin (a trainable word encoder), precomputed (embeddings packed in the shards), "
+        "or a models.text spec of a frozen encoder (clip:PATH, t5:PATH, sd3:CLIP_L,CLIP_G,T5)"))
     flip: bool = Field(False, description="random horizontal flips (class-conditional data only)")
     shuffle_buffer: int = Field(1000, ge=0)
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per training process")
@@ -193,6 +195,12 @@ def set_dotted(d: dict, dotted: str, value: Any) -> None:
         if not isinstance(node.get(part, {}), dict):
             raise StudyError([f"{dotted}: {part} is a value, not a section"])
         node = node.setdefault(part, {})
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        # A mapping on a section (e.g. a grid axis `model: [{family: dit, size: B}, ...]`) sets
+        # several fields of it at once and keeps the others.
+        for key, sub in value.items():
+            set_dotted(node[leaf], key, sub)
+        return
     node[leaf] = value
 
 
@@ -227,8 +235,11 @@ def _field_paths(cls: type[BaseModel], prefix: str = "") -> set[str]:
 _FIELDS = _field_paths(TrialConfig)
 
 
+_SECTIONS = {f.rsplit(".", 1)[0] for f in _FIELDS if "." in f}
+
+
 def _known_field(dotted: str) -> bool:
-    return dotted in _FIELDS or dotted.startswith("train.deepspeed.")
+    return dotted in _FIELDS or dotted in _SECTIONS or dotted.startswith("train.deepspeed.")
 
 
 # --- loading and validation ----------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""The DeepSpeed side of a trial: its config, the optimizer and learning-rate schedule, the engine."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from harness.config import TrialConfig
+
+
+def deepspeed_config(trial: TrialConfig, world_size: int) -> dict:
+    """DeepSpeed config for the trial; `train.deepspeed` (raw, for experts) is merged last."""
+    t = trial.train
+    micro = t.micro_batch_size or t.batch_size // world_size
+    cfg = {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.batch_size // (micro * world_size),
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        # loss_scale 0 = dynamic loss scaling
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "gradient_clipping": t.grad_clip or 0.0,
+        # We hand DeepSpeed a torch AdamW (its fused Adam needs CUDA); it is fine with ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(cfg, t.deepspeed)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def lr_multiplier(trial: TrialConfig) -> Callable[[int], float]:
+    """Step -> factor on train.lr: constant, linear warm-up then constant, or warm-up then cosine to 0."""
+    t = trial.train
+    warmup = t.warmup_steps if t.schedule != "constant" else 0
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if t.schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, t.steps - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def build_engine(module: nn.Module, trial: TrialConfig, world_size: int):
+    """deepspeed.initialize with a torch AdamW and a LambdaLR schedule stepped by the engine."""
+    import deepspeed
+
+    t = trial.train
+    params = [p for p in module.parameters() if p.requires_grad]
+    fused = torch.cuda.is_available() and next(module.parameters()).is_cuda
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
+                                  **({"fused": True} if fused else {}))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(trial))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(trial, world_size),
+    )
+    return engine, optimizer, scheduler

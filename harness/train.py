@@ -1,0 +1,292 @@
+"""One trial: the DeepSpeed training loop with EMA, checkpoints, automatic resume and metrics.
+
+The same `train_trial` function runs alone (`ditscale train`), under `torchrun`, and as the loop
+of each Ray Train worker (harness/sweep.py). Only rank 0 talks to MLflow.
+
+Trial folder: `<resources.storage>/<study name>/<trial_id>/`
+    checkpoints/<tag>/     DeepSpeed checkpoint (all ranks) + ema.pt (rank 0) + client state
+    checkpoints/latest     DeepSpeed's pointer to the newest tag
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from harness.config import TrialConfig
+from harness.distributed import DistInfo, broadcast_object, setup_distributed
+from harness.engine import build_engine
+from harness.hardware import peak_tflops
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrialResult:
+    status: str  # finished | failed: <reason> | killed
+    step: int
+    run_id: str | None
+    metrics: dict = field(default_factory=dict)
+    startup_s: float = 0.0
+
+
+def trial_dir(trial: TrialConfig) -> Path:
+    return Path(trial.resources.storage).resolve() / trial.name / trial.trial_id
+
+
+class _StopFlag:
+    """SIGTERM/SIGUSR1 (Slurm's warning signal, a preempting scheduler) -> checkpoint and stop cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals can only be handled on the main thread (Ray workers use their own path)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def train_trial(
+    trial: TrialConfig,
+    *,
+    parent_run_id: str | None = None,
+    report: Callable[[dict, Path | None], None] | None = None,
+    started_at: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrialResult:
+    """Train one trial to `train.steps`, resuming from its latest checkpoint when there is one.
+
+    report(metrics, checkpoint_dir) is called on every rank at each log interval (checkpoint_dir set
+    when a checkpoint was just written) — the Ray Train worker passes `ray.train.report` through it.
+    """
+    from harness.denoiser import build_denoiser, dataset_info
+    from harness.trainer_data import TrainBatches
+    from models.ema import EMA
+    from models.objectives import build_objective
+
+    started_at = started_at or time.perf_counter()
+    dist = setup_distributed(use_gpu=trial.resources.gpus_per_worker > 0)
+    folder = trial_dir(trial)
+    ckpt_root = folder / CHECKPOINTS
+    if dist.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+
+    # Identical initial weights on every rank; per-rank randomness (noise, timesteps) after.
+    _seed_everything(trial.train.seed)
+    info = dataset_info(trial)
+    objective = build_objective_for(trial, build_objective)
+    denoiser = build_denoiser(trial, info)
+    engine, _, scheduler = build_engine(denoiser, trial, dist.world_size)
+    _register_input_cast(engine.module)
+    gather = _zero3_gather if trial.train.zero_stage == 3 else None
+    ema = EMA(engine.module, decay=trial.train.ema_decay, warmup=trial.train.ema_warmup, gather=gather)
+
+    # --- resume ---------------------------------------------------------------------------------
+    step, samples_seen, run_id, resumes = 0, 0, None, 0
+    if (ckpt_root / "latest").is_file():
+        path, client = engine.load_checkpoint(str(ckpt_root))
+        if path is not None:
+            step, samples_seen = client["step"], client["samples_seen"]
+            run_id, resumes = client.get("run_id"), client.get("resumes", 0) + 1
+            ema.load_state_dict(torch.load(Path(path) / "ema.pt", weights_only=True, map_location="cpu"))
+            _set_rng_state(client["rng"][dist.rank] if dist.rank < len(client["rng"]) else client["rng"][0])
+    if step == 0:
+        _seed_everything(trial.train.seed * 1000 + dist.rank + 1)
+
+    logger = None
+    if dist.is_main:
+        from harness.tracking import RunLogger, open_trial_run, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(trial.tracking.uri)
+        run_id = open_trial_run(trial, uri, run_id=run_id, parent_run_id=parent_run_id)
+        logger = RunLogger(uri, run_id, system_metrics=trial.tracking.system_metrics)
+    run_id = broadcast_object(run_id)
+
+    batches = TrainBatches(trial, info, dist, resume_count=resumes)
+    stop = _StopFlag()
+    stop.install()
+    flops_per_image = 3 * 2 * info.forward_gflops * 1e9  # training FLOPs: 3 x forward, 2 per multiply-add
+    peak = peak_tflops(dist.device, trial.train.precision)
+    status, last = "finished", {}
+    try:
+        status, step, samples_seen, last = _loop(
+            trial, dist, engine, scheduler, ema, objective, batches, logger, ckpt_root, report, stop,
+            should_stop, step, samples_seen, run_id, resumes, flops_per_image, peak, info.forward_gflops,
+            started_at,
+        )
+    except Exception as err:
+        status = f"failed: {type(err).__name__}: {err}"
+        raise
+    finally:
+        stop.restore()
+        batches.close()
+        if logger is not None:
+            logger.close(status)
+    return TrialResult(status, step, run_id, last, last.get("startup_s", 0.0))
+
+
+def build_objective_for(trial: TrialConfig, build_objective):
+    o = trial.objective
+    if o.kind == "ddpm":
+        return build_objective("ddpm")
+    return build_objective(
+        "rectified_flow", timestep_sampling=o.timestep_sampling, logit_mean=o.logit_mean, logit_std=o.logit_std,
+        shift=o.shift, shift_training=o.shift_training,
+    )
+
+
+def _zero3_gather(params):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+
+def _register_input_cast(module: torch.nn.Module) -> None:
+    """Cast floating inputs to the weights' dtype (bf16/fp16 engines) and outputs back to fp32, so
+    objectives compute noise, targets and losses in fp32 whatever the training precision."""
+    dtype = next(module.parameters()).dtype
+    if dtype == torch.float32:
+        return
+
+    def cast_in(_, args, kwargs):
+        conv = lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
+        return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
+
+    module.register_forward_pre_hook(cast_in, with_kwargs=True)
+    module.register_forward_hook(lambda _, __, out: out.float())
+
+
+def _loop(trial, dist: DistInfo, engine, scheduler, ema, objective, batches, logger, ckpt_root, report, stop,
+          should_stop, step, samples_seen, run_id, resumes, flops_per_image, peak, forward_gflops, started_at):
+    t = trial.train
+    accumulation = engine.gradient_accumulation_steps()
+    global_batch = t.batch_size
+    loss_sum = torch.zeros((), device=dist.device)
+    loss_count = 0
+    window_start, data_wait = time.perf_counter(), 0.0
+    window_samples = 0
+    last: dict = {}
+    first_step_done = False
+    startup_s = None
+    engine.train()
+    while step < t.steps:
+        for _ in range(accumulation):
+            wait_start = time.perf_counter()
+            x0, cond = batches.next()
+            data_wait += time.perf_counter() - wait_start
+            loss = objective.loss(engine, x0, cond)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+            loss_count += 1
+        step += 1
+        samples_seen += global_batch
+        window_samples += global_batch
+        ema.update(engine.module)
+        if not first_step_done:
+            first_step_done = True
+            startup_s = time.perf_counter() - started_at
+            last["startup_s"] = startup_s
+            if logger is not None:
+                logger.log_metrics({"startup_s": startup_s}, step)
+
+        stopping = stop.requested or (should_stop is not None and should_stop())
+        log_now = step % t.log_every == 0 or step == t.steps or stopping
+        ckpt_now = step % t.checkpoint_every == 0 or step == t.steps or stopping
+        if log_now:
+            elapsed = time.perf_counter() - window_start
+            mean_loss = (loss_sum / max(1, loss_count)).item()  # the one host sync per log interval
+            grad_norm = engine.get_global_grad_norm()
+            img_s = window_samples / elapsed
+            tflops = img_s * flops_per_image / 1e12
+            metrics = {
+                "loss": mean_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "img_per_s": img_s,
+                "tflops": tflops,
+                "mfu": tflops / (peak * dist.world_size) if peak else None,
+                "data_wait_frac": data_wait / elapsed,
+                "corrupt_samples": float(batches.corrupt_count()),
+                "samples_seen": float(samples_seen),
+                "train_gflops": 3 * forward_gflops * samples_seen,  # multiply-adds, DiT paper convention
+                "step": float(step),
+            }
+            last.update({k: v for k, v in metrics.items() if v is not None})
+            if logger is not None:
+                logger.log_metrics(metrics, step)
+                print(f"[{trial.model_name} {trial.trial_id[:6]}] step {step}/{t.steps} loss {mean_loss:.4f} "
+                      f"lr {metrics['lr']:.2e} {img_s:.1f} img/s data-wait {100 * metrics['data_wait_frac']:.0f}%",
+                      flush=True)
+            loss_sum.zero_()
+            loss_count, window_samples, data_wait = 0, 0, 0.0
+            window_start = time.perf_counter()
+            if not math.isfinite(mean_loss):
+                return f"failed: non-finite loss at step {step}", step, samples_seen, last
+        checkpoint = None
+        if ckpt_now:
+            checkpoint = _save_checkpoint(engine, ema, dist, ckpt_root, step, samples_seen, run_id, resumes)
+        if report is not None and (log_now or checkpoint is not None):
+            report(dict(last), checkpoint)
+        if stopping:
+            return "killed", step, samples_seen, last
+    return "finished", step, samples_seen, last
+
+
+def _save_checkpoint(engine, ema, dist: DistInfo, root: Path, step, samples_seen, run_id, resumes) -> Path:
+    """DeepSpeed checkpoint on all ranks; EMA (replicated) written by rank 0 beside it."""
+    import torch.distributed as tdist
+
+    tag = f"step-{step:08d}"
+    rng = [None] * dist.world_size
+    tdist.all_gather_object(rng, _rng_state())
+    client = {"step": step, "samples_seen": samples_seen, "run_id": run_id, "resumes": resumes, "rng": rng}
+    # EMA first, then DeepSpeed: DeepSpeed writes `latest` last, so a crash in between never
+    # leaves `latest` pointing at a checkpoint without its EMA.
+    path = root / tag
+    if dist.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(ema.state_dict(), path / "ema.pt")
+    engine.save_checkpoint(str(root), tag=tag, client_state=client)
+    return path
