@@ -66,9 +66,51 @@ def _diffusers_dit(spec: ModelSpec, input_size: int, channels: int) -> Contender
     )
 
 
+def _mmdit_inputs(input_size: int, channels: int) -> Callable[[int, torch.device], dict]:
+    """Random latents and SD3-shaped text inputs: the text geometry models/flops.py counts by default."""
+    from models.flops import SD3_CONTEXT_DIM, SD3_POOLED_DIM, SD3_TEXT_TOKENS
+
+    def make(batch: int, device: torch.device) -> dict:
+        return {
+            "x": torch.randn(batch, channels, input_size, input_size, device=device),
+            "t": torch.rand(batch, device=device) * 1000,  # diffusers' timestep scale (1000 * sigma)
+            "context": torch.randn(batch, SD3_TEXT_TOKENS, SD3_CONTEXT_DIM, device=device),
+            "pooled": torch.randn(batch, SD3_POOLED_DIM, device=device),
+        }
+
+    return make
+
+
+def _ours_mmdit(spec: ModelSpec, input_size: int, channels: int) -> Contender:
+    from models.flops import SD3_CONTEXT_DIM, SD3_POOLED_DIM
+
+    model = build_model(spec.name, input_size=input_size, in_channels=channels, context_dim=SD3_CONTEXT_DIM,
+                        pooled_dim=SD3_POOLED_DIM, attention="joint")
+    return Contender(f"ditscale {spec.name} (joint)", model, _mmdit_inputs(input_size, channels),
+                     lambda m, a: m(a["x"], a["t"], a["context"], a["pooled"]))
+
+
+def _diffusers_sd3(spec: ModelSpec, input_size: int, channels: int) -> Contender:
+    from diffusers import SD3Transformer2DModel
+
+    from models.flops import SD3_CONTEXT_DIM, SD3_POOLED_DIM
+
+    model = SD3Transformer2DModel(
+        sample_size=input_size, patch_size=spec.patch, in_channels=channels, out_channels=channels,
+        num_layers=spec.depth, attention_head_dim=spec.hidden // spec.heads, num_attention_heads=spec.heads,
+        joint_attention_dim=SD3_CONTEXT_DIM, caption_projection_dim=spec.hidden,
+        pooled_projection_dim=SD3_POOLED_DIM, pos_embed_max_size=None,
+    )
+    return Contender(
+        "diffusers SD3Transformer2DModel", model, _mmdit_inputs(input_size, channels),
+        lambda m, a: m(hidden_states=a["x"], encoder_hidden_states=a["context"], pooled_projections=a["pooled"],
+                       timestep=a["t"]).sample,
+    )
+
+
 # family -> builder of diffusers' equivalent model
-REFERENCES: dict[str, Callable[[ModelSpec, int, int], Contender]] = {"dit": _diffusers_dit}
-OURS: dict[str, Callable[[ModelSpec, int, int], Contender]] = {"dit": _ours}
+REFERENCES: dict[str, Callable[[ModelSpec, int, int], Contender]] = {"dit": _diffusers_dit, "mmdit": _diffusers_sd3}
+OURS: dict[str, Callable[[ModelSpec, int, int], Contender]] = {"dit": _ours, "mmdit": _ours_mmdit}
 
 
 def _diffusers_available() -> bool:

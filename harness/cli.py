@@ -100,10 +100,64 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from harness.sweep import run_sweep
+
+    result = run_sweep(args.config, args.set, address=args.address, dry_run=args.dry_run,
+                       max_concurrent=args.max_concurrent, report=not args.no_report)
+    return 1 if result.get("failed") else 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run every trial of a study on Ray (the main command)")
+    p.add_argument("config", help="study YAML file")
+    p.add_argument("--address", default=None,
+                   help="join an existing Ray cluster (auto | HOST:PORT | ray://...); default: start a local one")
+    p.add_argument("--dry-run", action="store_true", help="print the planned trials and start nothing")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster fits)")
+    p.add_argument("--no-report", action="store_true", help="skip the scaling report at the end")
+    _add_set(p)
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import build_report
+
+    try:
+        index = build_report(args.tracking_uri, args.experiment, parent_run_id=args.parent_run, out_dir=args.out)
+    except LookupError as err:  # no such experiment
+        raise UserError(f"--experiment: {err}") from None
+    print(f"Report: {index}")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="scaling fits, figures and an HTML/Markdown report of a study from MLflow")
+    p.add_argument("--experiment", required=True, help="MLflow experiment = the study's name")
+    p.add_argument("--parent-run", default=None, help="only this sweep's trials (default: every trial, newest run)")
+    p.add_argument("--out", default=None, help="output folder (default: reports/<experiment>)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from harness.data.commands import run
+
+    return run(args)
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    from harness.data.commands import add_arguments  # argparse only; torch loads in the handlers
+
+    p = sub.add_parser("data", help="pack, verify and benchmark WebDataset shards")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditscale", description="Scaling studies of diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_models, _add_bench, _add_train):
+    for add in (_add_models, _add_data, _add_bench, _add_train, _add_sweep, _add_report):
         add(sub)
     return parser
 

@@ -35,9 +35,10 @@ def read_manifest(pattern: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def dataset_info(trial: TrialConfig) -> DatasetInfo:
+def dataset_info(trial: TrialConfig, need_manifest: bool = True) -> DatasetInfo:
+    """need_manifest=False (planning, dry runs): tolerate absent shards and fall back to 1000 classes."""
     manifest = read_manifest(trial.data.shards)
-    num_classes = trial.data.num_classes or manifest.get("num_classes")
+    num_classes = trial.data.num_classes or manifest.get("num_classes") or (None if need_manifest else 1000)
     if trial.data.conditioning == "class" and not num_classes:
         raise UserError("data.num_classes: not set, and no dataset.json beside data.shards says it")
     kind = manifest.get("kind", "pixels")

@@ -1,4 +1,11 @@
-"""`ditscale models`: every preset with its analytic parameter count and forward GFLOPs."""
+"""`ditscale models`: every preset with its analytic parameter count and forward GFLOPs.
+
+MM-DiT presets get one row per attention variant (`attention`: joint = SD3, split = the decoupled
+block) and are counted with SD3's text geometry (154 text tokens of width 4096, 2048-wide pooled;
+fields `text_tokens`, `context_dim`, `pooled_dim`). SD3-medium is the `MMDiT-d24/2` joint row at
+its latent geometry: `ditscale models --json --input-size 128 --channels 16` -> 2,028,328,000
+params (its sin-cos table is a buffer and is not counted).
+"""
 
 from __future__ import annotations
 
@@ -20,10 +27,12 @@ def model_rows(image_size: int | None = None, input_size: int | None = None, cha
     channels = default_channels if channels is None else channels
     rows = []
     for name in list_presets():
-        try:
-            rows.append(count_model(name, input_size=input_size, in_channels=channels).as_dict())
-        except ValueError:  # patch does not divide this input size
-            continue
+        variants = [{"attention": "joint"}, {"attention": "split"}] if name.startswith("MMDiT-") else [{}]
+        for extra in variants:
+            try:
+                rows.append(count_model(name, input_size=input_size, in_channels=channels, **extra).as_dict())
+            except ValueError:  # patch does not divide this input size
+                break
     return rows
 
 
@@ -32,12 +41,16 @@ def print_model_table(image_size=None, input_size=None, channels=None, as_json: 
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'model':<14}{'depth':>6}{'hidden':>7}{'heads':>6}{'tokens':>7}{'params (M)':>12}{'GFLOPs':>10}")
+    print(f"{'model':<14}{'attn':>6}{'depth':>6}{'hidden':>7}{'heads':>6}{'tokens':>7}{'params (M)':>12}{'GFLOPs':>10}")
     for r in rows:
         print(
-            f"{r['name']:<14}{r['depth']:>6}{r['hidden']:>7}{r['heads']:>6}{r['tokens']:>7}"
+            f"{r['name']:<14}{r.get('attention') or '':>6}{r['depth']:>6}{r['hidden']:>7}{r['heads']:>6}"
+            f"{r['tokens']:>7}"
             f"{r['params'] / 1e6:>12.1f}{r['gflops']:>10.2f}"
         )
     first = rows[0] if rows else None
     where = f" at input {first['input_size']}x{first['input_size']}x{first['in_channels']}" if first else ""
-    print(f"\n{GFLOPS_CONVENTION}{where}; params include the frozen position table.")
+    print(f"\n{GFLOPS_CONVENTION}{where}; DiT params include the frozen position table.")
+    if any(r.get("family") == "mmdit" for r in rows):
+        print("MM-DiT rows: text stream included, SD3 text geometry (154 tokens x 4096, pooled 2048); "
+              "params exclude the sin-cos buffer (SD3-medium = MMDiT-d24/2 joint at --input-size 128 --channels 16).")

@@ -182,3 +182,59 @@ def _start_system_metrics(uri: str, run_id: str):
                                    tracking_uri=uri)
     monitor.start()
     return monitor
+
+
+# --- sweeps --------------------------------------------------------------------------------------
+
+SWEEP_TAG = "ditscale.sweep"
+
+
+def sweep_state(uri: str, experiment: str, trials) -> dict[str, str]:
+    """trial_id -> status of its newest run (running | finished | failed: ... | killed), or "new"."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    state = {t.trial_id: "new" for t in trials}
+    if exp is None:
+        return state
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.{TRIAL_ID_TAG} != ''",
+                         order_by=["attributes.start_time ASC"], max_results=50000)
+    for run in runs:  # oldest first, so the newest run of a trial wins
+        tid = run.data.tags.get(TRIAL_ID_TAG)
+        if tid in state:
+            state[tid] = run.data.tags.get(STATUS_TAG, "running")
+    return state
+
+
+def open_parent_run(uri: str, study, trials) -> str:
+    """One parent run per sweep invocation: the grid as params, the study file as an artifact."""
+    import json
+    import time
+
+    from harness.config import dump_yaml
+
+    c = client(uri)
+    exp_id = experiment_id(uri, study.name)
+    run = c.create_run(exp_id, tags={SWEEP_TAG: "true", "mlflow.runName": f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                                     **({"mlflow.source.git.commit": git_commit()} if git_commit() else {})})
+    from mlflow.entities import Param
+
+    params = [Param("grid", json.dumps(study.grid)[:6000]), Param("n_trials", str(len(trials)))]
+    c.log_batch(run.info.run_id, params=params)
+    c.log_text(run.info.run_id, dump_yaml(study), "study.yaml")
+    return run.info.run_id
+
+
+def close_parent_run(uri: str, run_id: str, trials, state: dict[str, str]) -> None:
+    """Per-trial status table on the parent run; FINISHED when every trial finished."""
+    import json
+
+    rows = [{"trial_id": t.trial_id, "model": t.model_name, "attention": t.model.attention,
+             "objective": t.objective.kind, "status": state.get(t.trial_id, "new")} for t in trials]
+    c = client(uri)
+    c.log_text(run_id, json.dumps(rows, indent=1), "trial_status.json")
+    lines = ["| trial_id | model | attention | objective | status |", "|---|---|---|---|---|"]
+    lines += [f"| {r['trial_id']} | {r['model']} | {r['attention']} | {r['objective']} | {r['status']} |" for r in rows]
+    c.log_text(run_id, "\n".join(lines) + "\n", "trial_status.md")
+    done = sum(r["status"] == "finished" for r in rows)
+    c.log_metric(run_id, "trials_finished", done)
+    c.set_terminated(run_id, "FINISHED" if done == len(rows) else "FAILED")

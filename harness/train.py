@@ -94,18 +94,22 @@ def train_trial(
     report: Callable[[dict, Path | None], None] | None = None,
     started_at: float | None = None,
     should_stop: Callable[[], bool] | None = None,
+    resume_from: dict | None = None,
 ) -> TrialResult:
     """Train one trial to `train.steps`, resuming from its latest checkpoint when there is one.
 
     report(metrics, checkpoint_dir) is called on every rank at each log interval (checkpoint_dir set
     when a checkpoint was just written) — the Ray Train worker passes `ray.train.report` through it.
+    started_at is a wall-clock time (time.time()) when the trial began, for `startup_s`.
+    resume_from {"root", "tag"} names a DeepSpeed checkpoint (from Ray's checkpoint pointer); without
+    it the trial folder's newest checkpoint is used, if any.
     """
     from harness.denoiser import build_denoiser, dataset_info
     from harness.trainer_data import TrainBatches
     from models.ema import EMA
     from models.objectives import build_objective
 
-    started_at = started_at or time.perf_counter()
+    started_at = started_at or time.time()
     dist = setup_distributed(use_gpu=trial.resources.gpus_per_worker > 0)
     folder = trial_dir(trial)
     ckpt_root = folder / CHECKPOINTS
@@ -124,8 +128,9 @@ def train_trial(
 
     # --- resume ---------------------------------------------------------------------------------
     step, samples_seen, run_id, resumes = 0, 0, None, 0
-    if (ckpt_root / "latest").is_file():
-        path, client = engine.load_checkpoint(str(ckpt_root))
+    if resume_from is not None or (ckpt_root / "latest").is_file():
+        root, tag = (resume_from["root"], resume_from["tag"]) if resume_from else (str(ckpt_root), None)
+        path, client = engine.load_checkpoint(root, tag=tag)
         if path is not None:
             step, samples_seen = client["step"], client["samples_seen"]
             run_id, resumes = client.get("run_id"), client.get("resumes", 0) + 1
@@ -176,10 +181,10 @@ def build_objective_for(trial: TrialConfig, build_objective):
     )
 
 
-def _zero3_gather(params):
+def _zero3_gather(params, modifier_rank=None):
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
 def _register_input_cast(module: torch.nn.Module) -> None:
@@ -226,7 +231,7 @@ def _loop(trial, dist: DistInfo, engine, scheduler, ema, objective, batches, log
         ema.update(engine.module)
         if not first_step_done:
             first_step_done = True
-            startup_s = time.perf_counter() - started_at
+            startup_s = time.time() - started_at
             last["startup_s"] = startup_s
             if logger is not None:
                 logger.log_metrics({"startup_s": startup_s}, step)

@@ -139,6 +139,12 @@ class DiT(nn.Module):
         x = self.final_layer(x, c)
         return self.unpatchify(x)
 
+    def null_condition(self, cond: dict) -> dict:
+        """The unconditional input for classifier-free guidance: every label set to the null class."""
+        if self.y_embedder.dropout_prob <= 0:
+            raise ValueError("this DiT was built with class_dropout_prob=0 and has no null class to guide with")
+        return {"y": torch.full_like(cond["y"], self.num_classes)}
+
     def forward_with_cfg(
         self,
         x: torch.Tensor,

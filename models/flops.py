@@ -8,6 +8,12 @@ Table 4 to within 0.05 %.
 
 Training compute of one image = 3 × forward (forward + backward ≈ 2 × forward).
 Hardware FLOPs = 2 × multiply-adds.
+
+MM-DiT counts include the text stream: by default SD3's text geometry, 154 text tokens (77 CLIP +
+77 T5) of width 4096 and a 2048-wide pooled vector (`text_tokens`, `context_dim`, `pooled_dim` change
+it); the context embedder, the text stream's projections/MLPs and attention over image + text tokens
+are all counted. MM-DiT's sin-cos table is a buffer, not a parameter, so `params` excludes it (as
+diffusers' and SAI's counts do: SD3-medium, MMDiT-d24/2 at 128x128x16, has 2,028,328,000).
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ class ModelCount:
     params: int  # all parameters, including the frozen position table (the official DiT count)
     trainable_params: int
     gflops: float  # forward, multiply-adds, one sample
+    # MM-DiT only (None/0 for DiT): attention variant, QK-norm, text geometry the count assumes
+    attention: str | None = None
+    qk_norm: str | None = None
+    text_tokens: int = 0
+    context_dim: int = 0
+    pooled_dim: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,11 +106,92 @@ def dit_count(
     )
 
 
+# SD3's text conditioning: CLIP-L+G (77 tokens) joined with T5-XXL (77 tokens) on the sequence,
+# zero-padded to T5's 4096 channels; pooled = CLIP-L pooled (768) ++ CLIP-G pooled (1280).
+SD3_TEXT_TOKENS = 154
+SD3_CONTEXT_DIM = 4096
+SD3_POOLED_DIM = 2048
+
+
+def mmdit_count(
+    name: str,
+    input_size: int = 32,
+    in_channels: int = 4,
+    attention: str = "joint",
+    qk_norm: str | None = None,
+    text_tokens: int = SD3_TEXT_TOKENS,
+    context_dim: int = SD3_CONTEXT_DIM,
+    pooled_dim: int = SD3_POOLED_DIM,
+    mlp_ratio: float = 4.0,
+    learn_sigma: bool = False,
+    out_channels: int | None = None,
+    pos_embed_max_size: int | None = None,  # the table is a buffer: changes neither params nor MACs
+    class_dropout_prob: float = 0.0,  # accepted for symmetry with build_model; no effect on counts
+) -> ModelCount:
+    """Parameters and forward multiply-adds of `MMDiT` (models/mmdit.py), text stream included."""
+    spec = parse_model_name(name)
+    if spec.family != "mmdit":
+        raise ValueError(f"{name} is not an MM-DiT")
+    if attention not in ("joint", "split"):
+        raise ValueError(f"attention must be joint or split, got {attention!r}")
+    D, p, L, H = spec.hidden, spec.patch, spec.depth, spec.heads
+    if input_size % p:
+        raise ValueError(f"patch {p} does not divide input size {input_size}")
+    Ni, Nt = (input_size // p) ** 2, text_tokens
+    if out_channels is None:
+        out_channels = 2 * in_channels if learn_sigma else in_channels
+    M = int(D * mlp_ratio)
+    qk = D // H if qk_norm else 0  # one RMSNorm gain of head width
+    freq = 256
+    mlp_params = _linear(D, M) + _linear(M, D)
+    attn_params = _linear(D, 3 * D) + _linear(D, D)  # fused qkv + output projection
+
+    if attention == "joint":
+        full = attn_params + mlp_params + _linear(D, 6 * D) + 2 * qk
+        # the last text stream: SD3's fused qkv (only K/V computed: its queries would be discarded),
+        # K-norm and (shift, scale); only image tokens query in the last block's attention
+        last_block = full + _linear(D, 3 * D) + _linear(D, 2 * D) + qk
+        block_macs = (2 * 6 * D * D + (Ni + Nt) * (4 * D * D + 2 * D * M) + 2 * (Ni + Nt) ** 2 * D)
+        last_macs = (8 * D * D + Ni * (4 * D * D + 2 * D * M) + Nt * 2 * D * D + 2 * Ni * (Ni + Nt) * D)
+    else:
+        full = 2 * attn_params + mlp_params + _linear(D, 9 * D) + 4 * qk
+        # last block: the text stream keeps self-attention and gives K/V to the image's cross-attention
+        # (5 modulation vectors); the image stream's cross-attention projects queries only
+        last_x = full - _linear(D, 3 * D) + _linear(D, D) - qk
+        last_block = last_x + attn_params + _linear(D, 2 * D) + _linear(D, 5 * D) + 3 * qk
+        self_attn = 2 * (Ni * Ni + Nt * Nt) * D
+        block_macs = (2 * 9 * D * D + (Ni + Nt) * (8 * D * D + 2 * D * M) + self_attn + 2 * 2 * Ni * Nt * D)
+        last_macs = (14 * D * D + Ni * (6 * D * D + 2 * D * M) + Nt * 6 * D * D + self_attn + 2 * Ni * Nt * D)
+
+    trainable = (
+        _linear(p * p * in_channels, D)  # patch conv
+        + _linear(freq, D) + _linear(D, D)  # timestep MLP
+        + _linear(pooled_dim, D) + _linear(D, D)  # pooled-text MLP
+        + _linear(context_dim, D)  # context embedder
+        + 2 * (L - 1) * full + last_block  # the last block's text stream is pre-only
+        + _linear(D, 2 * D) + _linear(D, p * p * out_channels)  # final layer
+    )
+    macs = (
+        Ni * p * p * in_channels * D
+        + freq * D + D * D + pooled_dim * D + D * D
+        + Nt * context_dim * D
+        + (L - 1) * block_macs + last_macs
+        + 2 * D * D + Ni * D * p * p * out_channels
+    )
+    return ModelCount(
+        name=name, family="mmdit", depth=L, hidden=D, heads=H, patch=p, input_size=input_size,
+        in_channels=in_channels, tokens=Ni, params=trainable, trainable_params=trainable, gflops=macs / 1e9,
+        attention=attention, qk_norm=qk_norm, text_tokens=Nt, context_dim=context_dim, pooled_dim=pooled_dim,
+    )
+
+
 def count_model(name: str, input_size: int, in_channels: int, **kwargs) -> ModelCount:
     """Analytic counts for any preset name at a given model input size and channel count."""
     family = parse_model_name(name).family
     if family == "dit":
         return dit_count(name, input_size=input_size, in_channels=in_channels, **kwargs)
+    if family == "mmdit":
+        return mmdit_count(name, input_size=input_size, in_channels=in_channels, **kwargs)
     raise AssertionError(family)
 
 

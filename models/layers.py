@@ -29,7 +29,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # A stride-p, kernel-p convolution is a matmul over non-overlapping patches. Written as one,
+        # it skips the convolution kernels (slow for this shape on CPU) and yields [B, N, D] directly.
+        B, C, H, W = x.shape
+        p = self.patch_size
+        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
+        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
 class TimestepEmbedder(nn.Module):
@@ -151,3 +156,31 @@ def get_2d_sincos_pos_embed(
     emb_col = get_1d_sincos_pos_embed(embed_dim // 2, col_grid)
     emb_row = get_1d_sincos_pos_embed(embed_dim // 2, row_grid)
     return torch.cat([emb_col, emb_row], dim=1)
+
+
+class PooledEmbedder(nn.Module):
+    """A pooled text vector [B, P] -> [B, D]: Linear-SiLU-Linear (SD3's pooled-projection MLP)."""
+
+    def __init__(self, pooled_dim: int, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(pooled_dim, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pooled)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension with a learned gain (used as QK-norm):
+    x / sqrt(mean(x^2) + eps) * weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)

@@ -1,0 +1,324 @@
+"""Matplotlib figures in the DiT paper's style (Agg backend; every function writes one PNG).
+
+Each function takes tidy tables from analysis.runs / analysis.scaling, writes `path` and returns it,
+or returns None — appending the reason to `notes` when given — when its data are absent.
+Axis labels always name the metric and the FLOP convention (forward GFLOPs and training compute are
+multiply-adds, training compute = 3 × forward × images).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+
+COMPUTE_LABEL = "training compute (GFLOPs, multiply-adds; 3 × forward × images)"
+FORWARD_LABEL = "forward GFLOPs per image (multiply-adds)"
+PARAMS_LABEL = "parameters"
+STEPS_LABEL = "training steps"
+ARCH_NAMES = {"dit": "DiT", "mmdit-joint": "MM-DiT joint", "mmdit-split": "MM-DiT split"}
+_DPI = 110
+
+plt.rcParams.update({
+    "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+    "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8, "legend.frameon": False,
+})
+
+
+def _skip(notes: list[str] | None, what: str, why: str) -> None:
+    if notes is not None:
+        notes.append(f"{what}: skipped — {why}")
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _grid(n: int, width: float = 4.2, height: float = 3.2, max_cols: int = 3):
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False,
+                             gridspec_kw={"hspace": 0.5, "wspace": 0.3})
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    return fig, axes.ravel()[:n]
+
+
+def _colors(n: int):
+    cmap = plt.get_cmap("viridis")
+    return [cmap(0.1 + 0.8 * i / max(1, n - 1)) for i in range(n)] if n > 1 else [cmap(0.35)]
+
+
+def _arch_name(arch: str) -> str:
+    return ARCH_NAMES.get(arch, arch)
+
+
+def _plain(v, _pos=None) -> str:
+    return f"{v:g}"
+
+
+def _log_axes(ax, x: bool = True, y: bool = True) -> None:
+    """Log axes with plain numbers; a y axis spanning under two decades labels its minor ticks."""
+    if x:
+        ax.set_xscale("log")
+        lo, hi = ax.get_xlim()
+        if lo > 0 and hi / lo >= 10:  # decade labels suffice
+            ax.xaxis.set_minor_formatter(NullFormatter())
+    if y:
+        ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        ax.yaxis.set_major_formatter(FuncFormatter(_plain))
+        few = lo > 0 and hi / lo < 100
+        ax.yaxis.set_minor_formatter(FuncFormatter(_plain) if few else NullFormatter())
+
+
+def _group_colors(n: int):
+    return [f"C{i % 10}" for i in range(n)]
+
+
+def plot_metric_vs_steps(curves: pd.DataFrame, path, metric_label: str, by: str = "size", fixed: str = "patch",
+                         notes: list[str] | None = None, title: str | None = None) -> Path | None:
+    """A metric over training steps, one panel per (architecture, fixed value), one line per `by`
+    value: by="size", fixed="patch" is the DiT paper's 'scaling model size at fixed patch size';
+    by="patch", fixed="size" its 'scaling patch size at fixed model size'."""
+    what = title or f"{metric_label} vs steps by {by}"
+    if curves is None or curves.empty:
+        _skip(notes, what, f"no {metric_label} was logged")
+        return None
+    c = curves.dropna(subset=["value"])
+    panels = c.groupby(["arch", fixed], sort=False).size().index.tolist()
+    panels.sort(key=lambda p: (p[0], _order_key(c, fixed, p[1])))
+    # only panels that compare something (two or more values of `by`)
+    panels = [(a, v) for a, v in panels if c[(c["arch"] == a) & (c[fixed] == v)][by].nunique() > 1]
+    if not panels:
+        _skip(notes, what, f"no architecture has two values of {by} at the same {fixed}")
+        return None
+    fig, axes = _grid(len(panels))
+    for ax, (arch, value) in zip(axes, panels):
+        p = c[(c["arch"] == arch) & (c[fixed] == value)]
+        levels = sorted(p[by].unique(), key=lambda v: _order_key(p, by, v))
+        for color, level in zip(_colors(len(levels)), levels):
+            for _, g in p[p[by] == level].groupby("run_id", sort=False):
+                g = g.sort_values("step")
+                lbl = f"{by} {level}" if by == "patch" else str(level)
+                ax.plot(g["step"], g["value"], color=color, lw=1.4, marker="o" if len(g) < 12 else None, ms=3,
+                        label=lbl)
+        ax.set_title(f"{_arch_name(arch)}, {fixed} {value}")
+        ax.set_xlabel(STEPS_LABEL)
+        ax.set_ylabel(metric_label)
+        _dedup_legend(ax)
+    fig.suptitle(what, y=1.02)
+    return _save(fig, path)
+
+
+def _order_key(df: pd.DataFrame, col: str, value):
+    if col == "size" and "size_rank" in df:
+        ranks = df.loc[df["size"] == value, "size_rank"]
+        fwd = df.loc[df["size"] == value, "forward_gflops"] if "forward_gflops" in df else pd.Series(dtype=float)
+        return (float(ranks.iloc[0]) if len(ranks) else 1e9, float(fwd.median()) if len(fwd) else 0.0, str(value))
+    try:
+        return (float(value), 0.0, "")
+    except (TypeError, ValueError):
+        return (1e9, 0.0, str(value))
+
+
+def _dedup_legend(ax, **kw) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    seen = {}
+    for h, lbl in zip(handles, labels):
+        seen.setdefault(lbl, h)
+    if seen:
+        ax.legend(seen.values(), seen.keys(), **kw)
+
+
+def plot_fd_vs_compute(curves: pd.DataFrame, path, metric_label: str, notes: list[str] | None = None) -> Path | None:
+    """The DiT paper's 'FID vs training compute': log-log, one line per config."""
+    what = f"{metric_label} vs training compute"
+    if curves is None or curves.empty:
+        _skip(notes, what, f"no {metric_label} was logged")
+        return None
+    c = curves[(curves["compute"] > 0) & (curves["value"] > 0)]
+    if c.empty:
+        _skip(notes, what, "no point has a known training compute")
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    order = c.drop_duplicates("run_id").sort_values(["arch", "size_rank", "patch"], na_position="last")
+    for color, (_, row) in zip(_colors(len(order)), order.iterrows()):
+        g = c[c["run_id"] == row["run_id"]].sort_values("compute")
+        ax.plot(g["compute"], g["value"], marker="o", ms=3, lw=1.3, color=color, label=row["label"])
+    _log_axes(ax)
+    ax.set_xlabel(COMPUTE_LABEL)
+    ax.set_ylabel(metric_label)
+    ax.set_title(what)
+    ax.legend(ncol=2 if len(order) > 12 else 1, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return _save(fig, path)
+
+
+def plot_fits(group_fits, path, x_label: str, y_label: str, curves: pd.DataFrame | None = None,
+              notes: list[str] | None = None, title: str | None = None) -> Path | None:
+    """Points of each group, the fitted law y = E + A·x^(−α) and its 95 % bootstrap band (log-log).
+    With `curves` (trial_id, compute, value) the full training curves are drawn thinly behind."""
+    what = title or f"{y_label} vs {x_label}"
+    if not group_fits:
+        _skip(notes, what, "no group has both quantities")
+        return None
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    colors = _group_colors(len(group_fits))
+    for color, gf in zip(colors, group_fits):
+        if curves is not None and not curves.empty:
+            for _, g in curves[curves["trial_id"].isin(gf.points["trial_id"])].groupby("run_id"):
+                g = g[(g["compute"] > 0) & (g["value"] > 0)].sort_values("compute")
+                ax.plot(g["compute"], g["value"], color=color, lw=0.6, alpha=0.35)
+        n = len(gf.points)
+        ax.scatter(gf.points["x"], gf.points["y"], color=color, s=18, zorder=3,
+                   label=f"{gf.label} ({n} trial{'s' if n != 1 else ''})")
+        fit = gf.fit
+        if fit.ok:
+            lo, hi = fit.x_range
+            xs = np.logspace(np.log10(lo) - 0.15, np.log10(hi) + 0.15, 120)
+            b_lo, b_hi = fit.band(xs)
+            ax.fill_between(xs, b_lo, b_hi, color=color, alpha=0.18, lw=0)
+            ax.plot(xs, fit.predict(xs), color=color, lw=1.6,
+                    label=f"fit: α = {fit.alpha:.3f} [{fit.alpha_ci[0]:.3f}, {fit.alpha_ci[1]:.3f}]"
+                    if fit.alpha_ci else f"fit: α = {fit.alpha:.3f}")
+        else:
+            ax.plot([], [], " ", label=f"no fit: {_short(fit.warning)}")
+    _log_axes(ax)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(what)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1))
+    return _save(fig, path)
+
+
+def _short(text: str | None, n: int = 60) -> str:
+    text = text or ""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def plot_frontier(curves: pd.DataFrame, frontier, path, y_label: str, notes: list[str] | None = None) -> Path | None:
+    """Left: every trial's curve against training compute and their lower envelope (the
+    compute-optimal frontier) with its fitted law. Right: isoFLOP slices (value vs model size at
+    fixed compute) with the parabola's optimum where the grid brackets it."""
+    what = "compute-optimal frontier"
+    if frontier is None or frontier.envelope.empty:
+        _skip(notes, what, "no curve against training compute")
+        return None
+    has_slices = not frontier.slices.empty
+    fig, axes = plt.subplots(1, 2 if has_slices else 1, figsize=(12 if has_slices else 6.5, 4.6), squeeze=False)
+    ax = axes[0, 0]
+    for _, g in curves.groupby("run_id"):
+        g = g[(g["compute"] > 0) & (g["value"] > 0)].sort_values("compute")
+        ax.plot(g["compute"], g["value"], color="0.6", lw=0.7, alpha=0.7)
+    env = frontier.envelope
+    ax.plot(env["compute"], env["value"], color="C3", lw=2.2, label="lower envelope (best at each compute)")
+    fit = frontier.envelope_fit
+    if fit.ok:
+        xs = env["compute"].to_numpy()
+        lo, hi = fit.band(xs)
+        ax.fill_between(xs, lo, hi, color="C0", alpha=0.2, lw=0)
+        ax.plot(xs, fit.predict(xs), "--", color="C0", lw=1.4, label=f"envelope fit: α = {fit.alpha:.3f}")
+    else:
+        ax.plot([], [], " ", label=f"envelope: no fit ({_short(fit.warning, 45)})")
+    for b in frontier.slices["budget"].unique() if has_slices else []:
+        ax.axvline(b, color="0.8", lw=0.6, ls=":")
+    _log_axes(ax)
+    ax.set_xlabel(COMPUTE_LABEL)
+    ax.set_ylabel(y_label)
+    ax.set_title("frontier over training compute")
+    ax.legend(loc="best")
+    if has_slices:
+        ax = axes[0, 1]
+        budgets = sorted(frontier.slices["budget"].unique())
+        for color, b in zip(_colors(len(budgets)), budgets):
+            s = frontier.slices[frontier.slices["budget"] == b].groupby("size", as_index=False)["value"].min()
+            s = s.sort_values("size")
+            ax.plot(s["size"], s["value"], "o-", color=color, ms=4, lw=1.2, label=f"C = {b:.3g}")
+            opt = frontier.optima[frontier.optima["budget"] == b]
+            if len(opt) and bool(opt["interior"].iloc[0]):
+                lx = np.log(s["size"].to_numpy(dtype=float))
+                coef = np.polyfit(lx, s["value"].to_numpy(dtype=float), 2)
+                xx = np.linspace(lx.min(), lx.max(), 60)
+                ax.plot(np.exp(xx), np.polyval(coef, xx), color=color, lw=0.8, ls="--")
+                ax.plot(opt["size_opt"], opt["value_opt"], "*", color=color, ms=11, mec="k", mew=0.5)
+        _log_axes(ax)
+        ax.set_xlabel(PARAMS_LABEL if frontier.size_measure == "parameters" else FORWARD_LABEL)
+        ax.set_ylabel(y_label)
+        sub = f"N_opt ∝ C^{frontier.optimal_size_fit.a:.3f}" if frontier.optimal_size_fit is not None and \
+            frontier.optimal_size_fit.ok else "optimum not bracketed by the grid"
+        ax.set_title(f"isoFLOP slices ({sub})")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), title="training compute\n(GFLOPs)")
+    return _save(fig, path)
+
+
+def _value_at(g: pd.DataFrame, c: float) -> float:
+    g = g[(g["compute"] > 0) & (g["value"] > 0)].sort_values("compute")
+    if g.empty or c < g["compute"].min() * (1 - 1e-9) or c > g["compute"].max() * (1 + 1e-9):
+        return math.nan
+    if len(g) == 1:
+        return float(g["value"].iloc[0])
+    return float(np.exp(np.interp(np.log(c), np.log(g["compute"]), np.log(g["value"]))))
+
+
+def matched_compute(curves: pd.DataFrame) -> tuple[float, pd.DataFrame]:
+    """The largest training compute every architecture reached, and each trial's value there
+    (interpolated in log-log space; NaN for trials that did not reach it)."""
+    reach = curves[curves["compute"] > 0].groupby("arch")["compute"].max()
+    c_star = float(reach.min())
+    rows = []
+    for run_id, g in curves.groupby("run_id"):
+        rows.append({"run_id": run_id, "label": g["label"].iloc[0], "arch": g["arch"].iloc[0],
+                     "value": _value_at(g, c_star)})
+    return c_star, pd.DataFrame(rows)
+
+
+def plot_arch_comparison(curves_by_metric: dict[str, pd.DataFrame], path, notes: list[str] | None = None
+                         ) -> Path | None:
+    """DiT vs MM-DiT (joint vs split): each metric against training compute, one colour per
+    architecture, and bars of each architecture's best trial at the largest compute all reached."""
+    what = "DiT vs MM-DiT at matched compute"
+    usable = {m: c for m, c in curves_by_metric.items() if c is not None and not c.empty and c["arch"].nunique() > 1}
+    if not usable:
+        _skip(notes, what, "the study has a single architecture")
+        return None
+    fig, axes = plt.subplots(len(usable), 2, figsize=(12, 4.4 * len(usable)), squeeze=False,
+                             gridspec_kw={"hspace": 0.55, "wspace": 0.3})
+    arch_colors = {a: f"C{i}" for i, a in enumerate(sorted({a for c in usable.values() for a in c["arch"].unique()}))}
+    for row, (metric, c) in enumerate(usable.items()):
+        ax = axes[row, 0]
+        for run_id, g in c.groupby("run_id"):
+            g = g[(g["compute"] > 0) & (g["value"] > 0)].sort_values("compute")
+            arch = g["arch"].iloc[0] if len(g) else ""
+            ax.plot(g["compute"], g["value"], color=arch_colors.get(arch, "k"), lw=1.2,
+                    marker="o" if len(g) < 12 else None, ms=3, label=_arch_name(arch))
+        c_star, at = matched_compute(c)
+        ax.axvline(c_star, color="0.4", ls=":", lw=1)
+        _log_axes(ax)
+        ax.set_xlabel(COMPUTE_LABEL)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} vs training compute")
+        _dedup_legend(ax)
+        ax = axes[row, 1]
+        best = at.dropna(subset=["value"]).sort_values("value").drop_duplicates("arch")
+        best = best.sort_values("arch")
+        ax.bar([_arch_name(a) + "\n" + lbl for a, lbl in zip(best["arch"], best["label"])], best["value"],
+               color=[arch_colors[a] for a in best["arch"]])
+        for i, v in enumerate(best["value"]):
+            ax.text(i, v, f"{v:.4g}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel(metric)
+        ax.set_title(f"best trial of each architecture\nat matched compute C = {c_star:.3g} GFLOPs")
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="x", visible=False)
+    fig.suptitle(what, y=1.01)
+    return _save(fig, path)

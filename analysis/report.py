@@ -1,0 +1,474 @@
+"""The scaling report of one study: reports/<study>/index.html, report.md, PNG figures,
+trials.csv, trials.parquet and fits.json — logged as artifacts (under `report/`) to the sweep's
+parent MLflow run when there is one.
+
+    from analysis.report import build_report
+    build_report("sqlite:///mlflow.db", "dit-scaling")          # or: ditscale report --experiment dit-scaling
+
+The HTML is self-contained: inline CSS, images referenced relatively, no scripts, no fonts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import plots, runs, scaling
+from analysis.plots import COMPUTE_LABEL, FORWARD_LABEL, PARAMS_LABEL
+
+ARTIFACT_DIR = "report"
+FILES = ("index.html", "report.md", "trials.csv", "trials.parquet", "fits.json")
+
+
+@dataclass
+class _Figure:
+    file: str
+    title: str
+    caption: str
+
+
+@dataclass
+class _Report:
+    study: str
+    uri: str
+    parent_run_id: str | None
+    trials: pd.DataFrame
+    figures: list[_Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fits: list[dict] = field(default_factory=list)  # rows of the fit table
+    frontier_notes: list[str] = field(default_factory=list)
+    conventions: list[str] = field(default_factory=list)
+    fd_rows: list[dict] = field(default_factory=list)
+
+
+def build_report(tracking_uri: str | None, experiment: str, parent_run_id: str | None = None,
+                 out_dir: str | Path | None = None, bootstrap: int = 1000, seed: int = 0,
+                 log_to_mlflow: bool = True) -> Path:
+    """Write the report of `experiment` and return the path of its index.html.
+
+    Trials: the newest run of every trial of the experiment, or only those of the sweep
+    `parent_run_id` when it is given. Artifacts go to `parent_run_id`, else to the newest sweep
+    parent run of the experiment (none found: nothing is logged). out_dir defaults to
+    reports/<experiment> in the working directory."""
+    uri = runs.default_tracking_uri(tracking_uri)
+    runs.experiment_id(uri, experiment)  # a clear error when the experiment does not exist
+    log_parent = parent_run_id or runs.find_parent_run(uri, experiment)
+    out = Path(out_dir) if out_dir is not None else Path.cwd() / "reports" / experiment
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):  # figures of an earlier report of this study (this folder is ours)
+        old.unlink()
+
+    trial_runs = runs.trial_runs(uri, experiment, parent_run_id)
+    histories = runs.load_histories(uri, experiment, keys=runs.HISTORY_KEYS.pattern, runs=trial_runs)
+    trials = runs.load_trials(uri, experiment, histories=histories, runs=trial_runs)
+    rep = _Report(experiment, uri, log_parent, trials)
+    rep.conventions = _conventions()
+    if not trials.empty:
+        try:
+            _analyse(rep, histories, out, bootstrap, seed)
+        except Exception as err:  # a report with what was done and the error beats no report after a sweep
+            import traceback
+
+            rep.notes.append(f"the analysis stopped early: {type(err).__name__}: {err}")
+            traceback.print_exc()
+    else:
+        rep.notes.append("no trial runs (runs tagged trial_id) were found" +
+                         (f" for the sweep {parent_run_id}" if parent_run_id else ""))
+
+    _write_tables(rep, out)
+    (out / "fits.json").write_text(json.dumps(_jsonable(rep.fits), indent=1))
+    (out / "report.md").write_text(_markdown(rep))
+    index = out / "index.html"
+    index.write_text(_html(rep))
+    if log_to_mlflow and log_parent:
+        _log_artifacts(uri, log_parent, out, rep)
+    return index
+
+
+# --- analysis -------------------------------------------------------------------------------------
+
+
+def _conventions() -> list[str]:
+    return [
+        "Forward GFLOPs are multiply-adds (MACs) of one forward pass on one image, as in the DiT paper "
+        "(Peebles & Xie 2023); hardware FLOPs would be twice that.",
+        "Training compute = 3 × forward GFLOPs × images seen (forward + backward ≈ 3 forward passes), in "
+        "GFLOPs of multiply-adds — the `train_gflops` metric. A trial's forward GFLOPs are read back as "
+        "train_gflops / samples_seen / 3 (NaN when those were not logged).",
+        "Each trial is the newest MLflow run of its trial_id (a hash of its config).",
+        "Power laws are y = E + A · x^(−α), fitted by least squares in log space (scipy curve_fit, bounds "
+        "A > 0, α > 0, 0 ≤ E < min y); intervals are 95 % percentile bootstraps over the trials. A fit with "
+        "fewer than 3 points, fewer points than parameters + 1, or R² < 0.9 is not claimed: it is listed "
+        "with its warning instead.",
+        "A metric named fid… is FID (Inception-v3 features); a metric named fd_<extractor>… is a Fréchet "
+        "distance in another network's features — a stand-in used when Inception weights are absent, "
+        "not comparable with FID and never called FID here.",
+    ]
+
+
+def _by(trials: pd.DataFrame, *cols: str) -> list[str]:
+    """Grouping columns: arch always, plus objective when the study varies it, plus cols."""
+    out = ["arch"]
+    if trials["objective"].nunique() > 1:
+        out.append("objective")
+    return out + list(cols)
+
+
+def _loss_choice(trials: pd.DataFrame, histories: pd.DataFrame) -> tuple[str | None, str, str]:
+    """(trials column for fits, history key for curves, axis label)."""
+    if "final_val_loss" in trials and trials["final_val_loss"].notna().any():
+        per_run = histories[histories["key"] == "val_loss"].groupby("run_id").size()
+        curve_key = "val_loss" if len(per_run) and per_run.median() >= 3 else "loss"
+        return "final_val_loss", curve_key, "validation loss (final)"
+    if "loss_tail" in trials and trials["loss_tail"].notna().any():
+        return "loss_tail", "loss", "training loss (mean of the last 10 % of logs; no val_loss logged)"
+    return None, "loss", "training loss"
+
+
+def _analyse(rep: _Report, histories: pd.DataFrame, out: Path, bootstrap: int, seed: int) -> None:
+    trials, notes = rep.trials, rep.notes
+    y_col, loss_key, y_label = _loss_choice(trials, histories)
+    loss_curves = runs.metric_curves(histories, trials, loss_key)
+    train_loss = runs.metric_curves(histories, trials, "loss")
+    loss_axis = "training loss" if loss_key == "loss" else "validation loss"
+
+    fd = runs.primary_fd_metric(histories["key"].unique())
+    for d in runs.fd_metrics(histories["key"].unique()):
+        configured = sorted({str(v) for v in trials.get("eval.feature_extractor", pd.Series(dtype=str)).dropna()})
+        rep.fd_rows.append({**d, "configured": ", ".join(configured)})
+    fd_curves = runs.metric_curves(histories, trials, fd["key"]) if fd else None
+    fd_label = (f"FID [{fd['key']}]" if fd["is_fid"] else f"{fd['key']} (stand-in, not FID)") if fd else "FID"
+
+    def fig(path: Path | None, title: str, caption: str) -> None:
+        if path is not None:
+            rep.figures.append(_Figure(path.name, title, caption))
+
+    # --- over training steps (the DiT paper's Figure 2 layout) --------------------------------------
+    fig(plots.plot_metric_vs_steps(train_loss, out / "loss_vs_steps_by_size.png", "training loss", by="size",
+                                   fixed="patch", notes=notes, title="training loss vs steps, by model size"),
+        "Training loss vs steps — model size at fixed patch size",
+        "x: training steps; y: training loss (mean over each log interval); one line per model size, one panel "
+        "per architecture and patch size.")
+    fig(plots.plot_metric_vs_steps(train_loss, out / "loss_vs_steps_by_patch.png", "training loss", by="patch",
+                                   fixed="size", notes=notes, title="training loss vs steps, by patch size"),
+        "Training loss vs steps — patch size at fixed model size",
+        "x: training steps; y: training loss; one line per patch size, one panel per architecture and model size.")
+    if fd is None:
+        notes.append("FID / Fréchet-distance figures: skipped — no fid or fd_<extractor> metric was logged "
+                     "(run the evaluation)")
+    else:
+        fig(plots.plot_metric_vs_steps(fd_curves, out / f"{fd['key']}_vs_steps_by_size.png", fd_label, by="size",
+                                       fixed="patch", notes=notes, title=f"{fd['key']} vs steps, by model size"),
+            f"{fd['name']} vs steps — model size at fixed patch size",
+            f"x: training steps; y: {fd_label}; one line per model size.")
+        fig(plots.plot_metric_vs_steps(fd_curves, out / f"{fd['key']}_vs_steps_by_patch.png", fd_label, by="patch",
+                                       fixed="size", notes=notes, title=f"{fd['key']} vs steps, by patch size"),
+            f"{fd['name']} vs steps — patch size at fixed model size",
+            f"x: training steps; y: {fd_label}; one line per patch size.")
+        fig(plots.plot_fd_vs_compute(fd_curves, out / f"{fd['key']}_vs_compute.png", fd_label, notes=notes),
+            f"{fd['name']} vs training compute (log-log)",
+            f"x: {COMPUTE_LABEL}; y: {fd_label}; one line per configuration.")
+
+    # --- fitted laws --------------------------------------------------------------------------------
+    failed = trials["status"].astype(str).str.startswith("failed")
+    fit_trials = trials[~failed]
+    if failed.any():
+        notes.append(f"fitted laws leave out {int(failed.sum())} failed trial(s): "
+                     + ", ".join(trials.loc[failed, "label"].astype(str)))
+
+    def fits(x: str, y: str, x_label: str, y_lab: str, stem: str, what: str, curves=None) -> None:
+        t = fit_trials
+        pooled = scaling.fit_groups(t, x, y, by=_by(trials), bootstrap=bootstrap, seed=seed)
+        per_patch = []
+        if t["patch"].nunique() > 1:
+            per_patch = scaling.fit_groups(t, x, y, by=_by(trials, "patch"), bootstrap=bootstrap, seed=seed)
+            # an architecture trained at a single patch size: its per-patch law is its pooled law
+            n_patch = t.groupby("arch")["patch"].nunique()
+            per_patch = [gf for gf in per_patch if n_patch.get(gf.group.get("arch"), 0) > 1]
+        for gf in pooled + per_patch:
+            rep.fits.append(_fit_row(what, x_label, y_lab, gf))
+        fig(plots.plot_fits(pooled, out / f"fit_{stem}.png", x_label, y_lab, curves=curves, notes=notes,
+                            title=what),
+            f"{what} — fitted law per architecture",
+            f"x: {x_label}; y: {y_lab}; points: trials; line: y = E + A·x^(−α); band: 95 % bootstrap interval.")
+        if per_patch:
+            fig(plots.plot_fits(per_patch, out / f"fit_{stem}_by_patch.png", x_label, y_lab, curves=curves,
+                                notes=notes, title=f"{what}, per patch size"),
+                f"{what} — fitted law per architecture and patch size",
+                f"x: {x_label}; y: {y_lab}; one law per patch size; band: 95 % bootstrap interval.")
+
+    if y_col is None:
+        notes.append("loss fits: skipped — neither val_loss nor training loss was logged")
+    else:
+        fits("train_gflops", y_col, COMPUTE_LABEL, y_label, "loss_vs_compute", "loss vs training compute",
+             curves=loss_curves)
+        if trials["params"].notna().any():
+            fits("params", y_col, PARAMS_LABEL, y_label, "loss_vs_params", "loss vs parameters")
+        else:
+            notes.append("loss vs parameters: skipped — parameter counts are not logged with the runs "
+                         "(a metric, param or tag named params)")
+    if fd is not None and f"final_{fd['key']}" in trials:
+        fits("forward_gflops", f"final_{fd['key']}", FORWARD_LABEL, f"{fd_label} (final)",
+             f"{fd['key']}_vs_forward_gflops", f"{fd['name']} vs forward GFLOPs")
+
+    # --- compute-optimal frontier -------------------------------------------------------------------
+    if not loss_curves.empty:
+        for arch, c in loss_curves.groupby("arch", sort=True):
+            name = plots._arch_name(arch)
+            if c["run_id"].nunique() < 2:
+                rep.frontier_notes.append(f"{name}: a single trial — no frontier (the envelope of one curve is "
+                                          "that curve)")
+                continue
+            t = trials[trials["arch"] == arch].set_index("trial_id")
+            if t["params"].notna().all():
+                size, measure = t["params"], "parameters"
+            else:
+                size, measure = t["forward_gflops"], "forward GFLOPs"
+            fr = scaling.compute_frontier(c, size, size_measure=measure, bootstrap=bootstrap, seed=seed)
+            rep.frontier_notes.append(f"{name}: {fr.note}" + (
+                f": a = {fr.optimal_size_fit.a:.3f} {_ci(fr.optimal_size_fit.a_ci)}, R² = "
+                f"{fr.optimal_size_fit.r2:.3f}" if fr.optimal_size_fit is not None and fr.optimal_size_fit.ok else ""))
+            if measure != "parameters":
+                rep.frontier_notes.append(f"{name}: model size is measured in forward GFLOPs (parameter counts "
+                                          "are not logged), so the optimum is G_opt ∝ C^a")
+            rep.fits.append(_fit_row("frontier: lower envelope of loss vs training compute", COMPUTE_LABEL,
+                                     loss_axis, scaling.GroupFit({"arch": arch}, "compute", loss_key,
+                                                                 fr.envelope_fit, pd.DataFrame()),
+                                     note="envelope points are correlated: the interval is optimistic"))
+            fig(plots.plot_frontier(c, fr, out / f"frontier_{arch}.png", loss_axis, notes=notes),
+                f"Compute-optimal frontier — {name}",
+                f"left: x: {COMPUTE_LABEL}, y: {loss_axis}; grey: every trial, red: lower envelope, dashed: its "
+                f"fitted law. right: isoFLOP slices, x: model size ({measure}), y: {loss_axis} at fixed compute; "
+                "stars: the parabola's optimum where the grid brackets it.")
+    else:
+        notes.append("compute-optimal frontier: skipped — no loss curve against training compute")
+
+    # --- DiT vs MM-DiT --------------------------------------------------------------------------------
+    comp = {loss_axis: loss_curves}
+    if fd_curves is not None:
+        comp[fd_label] = fd_curves
+    fig(plots.plot_arch_comparison(comp, out / "dit_vs_mmdit.png", notes=notes),
+        "DiT vs MM-DiT (joint vs split attention) at matched compute",
+        f"left: x: {COMPUTE_LABEL}, y: the metric, one colour per architecture; right: each architecture's best "
+        "trial at the largest training compute all architectures reached.")
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "[n/a]"
+
+
+def _fit_row(what: str, x_label: str, y_label: str, gf: scaling.GroupFit, note: str = "") -> dict:
+    f = gf.fit
+    return {
+        "relation": what, "group": gf.label, "x": x_label, "y": y_label, "n": f.n,
+        "alpha": f.alpha, "alpha_ci": f.alpha_ci, "A": f.A, "A_ci": f.A_ci, "E": f.E, "E_ci": f.E_ci, "r2": f.r2,
+        "law": f.describe("x", "y"), "warning": f.warning, "note": note, "fitted": f.ok,
+    }
+
+
+# --- outputs --------------------------------------------------------------------------------------
+
+
+def _write_tables(rep: _Report, out: Path) -> None:
+    t = rep.trials.copy()
+    for c in t.columns:  # parquet needs one type per column: mixed objects become strings
+        if t[c].dtype == object:
+            t[c] = t[c].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    t.to_csv(out / "trials.csv", index=False)
+    try:
+        t.to_parquet(out / "trials.parquet", index=False)
+    except ImportError as err:
+        (out / "trials.parquet").unlink(missing_ok=True)
+        rep.notes.append(f"trials.parquet: not written — {err}")
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def _summary(trials: pd.DataFrame) -> pd.DataFrame:
+    cols = ["label", "objective", "status", "forward_gflops", "params", "steps", "train_gflops"]
+    metric_cols = [c for c in trials.columns if c.startswith(("final_val_loss", "best_val_loss"))]
+    metric_cols += ["loss_tail"] if "loss_tail" in trials else []
+    metric_cols += [c for c in trials.columns if c.startswith(("final_fid", "final_fd_", "final_kid"))]
+    cols = [c for c in cols + metric_cols + ["trial_id"] if c in trials]
+    s = trials.sort_values(["arch", "size_rank", "patch"], na_position="last")[cols].copy()
+    if s["params"].isna().all():
+        s = s.drop(columns="params")
+    return s
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return "–"
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def _fit_cells(r: dict) -> list[str]:
+    if r["fitted"]:
+        status = "fitted" + (f" ({r['note']})" if r["note"] else "")
+        return [r["relation"], r["group"], str(r["n"]), f"{r['alpha']:.4g} {_ci(r['alpha_ci'])}",
+                f"{r['A']:.4g} {_ci(r['A_ci'])}", f"{r['E']:.4g} {_ci(r['E_ci'])}", f"{r['r2']:.4f}", status]
+    return [r["relation"], r["group"], str(r["n"]), "–", "–", "–",
+            f"{r['r2']:.4f}" if r["r2"] is not None and math.isfinite(r["r2"]) else "–", f"⚠ {r['warning']}"]
+
+
+_FIT_HEAD = ["relation", "group", "n", "α [95 % CI]", "A [95 % CI]", "E [95 % CI]", "R²", "status"]
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _axes_used(rep: _Report) -> list[str]:
+    return sorted({f"{r['relation']}: x = {r['x']}; y = {r['y']}" for r in rep.fits})
+
+
+def _markdown(rep: _Report) -> str:
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = [f"# Scaling report: {rep.study}", "",
+          f"Generated {now} from MLflow `{rep.uri}`, experiment `{rep.study}`"
+          + (f", sweep parent run `{rep.parent_run_id}`" if rep.parent_run_id else "") + f"; {len(rep.trials)} trials.",
+          "", "## Conventions", ""]
+    md += [f"- {c}" for c in rep.conventions]
+    md += [f"- Axes — {a}" for a in _axes_used(rep)]
+    if rep.fd_rows:
+        md += ["", "### Fréchet distances", ""]
+        md.append(_md_table(["metric", "extractor", "is FID", "CFG", "configured feature_extractor"],
+                            [[d["key"], d["extractor"], "yes" if d["is_fid"] else "no — a stand-in",
+                              _fmt(d["cfg"]) if d["cfg"] is not None else "", d["configured"]]
+                             for d in rep.fd_rows]))
+    md += ["", "## Fitted laws", ""]
+    if rep.fits:
+        md.append(_md_table(_FIT_HEAD, [_fit_cells(r) for r in rep.fits]))
+        warned = [r for r in rep.fits if not r["fitted"]]
+        if warned:
+            md += ["", f"**Warning:** {len(warned)} of {len(rep.fits)} fits are under-determined or poor and are "
+                       "not claimed (see status)."]
+    else:
+        md.append("No law was fitted.")
+    if rep.frontier_notes:
+        md += ["", "## Compute-optimal frontier", ""] + [f"- {n}" for n in rep.frontier_notes]
+    md += ["", "## Figures", ""]
+    for f in rep.figures:
+        md += [f"### {f.title}", "", f"![{f.title}]({f.file})", "", f"*{f.caption}*", ""]
+    if rep.notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in rep.notes] + [""]
+    md += ["## Trials", ""]
+    if not rep.trials.empty:
+        s = _summary(rep.trials)
+        md.append(_md_table(list(s.columns), [[_fmt(v) for v in row] for row in s.itertuples(index=False)]))
+    md += ["", "Full table: [trials.csv](trials.csv), [trials.parquet](trials.parquet); fits: [fits.json](fits.json).", ""]
+    return "\n".join(md)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
+color:#222;line-height:1.45;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}th,td{border:1px solid #ccc;padding:.25em .5em;
+text-align:left;vertical-align:top}th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
+.warn{color:#9a3a00}.meta{color:#555;font-size:.9em}figure{margin:1.2em 0}figure img{max-width:100%;
+border:1px solid #eee}figcaption{color:#444;font-size:.9em}code{background:#f3f3f3;padding:0 .25em}
+.scroll{overflow-x:auto}
+"""
+
+
+def _html_table(head: list[str], rows: list[list[str]], warn_col: int | None = None) -> str:
+    e = html.escape
+    out = ["<div class='scroll'><table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for r in rows:
+        cells = []
+        for i, v in enumerate(r):
+            cls = " class='warn'" if warn_col is not None and i == warn_col and str(v).startswith("⚠") else ""
+            cells.append(f"<td{cls}>{e(str(v))}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table></div>")
+    return "\n".join(out)
+
+
+def _html(rep: _Report) -> str:
+    e = html.escape
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+             f"<title>Scaling report: {e(rep.study)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>Scaling report: {e(rep.study)}</h1>",
+             f"<p class='meta'>Generated {now} from MLflow <code>{e(rep.uri)}</code>, experiment "
+             f"<code>{e(rep.study)}</code>"
+             + (f", sweep parent run <code>{e(rep.parent_run_id)}</code>" if rep.parent_run_id else "")
+             + f"; {len(rep.trials)} trials.</p>",
+             "<h2>Conventions</h2><ul>"]
+    parts += [f"<li>{e(c)}</li>" for c in rep.conventions]
+    parts += [f"<li>Axes — {e(a)}</li>" for a in _axes_used(rep)]
+    parts.append("</ul>")
+    if rep.fd_rows:
+        parts.append("<h3>Fréchet distances</h3>")
+        parts.append(_html_table(["metric", "extractor", "is FID", "CFG", "configured feature_extractor"],
+                                 [[d["key"], d["extractor"], "yes" if d["is_fid"] else "no — a stand-in",
+                                   _fmt(d["cfg"]) if d["cfg"] is not None else "", d["configured"]]
+                                  for d in rep.fd_rows]))
+    parts.append("<h2>Fitted laws</h2>")
+    if rep.fits:
+        parts.append(_html_table(_FIT_HEAD, [_fit_cells(r) for r in rep.fits], warn_col=len(_FIT_HEAD) - 1))
+        warned = [r for r in rep.fits if not r["fitted"]]
+        if warned:
+            parts.append(f"<p class='warn'><strong>Warning:</strong> {len(warned)} of {len(rep.fits)} fits are "
+                         "under-determined or poor and are not claimed (see status).</p>")
+    else:
+        parts.append("<p>No law was fitted.</p>")
+    if rep.frontier_notes:
+        parts.append("<h2>Compute-optimal frontier</h2><ul>" +
+                     "".join(f"<li>{e(n)}</li>" for n in rep.frontier_notes) + "</ul>")
+    parts.append("<h2>Figures</h2>")
+    for f in rep.figures:
+        parts.append(f"<figure><h3>{e(f.title)}</h3><img src='{e(f.file)}' alt='{e(f.title)}'>"
+                     f"<figcaption>{e(f.caption)}</figcaption></figure>")
+    if rep.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in rep.notes) + "</ul>")
+    parts.append("<h2>Trials</h2>")
+    if not rep.trials.empty:
+        s = _summary(rep.trials)
+        parts.append(_html_table(list(s.columns), [[_fmt(v) for v in row] for row in s.itertuples(index=False)]))
+    parts.append("<p>Full table: <a href='trials.csv'>trials.csv</a>, <a href='trials.parquet'>trials.parquet</a>; "
+                 "fits: <a href='fits.json'>fits.json</a>; Markdown: <a href='report.md'>report.md</a>.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _log_artifacts(uri: str, parent_run_id: str, out: Path, rep: _Report) -> None:
+    c = runs.client(uri)
+    files = [out / f for f in FILES if (out / f).is_file()] + [out / f.file for f in rep.figures]
+    for path in files:
+        c.log_artifact(parent_run_id, str(path), ARTIFACT_DIR)
+
+
+def report_files(index: Path) -> list[Path]:
+    """The files a report wrote (index.html's folder): the fixed files and its PNGs."""
+    folder = Path(index).parent
+    return [folder / f for f in FILES if (folder / f).exists()] + sorted(folder.glob("*.png"))
+
+
+__all__ = ["build_report", "report_files", "ARTIFACT_DIR"]

@@ -1,0 +1,90 @@
+"""Arguments and handlers of `ditscale data pack|verify|bench` (argparse only at import time)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    p = sub.add_parser("pack", help="pack images (+ labels, captions) into WebDataset shards",
+                       description="Pack SOURCE into OUT/NAME-000000.tar ..., OUT/val-000000.tar ... and "
+                                   "OUT/dataset.json.")
+    p.add_argument("source", help="digits | shapes (built-in sets), an image folder with class sub-folders, "
+                                  "or a .jsonl/.json/.csv/.tsv file of image paths and captions")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="pixel size (default: digits 16, shapes 32, photos 256; photos get the ADM centre crop)")
+    p.add_argument("--name", default="train", help="name of the main split (default: train)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out split 'val' (default: 0.05; 0: none)")
+    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default: 5000)")
+    p.add_argument("--seed", type=int, default=0, help="split, order and shapes seed (default: 0)")
+    p.add_argument("--count", type=int, default=None,
+                   help="shapes: how many to draw (default 10000); others: a deterministic random subset")
+    p.add_argument("--vae", default=None,
+                   help="store latents from this diffusers AutoencoderKL (local folder or hub name)")
+    p.add_argument("--text-encoder", default=None,
+                   help="store precomputed text embeddings (models.text spec: clip:PATH, t5:PATH, sd3:..., word:FILE)")
+    p.add_argument("--device", default="cpu", help="device of the VAE and text encoder (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="VAE / text encoder batch (default: 64)")
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes (default: 0, in-process)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shards and manifest entries of "
+                                                            "the splits being written")
+
+    v = sub.add_parser("verify", help="read every shard, check samples, counts and sha256 against dataset.json")
+    v.add_argument("dir", help="dataset folder (with dataset.json)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    b = sub.add_parser("bench", help="loader samples/s per process on a packed dataset")
+    b.add_argument("dir", help="dataset folder, or a shard pattern")
+    b.add_argument("--split", default="train")
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--seconds", type=float, default=5.0, help="timed seconds after warm-up (default: 5)")
+    b.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    b.add_argument("--shuffle", type=int, default=1000, help="shuffle buffer (default: 1000)")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"pack": _pack, "verify": _verify, "bench": _bench}[args.data_command](args)
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from harness.data.pack import pack_dataset
+
+    manifest = pack_dataset(
+        args.source, args.out, name=args.name, image_size=args.image_size, val_fraction=args.val_fraction,
+        shard_size=args.shard_size, seed=args.seed, count=args.count, vae=args.vae, text_encoder=args.text_encoder,
+        device=args.device, batch_size=args.batch_size, workers=args.workers, overwrite=args.overwrite,
+    )
+    shape = "x".join(str(d) for d in manifest["sample_shape"])
+    for split, entry in manifest["splits"].items():
+        print(f"{args.out}/{entry['pattern']}: {entry['count']} samples in {len(entry['shards'])} shard(s)")
+    print(f"{args.out}/dataset.json: {manifest['kind']} {shape}, {manifest['num_classes'] or 'no'} classes"
+          + (f", {manifest['skipped']} unreadable images skipped" if manifest["skipped"] else ""))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from harness.data.verify import verify_dataset
+
+    result = verify_dataset(args.dir)
+    if args.json:
+        print(json.dumps({"ok": result.ok, "good": result.good, "corrupt": result.corrupt,
+                          "problems": result.problems, "shards": [asdict(s) for s in result.shards]}, indent=2))
+    else:
+        print("\n".join(result.lines()))
+    return 0 if result.ok else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from harness.data.throughput import format_throughput, measure_loader_throughput
+
+    result = measure_loader_throughput(args.dir, args.batch_size, seconds=args.seconds, num_workers=args.workers,
+                                       shuffle=args.shuffle, split=args.split)
+    print(json.dumps(result, indent=2) if args.json else format_throughput(result))
+    return 0

@@ -1,0 +1,347 @@
+"""`ditscale data pack SOURCE OUT`: images (+ labels, captions, attributes) -> WebDataset shards.
+
+Each sample is written under a key (its index in the source's fixed order) with the members
+    png            the image (uint8, grayscale or RGB) — or latent.npy (fp16 [C, h, w]) with a VAE
+    cls            the class index as text (sources with labels)
+    txt            the caption (UTF-8)
+    json           attributes (shapes: the scene; photos: the source path)
+    txt_tokens.npy / txt_mask.npy / txt_pooled.npy   precomputed text embeddings (--text-encoder)
+into OUT/NAME-000000.tar ... and OUT/val-000000.tar ..., plus OUT/dataset.json (see manifest.py).
+
+The split and the order inside each split are a deterministic permutation of the source (seeded), so
+shards need no further shuffling at the file level; re-packing with the same arguments gives
+byte-identical shards. Existing shards or manifests are never replaced without overwrite=True; a
+split added beside other splits of the same dataset (e.g. a separate validation folder) is merged
+into the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from harness.data.codec import encode_cls, encode_json, encode_npy, encode_png, encode_txt
+from harness.data.errors import DataError
+from harness.data.manifest import FORMAT, read_manifest, shard_pattern, write_manifest
+from harness.data.sources import Source, ShapesSource, open_source
+from harness.data.tario import ShardWriter
+
+log = logging.getLogger("harness.data")
+
+VAL_SPLIT = "val"
+_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_MAX_WARNINGS = 10
+_COMPATIBLE = ("kind", "sample_shape", "num_classes", "class_names")
+
+
+def pack_dataset(
+    source: str,
+    out: str,
+    *,
+    name: str = "train",
+    image_size: int | None = None,
+    val_fraction: float = 0.05,
+    shard_size: int = 5000,
+    seed: int = 0,
+    count: int | None = None,
+    vae: str | None = None,
+    text_encoder: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+    workers: int = 0,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> dict:
+    """Pack `source` (a built-in set name, an image folder, or a captions file) into shards in `out`;
+    returns the manifest. `count`: shapes — how many to draw (default 10,000); other sources — keep a
+    deterministic random subset of this many. `workers`: processes that decode and encode images.
+    `progress`: tqdm bars (None: only on a terminal)."""
+    _check_arguments(name, image_size, val_fraction, shard_size, count, batch_size, workers)
+    src = open_source(source, image_size=image_size, count=count, seed=seed)
+    order = np.random.default_rng(seed).permutation(len(src))
+    if count is not None and not isinstance(src, ShapesSource):
+        order = order[:count]
+    n_val = int(round(len(order) * val_fraction))
+    if val_fraction > 0 and n_val == 0 and len(order) > 1:
+        n_val = 1
+    splits = {name: order[n_val:]}
+    if n_val:
+        splits[VAL_SPLIT] = order[:n_val]
+    if len(splits[name]) == 0:
+        raise DataError(f"--val-fraction {val_fraction}: leaves no sample for the {name} split")
+
+    out_dir = Path(out)
+    existing, replaced = _plan_output(out_dir, list(splits), overwrite)
+    old = _remaining(existing, replaced)
+    # The pool starts before torch models load (forking after torch threads start is fragile).
+    pool = _start_pool(src, workers, as_png=not vae) if workers > 0 else None
+    try:
+        vae_model = encoder = vae_meta = None
+        channels, sample_size = src.channels, src.image_size
+        if vae:
+            from harness.data.vae import load_vae, vae_info
+
+            vae_model = load_vae(vae, device)
+            vae_meta = vae_info(vae_model, vae)
+            if src.image_size % vae_meta["downsample"]:
+                raise DataError(f"--image-size {src.image_size} is not divisible by the VAE's downsampling factor "
+                                f"{vae_meta['downsample']}")
+            channels, sample_size = vae_meta["latent_channels"], src.image_size // vae_meta["downsample"]
+        if text_encoder:
+            if not src.has_captions:
+                raise DataError("--text-encoder: the source has no captions")
+            from harness.data.text_embeddings import load_encoder
+
+            encoder = load_encoder(text_encoder, device)
+        manifest = {
+            "format": FORMAT, "version": 1,
+            "source": src.describe(),
+            "kind": "latents" if vae_model is not None else "pixels",
+            "sample_shape": [channels, sample_size, sample_size],
+            "channels": channels, "image_size": sample_size, "pixel_size": src.image_size,
+            "num_classes": src.num_classes, "class_names": src.class_names,
+            "vae": vae_meta, "text_encoder": None,
+        }
+        _check_compatible(out_dir, old, manifest, text_encoder)
+        _clear_output(out_dir, existing, replaced)  # only now that the models loaded and the checks passed
+        writer_state = _PackState(src, vae_model, encoder, text_encoder, device, progress)
+        pack_id = uuid.uuid4().hex[:12]
+        split_entries = {}
+        for split, indices in splits.items():
+            split_entries[split] = writer_state.write_split(out_dir, split, indices, shard_size, batch_size, pool)
+            split_entries[split].update(pack_id=pack_id, fields=sorted(writer_state.fields or []))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    fields = set(writer_state.fields or ())
+    for entry in (old or {}).get("splits", {}).values():  # every split must have the listed members
+        fields &= set(entry.get("fields", fields))
+    manifest.update({
+        "fields": sorted(fields),
+        "captions": "txt" in fields,
+        "attributes": bool(src.has_attributes),
+        "text_encoder": writer_state.text_meta,
+        "seed": seed, "val_fraction": val_fraction, "shard_size": shard_size,
+        "skipped": writer_state.skipped, "skipped_examples": writer_state.skipped_examples,
+        "created_by": "ditscale data pack",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    all_splits = dict(old["splits"]) if old else {}
+    all_splits.update(split_entries)
+    manifest["splits"] = all_splits
+    manifest["counts"] = {s: entry["count"] for s, entry in all_splits.items()}
+    write_manifest(out_dir, manifest)
+    if writer_state.skipped:
+        log.warning("skipped %d unreadable images (listed under skipped_examples in %s/dataset.json)",
+                    writer_state.skipped, out_dir)
+    return manifest
+
+
+def _check_arguments(name, image_size, val_fraction, shard_size, count, batch_size, workers) -> None:
+    if not _NAME.match(name):
+        raise DataError(f"--name {name!r}: use letters, digits and underscores")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if name == VAL_SPLIT and val_fraction > 0:
+        raise DataError(f"--name {VAL_SPLIT} is the held-out split's name; pass --val-fraction 0 to pack a "
+                        "validation set on its own")
+    for flag, value in (("--image-size", image_size), ("--count", count)):
+        if value is not None and value <= 0:
+            raise DataError(f"{flag} {value}: must be positive")
+    for flag, value in (("--shard-size", shard_size), ("--batch-size", batch_size)):
+        if value <= 0:
+            raise DataError(f"{flag} {value}: must be positive")
+    if workers < 0:
+        raise DataError(f"--workers {workers}: must be 0 or more")
+
+
+def _plan_output(out: Path, splits: list[str], overwrite: bool) -> tuple[dict | None, set[str]]:
+    """Refuse to replace existing shards/manifest entries of `splits` unless `overwrite` (checked
+    before anything slow). Returns (existing manifest, splits to replace): with `overwrite`, the
+    splits being written plus the others packed by the same run as a replaced split (a stale
+    held-out split could overlap the new training split). Nothing is deleted here."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        old = read_manifest(out)
+    except DataError:
+        if not overwrite:
+            raise DataError(f"{out}/dataset.json is unreadable; pass --overwrite to replace it") from None
+        old = None
+    files = sorted(p for s in splits for p in out.glob(f"{s}-*.tar"))
+    listed = [s for s in splits if old and s in old["splits"]]
+    if (files or listed) and not overwrite:
+        what = f"{len(files)} shard(s) of the {'/'.join(splits)} split(s)" if files else \
+            f"the {'/'.join(listed)} split(s) in dataset.json"
+        raise DataError(f"{out} already holds {what}; pass --overwrite to replace them")
+    replaced = set(splits)
+    if old and listed:
+        runs = {old["splits"][s].get("pack_id") for s in listed} - {None}
+        replaced |= {s for s, entry in old["splits"].items() if entry.get("pack_id") in runs}
+    return old, replaced
+
+
+def _remaining(old: dict | None, replaced: set[str]) -> dict | None:
+    """The existing manifest without the replaced splits (None when no split stays)."""
+    if not old:
+        return None
+    kept = {s: e for s, e in old["splits"].items() if s not in replaced}
+    if not kept:
+        return None
+    return {**old, "splits": kept, "counts": {s: e["count"] for s, e in kept.items()}}
+
+
+def _clear_output(out: Path, old: dict | None, replaced: set[str]) -> None:
+    """Delete the shards of the replaced splits and drop them from dataset.json."""
+    for split in sorted(replaced):
+        if old and split in old["splits"]:
+            for shard in old["splits"][split]["shards"]:
+                (out / shard["name"]).unlink(missing_ok=True)
+        for path in list(out.glob(f"{split}-*.tar")) + list(out.glob(f"{split}-*.tar.partial")):
+            path.unlink()
+    if old and replaced & set(old["splits"]):
+        kept = _remaining(old, replaced)
+        if kept:
+            write_manifest(out, kept)
+        else:
+            (out / "dataset.json").unlink()
+
+
+def _check_compatible(out: Path, old: dict | None, manifest: dict, text_encoder: str | None) -> None:
+    if not old:
+        return
+    others = ", ".join(sorted(old["splits"]))
+    for key in _COMPATIBLE:
+        if old.get(key) != manifest.get(key):
+            raise DataError(f"{out}/dataset.json describes other splits ({others}) with a different {key} "
+                            f"({old.get(key)!r} vs {manifest.get(key)!r}); pack into another folder")
+    old_vae = (old.get("vae") or {}).get("name")
+    if old_vae != (manifest["vae"] or {}).get("name"):
+        raise DataError(f"{out}/dataset.json: its splits ({others}) were packed with --vae {old_vae}; "
+                        "pack into another folder")
+    old_text = (old.get("text_encoder") or {}).get("spec")
+    if old_text != text_encoder:
+        raise DataError(f"{out}/dataset.json: its splits ({others}) were packed with --text-encoder {old_text}; "
+                        "pack into another folder")
+
+
+# --- loading images (in a process pool when workers > 0) --------------------------------------
+
+_SOURCE: Source | None = None
+_AS_PNG = True
+
+
+def _init_worker(source: Source, as_png: bool) -> None:
+    global _SOURCE, _AS_PNG
+    _SOURCE, _AS_PNG = source, as_png
+
+
+def _load_one(index: int):
+    """(index, image, label, caption, attributes, png bytes or None, error or None)."""
+    try:
+        image, label, caption, attributes = _SOURCE.load(int(index))
+        expected = (_SOURCE.image_size, _SOURCE.image_size, _SOURCE.channels)
+        if image.shape != expected or image.dtype != np.uint8:
+            raise ValueError(f"image of shape {image.shape} {image.dtype}, expected {expected} uint8")
+        png = encode_png(image) if _AS_PNG else None
+        return index, image, label, caption, attributes, png, None
+    except Exception as err:  # noqa: BLE001 - an unreadable image is skipped and reported
+        return index, None, None, None, None, None, f"{type(err).__name__}: {err}"
+
+
+def _start_pool(src: Source, workers: int, as_png: bool):
+    """Workers load, crop and (for pixels) PNG-encode images; with a VAE they return raw arrays."""
+    return multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(src, as_png))
+
+
+class _PackState:
+    def __init__(self, src: Source, vae, encoder, text_spec, device, progress):
+        self.src, self.vae, self.encoder, self.text_spec, self.device = src, vae, encoder, text_spec, device
+        self.progress = progress
+        self.fields: set[str] | None = None
+        self.text_meta = None
+        self.skipped = 0
+        self.skipped_examples: list[str] = []
+
+    def _loaded(self, indices, pool):
+        as_png = self.vae is None
+        if pool is None:
+            _init_worker(self.src, as_png)
+            return map(_load_one, indices)
+        return pool.imap(_load_one, indices, chunksize=16)
+
+    def write_split(self, out: Path, split: str, indices, shard_size: int, batch_size: int, pool) -> dict:
+        from tqdm import tqdm
+
+        batch: list = []
+        with ShardWriter(out, split, shard_size) as writer, tqdm(
+            total=len(indices), desc=f"pack {split}", unit="img", disable=None if self.progress is None
+            else not self.progress, dynamic_ncols=True,
+        ) as bar:
+            for item in self._loaded(indices, pool):
+                batch.append(item)
+                if len(batch) == batch_size:
+                    self._write_batch(writer, batch)
+                    bar.update(len(batch))
+                    batch = []
+            if batch:
+                self._write_batch(writer, batch)
+                bar.update(len(batch))
+            shards = writer.close()
+        count = sum(s["count"] for s in shards)
+        if count == 0:
+            raise DataError(f"no readable image for the {split} split")
+        return {"count": count, "pattern": shard_pattern(split, len(shards)), "source": self.src.describe(),
+                "shards": shards}
+
+    def _write_batch(self, writer: ShardWriter, batch: list) -> None:
+        good = []
+        for index, image, label, caption, attributes, png, error in batch:
+            if error is not None:
+                self.skipped += 1
+                if len(self.skipped_examples) < 100:
+                    self.skipped_examples.append(f"sample {index}: {error}")
+                if self.skipped <= _MAX_WARNINGS:
+                    log.warning("pack: skipping sample %d (%s)", index, error)
+                continue
+            good.append((index, image, label, caption, attributes, png))
+        if not good:
+            return
+        latents = embeddings = None
+        if self.vae is not None:
+            from harness.data.vae import encode_latents
+
+            latents = encode_latents(self.vae, np.stack([g[1] for g in good]), self.device)
+        if self.encoder is not None:
+            from harness.data.text_embeddings import encode_captions, encoder_info
+
+            embeddings, tokens = encode_captions(self.encoder, [g[3] for g in good])
+            if self.text_meta is None:
+                self.text_meta = encoder_info(self.text_spec, self.encoder, embeddings[0], tokens)
+        for j, (index, image, label, caption, attributes, png) in enumerate(good):
+            members = {}
+            if latents is not None:
+                members["latent.npy"] = encode_npy(latents[j])
+            else:
+                members["png"] = png if png is not None else encode_png(image)
+            if label is not None:
+                members["cls"] = encode_cls(label)
+            if caption is not None:
+                members["txt"] = encode_txt(caption)
+            if attributes is not None:
+                members["json"] = encode_json(attributes)
+            if embeddings is not None:
+                for ext, array in embeddings[j].items():
+                    members[ext] = encode_npy(array)
+            writer.write(f"{int(index):08d}", members)
+            names = set(members)
+            self.fields = names if self.fields is None else self.fields & names

@@ -1,0 +1,87 @@
+"""Shard addresses: brace patterns, globs, local paths, `pipe:` commands and http(s) URLs.
+
+`expand_shards` turns what a user wrote into a list of URLs and fails at once, with one line, when
+nothing matches or local shards are missing. `open_shard` opens one URL for streaming.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO, Sequence
+
+from harness.data.errors import DataError
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(REMOTE_PREFIXES)
+
+
+def local_path(url: str) -> str:
+    return url[len("file:"):] if url.startswith("file:") else url
+
+
+def expand_shards(shards: str | os.PathLike | Sequence[str], split: str = "train") -> list[str]:
+    """URLs of `shards`: a brace pattern ("data/train-{000000..000009}.tar"), a glob, a list of
+    either, a `pipe:`/http(s) URL, or a dataset folder (its manifest's `split`)."""
+    from harness.config import shard_urls
+
+    if isinstance(shards, (str, os.PathLike)):
+        text = os.fspath(shards)
+        if not is_remote(text) and os.path.isdir(local_path(text)):
+            return _folder_shards(local_path(text), split)
+        patterns = [text]
+    else:
+        patterns = [os.fspath(p) for p in shards]
+    if not patterns or not all(patterns):
+        raise DataError("no shards given")
+    urls, missing = [], []
+    for pattern in patterns:
+        found, lost = shard_urls(pattern)
+        if not found and not lost:
+            raise DataError(f"no shard matches {pattern!r}")
+        urls += found
+        missing += lost
+    if missing:
+        total = len(urls) + len(missing)
+        if total == 1:
+            raise DataError(f"{missing[0]}: no such shard or dataset folder")
+        raise DataError(f"{len(missing)} of {total} shards do not exist (first: {missing[0]})")
+    return urls
+
+
+def _folder_shards(folder: str, split: str) -> list[str]:
+    from harness.data.manifest import read_manifest, split_paths
+
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        paths = split_paths(folder, manifest, split)
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise DataError(f"{len(missing)} of {len(paths)} {split} shards listed in {folder}/dataset.json "
+                            f"do not exist (first: {missing[0]})")
+        return paths
+    paths = sorted(str(p) for p in Path(folder).glob(f"{split}-*.tar"))
+    if not paths:
+        raise DataError(f"{folder}: no dataset.json and no {split}-*.tar shards")
+    return paths
+
+
+def open_shard(url: str, bufsize: int = 1 << 20) -> BinaryIO:
+    """A binary stream of one shard: a local file, or webdataset's gopen for pipe:/http(s)/cloud URLs."""
+    if not is_remote(url):
+        return open(local_path(url), "rb", buffering=bufsize)
+    from webdataset.gopen import gopen
+
+    return gopen(url, "rb", bufsize=bufsize)
+
+
+def shard_name(url: str) -> str:
+    """The file name of a shard URL (for manifest look-ups and messages)."""
+    text = url
+    if text.startswith("pipe:"):
+        words = [w for w in text[5:].split() if w.endswith((".tar", ".tgz", ".tar.gz"))]
+        text = words[-1] if words else text
+    return text.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]

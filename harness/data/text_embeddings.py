@@ -1,0 +1,50 @@
+"""Precomputed text embeddings for packing, through models.text (`--text-encoder SPEC`).
+
+Per sample the shards hold `txt_tokens.npy` [L, D] fp16 — the encoder's tokens cut after the last
+real token (L <= N) — `txt_mask.npy` [L] bool and `txt_pooled.npy` [P] fp16. The loader pads tokens
+and mask back to the manifest's N.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from harness.data.errors import DataError
+
+
+def load_encoder(spec: str, device: str = "cpu"):
+    try:
+        from models.text import load_text_encoder
+    except ImportError as err:
+        raise DataError(f"--text-encoder needs models.text, which cannot be imported ({err})") from None
+    try:
+        encoder = load_text_encoder(spec, device=device)
+    except (ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"--text-encoder {spec}: {first}") from None
+    if hasattr(encoder, "eval"):
+        encoder.eval()
+    return encoder
+
+
+def encode_captions(encoder, captions: list[str]) -> tuple[list[dict[str, np.ndarray]], int]:
+    """(per caption {"txt_tokens.npy", "txt_mask.npy", "txt_pooled.npy"} with tokens trimmed, N)."""
+    import torch
+
+    with torch.inference_mode():
+        emb = encoder.encode(list(captions))
+    tokens = emb.tokens.float().cpu().numpy().astype(np.float16)
+    pooled = emb.pooled.float().cpu().numpy().astype(np.float16)
+    mask = emb.mask.cpu().numpy().astype(bool)
+    out = []
+    for i in range(len(captions)):
+        real = np.flatnonzero(mask[i])
+        length = int(real[-1]) + 1 if real.size else 0
+        out.append({"txt_tokens.npy": tokens[i, :length], "txt_mask.npy": mask[i, :length],
+                    "txt_pooled.npy": pooled[i]})
+    return out, tokens.shape[1]
+
+
+def encoder_info(spec: str, encoder, sample: dict[str, np.ndarray], tokens: int) -> dict:
+    return {"spec": spec, "tokens": int(tokens), "token_dim": int(sample["txt_tokens.npy"].shape[-1]),
+            "pooled_dim": int(sample["txt_pooled.npy"].shape[-1]), "encoder": type(encoder).__name__}

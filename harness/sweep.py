@@ -1,0 +1,243 @@
+"""`ditscale sweep STUDY`: every grid point as a Ray Tune trial; each trial a Ray Train TorchTrainer
+whose workers run harness/train.py's loop on DeepSpeed.
+
+Ray Train V2: a TorchTrainer cannot be handed to Tune; the Tune trial is a function that builds and
+fits a TorchTrainer, and TuneReportCallback forwards the workers' metrics to Tune.
+
+Resume: trials whose MLflow run says `finished` are skipped; the others resume from the DeepSpeed
+checkpoint in their trial folder. Within one invocation, a worker failure restarts the workers
+(FailureConfig) and they reload the checkpoint named by `ray.train.get_checkpoint()` — a small
+pointer to the DeepSpeed checkpoint, so gigabytes are never copied into Ray's storage.
+
+Test knob: DITSCALE_FAULT_AT_STEP=k makes rank 0 of every trial raise once at step k (a marker file in
+the trial folder makes it once), to exercise recovery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from harness.config import TrialConfig, expand_grid, load_study
+from harness.errors import UserError
+
+POINTER_FILE = "deepspeed_checkpoint.json"
+FAULT_ENV = "DITSCALE_FAULT_AT_STEP"
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+
+def plan_rows(trials: list[TrialConfig]) -> list[dict]:
+    from harness.denoiser import dataset_info
+
+    rows = []
+    for i, t in enumerate(trials):
+        fwd = dataset_info(t, need_manifest=False).forward_gflops
+        rows.append({
+            "trial": i, "trial_id": t.trial_id, "model": t.model_name,
+            "attention": t.model.attention if t.model.family == "mmdit" else "-",
+            "objective": t.objective.kind, "steps": t.train.steps, "batch": t.train.batch_size,
+            "fwd_gflops": fwd, "train_gflops": 3 * fwd * t.train.steps * t.train.batch_size,
+            "workers": t.resources.workers_per_trial,
+        })
+    return rows
+
+
+def print_plan(rows: list[dict]) -> None:
+    print(f"{'#':>3} {'trial_id':<13}{'model':<15}{'attn':<7}{'objective':<15}{'steps':>7}{'batch':>6}"
+          f"{'fwd GFLOPs':>12}{'train GFLOPs':>14}{'workers':>8}")
+    for r in rows:
+        print(f"{r['trial']:>3} {r['trial_id']:<13}{r['model']:<15}{r['attention']:<7}{r['objective']:<15}"
+              f"{r['steps']:>7}{r['batch']:>6}{r['fwd_gflops']:>12.4f}{r['train_gflops']:>14.4g}{r['workers']:>8}")
+    print("GFLOPs are multiply-adds (DiT paper convention); training compute = 3 x forward x images.")
+
+
+# --- the worker side -----------------------------------------------------------------------------
+
+
+def _worker_loop(config: dict) -> None:
+    """Runs in every Ray Train worker: the same loop as `ditscale train`, with Ray reporting."""
+    import ray.train
+
+    from harness.train import train_trial
+
+    trial = TrialConfig.model_validate(config["trial"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+
+    resume_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume_from = json.loads((Path(d) / POINTER_FILE).read_text())
+
+    def report(metrics: dict, ckpt_dir: Path | None) -> None:
+        fault_at = os.environ.get(FAULT_ENV)
+        if fault_at and rank == 0 and metrics.get("step") == float(fault_at):
+            marker = ckpt_dir.parent.parent / "fault-injected" if ckpt_dir else None
+            if marker is not None and not marker.exists():
+                marker.touch()
+                raise RuntimeError(f"{FAULT_ENV}={fault_at}: injected worker failure")
+        if ckpt_dir is not None and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / POINTER_FILE).write_text(json.dumps({"root": str(ckpt_dir.parent),
+                                                                  "tag": ckpt_dir.name}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+    result = train_trial(trial, parent_run_id=config.get("parent_run_id"), report=report,
+                         started_at=config["started_at"], resume_from=resume_from)
+    if result.status.startswith("failed"):
+        raise RuntimeError(f"trial {trial.trial_id} {result.status}")
+
+
+# --- the Tune trial ------------------------------------------------------------------------------
+
+
+def _tune_trial(config: dict) -> None:
+    """One Tune trial = one Ray Train run over the trial's workers."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial = TrialConfig.model_validate(config["trial"])
+    r = trial.resources
+    use_gpu = r.gpus_per_worker > 0
+    resources = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if use_gpu else {})
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={**config, "started_at": time.time()},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=f"{trial.name}-{trial.trial_id}",
+            storage_path=str(Path(r.storage).resolve() / "_ray"),
+            failure_config=ray.train.FailureConfig(max_failures=config.get("max_failures", 2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+
+def _start_ray(address: str | None) -> bool:
+    """Join `address`, or start an embedded local Ray on 127.0.0.1. Returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
+             configure_logging=False)
+    return True
+
+
+def _max_concurrent(trials: list[TrialConfig], requested: int | None) -> int:
+    import ray
+
+    if requested:
+        return requested
+    total = ray.cluster_resources()
+    fits = []
+    for t in trials:
+        r = t.resources
+        n = int(total.get("CPU", 0) // (r.cpus_per_worker * r.workers_per_trial))
+        if r.gpus_per_worker:
+            n = min(n, int(total.get("GPU", 0) // (r.gpus_per_worker * r.workers_per_trial)))
+        fits.append(n)
+    n = min(fits) if fits else 1
+    if n < 1:
+        t = trials[0].resources
+        raise UserError(
+            f"resources: a trial needs {t.workers_per_trial} workers x {t.cpus_per_worker} CPU"
+            f"{f' + {t.gpus_per_worker} GPU' if t.gpus_per_worker else ''}; the Ray cluster has {dict(total)}")
+    return n
+
+
+def run_sweep(config_path: str, overrides: list[str] = (), address: str | None = None, dry_run: bool = False,
+              max_concurrent: int | None = None, report: bool = True) -> dict:
+    study = load_study(config_path, overrides)
+    trials = expand_grid(study)
+    rows = plan_rows(trials)
+    print_plan(rows)
+    if dry_run:
+        return {"planned": len(trials), "ran": 0}
+
+    from harness.tracking import check_tracking_uri, resolve_tracking_uri, sweep_state
+
+    uri = resolve_tracking_uri(study.tracking.uri)
+    check_tracking_uri(uri)
+    state = sweep_state(uri, study.name, trials)
+    todo = [t for t in trials if state.get(t.trial_id) != "finished"]
+    skipped = len(trials) - len(todo)
+    if skipped:
+        print(f"{skipped} of {len(trials)} trials already finished (MLflow says so): skipping them")
+
+    from harness.tracking import close_parent_run, open_parent_run
+
+    parent = open_parent_run(uri, study, trials)
+    started_ray = False
+    statuses = {}
+    try:
+        if todo:
+            started_ray = _start_ray(address)
+            statuses = _run_tune(study, todo, parent, max_concurrent or study.resources.max_concurrent_trials)
+    finally:
+        final = sweep_state(uri, study.name, trials)
+        close_parent_run(uri, parent, trials, final)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    report_path = None
+    if report:
+        report_path = _write_report(uri, study.name, parent)
+    print(f"\nMLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   (experiment {study.name!r})")
+    if report_path:
+        print(f"Report: {report_path}")
+    failed = [tid for tid, s in final.items() if s != "finished"]
+    return {"planned": len(trials), "ran": len(todo), "skipped": skipped, "parent_run_id": parent,
+            "failed": failed, "statuses": statuses, "report": report_path}
+
+
+def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, max_concurrent: int | None) -> dict:
+    from ray import tune
+
+    concurrent = _max_concurrent(todo, max_concurrent)
+    space = {"trial": tune.grid_search([t.model_dump(mode="json") for t in todo]),
+             "parent_run_id": parent_run_id}
+    # The Tune trial itself only waits on its TorchTrainer: it must not hold a CPU the workers need.
+    trainable = tune.with_resources(_tune_trial, {"CPU": 0})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=f"{study.name}-sweep",
+            storage_path=str(Path(study.resources.storage).resolve() / "_ray"),
+            failure_config=tune.FailureConfig(max_failures=1),
+            verbose=1,
+        ),
+    )
+    results = tuner.fit()
+    return {r.config["trial"]["name"] + ":" + TrialConfig.model_validate(r.config["trial"]).trial_id:
+            ("error" if r.error else "ok") for r in results}
+
+
+def _write_report(uri: str, experiment: str, parent_run_id: str):
+    try:
+        from analysis.report import build_report
+    except ImportError:
+        return None
+    return build_report(uri, experiment, parent_run_id=parent_run_id)

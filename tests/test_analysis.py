@@ -1,0 +1,510 @@
+"""analysis/: MLflow -> pandas, power-law fits, figures and the generated report.
+
+Synthetic sweeps are logged into a real SQLite MLflow store with the layout harness/tracking.py
+and harness/train.py write (parent run tagged ditscale.sweep; child runs with trial_id, family,
+size, patch, objective, attention, model, ditscale.status, mlflow.parentRunId; the flattened config
+as params; per-step metrics including samples_seen and train_gflops), then read back by analysis.
+
+`check_report(tracking_uri, experiment, out_dir)` is the reusable part: it builds the report of any
+study and asserts every file exists and was logged to the sweep's parent run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import runs, scaling
+
+# DiT paper, Table 4: forward GFLOPs (multiply-adds) at 256 px; parameter counts (millions)
+DIT_GFLOPS = {("S", 8): 0.36, ("S", 4): 1.41, ("S", 2): 6.06, ("B", 8): 1.42, ("B", 4): 5.56, ("B", 2): 23.01,
+              ("L", 8): 5.01, ("L", 4): 19.70, ("L", 2): 80.71, ("XL", 8): 7.39, ("XL", 4): 29.05, ("XL", 2): 118.64}
+DIT_PARAMS_M = {"S": 33.0, "B": 130.0, "L": 458.0, "XL": 675.0}
+BATCH = 256
+
+# the law the synthetic loss follows: y = E + A * C^(-alpha), C = training GFLOPs (multiply-adds)
+TRUE_ALPHA, TRUE_E = 0.3, 0.1
+TRUE_A = 2.0 * (3 * 0.36 * BATCH * 2000) ** TRUE_ALPHA  # reducible part 2.0 at the smallest compute
+
+
+# --- a synthetic sweep in real MLflow -------------------------------------------------------------
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def log_synthetic_sweep(uri: str, experiment: str, configs: list[dict], loss_fn, fd_fn=None, n_logs: int = 6,
+                        n_evals: int = 3, seed: int = 0, params_metric: bool = False,
+                        artifact_root: Path | None = None) -> dict:
+    """Log one sweep: a parent run and one child run per config, the way the harness does.
+
+    configs: dicts with family, size, patch, attention, objective, steps, gflops (forward, per image)
+    and optionally params. loss_fn(cfg, step, compute, rng) -> loss; fd_fn likewise for the stand-in
+    Fréchet distance (fd_lenet, per CFG scale). Returns {"parent": run_id, "runs": {trial_id: run_id}}."""
+    from mlflow.entities import Metric, Param
+
+    c = _client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else c.create_experiment(
+        experiment, artifact_location=(artifact_root / experiment).as_uri() if artifact_root else None)
+    rng = np.random.default_rng(seed)
+    parent = c.create_run(exp_id, tags={"ditscale.sweep": "true", "mlflow.runName": f"sweep-{experiment}"}).info.run_id
+    c.log_batch(parent, params=[Param("grid", json.dumps({"model.size": sorted({x["size"] for x in configs})})),
+                                Param("n_trials", str(len(configs)))])
+    out, status = {}, []
+    for cfg in configs:
+        family, attention = cfg["family"], cfg.get("attention", "joint")
+        model = f"DiT-{cfg['size']}/{cfg['patch']}" if family == "dit" else f"MMDiT-{cfg['size']}/{cfg['patch']}"
+        flat = {"name": experiment, "data.image_size": "32", "data.channels": "4", "model.family": family,
+                "model.size": cfg["size"], "model.patch": str(cfg["patch"]), "model.attention": attention,
+                "model.qk_norm": "", "objective.kind": cfg.get("objective", "ddpm"), "train.steps": str(cfg["steps"]),
+                "train.batch_size": str(BATCH), "train.lr": "0.0001", "train.betas": "[0.9, 0.999]",
+                "train.precision": "bf16", "eval.cfg_scale": "[1.0, 1.5]", "eval.feature_extractor": "auto",
+                "tracking.uri": ""}
+        trial_id = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+        tags = {"family": family, "size": cfg["size"], "patch": str(cfg["patch"]),
+                "objective": flat["objective.kind"], "attention": attention if family == "mmdit" else "",
+                "model": model, "trial_id": trial_id, "ditscale.status": "running", "mlflow.parentRunId": parent,
+                "mlflow.runName": f"{model}-{trial_id[:6]}"}
+        run_id = c.create_run(exp_id, tags=tags).info.run_id
+        c.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
+        steps = np.unique(np.linspace(cfg["steps"] / n_logs, cfg["steps"], n_logs).round().astype(int))
+        evals = set(steps[-n_evals:].tolist()) if n_evals else set()
+        now = int(time.time() * 1000)
+        batch = [Metric("startup_s", 3.0, now, 1)]
+        if params_metric:
+            batch.append(Metric("params", cfg["params"], now, 0))
+        for step in steps:
+            samples = float(step * BATCH)
+            compute = 3 * cfg["gflops"] * samples
+            m = {"loss": loss_fn(cfg, step, compute, rng), "lr": 1e-4, "grad_norm": 1.0, "img_per_s": 100.0,
+                 "tflops": 1.0, "data_wait_frac": 0.01, "corrupt_samples": 0.0, "samples_seen": samples,
+                 "train_gflops": compute, "step": float(step)}
+            if step in evals:
+                m["val_loss"] = loss_fn(cfg, step, compute, rng)
+                if fd_fn is not None:
+                    for cfg_scale in (1.0, 1.5):
+                        m[f"fd_lenet_cfg{cfg_scale}"] = fd_fn(cfg, step, compute, rng) / cfg_scale
+                    m["kid"] = fd_fn(cfg, step, compute, rng) / 100
+            batch += [Metric(k, float(v), now, int(step)) for k, v in m.items()]
+        for i in range(0, len(batch), 900):
+            c.log_batch(run_id, metrics=batch[i:i + 900])
+        c.set_tag(run_id, "ditscale.status", "finished")
+        c.set_terminated(run_id, "FINISHED")
+        out[trial_id] = run_id
+        status.append({"trial_id": trial_id, "model": model, "status": "finished"})
+    c.log_text(parent, json.dumps(status), "trial_status.json")
+    c.set_terminated(parent, "FINISHED")
+    return {"parent": parent, "runs": out, "experiment_id": exp_id}
+
+
+def _law_loss(cfg, step, compute, rng):
+    return (TRUE_E + TRUE_A * compute ** -TRUE_ALPHA) * (1 + 0.01 * rng.standard_normal())
+
+
+def _law_configs() -> list[dict]:
+    """DiT S/B/L/XL x patch 2/4/8 x two training lengths: 24 trials over 3.5 decades of compute."""
+    return [{"family": "dit", "size": s, "patch": p, "steps": steps, "gflops": g, "params": DIT_PARAMS_M[s] * 1e6}
+            for (s, p), g in DIT_GFLOPS.items() for steps in (2000, 20000)]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    return {"uri": f"sqlite:///{root / 'mlflow.db'}", "root": root}
+
+
+@pytest.fixture(scope="module")
+def law_sweep(store):
+    info = log_synthetic_sweep(store["uri"], "law", _law_configs(), _law_loss, n_logs=4, n_evals=1, seed=0,
+                               artifact_root=store["root"])
+    return store["uri"], "law", info
+
+
+# --- runs.py ------------------------------------------------------------------------------------
+
+
+def test_load_trials_one_row_per_trial_with_config_and_compute(law_sweep):
+    uri, exp, info = law_sweep
+    trials = runs.load_trials(uri, exp)
+    assert len(trials) == 24 and trials["trial_id"].is_unique
+    assert set(trials["trial_id"]) == set(info["runs"])
+    row = trials[(trials["size"] == "B") & (trials["patch"] == 4) & (trials["train.steps"] == 20000)].iloc[0]
+    assert row["family"] == "dit" and row["arch"] == "dit" and row["status"] == "finished"
+    assert row["model.size"] == "B" and row["model.patch"] == 4 and row["train.batch_size"] == BATCH
+    assert row["forward_gflops"] == pytest.approx(5.56)  # train_gflops / samples_seen / 3
+    assert row["train_gflops"] == pytest.approx(3 * 5.56 * BATCH * 20000)
+    assert row["steps"] == 20000 and np.isnan(row["params"])  # not logged here
+    assert row["best_loss"] <= row["final_loss"] and "final_val_loss" in trials
+
+    h = runs.load_histories(uri, exp, keys=["loss", "train_gflops"])
+    assert list(h.columns[:5]) == ["run_id", "trial_id", "key", "step", "value"]
+    assert set(h["key"]) == {"loss", "train_gflops"} and len(h) == 24 * 4 * 2
+
+
+def test_newest_run_of_a_trial_wins_and_parent_filter(store):
+    uri = store["uri"]
+    cfgs = [{"family": "dit", "size": s, "patch": 4, "steps": 100, "gflops": DIT_GFLOPS[(s, 4)]} for s in ("S", "B")]
+    first = log_synthetic_sweep(uri, "rerun", cfgs, _law_loss, n_logs=2, n_evals=0)
+    time.sleep(0.01)
+    second = log_synthetic_sweep(uri, "rerun", cfgs[:1], _law_loss, n_logs=2, n_evals=0)
+    all_trials = runs.load_trials(uri, "rerun")
+    assert len(all_trials) == 2
+    tid = next(iter(second["runs"]))
+    assert all_trials.set_index("trial_id").loc[tid, "run_id"] == second["runs"][tid]
+    only_second = runs.load_trials(uri, "rerun", parent_run_id=second["parent"])
+    assert list(only_second["trial_id"]) == [tid]
+    assert runs.find_parent_run(uri, "rerun") == second["parent"]
+    assert len(runs.load_trials(uri, "rerun", parent_run_id=first["parent"])) == 2
+    with pytest.raises(LookupError, match="no MLflow experiment"):
+        runs.load_trials(uri, "no-such-study")
+
+
+def test_fd_metric_names():
+    assert runs.describe_fd_metric("fid")["is_fid"]
+    d = runs.describe_fd_metric("fd_lenet_cfg1.5")
+    assert d["extractor"] == "lenet" and d["cfg"] == 1.5 and not d["is_fid"] and "not FID" in d["name"]
+    assert runs.describe_fd_metric("fd_dinov2_vitb14")["extractor"] == "dinov2_vitb14"
+    assert runs.describe_fd_metric("loss") is None
+    assert runs.primary_fd_metric(["loss", "fd_lenet_cfg1.0", "fd_lenet_cfg1.5"])["key"] == "fd_lenet_cfg1.5"
+    assert runs.primary_fd_metric(["fid_cfg1.5", "fd_lenet", "fid"])["key"] == "fid"
+
+
+def test_default_tracking_uri(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert runs.default_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert runs.default_tracking_uri() == "http://127.0.0.1:5000"
+    assert runs.default_tracking_uri("sqlite:///rel.db") == f"sqlite:///{tmp_path / 'rel.db'}"
+
+
+# --- scaling.py ---------------------------------------------------------------------------------
+
+def test_power_law_recovered_from_mlflow_runs(law_sweep):
+    uri, exp, _ = law_sweep
+    trials = runs.load_trials(uri, exp)
+    (gf,) = scaling.fit_groups(trials, "train_gflops", "final_val_loss", by=["arch"], bootstrap=1000, seed=0)
+    fit = gf.fit
+    print(f"\nalpha: true {TRUE_ALPHA}, fitted {fit.alpha:.4f} {fit.alpha_ci}; E: true {TRUE_E}, fitted {fit.E:.4f} "
+          f"{fit.E_ci}; A: true {TRUE_A:.4g}, fitted {fit.A:.4g}; R2 {fit.r2:.5f}; n {fit.n}")
+    assert fit.ok and fit.warning is None and fit.n == 24
+    assert abs(fit.alpha / TRUE_ALPHA - 1) < 0.03
+    assert fit.alpha_ci[0] <= TRUE_ALPHA <= fit.alpha_ci[1]
+    assert fit.E_ci[0] <= TRUE_E <= fit.E_ci[1] and fit.A_ci[0] <= fit.A <= fit.A_ci[1]
+    assert fit.r2 > 0.99
+    x = np.array(fit.x_range)
+    lo, hi = fit.band(x)
+    assert np.all(lo <= fit.predict(x)) and np.all(fit.predict(x) <= hi)
+
+
+def test_two_point_grid_gives_a_warning_not_a_fit():
+    fit = scaling.fit_power_law([1e9, 1e10], [0.5, 0.4])
+    assert not fit.ok and "under-determined" in fit.warning
+    assert np.isnan(fit.alpha) and np.isnan(fit.A) and np.isnan(fit.E) and fit.alpha_ci is None
+    # three points cannot fix three parameters (E, A, alpha) either; they can fix a pure power law
+    assert "under-determined" in scaling.fit_power_law([1, 10, 100], [3.0, 2.0, 1.5]).warning
+    assert scaling.fit_power_law([1, 10, 100], [3.0, 1.5, 0.75], irreducible=False, bootstrap=50).ok
+    noisy = scaling.fit_power_law(np.logspace(0, 3, 8), [1, 3, 0.5, 2, 0.7, 4, 1, 2])
+    assert not noisy.ok and "poor fit" in noisy.warning
+
+
+def test_frontier_and_compute_optimal_size():
+    """Chinchilla-like curves L = E + A N^-a + B D^-b with C ∝ N D: N_opt ∝ C^(b / (a + b)) = C^0.5."""
+    rows = []
+    for n in np.logspace(7, 10, 7):
+        d = np.logspace(6, 12, 40)
+        loss = 1.0 + 400 * n ** -0.35 + 400 * d ** -0.35
+        rows.append(pd.DataFrame({"trial_id": f"n{n:.0f}", "compute": 3 * n * d, "value": loss}))
+    curves = pd.concat(rows)
+    size = pd.Series({f"n{n:.0f}": n for n in np.logspace(7, 10, 7)})
+    fr = scaling.compute_frontier(curves, size, bootstrap=100)
+    assert len(fr.envelope) > 50 and (np.diff(fr.envelope["value"]) <= 1e-12).all()
+    assert fr.optimal_size_fit is not None and fr.optimal_size_fit.ok, fr.note
+    assert fr.optimal_size_fit.a == pytest.approx(0.5, abs=0.05)
+    # two sizes cannot locate an optimum: the frontier says so instead of fitting
+    two = scaling.compute_frontier(curves[curves["trial_id"].isin(size.index[:2])], size[:2], bootstrap=10)
+    assert two.optimal_size_fit is None and "needs at least 3 sizes" in two.note
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+def check_report(tracking_uri: str, experiment: str, out_dir: Path, parent_run_id: str | None = None,
+                 expect_figures: list[str] | None = None, **kw) -> Path:
+    """Build the report of a study and assert it is complete: index.html, report.md, the PNGs it
+    references, trials.csv/.parquet (one row per trial) — all logged under report/ to the sweep's
+    parent run. Reusable for a real sweep: check_report(uri, "smoke", tmp_path / "report")."""
+    from analysis.report import ARTIFACT_DIR, build_report
+
+    index = build_report(tracking_uri, experiment, parent_run_id=parent_run_id, out_dir=out_dir, **kw)
+    assert index == Path(out_dir) / "index.html" and index.is_file()
+    html = index.read_text()
+    md = (index.parent / "report.md").read_text()
+    assert "the analysis stopped early" not in md, md.split("## Notes")[-1]
+    pngs = sorted(p.name for p in index.parent.glob("*.png"))
+    assert pngs, "the report has no figure"
+    for name in pngs:
+        assert f"src='{name}'" in html and f"]({name})" in md
+        assert (index.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in expect_figures or []:
+        assert name in pngs, f"{name} missing; notes: {md.split('## Notes')[-1][:2000]}"
+    assert "http://" not in html.replace(tracking_uri, "") and "https://" not in html and "<script" not in html
+    trials = pd.read_csv(index.parent / "trials.csv")
+    assert len(trials) == len(runs.load_trials(tracking_uri, experiment, parent_run_id)) > 0
+    assert len(pd.read_parquet(index.parent / "trials.parquet")) == len(trials)
+    assert "multiply-adds" in html and "multiply-adds" in md
+    parent = parent_run_id or runs.find_parent_run(tracking_uri, experiment)
+    assert parent, "no sweep parent run to log the report to"
+    logged = {Path(a.path).name for a in _client(tracking_uri).list_artifacts(parent, ARTIFACT_DIR)}
+    missing = {"index.html", "report.md", "trials.csv", "trials.parquet", *pngs} - logged
+    assert not missing, f"not logged to the parent run: {missing}"
+    return index
+
+
+def _chinchilla_loss(cfg, step, compute, rng):
+    d = step * BATCH
+    return (0.2 + 3.0 * cfg["gflops"] ** -0.3 + 20.0 * d ** -0.3) * (1 + 0.005 * rng.standard_normal())
+
+
+def _fd(cfg, step, compute, rng):
+    return (5.0 + 400.0 * compute ** -0.15) * (1 + 0.01 * rng.standard_normal())
+
+
+def _report_configs() -> list[dict]:
+    dit = [{"family": "dit", "size": s, "patch": p, "steps": 4000, "gflops": DIT_GFLOPS[(s, p)],
+            "params": DIT_PARAMS_M[s] * 1e6} for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
+    mm = [{"family": "mmdit", "size": "d12", "patch": 2, "attention": a, "objective": "ddpm", "steps": 4000,
+           "gflops": 26.0 if a == "joint" else 30.0, "params": 150e6} for a in ("joint", "split")]
+    return dit + mm
+
+
+@pytest.fixture(scope="module")
+def report_sweep(store):
+    info = log_synthetic_sweep(store["uri"], "report-study", _report_configs(), _chinchilla_loss, _fd, n_logs=8,
+                               n_evals=4, seed=1, params_metric=True, artifact_root=store["root"])
+    return store["uri"], "report-study", info
+
+
+@pytest.fixture(scope="module")
+def built_report(report_sweep, tmp_path_factory):
+    uri, exp, info = report_sweep
+    out = tmp_path_factory.mktemp("report") / exp
+    expect = ["loss_vs_steps_by_size.png", "loss_vs_steps_by_patch.png", "fd_lenet_cfg1.5_vs_steps_by_size.png",
+              "fd_lenet_cfg1.5_vs_steps_by_patch.png", "fd_lenet_cfg1.5_vs_compute.png", "fit_loss_vs_compute.png",
+              "fit_loss_vs_compute_by_patch.png", "fit_loss_vs_params.png", "fit_loss_vs_params_by_patch.png",
+              "fit_fd_lenet_cfg1.5_vs_forward_gflops.png", "frontier_dit.png", "dit_vs_mmdit.png"]
+    index = check_report(uri, exp, out, expect_figures=expect, bootstrap=200)
+    _keep_artifacts(out)
+    return index, info
+
+
+def test_report_renders_every_figure_and_states_conventions(built_report):
+    index, info = built_report
+    html, md = index.read_text(), (index.parent / "report.md").read_text()
+    for text in (html, md):
+        assert "3 × forward" in text and "fd_lenet_cfg1.5" in text and "stand-in" in text
+        assert "validation loss" in text and "α" in text
+        assert "FID vs" not in text  # only a stand-in Fréchet distance was logged: never called FID
+    fits = json.loads((index.parent / "fits.json").read_text())
+    loss_vs_compute = [f for f in fits if f["relation"] == "loss vs training compute" and f["group"] == "arch=dit"]
+    assert loss_vs_compute and loss_vs_compute[0]["fitted"] and loss_vs_compute[0]["alpha_ci"]
+    # each MM-DiT variant is a single trial: its laws are reported as under-determined, not fitted
+    mm = [f for f in fits if f["group"].startswith("arch=mmdit")]
+    assert mm and all(not f["fitted"] and "under-determined" in f["warning"] for f in mm if f["n"] < 4)
+    assert "under-determined" in html and "under-determined" in md
+
+
+def test_report_cli(store, tmp_path, monkeypatch):
+    from harness.cli import main
+
+    uri = store["uri"]
+    cfgs = [{"family": "dit", "size": s, "patch": 8, "steps": 300, "gflops": DIT_GFLOPS[(s, 8)]} for s in ("S", "B")]
+    info = log_synthetic_sweep(uri, "cli-study", cfgs, _law_loss, n_logs=3, n_evals=1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the default when --tracking-uri is not given
+    out = tmp_path / "cli-report"
+    assert main(["report", "--experiment", "cli-study", "--parent-run", info["parent"], "--out", str(out)]) == 0
+    assert (out / "index.html").is_file() and (out / "trials.parquet").is_file()
+    assert main(["report", "--experiment", "no-such-study", "--tracking-uri", uri, "--out", str(tmp_path / "x")]) == 2
+
+
+def test_report_without_evaluation_or_second_architecture(store, tmp_path):
+    """Figures whose data are absent are skipped with a note; a 2-point grid warns instead of fitting."""
+    cfgs = [{"family": "dit", "size": s, "patch": 4, "steps": 500, "gflops": DIT_GFLOPS[(s, 4)]} for s in ("S", "B")]
+    log_synthetic_sweep(store["uri"], "tiny", cfgs, _law_loss, n_logs=3, n_evals=0)
+    index = check_report(store["uri"], "tiny", tmp_path / "tiny", bootstrap=50)
+    md = (index.parent / "report.md").read_text()
+    assert "under-determined" in md and "no fid or fd_<extractor> metric was logged" in md
+    assert "single architecture" in md and not (index.parent / "dit_vs_mmdit.png").exists()
+
+
+# --- the HTML in a real browser -------------------------------------------------------------------
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _keep_artifacts(folder: Path) -> None:
+    dest = os.environ.get("DITSCALE_ARTIFACTS")
+    if dest:
+        shutil.copytree(folder, Path(dest) / folder.name, dirs_exist_ok=True)
+
+
+class _CDP:
+    """Chrome DevTools Protocol over --remote-debugging-pipe (fd 3: to the browser, fd 4: from it)."""
+
+    def __init__(self, binary: str, profile: Path):
+        import fcntl
+
+        def high(fd: int) -> int:  # move a child-side pipe end above 9, clear of fds 3 and 4
+            moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+            os.close(fd)
+            return moved
+
+        self._to_r, self._to_w = os.pipe()
+        self._from_r, self._from_w = os.pipe()
+        self._to_r, self._from_w = high(self._to_r), high(self._from_w)
+        args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-extensions", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+                "--remote-debugging-pipe", "--window-size=1280,2000", "about:blank"]
+
+        # the browser reads fd 3 and writes fd 4: let a shell put the pipe ends there
+        shell = f'exec "$0" "$@" 3<&{self._to_r} 4>&{self._from_w} {self._to_r}<&- {self._from_w}>&-'
+        profile.mkdir(parents=True, exist_ok=True)
+        self.log = profile.parent / "chromium-stderr.log"  # a file, so a chatty browser never blocks on a pipe
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(["bash", "-c", shell, *args], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=log, pass_fds=(self._to_r, self._from_w))
+        os.close(self._to_r)
+        os.close(self._from_w)
+        self._buf = b""
+        self._id = 0
+        self.events: list[dict] = []
+
+    def _read_message(self, deadline: float) -> dict:
+        import select
+
+        while b"\0" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no answer from chromium")
+            ready, _, _ = select.select([self._from_r], [], [], left)
+            if ready:
+                chunk = os.read(self._from_r, 1 << 20)
+                if not chunk:
+                    raise RuntimeError("chromium closed the pipe: " + self.log.read_text(errors="replace")[-2000:])
+                self._buf += chunk
+        msg, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 30):
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._to_w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._read_message(deadline)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+            self.events.append(reply)
+
+    def wait_for(self, method: str, timeout: float = 30) -> dict:
+        for i, ev in enumerate(self.events):
+            if ev.get("method") == method:
+                return self.events.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            ev = self._read_message(deadline)
+            if ev.get("method") == method:
+                return ev
+            self.events.append(ev)
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=5)
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._to_w)
+        os.close(self._from_r)
+
+
+def test_report_html_loads_in_headless_chromium(built_report, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    index, _ = built_report
+    browser = _CDP(binary, tmp_path / "profile")
+    try:
+        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log"):
+            browser.send(f"{domain}.enable", session=session)
+        browser.send("Emulation.setDeviceMetricsOverride",
+                     {"width": 1280, "height": 2000, "deviceScaleFactor": 1, "mobile": False}, session=session)
+        browser.send("Page.navigate", {"url": index.resolve().as_uri()}, session=session)
+        browser.wait_for("Page.loadEventFired")
+        images = browser.send("Runtime.evaluate", {
+            "expression": "JSON.stringify(Array.from(document.images).map(i => [i.getAttribute('src'), "
+                          "i.complete && i.naturalWidth > 0]))", "returnByValue": True}, session=session)
+        shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False},
+                            session=session)
+        title = browser.send("Runtime.evaluate", {"expression": "document.title", "returnByValue": True},
+                             session=session)["result"]["value"]
+    finally:
+        browser.close()
+    import base64
+
+    screenshot = tmp_path / "report-screenshot.png"
+    screenshot.write_bytes(base64.b64decode(shot["data"]))
+    _keep_artifacts_file(screenshot)
+    errors = [ev for ev in browser.events if ev.get("method") == "Runtime.exceptionThrown"
+              or (ev.get("method") == "Runtime.consoleAPICalled" and ev["params"]["type"] in ("error", "assert"))
+              or (ev.get("method") == "Log.entryAdded" and ev["params"]["entry"]["level"] == "error")]
+    assert not errors, json.dumps(errors, indent=1)[:4000]
+    loaded = json.loads(images["result"]["value"])
+    assert loaded and all(ok for _, ok in loaded), f"images that did not load: {[s for s, ok in loaded if not ok]}"
+    assert len(loaded) == len(list(index.parent.glob("*.png")))
+    assert title == "Scaling report: report-study"
+    assert screenshot.stat().st_size > 10_000
+    print(f"\nscreenshot: {screenshot}")
+
+
+def _keep_artifacts_file(path: Path) -> None:
+    dest = os.environ.get("DITSCALE_ARTIFACTS")
+    if dest:
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, Path(dest) / path.name)
+
+
+def test_analysis_imports_neither_torch_nor_harness():
+    code = ("import sys, analysis.runs, analysis.scaling, analysis.plots, analysis.report; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'harness', 'models')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
