@@ -105,6 +105,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     result = run_sweep(args.config, args.set, address=args.address, dry_run=args.dry_run,
                        max_concurrent=args.max_concurrent, report=not args.no_report)
+    if result.get("stopped"):
+        return 3  # stopped on request (stop file / Slurm warning signal): resumable
     return 1 if result.get("failed") else 0
 
 

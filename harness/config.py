@@ -137,6 +137,12 @@ class TrialConfig(_Section):
             self.data.conditioning = "text" if self.model.family == "mmdit" else "class"
         if self.model.learn_sigma is None:
             self.model.learn_sigma = self.objective.kind == "ddpm"
+        # Local paths are anchored at the working directory of the command that read the study:
+        # Ray workers run elsewhere (their own working folders, other nodes of a shared filesystem).
+        self.data.shards = absolute_path(self.data.shards)
+        if self.data.val_shards:
+            self.data.val_shards = absolute_path(self.data.val_shards)
+        self.resources.storage = absolute_path(self.resources.storage)
         return self
 
     # --- derived values -------------------------------------------------------------------
@@ -375,6 +381,14 @@ def check_trial(trial: TrialConfig, check_files: bool = True) -> list[str]:
 
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+
+
+def absolute_path(pattern: str) -> str:
+    """A local path or brace pattern made absolute (against the working directory); URLs unchanged."""
+    if pattern.startswith(REMOTE_PREFIXES) or "://" in pattern:
+        return pattern
+    local = pattern[len("file:"):] if pattern.startswith("file:") else pattern
+    return local if os.path.isabs(local) else os.path.normpath(os.path.join(os.getcwd(), local))
 
 
 def shard_urls(pattern: str) -> tuple[list[str], list[str]]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from harness.conditioning import (CaptionDenoiser, Conditioner, TextGeometry, build_word_encoder,
+                                  text_geometry)
 from harness.config import REMOTE_PREFIXES, TrialConfig, shard_urls
 from harness.errors import UserError
 from models.flops import count_model
@@ -23,6 +25,8 @@ class DatasetInfo:
     kind: str  # pixels | latents
     manifest: dict = field(default_factory=dict)
     forward_gflops: float = 0.0
+    params: int = 0
+    text: TextGeometry | None = None  # MM-DiT: the text tokens it reads
 
 
 def read_manifest(pattern: str) -> dict:
@@ -35,31 +39,59 @@ def read_manifest(pattern: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def dataset_info(trial: TrialConfig, need_manifest: bool = True) -> DatasetInfo:
+def dataset_info(trial: TrialConfig, need_manifest: bool = True, frozen_encoder=None) -> DatasetInfo:
     """need_manifest=False (planning, dry runs): tolerate absent shards and fall back to 1000 classes."""
     manifest = read_manifest(trial.data.shards)
     num_classes = trial.data.num_classes or manifest.get("num_classes") or (None if need_manifest else 1000)
     if trial.data.conditioning == "class" and not num_classes:
         raise UserError("data.num_classes: not set, and no dataset.json beside data.shards says it")
+    if need_manifest:
+        _check_geometry(trial, manifest)
     kind = manifest.get("kind", "pixels")
+    text = None
+    if trial.model.family == "mmdit":
+        text = text_geometry(trial, manifest, frozen_encoder) if need_manifest or trial.data.text_encoder != \
+            "precomputed" else TextGeometry(77, 768, 768)
     count = count_model(trial.model_name, input_size=trial.data.image_size, in_channels=trial.data.channels,
-                        **_count_kwargs(trial, num_classes))
-    return DatasetInfo(num_classes=num_classes, kind=kind, manifest=manifest, forward_gflops=count.gflops)
+                        **_count_kwargs(trial, num_classes, text))
+    return DatasetInfo(num_classes=num_classes, kind=kind, manifest=manifest, forward_gflops=count.gflops,
+                       params=count.params, text=text)
 
 
-def _count_kwargs(trial: TrialConfig, num_classes: int | None) -> dict:
+def _check_geometry(trial: TrialConfig, manifest: dict) -> None:
+    shape = manifest.get("sample_shape")
+    if not shape:
+        return
+    channels, height = int(shape[0]), int(shape[1])
+    if trial.data.channels != channels:
+        raise UserError(f"data.channels: {trial.data.channels}, but the shards hold {channels}-channel samples")
+    if trial.data.image_size != height:
+        raise UserError(f"data.image_size: {trial.data.image_size}, but the shards hold {height}x{height} samples")
+
+
+def _count_kwargs(trial: TrialConfig, num_classes: int | None, text: TextGeometry | None) -> dict:
     if trial.model.family == "dit":
         return {"num_classes": num_classes, "learn_sigma": trial.model.learn_sigma,
                 "class_dropout_prob": trial.model.class_dropout_prob}
-    return {}
+    return {"attention": trial.model.attention, "qk_norm": trial.model.qk_norm, "learn_sigma": trial.model.learn_sigma,
+            "text_tokens": text.tokens, "context_dim": text.context_dim, "pooled_dim": text.pooled_dim}
 
 
-def build_denoiser(trial: TrialConfig, info: DatasetInfo) -> nn.Module:
+def build_denoiser(trial: TrialConfig, info: DatasetInfo, device, frozen_encoder=None) -> tuple[nn.Module, Conditioner]:
+    """(the module DeepSpeed trains, the batch -> model-input converter that goes with it)."""
     from models.registry import build_model
 
     m, d = trial.model, trial.data
     if m.family == "dit":
-        return build_model(trial.model_name, input_size=d.image_size, in_channels=d.channels,
-                           num_classes=info.num_classes, learn_sigma=m.learn_sigma,
+        module = build_model(trial.model_name, input_size=d.image_size, in_channels=d.channels,
+                             num_classes=info.num_classes, learn_sigma=m.learn_sigma,
+                             class_dropout_prob=m.class_dropout_prob)
+        return module, Conditioner(trial, device)
+    backbone = build_model(trial.model_name, input_size=d.image_size, in_channels=d.channels,
+                           context_dim=info.text.context_dim, pooled_dim=info.text.pooled_dim,
+                           attention=m.attention, qk_norm=m.qk_norm, learn_sigma=m.learn_sigma,
                            class_dropout_prob=m.class_dropout_prob)
-    raise UserError(f"model.family: {m.family} training is not wired yet")
+    if d.text_encoder == "builtin":
+        words = build_word_encoder(trial)
+        return CaptionDenoiser(backbone, words, m.class_dropout_prob), Conditioner(trial, device, word_encoder=words)
+    return backbone, Conditioner(trial, device, text_encoder=frozen_encoder)

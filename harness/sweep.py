@@ -61,13 +61,19 @@ def print_plan(rows: list[dict]) -> None:
 
 def _worker_loop(config: dict) -> None:
     """Runs in every Ray Train worker: the same loop as `ditscale train`, with Ray reporting."""
+    print(f"DEBUGT worker entry {time.time() - config['started_at']:.1f}", flush=True)
     import ray.train
 
     from harness.train import train_trial
+    print(f"DEBUGT worker imports {time.time() - config['started_at']:.1f}", flush=True)
 
     trial = TrialConfig.model_validate(config["trial"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    probe = Path(config["storage_probe"])
+    if not probe.is_file():
+        raise UserError(f"resources.storage: {trial.resources.storage} is not visible from worker node "
+                        f"{os.uname().nodename} (no {probe.name}); use a filesystem shared by all Ray nodes")
 
     resume_from = None
     checkpoint = ray.train.get_checkpoint()
@@ -96,6 +102,25 @@ def _worker_loop(config: dict) -> None:
         raise RuntimeError(f"trial {trial.trial_id} {result.status}")
 
 
+def _storage_probe(trial: TrialConfig, parent_run_id: str) -> Path:
+    """A file the driver writes into the study's storage folder; workers that cannot read it are on
+    a node that does not share the filesystem (the trial folders must be shared)."""
+    folder = Path(trial.resources.storage) / trial.name
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".sweep-{parent_run_id}"
+    probe.write_text(parent_run_id)
+    return probe
+
+
+def _process_start_time() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # psutil missing or /proc unreadable: from now
+        return time.time()
+
+
 # --- the Tune trial ------------------------------------------------------------------------------
 
 
@@ -105,13 +130,15 @@ def _tune_trial(config: dict) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    print(f"DEBUGT tune fn entry {time.time() - _process_start_time():.1f}", flush=True)
     trial = TrialConfig.model_validate(config["trial"])
     r = trial.resources
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if use_gpu else {})
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={**config, "started_at": time.time()},
+        # The trial starts when Tune starts its actor process (the trial's own start-up included).
+        train_loop_config={**config, "started_at": _process_start_time()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
                                                resources_per_worker=resources),
@@ -136,11 +163,19 @@ def _start_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=_runtime_env())
         return False
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
-             configure_logging=False)
+             configure_logging=False, runtime_env=_runtime_env())
     return True
+
+
+def _runtime_env() -> dict:
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
+    out = {"env_vars": env}
+    if os.environ.get("DITSCALE_PRELOAD", "0") == "1":
+        out["worker_process_setup_hook"] = "harness.ray_preload.preload"
+    return out
 
 
 def _max_concurrent(trials: list[TrialConfig], requested: int | None) -> int:
@@ -178,6 +213,8 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
 
     uri = resolve_tracking_uri(study.tracking.uri)
     check_tracking_uri(uri)
+    for t in trials:  # workers log where the driver looked (not into a database in their own folder)
+        t.tracking.uri = uri
     state = sweep_state(uri, study.name, trials)
     todo = [t for t in trials if state.get(t.trial_id) != "finished"]
     skipped = len(trials) - len(todo)
@@ -185,14 +222,20 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
         print(f"{skipped} of {len(trials)} trials already finished (MLflow says so): skipping them")
 
     from harness.tracking import close_parent_run, open_parent_run
+    from harness.train import stop_file
 
+    stop = stop_file(trials[0])
+    if stop.exists():
+        print(f"removing the stop request {stop} left by an earlier invocation")
+        stop.unlink()
     parent = open_parent_run(uri, study, trials)
+    probe = _storage_probe(trials[0], parent)
     started_ray = False
     statuses = {}
     try:
         if todo:
             started_ray = _start_ray(address)
-            statuses = _run_tune(study, todo, parent, max_concurrent or study.resources.max_concurrent_trials)
+            statuses = _run_tune(study, todo, parent, probe, max_concurrent or study.resources.max_concurrent_trials)
     finally:
         final = sweep_state(uri, study.name, trials)
         close_parent_run(uri, parent, trials, final)
@@ -206,19 +249,24 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
     print(f"\nMLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   (experiment {study.name!r})")
     if report_path:
         print(f"Report: {report_path}")
-    failed = [tid for tid, s in final.items() if s != "finished"]
+    unfinished = [tid for tid, s in final.items() if s != "finished"]
+    stopped = stop.exists() and any(final.get(tid) == "killed" for tid in unfinished)
+    if stopped:
+        print(f"stopped on request ({stop}): run the same command again to resume")
     return {"planned": len(trials), "ran": len(todo), "skipped": skipped, "parent_run_id": parent,
-            "failed": failed, "statuses": statuses, "report": report_path}
+            "failed": [] if stopped else unfinished, "stopped": stopped, "statuses": statuses,
+            "report": report_path}
 
 
-def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, max_concurrent: int | None) -> dict:
+def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, max_concurrent: int | None) -> dict:
     from ray import tune
 
     concurrent = _max_concurrent(todo, max_concurrent)
     space = {"trial": tune.grid_search([t.model_dump(mode="json") for t in todo]),
-             "parent_run_id": parent_run_id}
-    # The Tune trial itself only waits on its TorchTrainer: it must not hold a CPU the workers need.
-    trainable = tune.with_resources(_tune_trial, {"CPU": 0})
+             "parent_run_id": parent_run_id, "storage_probe": str(probe)}
+    # The Tune trial itself only waits on its TorchTrainer: it must not hold a CPU the workers need
+    # (Tune refuses an all-zero request, so it asks for a token 1 MiB of memory instead).
+    trainable = tune.with_resources(_tune_trial, {"CPU": 0, "memory": 1024**2})
     tuner = tune.Tuner(
         trainable,
         param_space=space,

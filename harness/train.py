@@ -41,6 +41,12 @@ def trial_dir(trial: TrialConfig) -> Path:
     return Path(trial.resources.storage).resolve() / trial.name / trial.trial_id
 
 
+def stop_file(trial: TrialConfig) -> Path:
+    """Creating this file asks every running trial of the study to checkpoint and stop (Slurm's
+    warning signal, a user's Ctrl-C on the sweep): the trials end as `killed` and resume later."""
+    return Path(trial.resources.storage).resolve() / trial.name / "STOP"
+
+
 class _StopFlag:
     """SIGTERM/SIGUSR1 (Slurm's warning signal, a preempting scheduler) -> checkpoint and stop cleanly."""
 
@@ -110,7 +116,10 @@ def train_trial(
     from models.objectives import build_objective
 
     started_at = started_at or time.time()
+    phases = _Phases(started_at)
+    phases.mark("worker")
     dist = setup_distributed(use_gpu=trial.resources.gpus_per_worker > 0)
+    phases.mark("process_group")
     folder = trial_dir(trial)
     ckpt_root = folder / CHECKPOINTS
     if dist.is_main:
@@ -118,10 +127,17 @@ def train_trial(
 
     # Identical initial weights on every rank; per-rank randomness (noise, timesteps) after.
     _seed_everything(trial.train.seed)
-    info = dataset_info(trial)
+    frozen = None
+    if trial.data.conditioning == "text" and trial.data.text_encoder not in ("builtin", "precomputed"):
+        from harness.conditioning import load_frozen_encoder
+
+        frozen = load_frozen_encoder(trial, dist.device)
+    info = dataset_info(trial, frozen_encoder=frozen)
     objective = build_objective_for(trial, build_objective)
-    denoiser = build_denoiser(trial, info)
+    denoiser, conditioner = build_denoiser(trial, info, dist.device, frozen_encoder=frozen)
+    phases.mark("model")
     engine, _, scheduler = build_engine(denoiser, trial, dist.world_size)
+    phases.mark("deepspeed")
     _register_input_cast(engine.module)
     gather = _zero3_gather if trial.train.zero_stage == 3 else None
     ema = EMA(engine.module, decay=trial.train.ema_decay, warmup=trial.train.ema_warmup, gather=gather)
@@ -134,10 +150,12 @@ def train_trial(
         if path is not None:
             step, samples_seen = client["step"], client["samples_seen"]
             run_id, resumes = client.get("run_id"), client.get("resumes", 0) + 1
-            ema.load_state_dict(torch.load(Path(path) / "ema.pt", weights_only=True, map_location="cpu"))
+            tag_dir = Path(path).parent if Path(path).is_file() else Path(path)  # DeepSpeed returns a file
+            ema.load_state_dict(torch.load(tag_dir / "ema.pt", weights_only=True, map_location="cpu"))
             _set_rng_state(client["rng"][dist.rank] if dist.rank < len(client["rng"]) else client["rng"][0])
     if step == 0:
         _seed_everything(trial.train.seed * 1000 + dist.rank + 1)
+    phases.mark("resume")
 
     logger = None
     if dist.is_main:
@@ -146,9 +164,12 @@ def train_trial(
         uri = resolve_tracking_uri(trial.tracking.uri)
         run_id = open_trial_run(trial, uri, run_id=run_id, parent_run_id=parent_run_id)
         logger = RunLogger(uri, run_id, system_metrics=trial.tracking.system_metrics)
+        # Model size as metrics, so analysis can fit loss against parameters and compute.
+        logger.log_metrics({"params": float(info.params), "forward_gflops": info.forward_gflops}, step)
     run_id = broadcast_object(run_id)
+    phases.mark("mlflow")
 
-    batches = TrainBatches(trial, info, dist, resume_count=resumes)
+    batches = TrainBatches(trial, conditioner, dist, resume_count=resumes)
     stop = _StopFlag()
     stop.install()
     flops_per_image = 3 * 2 * info.forward_gflops * 1e9  # training FLOPs: 3 x forward, 2 per multiply-add
@@ -158,7 +179,7 @@ def train_trial(
         status, step, samples_seen, last = _loop(
             trial, dist, engine, scheduler, ema, objective, batches, logger, ckpt_root, report, stop,
             should_stop, step, samples_seen, run_id, resumes, flops_per_image, peak, info.forward_gflops,
-            started_at,
+            phases,
         )
     except Exception as err:
         status = f"failed: {type(err).__name__}: {err}"
@@ -169,6 +190,30 @@ def train_trial(
         if logger is not None:
             logger.close(status)
     return TrialResult(status, step, run_id, last, last.get("startup_s", 0.0))
+
+
+class _Phases:
+    """Where a trial's start-up time goes: wall-clock seconds from `started_at` to each mark."""
+
+    def __init__(self, started_at: float):
+        self.started_at, self.marks = started_at, {}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.time() - self.started_at
+
+    def total(self) -> float:
+        return max(self.marks.values())
+
+    def metrics(self) -> dict[str, float]:
+        out, previous = {"startup_s": self.total()}, 0.0
+        for name, at in self.marks.items():
+            out[f"startup_{name}_s"] = at - previous  # duration of the phase that ended at this mark
+            previous = at
+        return out
+
+    def summary(self) -> str:
+        parts = [f"{k[len('startup_'):-2]} {v:.1f}" for k, v in self.metrics().items() if k != "startup_s"]
+        return f"{self.total():.1f} s (" + ", ".join(parts) + ")"
 
 
 def build_objective_for(trial: TrialConfig, build_objective):
@@ -203,8 +248,10 @@ def _register_input_cast(module: torch.nn.Module) -> None:
 
 
 def _loop(trial, dist: DistInfo, engine, scheduler, ema, objective, batches, logger, ckpt_root, report, stop,
-          should_stop, step, samples_seen, run_id, resumes, flops_per_image, peak, forward_gflops, started_at):
+          should_stop, step, samples_seen, run_id, resumes, flops_per_image, peak, forward_gflops,
+          phases: "_Phases"):
     t = trial.train
+    stop_path = stop_file(trial)
     accumulation = engine.gradient_accumulation_steps()
     global_batch = t.batch_size
     loss_sum = torch.zeros((), device=dist.device)
@@ -213,13 +260,14 @@ def _loop(trial, dist: DistInfo, engine, scheduler, ema, objective, batches, log
     window_samples = 0
     last: dict = {}
     first_step_done = False
-    startup_s = None
     engine.train()
     while step < t.steps:
         for _ in range(accumulation):
             wait_start = time.perf_counter()
             x0, cond = batches.next()
             data_wait += time.perf_counter() - wait_start
+            if not first_step_done:
+                phases.mark("first_batch")
             loss = objective.loss(engine, x0, cond)
             engine.backward(loss)
             engine.step()
@@ -231,12 +279,16 @@ def _loop(trial, dist: DistInfo, engine, scheduler, ema, objective, batches, log
         ema.update(engine.module)
         if not first_step_done:
             first_step_done = True
-            startup_s = time.time() - started_at
-            last["startup_s"] = startup_s
+            phases.mark("first_step")
+            last["startup_s"] = phases.total()
             if logger is not None:
-                logger.log_metrics({"startup_s": startup_s}, step)
+                logger.log_metrics(phases.metrics(), step)
+                print(f"[{trial.model_name} {trial.trial_id[:6]}] start-up {phases.summary()}", flush=True)
 
-        stopping = stop.requested or (should_stop is not None and should_stop())
+        # Stop requests (signal, stop file, caller) are agreed on by all ranks at log intervals,
+        # where the loop syncs with the host anyway.
+        stopping = step % t.log_every == 0 and _stop_requested(
+            stop_path, dist, stop.requested or (should_stop is not None and should_stop()))
         log_now = step % t.log_every == 0 or step == t.steps or stopping
         ckpt_now = step % t.checkpoint_every == 0 or step == t.steps or stopping
         if log_now:
@@ -277,6 +329,19 @@ def _loop(trial, dist: DistInfo, engine, scheduler, ema, objective, batches, log
         if stopping:
             return "killed", step, samples_seen, last
     return "finished", step, samples_seen, last
+
+
+def _stop_requested(path: Path, dist: DistInfo, local: bool) -> bool:
+    """Every rank must agree, or one would wait forever in the next collective: the ranks' views
+    (a signal may reach one rank first; rank 0 looks at the file) are all-reduced."""
+    import torch.distributed as tdist
+
+    seen = float(local or (dist.is_main and path.exists()))
+    if dist.world_size == 1:
+        return bool(seen)
+    flag = torch.tensor([seen], device=dist.device)
+    tdist.all_reduce(flag)
+    return bool(flag.item())
 
 
 def _save_checkpoint(engine, ema, dist: DistInfo, root: Path, step, samples_seen, run_id, resumes) -> Path:

@@ -1,0 +1,185 @@
+"""One trial on real DeepSpeed (gloo, CPU), logged to a real MLflow: `ditscale train` alone and under
+torchrun, ZeRO-2 and ZeRO-3, kill and resume, determinism, SQLite and an HTTP tracking server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ditscale, tiny_study, write_study
+
+
+def _runs(uri: str, experiment: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} at {uri}"
+    return client, client.search_runs([exp.experiment_id], filter_string="tags.trial_id != ''")
+
+
+def _loss_history(client, run_id: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+
+
+def _checkpoints(storage: Path, name: str) -> list[str]:
+    return sorted(p.name for p in storage.glob(f"{name}/*/checkpoints/step-*"))
+
+
+def _torchrun(study: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "harness.cli", "train", str(study), *extra]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True, timeout=900)
+    assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_torchrun_two_ranks_loss_falls_and_checkpoints(tmp_path, digits_dir, stage):
+    name = f"zero{stage}"
+    study = write_study(tmp_path / "s.yaml", tiny_study(
+        digits_dir, name, train={"zero_stage": stage, "steps": 30}, resources={"workers_per_trial": 2}))
+    _torchrun(study, tmp_path)
+    client, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", name)
+    assert len(runs) == 1, "rank 0 alone logs: exactly one run"
+    run = runs[0]
+    history = _loss_history(client, run.info.run_id)
+    assert [s for s, _ in history] == [5, 10, 15, 20, 25, 30]
+    first, last = history[0][1], history[-1][1]
+    assert last < 0.7 * first, f"loss did not fall: {history}"
+    assert run.data.tags["ditscale.status"] == "finished" and run.info.status == "FINISHED"
+    assert _checkpoints(tmp_path / "runs", name) == ["step-00000010", "step-00000020", "step-00000030"]
+    ckpt = next((tmp_path / "runs").glob(f"{name}/*/checkpoints/step-00000030"))
+    assert (ckpt / "ema.pt").is_file()
+    # ZeRO partitions optimizer state per rank: one file per rank in the DeepSpeed checkpoint.
+    assert len(list(ckpt.glob("*optim_states.pt"))) == 2
+    m = run.data.metrics
+    assert m["samples_seen"] == 30 * 32 and m["train_gflops"] > 0 and m["img_per_s"] > 0
+    assert 0 <= m["data_wait_frac"] <= 1 and m["corrupt_samples"] == 0 and m["startup_s"] > 0
+    assert m["params"] > 0 and m["forward_gflops"] > 0 and m["grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_kill_and_resume_continues_the_same_run(tmp_path, digits_dir):
+    name = "resume"
+    study = write_study(tmp_path / "s.yaml", tiny_study(
+        digits_dir, name, train={"steps": 300, "checkpoint_every": 10, "log_every": 5}))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", str(study)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not _checkpoints(tmp_path / "runs", name) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _checkpoints(tmp_path / "runs", name), "no checkpoint appeared"
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no clean shutdown: as a crash or an OOM kill
+        proc.wait()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, runs = _runs(uri, name)
+    assert len(runs) == 1 and runs[0].data.tags["ditscale.status"] == "running"
+    resumed_from = int(_checkpoints(tmp_path / "runs", name)[-1].split("-")[1])
+    assert resumed_from < 300
+
+    out = ditscale("train", str(study), cwd=tmp_path).stdout
+    assert "finished at step 300" in out
+    client, runs = _runs(uri, name)
+    assert len(runs) == 1, "resuming must continue the trial's run, not open a second one"
+    steps = [s for s, _ in _loss_history(client, runs[0].info.run_id)]
+    after = [s for s in steps if s > resumed_from]
+    assert after and after[0] == resumed_from + 5 and steps[-1] == 300, steps
+    assert runs[0].data.tags["ditscale.status"] == "finished"
+
+
+@pytest.mark.slow
+def test_same_seed_same_loss_history(tmp_path, digits_dir):
+    histories = []
+    for i in range(2):
+        folder = tmp_path / f"run{i}"
+        folder.mkdir()
+        study = write_study(folder / "s.yaml", tiny_study(digits_dir, "det", train={"steps": 15}))
+        ditscale("train", str(study), cwd=folder)
+        client, runs = _runs(f"sqlite:///{folder / 'mlflow.db'}", "det")
+        histories.append(_loss_history(client, runs[0].info.run_id))
+    assert len(histories[0]) == 3
+    assert histories[0] == histories[1]
+
+
+@pytest.mark.slow
+def test_http_tracking_server(tmp_path, digits_dir):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not come up in 120 s")
+        study = write_study(tmp_path / "s.yaml", tiny_study(digits_dir, "served", train={"steps": 10},
+                                                            tracking={"uri": uri}))
+        ditscale("train", str(study), cwd=tmp_path)
+        client, runs = _runs(uri, "served")
+        assert len(runs) == 1
+        run = runs[0]
+        assert not (tmp_path / "mlflow.db").exists(), "nothing may be logged to the default SQLite file"
+        tags = run.data.tags
+        assert {tags["family"], tags["size"], tags["patch"], tags["objective"]} == {"dit", "XXS", "4", "ddpm"}
+        assert len(tags["trial_id"]) == 12
+        assert run.data.params["model.size"] == "XXS" and run.data.params["train.batch_size"] == "32"
+        assert [s for s, _ in _loss_history(client, run.info.run_id)] == [5, 10]
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+        assert "config.yaml" in artifacts
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, digits_dir):
+    study = write_study(tmp_path / "s.yaml", tiny_study(digits_dir, "nowhere",
+                                                        tracking={"uri": f"http://127.0.0.1:{_free_port()}"}))
+    t0 = time.time()
+    proc = ditscale("train", str(study), cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "tracking.uri" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists(), "nothing may start when the server is unreachable"
+    assert time.time() - t0 < 30
+
+
+def test_sqlite_default_params_identical_keys_across_trials(tmp_path, digits_dir):
+    """Flattened params: the same keys for every trial of a study (so the MLflow UI compares them)."""
+    from harness.config import expand_grid, load_study
+
+    study = write_study(tmp_path / "s.yaml", {**tiny_study(digits_dir, "keys"),
+                                              "grid": {"model": [{"family": "dit", "size": "XXS"},
+                                                                 {"family": "mmdit", "size": "d2"}],
+                                                       "train.lr": [1e-3, 3e-4]}})
+    trials = expand_grid(load_study(study))
+    keys = {tuple(sorted(t.flat_params())) for t in trials}
+    assert len(trials) == 4 and len(keys) == 1
+    assert len({t.trial_id for t in trials}) == 4
