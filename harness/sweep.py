@@ -10,7 +10,7 @@ checkpoint in their trial folder. Within one invocation, a worker failure restar
 pointer to the DeepSpeed checkpoint, so gigabytes are never copied into Ray's storage.
 
 Test knob: DITSCALE_FAULT_AT_STEP=k makes rank 0 of every trial raise once at step k (a marker file in
-the trial folder makes it once), to exercise recovery.
+the trial folder makes it once), to exercise recovery; `k:ID` limits it to trials whose id starts with ID.
 """
 
 from __future__ import annotations
@@ -61,11 +61,9 @@ def print_plan(rows: list[dict]) -> None:
 
 def _worker_loop(config: dict) -> None:
     """Runs in every Ray Train worker: the same loop as `ditscale train`, with Ray reporting."""
-    print(f"DEBUGT worker entry {time.time() - config['started_at']:.1f}", flush=True)
     import ray.train
 
     from harness.train import train_trial
-    print(f"DEBUGT worker imports {time.time() - config['started_at']:.1f}", flush=True)
 
     trial = TrialConfig.model_validate(config["trial"])
     ctx = ray.train.get_context()
@@ -82,8 +80,9 @@ def _worker_loop(config: dict) -> None:
             resume_from = json.loads((Path(d) / POINTER_FILE).read_text())
 
     def report(metrics: dict, ckpt_dir: Path | None) -> None:
-        fault_at = os.environ.get(FAULT_ENV)
-        if fault_at and rank == 0 and metrics.get("step") == float(fault_at):
+        fault_at, _, only = os.environ.get(FAULT_ENV, "").partition(":")
+        if (fault_at and rank == 0 and metrics.get("step") == float(fault_at)
+                and trial.trial_id.startswith(only)):
             marker = ckpt_dir.parent.parent / "fault-injected" if ckpt_dir else None
             if marker is not None and not marker.exists():
                 marker.touch()
@@ -130,7 +129,6 @@ def _tune_trial(config: dict) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    print(f"DEBUGT tune fn entry {time.time() - _process_start_time():.1f}", flush=True)
     trial = TrialConfig.model_validate(config["trial"])
     r = trial.resources
     use_gpu = r.gpus_per_worker > 0
@@ -228,24 +226,27 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
     if stop.exists():
         print(f"removing the stop request {stop} left by an earlier invocation")
         stop.unlink()
-    parent = open_parent_run(uri, study, trials)
-    probe = _storage_probe(trials[0], parent)
-    started_ray = False
-    statuses = {}
-    try:
-        if todo:
+    parent, statuses, final = None, {}, state
+    if todo:  # nothing to train: no Ray, no parent run, nothing written but the report
+        parent = open_parent_run(uri, study, trials)
+        probe = _storage_probe(trials[0], parent)
+        started_ray = False
+        try:
             started_ray = _start_ray(address)
             statuses = _run_tune(study, todo, parent, probe, max_concurrent or study.resources.max_concurrent_trials)
-    finally:
-        final = sweep_state(uri, study.name, trials)
-        close_parent_run(uri, parent, trials, final)
-        if started_ray:
-            import ray
+        finally:
+            final = sweep_state(uri, study.name, trials)
+            close_parent_run(uri, parent, trials, final)
+            probe.unlink(missing_ok=True)
+            if started_ray:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+    else:
+        print("nothing to train")
     report_path = None
     if report:
-        report_path = _write_report(uri, study.name, parent)
+        report_path = _write_report(uri, study.name)
     print(f"\nMLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   (experiment {study.name!r})")
     if report_path:
         print(f"Report: {report_path}")
@@ -283,9 +284,9 @@ def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, m
             ("error" if r.error else "ok") for r in results}
 
 
-def _write_report(uri: str, experiment: str, parent_run_id: str):
-    try:
-        from analysis.report import build_report
-    except ImportError:
-        return None
-    return build_report(uri, experiment, parent_run_id=parent_run_id)
+def _write_report(uri: str, experiment: str):
+    """Every trial of the study (the newest run of each, whichever invocation trained it); the report
+    is logged to the newest sweep parent run."""
+    from analysis.report import build_report
+
+    return build_report(uri, experiment)

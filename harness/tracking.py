@@ -115,6 +115,8 @@ def open_trial_run(trial, uri: str, run_id: str | None = None, parent_run_id: st
         run_id = existing.info.run_id if existing else None
     if run_id is not None:
         c.set_tag(run_id, STATUS_TAG, "running")
+        if parent_run_id:  # resumed by a later sweep invocation: listed under that sweep now
+            c.set_tag(run_id, PARENT_TAG, parent_run_id)
         return run_id
     tags = trial_tags(trial) | {STATUS_TAG: "running", "mlflow.runName": _run_name(trial)}
     if parent_run_id:
@@ -170,6 +172,10 @@ class RunLogger:
         self.set_tag(STATUS_TAG, status)
         terminal = "FINISHED" if status == "finished" else ("KILLED" if status == "killed" else "FAILED")
         self.client.set_terminated(self.run_id, terminal)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        """A PIL image or uint8 array (e.g. a sample grid) as a PNG artifact of the run."""
+        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
 
 def _start_system_metrics(uri: str, run_id: str):
