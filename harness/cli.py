@@ -12,7 +12,6 @@ import sys
 
 from harness.errors import UserError  # noqa: F401  (re-exported for sub-command modules)
 
-
 def _cmd_models(args: argparse.Namespace) -> int:
     from harness.model_table import print_model_table
 
@@ -36,6 +35,20 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if not args.model and not args.data:
+        raise UserError("bench: name a model preset (e.g. DiT-S/2) and/or give --data DIR")
+    for folder in args.data:
+        from harness.data import DataError
+        from harness.data.throughput import format_throughput, measure_loader_throughput
+
+        try:
+            result = measure_loader_throughput(folder, args.data_batch, seconds=args.data_seconds,
+                                               num_workers=args.data_workers)
+        except DataError as err:
+            raise UserError(f"--data {folder}: {err}") from None
+        print(f"{folder}: {format_throughput(result)}")
+    if not args.model:
+        return 0
     from harness.bench import run_bench
 
     run_bench(
@@ -47,8 +60,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time training steps (forward+backward+AdamW) of one model")
-    p.add_argument("model", help="preset name, e.g. DiT-S/2")
+    p = sub.add_parser("bench", help="time training steps of a model (vs diffusers) and/or the data loader")
+    p.add_argument("model", nargs="?", default=None, help="preset name, e.g. DiT-S/2")
+    p.add_argument("--data", action="append", default=[], metavar="DIR",
+                   help="packed dataset folder: print loader samples/s per process (repeatable: latents, pixels)")
+    p.add_argument("--data-batch", type=int, default=256, help="loader batch size for --data")
+    p.add_argument("--data-workers", type=int, default=0, help="DataLoader worker processes for --data")
+    p.add_argument("--data-seconds", type=float, default=5.0, help="how long to stream each --data folder")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=3)

@@ -43,6 +43,10 @@ def setup_distributed(use_gpu: bool) -> DistInfo:
                           LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     import deepspeed
 
+    if not cuda:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (about a minute the first
+        # time, a second or two to load after): CPU runs are tests and smoke studies, gloo is enough.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

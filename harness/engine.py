@@ -60,12 +60,43 @@ def build_engine(module: nn.Module, trial: TrialConfig, world_size: int):
     import deepspeed
 
     t = trial.train
+    if t.activation_checkpointing:
+        checkpoint_blocks(module)
     params = [p for p in module.parameters() if p.requires_grad]
-    fused = torch.cuda.is_available() and next(module.parameters()).is_cuda
+    # DeepSpeed moves the module to the GPU in place, so the optimizer may be built before that.
+    fused = torch.cuda.is_available() and trial.resources.gpus_per_worker > 0
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
                                   **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(trial))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(trial, world_size),
     )
+    if t.zero_stage == 3:
+        _register_borrowed_parameters(engine.module)
     return engine, optimizer, scheduler
+
+
+def _register_borrowed_parameters(module: nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters when that module is called. nn.MultiheadAttention (inside
+    the built-in text encoder's TransformerEncoderLayer) reads its `out_proj` weights without calling
+    `out_proj`, so DeepSpeed must be told to gather them with the attention module."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for child in module.modules():
+        if isinstance(child, nn.MultiheadAttention):
+            for param in (child.out_proj.weight, child.out_proj.bias):
+                if param is not None:
+                    register_external_parameter(child, param)
+
+
+def checkpoint_blocks(module: nn.Module) -> int:
+    """Turn on activation checkpointing in every DiT/MM-DiT inside `module` (their blocks' activations
+    are recomputed in the backward pass instead of stored). Returns the number of models switched."""
+    switched = 0
+    for child in module.modules():
+        if hasattr(child, "grad_checkpointing"):
+            child.grad_checkpointing = True
+            switched += 1
+    if not switched:
+        raise ValueError(f"train.activation_checkpointing: {type(module).__name__} does not support it")
+    return switched

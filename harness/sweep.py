@@ -61,7 +61,12 @@ def print_plan(rows: list[dict]) -> None:
 
 def _worker_loop(config: dict) -> None:
     """Runs in every Ray Train worker: the same loop as `ditscale train`, with Ray reporting."""
+    import logging
+
     import ray.train
+
+    # Ray Train logs every report and checkpoint at INFO; the loop prints its own line per interval.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     from harness.train import train_trial
 
@@ -111,13 +116,22 @@ def _storage_probe(trial: TrialConfig, parent_run_id: str) -> Path:
     return probe
 
 
-def _process_start_time() -> float:
-    try:
-        import psutil
+_trials_in_this_process = 0
 
-        return psutil.Process().create_time()
-    except Exception:  # psutil missing or /proc unreadable: from now
-        return time.time()
+
+def _trial_start_time() -> float:
+    """When this Tune trial began: its actor process's start for the first trial of the process,
+    else now (Tune reuses trial actors)."""
+    global _trials_in_this_process
+    _trials_in_this_process += 1
+    if _trials_in_this_process == 1:
+        try:
+            import psutil
+
+            return psutil.Process().create_time()
+        except Exception:  # psutil missing or /proc unreadable
+            pass
+    return time.time()
 
 
 # --- the Tune trial ------------------------------------------------------------------------------
@@ -136,7 +150,7 @@ def _tune_trial(config: dict) -> None:
     trainer = TorchTrainer(
         _worker_loop,
         # The trial starts when Tune starts its actor process (the trial's own start-up included).
-        train_loop_config={**config, "started_at": _process_start_time()},
+        train_loop_config={**config, "started_at": _trial_start_time()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
                                                resources_per_worker=resources),
@@ -154,26 +168,48 @@ def _tune_trial(config: dict) -> None:
 # --- the driver ----------------------------------------------------------------------------------
 
 
+# Ray Train V2 starts several helper actors per trial, each a fresh Python process (about a second of
+# CPU apiece before it does anything). These switches drop the ones a ditscale trial does not use:
+# the preemption watcher (node draining on autoscaled clouds; Slurm preemption goes through the stop
+# file instead), the metrics callbacks (Prometheus export) and the per-trial working directory
+# (paths are absolute already). The controller polls its workers every 2 s by default; 0.2 s lets a
+# short trial start and end sooner.
+_RAY_TRAIN_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+}
+
+
+def _runtime_env() -> dict:
+    env = {k: os.environ.get(k, v) for k, v in _RAY_TRAIN_ENV.items()}
+    out = {"env_vars": env}
+    if os.environ.get("DITSCALE_PRELOAD", "0") == "1":
+        out["worker_process_setup_hook"] = "harness.ray_preload.preload"
+    return out
+
+
 def _start_ray(address: str | None) -> bool:
     """Join `address`, or start an embedded local Ray on 127.0.0.1. Returns True if we started it."""
+    for key, value in _runtime_env()["env_vars"].items():
+        os.environ.setdefault(key, value)  # the driver-side Tune/Train code reads them too
+    if not address:
+        # Ray resolves 127.0.0.1 to the machine's routable address unless it believes clusters are
+        # off (its laptop mode): that keeps the embedded Ray on the loopback interface.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
+    import ray._private.ray_constants as ray_constants
 
     if ray.is_initialized():
         return False
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=_runtime_env())
         return False
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
              configure_logging=False, runtime_env=_runtime_env())
     return True
-
-
-def _runtime_env() -> dict:
-    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
-    out = {"env_vars": env}
-    if os.environ.get("DITSCALE_PRELOAD", "0") == "1":
-        out["worker_process_setup_hook"] = "harness.ray_preload.preload"
-    return out
 
 
 def _max_concurrent(trials: list[TrialConfig], requested: int | None) -> int:
@@ -271,7 +307,7 @@ def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, m
     tuner = tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=False),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"{study.name}-sweep",
             storage_path=str(Path(study.resources.storage).resolve() / "_ray"),

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from .layers import (Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate,
+                     run_block)
 
 
 class DiTBlock(nn.Module):
@@ -70,6 +71,7 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
     ):
         super().__init__()
+        self.grad_checkpointing = False  # activation checkpointing of the blocks while training
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if height % patch_size or width % patch_size:
             raise ValueError(f"patch size {patch_size} does not divide the input size {height}x{width}")
@@ -135,7 +137,7 @@ class DiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
-            x = block(x, c)
+            x = run_block(block, self.grad_checkpointing and self.training, x, c)
         x = self.final_layer(x, c)
         return self.unpatchify(x)
 

@@ -184,3 +184,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def run_block(block: nn.Module, checkpointed: bool, *args):
+    """block(*args), or with activation checkpointing: recomputed in the backward pass instead of
+    stored. The block is called through `__call__` both times, so module hooks (DeepSpeed ZeRO-3
+    gathers partitioned parameters in them) run for the recomputation too."""
+    if checkpointed:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block.__call__, *args, use_reentrant=False)
+    return block(*args)

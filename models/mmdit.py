@@ -54,7 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Mlp, PatchEmbed, PooledEmbedder, RMSNorm, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from .layers import (Mlp, PatchEmbed, PooledEmbedder, RMSNorm, TimestepEmbedder, get_2d_sincos_pos_embed, modulate,
+                     run_block)
 
 ATTENTION_VARIANTS = ("joint", "split")
 QK_NORMS = (None, "rms_norm")
@@ -302,6 +303,7 @@ class MMDiT(nn.Module):
         class_dropout_prob: float = 0.0,
     ):
         super().__init__()
+        self.grad_checkpointing = False  # activation checkpointing of the blocks while training
         if attention not in ATTENTION_VARIANTS:
             raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
         if qk_norm not in QK_NORMS:
@@ -440,12 +442,14 @@ class MMDiT(nn.Module):
             keep = (torch.rand(x.shape[0], device=x.device) >= self.class_dropout_prob).to(context.dtype)
             context = context * keep[:, None, None]
             pooled = pooled * keep[:, None].to(pooled.dtype)
-        x = self.x_embedder(x) + self.position_embedding(h, w)
+        x = self.x_embedder(x)
+        # The table is a buffer: engines that cast parameters to bf16 (DeepSpeed) leave it in fp32.
+        x = x + self.position_embedding(h, w).to(x.dtype)
         y = self.t_embedder(t) + self.y_embedder(pooled)
         c = self.context_embedder(context)
         masks = self.attention_masks(context_mask, x.shape[1], self.attention)
         for block in self.blocks:
-            x, c = block(x, c, y, masks)
+            x, c = run_block(block, self.grad_checkpointing and self.training, x, c, y, masks)
         x = self.final_layer(x, y)
         return self.unpatchify(x, h, w)
 

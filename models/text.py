@@ -247,7 +247,10 @@ class WordEncoder(nn.Module):
         self.max_length = max_length
         self.config = {"dim": dim, "max_length": max_length, "layers": layers, "heads": heads}
         self.embed = nn.Embedding(len(self.vocab), dim, padding_idx=0)
-        self.pos = nn.Parameter(torch.zeros(1, max_length, dim))
+        # Learned positions as a module (not a bare Parameter): DeepSpeed ZeRO-3 gathers partitioned
+        # weights around module calls, and a bare parameter of this module would not be re-gathered
+        # for the backward pass (the module returns a dataclass, which its hooks cannot see into).
+        self.pos = nn.Embedding(max_length, dim)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
                                        norm_first=True)
@@ -255,7 +258,7 @@ class WordEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
         nn.init.normal_(self.embed.weight, std=0.02)
-        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
         with torch.no_grad():
             self.embed.weight[0].zero_()
 
@@ -299,7 +302,7 @@ class WordEncoder(nn.Module):
         return ids, ids != 0
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEmbeddings:
-        h = self.embed(ids) + self.pos[:, : ids.shape[1]]
+        h = self.embed(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
         pad = ~mask
         for layer in self.layers:
             h = layer(h, src_key_padding_mask=pad)

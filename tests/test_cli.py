@@ -47,3 +47,15 @@ def test_bad_model_name_is_one_clear_line():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "DiT-Q/2" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_bench_data_prints_loader_throughput(digits_dir):
+    out = ditscale("bench", "--data", str(digits_dir), "--data-seconds", "0.5", "--data-batch", "64").stdout
+    assert f"{digits_dir}: pixels 1x16x16:" in out and "samples/s per process" in out
+    rate = float(out.split("1x16x16: ")[1].split(" samples/s")[0].replace(",", ""))
+    assert rate > 0
+
+
+def test_bench_without_model_or_data_is_a_clear_error():
+    proc = ditscale("bench", check=False)
+    assert proc.returncode == 2 and "--data" in proc.stderr and "Traceback" not in proc.stderr
