@@ -11,6 +11,8 @@ import sys
 
 
 from harness.errors import UserError  # noqa: F401  (re-exported for sub-command modules)
+from harness.eval_cli import add_assets, add_eval
+
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from harness.model_table import print_model_table
@@ -177,7 +179,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditscale", description="Scaling studies of diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_models, _add_data, _add_bench, _add_train, _add_sweep, _add_report):
+    from harness.slurm import add_slurm
+
+    for add in (_add_models, _add_data, _add_bench, _add_train, _add_sweep, add_eval, _add_report, add_slurm,
+                add_assets):
         add(sub)
     return parser
 

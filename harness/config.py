@@ -95,11 +95,17 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     every: int | None = Field(None, gt=0, description="evaluate every N steps (and always at the end)")
     fid_samples: int = Field(10000, ge=0)
-    sampler: Literal["ddpm", "ddim", "euler", "heun"] = "ddpm"
+    sampler: Literal["auto", "ddpm", "ddim", "euler", "heun"] = Field(
+        "auto", description="auto: ddpm for objective ddpm, euler for rectified_flow")
     sampling_steps: int = Field(250, gt=0)
     cfg_scale: list[float] = Field(default_factory=lambda: [1.0, 1.5])
     val_batches: int = Field(4, ge=0, description="validation-loss batches (fixed timesteps and noise)")
-    feature_extractor: str = Field("auto", description="auto: Inception when present, else a named stand-in")
+    feature_extractor: Literal["auto", "inception", "lenet", "shapesdet"] = Field(
+        "auto", description="auto: Inception when its weights are present, else a named stand-in (fd_<name>)")
+    batch_size: int = Field(64, gt=0, description="images per sampling / validation batch on each worker")
+    reference_split: Literal["train", "val"] = Field("train", description="real images of the FID reference")
+    reference_samples: int | None = Field(None, gt=1, description="reference images (default: the split, <= 50,000)")
+    seed: int = Field(0, description="evaluation noise, labels and timesteps (the same for every trial)")
 
 
 class ResourcesConfig(_Section):
@@ -108,6 +114,8 @@ class ResourcesConfig(_Section):
     cpus_per_worker: float = Field(1, gt=0)
     max_concurrent_trials: int | None = Field(None, gt=0, description="default: as many as the cluster fits")
     storage: str = Field("runs", description="trial folders (checkpoints); a shared filesystem on clusters")
+    assets: str | None = Field(None, description=(
+        "offline weights (Inception for FID, VAEs) from `ditscale assets fetch`; default $DITSCALE_ASSETS"))
 
 
 class TrackingConfig(_Section):
@@ -143,6 +151,10 @@ class TrialConfig(_Section):
         if self.data.val_shards:
             self.data.val_shards = absolute_path(self.data.val_shards)
         self.resources.storage = absolute_path(self.resources.storage)
+        if self.resources.assets:
+            self.resources.assets = absolute_path(self.resources.assets)
+        if self.eval.sampler == "auto":
+            self.eval.sampler = "ddpm" if self.objective.kind == "ddpm" else "euler"
         return self
 
     # --- derived values -------------------------------------------------------------------
@@ -362,6 +374,10 @@ def check_trial(trial: TrialConfig, check_files: bool = True) -> list[str]:
     elif t.batch_size % (trial.micro_batch_size * r.workers_per_trial):
         problems.append(f"train.batch_size: {t.batch_size} is not divisible by resources.workers_per_trial "
                         f"({r.workers_per_trial}) x train.micro_batch_size ({trial.micro_batch_size})")
+    samplers = ("ddpm", "ddim") if trial.objective.kind == "ddpm" else ("euler", "heun")
+    if trial.eval.sampler not in samplers + ("auto",):
+        problems.append(f"eval.sampler: {trial.eval.sampler} does not sample {trial.objective.kind}; "
+                        f"use {' or '.join(samplers)}")
     if t.schedule != "constant" and t.warmup_steps >= t.steps:
         problems.append(f"train.warmup_steps: {t.warmup_steps} must be below train.steps ({t.steps})")
     if t.precision == "fp16" and m.family == "mmdit" and m.qk_norm is None:

@@ -193,6 +193,7 @@ def _start_system_metrics(uri: str, run_id: str):
 # --- sweeps --------------------------------------------------------------------------------------
 
 SWEEP_TAG = "ditscale.sweep"
+SLURM_JOB_TAG = "ditscale.slurm_job_id"
 
 
 def sweep_state(uri: str, experiment: str, trials) -> dict[str, str]:
@@ -220,7 +221,17 @@ def open_parent_run(uri: str, study, trials) -> str:
 
     c = client(uri)
     exp_id = experiment_id(uri, study.name)
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        # A requeued Slurm job is the same sweep invocation continuing: reuse its parent run.
+        found = c.search_runs([exp_id], filter_string=f"tags.`{SLURM_JOB_TAG}` = '{job}'", max_results=1)
+        if found:
+            from mlflow.entities import RunStatus
+
+            c.update_run(found[0].info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            return found[0].info.run_id
     run = c.create_run(exp_id, tags={SWEEP_TAG: "true", "mlflow.runName": f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                                     **({SLURM_JOB_TAG: job} if job else {}),
                                      **({"mlflow.source.git.commit": git_commit()} if git_commit() else {})})
     from mlflow.entities import Param
 
@@ -243,4 +254,6 @@ def close_parent_run(uri: str, run_id: str, trials, state: dict[str, str]) -> No
     c.log_text(run_id, "\n".join(lines) + "\n", "trial_status.md")
     done = sum(r["status"] == "finished" for r in rows)
     c.log_metric(run_id, "trials_finished", done)
-    c.set_terminated(run_id, "FINISHED" if done == len(rows) else "FAILED")
+    failed = any(r["status"].startswith("failed") for r in rows)
+    # Unfinished but not failed: stopped (stop file, Slurm's signal) or interrupted; resumable.
+    c.set_terminated(run_id, "FINISHED" if done == len(rows) else ("FAILED" if failed else "KILLED"))

@@ -101,6 +101,7 @@ def train_trial(
     started_at: float | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume_from: dict | None = None,
+    early_marks: dict[str, float] | None = None,
 ) -> TrialResult:
     """Train one trial to `train.steps`, resuming from its latest checkpoint when there is one.
 
@@ -108,7 +109,8 @@ def train_trial(
     when a checkpoint was just written) — the Ray Train worker passes `ray.train.report` through it.
     started_at is a wall-clock time (time.time()) when the trial began, for `startup_s`.
     resume_from {"root", "tag"} names a DeepSpeed checkpoint (from Ray's checkpoint pointer); without
-    it the trial folder's newest checkpoint is used, if any.
+    it the trial folder's newest checkpoint is used, if any. early_marks {phase: seconds since
+    started_at} are start-up phases the caller timed (the sweep: Tune trial actor start).
     """
     from harness.denoiser import build_denoiser, dataset_info
     from harness.trainer_data import TrainBatches
@@ -116,7 +118,7 @@ def train_trial(
     from models.objectives import build_objective
 
     started_at = started_at or time.time()
-    phases = _Phases(started_at)
+    phases = _Phases(started_at, early_marks)
     phases.mark("worker")
     dist = setup_distributed(use_gpu=trial.resources.gpus_per_worker > 0)
     phases.mark("process_group")
@@ -141,6 +143,9 @@ def train_trial(
     _register_input_cast(engine.module)
     gather = _zero3_gather if trial.train.zero_stage == 3 else None
     ema = EMA(engine.module, decay=trial.train.ema_decay, warmup=trial.train.ema_warmup, gather=gather)
+    from harness.evaluate import Evaluator
+
+    evaluator = Evaluator(trial, info, conditioner, objective, dist)
 
     # --- resume ---------------------------------------------------------------------------------
     step, samples_seen, run_id, resumes = 0, 0, None, 0
@@ -179,7 +184,7 @@ def train_trial(
         status, step, samples_seen, last = _loop(
             trial, dist, engine, scheduler, ema, objective, batches, logger, ckpt_root, report, stop,
             should_stop, step, samples_seen, run_id, resumes, flops_per_image, peak, info.forward_gflops,
-            phases,
+            phases, evaluator,
         )
     except Exception as err:
         status = f"failed: {type(err).__name__}: {err}"
@@ -195,8 +200,8 @@ def train_trial(
 class _Phases:
     """Where a trial's start-up time goes: wall-clock seconds from `started_at` to each mark."""
 
-    def __init__(self, started_at: float):
-        self.started_at, self.marks = started_at, {}
+    def __init__(self, started_at: float, early: dict[str, float] | None = None):
+        self.started_at, self.marks = started_at, dict(early or {})  # early: marks taken by the caller
 
     def mark(self, name: str) -> None:
         self.marks[name] = time.time() - self.started_at
@@ -249,7 +254,7 @@ def _register_input_cast(module: torch.nn.Module) -> None:
 
 def _loop(trial, dist: DistInfo, engine, scheduler, ema, objective, batches, logger, ckpt_root, report, stop,
           should_stop, step, samples_seen, run_id, resumes, flops_per_image, peak, forward_gflops,
-          phases: "_Phases"):
+          phases: "_Phases", evaluator=None):
     t = trial.train
     stop_path = stop_file(trial)
     accumulation = engine.gradient_accumulation_steps()
@@ -324,7 +329,26 @@ def _loop(trial, dist: DistInfo, engine, scheduler, ema, objective, batches, log
         checkpoint = None
         if ckpt_now:
             checkpoint = _save_checkpoint(engine, ema, dist, ckpt_root, step, samples_seen, run_id, resumes)
-        if report is not None and (log_now or checkpoint is not None):
+        evaluated = evaluator is not None and not stopping and evaluator.due(step, final=step == t.steps)
+        if evaluated:  # every rank: sampling is spread over them (harness/evaluate.py)
+            eval_started = time.perf_counter()
+            with ema.swapped_into(engine.module):
+                engine.module.eval()
+                try:
+                    eval_metrics, images = evaluator.run(engine.module, step)
+                finally:
+                    engine.module.train()
+            last.update(eval_metrics)
+            if logger is not None:
+                logger.log_metrics(eval_metrics, step)
+                for name, image in images.items():
+                    logger.log_image(image, name)
+                shown = {k: v for k, v in eval_metrics.items() if k.startswith(("val_loss", "fid", "fd_"))}
+                print(f"[{trial.model_name} {trial.trial_id[:6]}] eval at step {step}: "
+                      + " ".join(f"{k} {v:.4g}" for k, v in shown.items())
+                      + f" ({eval_metrics['eval_seconds']:.0f} s)", flush=True)
+            window_start += time.perf_counter() - eval_started  # evaluation time is not training throughput
+        if report is not None and (log_now or checkpoint is not None or evaluated):
             report(dict(last), checkpoint)
         if stopping:
             return "killed", step, samples_seen, last

@@ -1,4 +1,4 @@
-"""Arguments and handlers of `ditscale data pack|verify|bench` (argparse only at import time)."""
+"""Arguments and handlers of `ditscale data pack|verify|bench|stats` (argparse only at import time)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("dir", help="dataset folder (with dataset.json)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    s = sub.add_parser("stats", help="precompute the FID reference statistics of a packed dataset",
+                       description="Compute (once) and cache beside the shards the reference statistics that "
+                                   "evaluation compares samples with: clean-fid's Inception features when its "
+                                   "weights are available, else the dataset's named stand-in (lenet, shapesdet).")
+    s.add_argument("dir", help="dataset folder (with dataset.json)")
+    s.add_argument("--split", default="train", choices=["train", "val"], help="real images to use (default: train)")
+    s.add_argument("--extractor", default="auto", choices=["auto", "inception", "lenet", "shapesdet"],
+                   help="feature extractor (default: auto = Inception when present, else a stand-in)")
+    s.add_argument("--samples", type=int, default=None, help="reference images (default: the split, up to 50,000)")
+    s.add_argument("--assets", default=None, help="assets folder (default: $DITSCALE_ASSETS)")
+    s.add_argument("--device", default="cpu", help="device of the feature network (default: cpu)")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+
     b = sub.add_parser("bench", help="loader samples/s per process on a packed dataset")
     b.add_argument("dir", help="dataset folder, or a shard pattern")
     b.add_argument("--split", default="train")
@@ -48,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"pack": _pack, "verify": _verify, "bench": _bench}[args.data_command](args)
+    return {"pack": _pack, "verify": _verify, "bench": _bench, "stats": _stats}[args.data_command](args)
 
 
 def _pack(args: argparse.Namespace) -> int:
@@ -87,4 +100,31 @@ def _bench(args: argparse.Namespace) -> int:
     result = measure_loader_throughput(args.dir, args.batch_size, seconds=args.seconds, num_workers=args.workers,
                                        shuffle=args.shuffle, split=args.split)
     print(json.dumps(result, indent=2) if args.json else format_throughput(result))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import sys
+
+    from harness.errors import UserError
+    from harness.features import EvalData, choose_extractor, reference_stats
+
+    if args.samples is not None and args.samples < 2:
+        raise UserError(f"--samples {args.samples}: need at least 2 images")
+    data = EvalData.from_folder(args.dir, assets=args.assets)
+    extractor, _ = choose_extractor(args.extractor, data, args.device, progress=sys.stderr.isatty())
+    if extractor is None:
+        raise UserError(f"{args.dir}: no feature extractor available (no Inception weights, and no stand-in for "
+                        "data without class labels)")
+    stats = reference_stats(data, extractor, args.split, args.samples, device=args.device,
+                            progress=sys.stderr.isatty())
+    result = {"path": str(stats["path"]), "extractor": extractor.name, "metric": extractor.metric("fd"),
+              "split": args.split, "count": stats["count"], "dims": int(stats["feats"].shape[1]),
+              "computed": stats["computed"]}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        state = "computed" if stats["computed"] else "already cached"
+        print(f"{result['path']}: {extractor.name} features of {result['count']} {args.split} images "
+              f"({result['dims']}-d), {state}; samples are scored as {result['metric']}_cfg*")
     return 0

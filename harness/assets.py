@@ -1,0 +1,230 @@
+"""Offline weights: the Inception network clean-fid uses for FID, VAEs and text encoders.
+
+Compute nodes of a cluster often have no internet. `ditscale assets fetch --dest DIR` (on a login
+node) downloads what evaluation needs into an *assets folder*; trials read it from
+
+    resources.assets  >  $DITSCALE_ASSETS  >  ~/.cache/ditscale/assets
+
+Layout of an assets folder:
+
+    inception-2015-12-05.pt        clean-fid's TorchScript Inception-v3 (the FID of record)
+    vae/<name>/                    diffusers AutoencoderKL folders (save_pretrained), by hub name
+    text/<name>/                   Hugging Face snapshots of text encoders, by hub name
+
+clean-fid looks for its Inception file in one hard-coded place (/tmp; ./ on Windows) and downloads
+it when absent. `find_inception` copies the file from the assets folder to that place once per node
+(a file lock keeps the ranks of a node from racing; the copy is written under a temporary name and
+renamed, so nobody ever loads half a file), and never downloads unless asked to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import platform
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+from harness.errors import UserError
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+# clean-fid's own address (cleanfid.downloads_helper.inception_url), copied to avoid importing it here.
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+ASSETS_ENV = "DITSCALE_ASSETS"
+DOWNLOAD_ENV = "DITSCALE_ALLOW_DOWNLOAD"  # "1": evaluation may download missing Inception weights itself
+
+
+def assets_dir(configured: str | os.PathLike | None = None) -> Path:
+    """The assets folder: `configured` (resources.assets), else $DITSCALE_ASSETS, else the user cache."""
+    chosen = configured or os.environ.get(ASSETS_ENV)
+    if chosen:
+        return Path(chosen).expanduser().resolve()
+    return Path.home() / ".cache" / "ditscale" / "assets"
+
+
+def cleanfid_dir() -> Path:
+    """Where clean-fid's feature_extractor() looks for (and would download) the Inception file."""
+    return Path("./" if platform.system() == "Windows" else "/tmp")
+
+
+def download_allowed() -> bool:
+    return os.environ.get(DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on `path`, created if needed: one holder per node at a time."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy src to dst through a temporary file in dst's folder and an atomic rename."""
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def download(url: str, dst: str | os.PathLike, timeout: float = 60.0) -> Path:
+    """url -> dst (atomic: a temporary file renamed at the end). file:// URLs work too."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            shutil.copyfileobj(response, out, 1 << 20)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def _usable(path: Path, like: Path | None = None) -> bool:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if like is not None:
+        try:
+            return size == like.stat().st_size
+        except OSError:
+            return size > 0
+    return size > 0
+
+
+def find_inception(assets: str | os.PathLike | None = None, *, place: bool = True,
+                   target_dir: str | os.PathLike | None = None, allow_download: bool | None = None) -> Path | None:
+    """The Inception file to load, or None when it is nowhere to be found.
+
+    Looks where clean-fid looks (`target_dir`, default /tmp), then in the assets folder. With
+    `place`, a file found only in the assets folder is copied to `target_dir` (once per node, under a
+    lock) so that clean-fid's own functions find it too; when that place is not writable the assets
+    copy is used where it is. With `allow_download` (default: $DITSCALE_ALLOW_DOWNLOAD=1) a missing
+    file is downloaded into `target_dir`; otherwise nothing is ever downloaded."""
+    target = Path(target_dir) if target_dir is not None else cleanfid_dir()
+    placed = target / INCEPTION_FILE
+    source = assets_dir(assets) / INCEPTION_FILE
+    have_source = _usable(source)
+    if _usable(placed, source if have_source else None):
+        return placed
+    if have_source:
+        if not place:
+            return source
+        try:
+            with file_lock(target / f"{INCEPTION_FILE}.lock"):
+                if not _usable(placed, source):  # another rank of this node may have copied it meanwhile
+                    atomic_copy(source, placed)
+            return placed
+        except OSError:
+            return source
+    if allow_download if allow_download is not None else download_allowed():
+        with file_lock(target / f"{INCEPTION_FILE}.lock"):
+            if not _usable(placed):
+                download(INCEPTION_URL, placed)
+        return placed
+    return None
+
+
+def missing_inception_hint(assets: str | os.PathLike | None = None) -> str:
+    return (f"run `ditscale assets fetch --dest DIR` on a machine with internet, then point resources.assets "
+            f"or ${ASSETS_ENV} at DIR (looked in {cleanfid_dir() / INCEPTION_FILE} and "
+            f"{assets_dir(assets) / INCEPTION_FILE})")
+
+
+# --- VAEs and text encoders ---------------------------------------------------------------------
+
+
+def safe_name(name: str) -> str:
+    """A hub name as one folder name: stabilityai/sd-vae-ft-ema -> stabilityai--sd-vae-ft-ema."""
+    return name.strip("/").replace("/", "--")
+
+
+def resolve_vae(name: str, assets: str | os.PathLike | None = None) -> str:
+    """A VAE spec from a manifest -> what to load: the path itself when it exists, else the assets
+    folder's copy (vae/<name>), else the name unchanged (diffusers then follows Hugging Face's own
+    cache and HF_HUB_OFFLINE settings)."""
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    local = assets_dir(assets) / "vae" / safe_name(name)
+    return str(local) if local.is_dir() else name
+
+
+def resolve_text_encoder(name: str, assets: str | os.PathLike | None = None) -> str:
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    local = assets_dir(assets) / "text" / safe_name(name)
+    return str(local) if local.is_dir() else name
+
+
+# --- `ditscale assets fetch` ------------------------------------------------------------------------
+
+
+def fetch_inception(dest: str | os.PathLike, url: str = INCEPTION_URL, force: bool = False) -> Path:
+    path = Path(dest) / INCEPTION_FILE
+    if path.is_file() and path.stat().st_size > 0 and not force:
+        return path
+    try:
+        return download(url, path, timeout=120)
+    except OSError as err:
+        raise UserError(f"assets fetch: cannot download the Inception weights from {url} ({err}); "
+                        "run it where there is internet, or copy inception-2015-12-05.pt into the folder") from None
+
+
+def fetch_vae(name: str, dest: str | os.PathLike) -> Path:
+    """A diffusers AutoencoderKL by hub name (or a pipeline with a vae/ subfolder) -> DEST/vae/<name>."""
+    out = Path(dest) / "vae" / safe_name(name)
+    if (out / "config.json").is_file():
+        return out
+    try:
+        from diffusers import AutoencoderKL
+
+        try:
+            vae = AutoencoderKL.from_pretrained(name)
+        except Exception:  # noqa: BLE001 - a pipeline repository keeps the VAE in vae/
+            vae = AutoencoderKL.from_pretrained(name, subfolder="vae")
+    except Exception as err:  # noqa: BLE001 - hub/network errors come in many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"assets fetch --vae {name}: cannot download an AutoencoderKL ({first})") from None
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def fetch_text_encoder(name: str, dest: str | os.PathLike) -> Path:
+    """A Hugging Face repository (weights, tokenizer, config) -> DEST/text/<name>."""
+    out = Path(dest) / "text" / safe_name(name)
+    if out.is_dir() and any(out.iterdir()):
+        return out
+    try:
+        from huggingface_hub import snapshot_download
+
+        tmp = out.with_name(out.name + ".partial")
+        snapshot_download(repo_id=name, local_dir=str(tmp),
+                          allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "spiece*", "*.tiktoken"])
+        os.replace(tmp, out)
+    except Exception as err:  # noqa: BLE001
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"assets fetch --text-encoder {name}: cannot download it ({first})") from None
+    return out

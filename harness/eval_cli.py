@@ -1,0 +1,118 @@
+"""Arguments and handlers of `ditscale eval` and `ditscale assets fetch` (argparse only at import time;
+torch, MLflow and clean-fid load in the handlers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from harness.errors import UserError
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained trial (val loss, FID, samples) from its checkpoint",
+                       description="Sample from the trial's EMA weights and log val_loss, fid_cfg* (or the named "
+                                   "stand-in fd_<extractor>_cfg*), kid and sample grids into its MLflow run. "
+                                   "Runs alone or under torchrun (sampling is spread over the ranks).")
+    p.add_argument("config", help="study YAML file")
+    p.add_argument("--trial", type=int, default=None,
+                   help="index of the grid point (needed when the study has several)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoints/step-XXXXXXXX folder (default: the trial's newest checkpoint)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--no-log", action="store_true", help="print the metrics only; log nothing to MLflow")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE",
+                   help="override a study field (repeatable). eval.* overrides change how the trial is evaluated "
+                        "(e.g. --set eval.fid_samples=50000), not which trial: its checkpoint and run stay the same")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from harness.config import expand_grid, load_study
+
+    from harness.config import parse_override
+
+    eval_sets = [text for text in args.set if parse_override(text)[0].startswith("eval.")]
+    study = load_study(args.config, [text for text in args.set if text not in eval_sets])
+    trials = expand_grid(study)
+    if args.trial is None and len(trials) > 1:
+        listing = "; ".join(f"{i}: {t.model_name} {t.objective.kind} ({t.trial_id})" for i, t in enumerate(trials))
+        raise UserError(f"the study has {len(trials)} trials; choose one with --trial INDEX ({listing})")
+    index = args.trial or 0
+    if not 0 <= index < len(trials):
+        raise UserError(f"--trial {index}: the study has trials 0..{len(trials) - 1}")
+    trial = trials[index]
+    if not args.no_log:
+        from harness.tracking import check_tracking_uri, resolve_tracking_uri
+
+        check_tracking_uri(resolve_tracking_uri(trial.tracking.uri))
+    from harness.evaluate import evaluate_checkpoint
+
+    metrics, images, run_id = evaluate_checkpoint(trial, args.checkpoint, device=args.device, log=not args.no_log,
+                                                  eval_overrides=eval_sets)
+    if args.json:
+        print(json.dumps({"trial_id": trial.trial_id, "run_id": run_id, "metrics": metrics,
+                          "images": sorted(images)}, indent=2))
+    else:
+        for key in sorted(metrics):
+            print(f"{key:28s} {metrics[key]:.6g}")
+        if run_id:
+            print(f"logged to MLflow run {run_id} ({len(images)} sample grid(s))")
+    return 0
+
+
+def add_assets(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("assets", help="download evaluation weights (Inception, VAEs, text encoders) for offline use")
+    actions = p.add_subparsers(dest="assets_command", required=True, metavar="ACTION")
+    f = actions.add_parser("fetch", help="download into an assets folder (on a machine with internet)",
+                           description="Download clean-fid's Inception weights (and optionally VAEs / text encoders "
+                                       "by hub name) into DEST. Point resources.assets or $DITSCALE_ASSETS at DEST "
+                                       "on the cluster: evaluation then computes real FID offline.")
+    f.add_argument("--dest", required=True, help="assets folder to fill")
+    f.add_argument("--vae", action="append", default=[], metavar="NAME",
+                   help="a diffusers AutoencoderKL, e.g. stabilityai/sd-vae-ft-ema (repeatable)")
+    f.add_argument("--text-encoder", action="append", default=[], metavar="NAME",
+                   help="a Hugging Face text encoder repository, e.g. openai/clip-vit-large-patch14 (repeatable)")
+    f.add_argument("--no-inception", action="store_true", help="skip the Inception weights")
+    f.add_argument("--inception-url", default=None, help="another address of inception-2015-12-05.pt (a mirror)")
+    f.set_defaults(func=_cmd_assets_fetch)
+    s = actions.add_parser("status", help="say which evaluation weights this machine can use")
+    s.add_argument("--assets", default=None,
+                   help="assets folder (default: $DITSCALE_ASSETS, else ~/.cache/ditscale/assets)")
+    s.set_defaults(func=_cmd_assets_status)
+
+
+def _cmd_assets_fetch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness import assets
+
+    dest = Path(args.dest).expanduser().resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    if not args.no_inception:
+        path = assets.fetch_inception(dest, url=args.inception_url or assets.INCEPTION_URL)
+        print(f"inception: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    for name in args.vae:
+        print(f"vae {name}: {assets.fetch_vae(name, dest)}")
+    for name in args.text_encoder:
+        print(f"text encoder {name}: {assets.fetch_text_encoder(name, dest)}")
+    print(f"use it with: export {assets.ASSETS_ENV}={dest}   (or resources.assets: {dest} in the study)")
+    return 0
+
+
+def _cmd_assets_status(args: argparse.Namespace) -> int:
+    from harness import assets
+
+    folder = assets.assets_dir(args.assets)
+    found = assets.find_inception(args.assets, place=False)
+    print(f"assets folder: {folder}{'' if folder.is_dir() else ' (missing)'}")
+    if found:
+        print(f"inception: {found} -> eval computes FID (metrics fid_cfg*, kid_cfg*)")
+    else:
+        print(f"inception: missing -> eval computes a named stand-in (fd_<extractor>_cfg*), not FID; "
+              f"{assets.missing_inception_hint(args.assets)}")
+    for kind in ("vae", "text"):
+        names = sorted(p.name for p in (folder / kind).iterdir()) if (folder / kind).is_dir() else []
+        print(f"{kind}: {', '.join(names) if names else 'none'}")
+    return 0

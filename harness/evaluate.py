@@ -1,0 +1,475 @@
+"""Evaluation of a trial: validation loss, FID (clean-fid) per CFG scale, prompt alignment, sample grids.
+
+    evaluator = Evaluator(trial, info, conditioner, objective, dist)
+    if evaluator.due(step, final=step == trial.train.steps):
+        with ema.swapped_into(model):             # the EMA weights, as DiT evaluates
+            model.eval()
+            metrics, images = evaluator.run(model, step)   # on every rank (collective)
+            model.train()
+
+What `run` measures (metrics are valid on rank 0):
+
+    val_loss, val_mse      the objective's loss (and its MSE term) on the first eval.val_batches x
+                           eval.batch_size held-out samples, each at a fixed timestep (stratified over
+                           the training distribution, assigned by a fixed permutation) and with fixed
+                           noise (seeded per sample). Deterministic, so it is comparable across
+                           trials and evaluations; the default y-axis of the scaling fits.
+    fid_cfg<s>, kid_cfg<s> clean-fid's FID / KID of eval.fid_samples images sampled with the EMA
+                           weights, eval.sampler, eval.sampling_steps and CFG scale s, decoded with
+                           the dataset's VAE when the data are latents, against the dataset's cached
+                           reference statistics (harness/features.py). Without Inception weights:
+                           fd_<stand-in>_cfg<s>, kd_<stand-in>_cfg<s> — never fid.
+    prompt_alignment_cfg<s> captioned `shapes` only: the fraction of samples whose detected colours,
+                           shapes and positions match their caption.
+    eval_seconds           wall time of the evaluation.
+
+Images: one 8 x 8 sample grid per CFG scale, as {"samples/step-00001000_cfg1.5.png": PIL image}.
+
+Sampling is spread over the trial's workers: the samples are cut into batches of eval.batch_size,
+batch k goes to rank k mod world_size, and its noise and conditions depend on k alone (class labels
+cycle through the classes; captions come from the held-out shards), so the result does not depend on
+the number of workers. Every CFG scale uses the same noise and conditions. Features (not images)
+are gathered to rank 0. With ZeRO-3 every forward is a collective, so each rank runs the same
+number of batches (a rank short of work samples a throw-away batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.distributed import DistInfo, broadcast_object
+from harness.errors import UserError
+from harness.features import (EvalData, LatentDecoder, choose_extractor, frechet_distance, inception_extractor,
+                              kernel_distance, reference_stats, standin_extractor, to_uint8, warn_once)
+
+log = logging.getLogger("harness.evaluate")
+
+GRID_IMAGES = 64
+PROMPT_POOL_PRECOMPUTED = 2048  # distinct captions kept for sampling when their embeddings are precomputed
+
+
+def cfg_suffix(scale: float) -> str:
+    return f"_cfg{float(scale)}"
+
+
+def _partitioned(model: torch.nn.Module) -> bool:
+    """ZeRO-3 partitions parameters (tagged with ds_id): every forward gathers them collectively."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+class Evaluator:
+    def __init__(self, trial, info, conditioner, objective, dist: DistInfo, *, data: EvalData | None = None,
+                 progress: bool | None = None):
+        self.trial, self.info, self.conditioner, self.objective, self.dist = trial, info, conditioner, objective, dist
+        self.e = trial.eval
+        self.data = data
+        self.progress = (dist.is_main and sys.stderr.isatty()) if progress is None else progress
+        self.sampler = self.e.sampler if self.e.sampler != "auto" else objective.default_sampler
+        if self.e.fid_samples and self.sampler not in objective.samplers:
+            raise UserError(f"eval.sampler: {self.sampler!r} does not sample {objective.kind}; use one of "
+                            f"{', '.join(objective.samplers)}")
+        self.extractor = self.detector = self.reference = self.decoder = None
+        self._prepared = False
+        self._val: list | None = None
+        self._prompts: dict | None = None
+        if self.e.val_batches and not trial.data.val_shards:
+            warn_once("no-val", "eval.val_batches: the study has no data.val_shards, so no val_loss is logged")
+
+    # -- when --------------------------------------------------------------------------------------
+    @property
+    def wants_fid(self) -> bool:
+        return self.e.fid_samples > 0
+
+    @property
+    def wants_val(self) -> bool:
+        return self.e.val_batches > 0 and bool(self.trial.data.val_shards)
+
+    def due(self, step: int, final: bool) -> bool:
+        """At multiples of eval.every and at the final step, when there is anything to evaluate."""
+        if not (self.wants_fid or self.wants_val):
+            return False
+        return final or (self.e.every is not None and step > 0 and step % self.e.every == 0)
+
+    # -- the evaluation -----------------------------------------------------------------------------
+    def run(self, model: torch.nn.Module, step: int) -> tuple[dict[str, float], dict]:
+        """Collective: every rank calls it with the EMA weights in `model` (in eval mode). Returns
+        (metrics, {artifact file: PIL image}), complete on rank 0. The global RNGs are left untouched."""
+        started = time.perf_counter()
+        device = self.dist.device
+        metrics: dict[str, float] = {}
+        images: dict = {}
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            if self.wants_val:
+                metrics.update(self._validation_loss(model))
+            if self.wants_fid:
+                self._prepare()
+                m, images = self._sample_metrics(model, step)
+                metrics.update(m)
+        metrics["eval_seconds"] = time.perf_counter() - started
+        return metrics, images
+
+    # -- preparation: feature extractor, reference statistics, VAE ------------------------------------
+    def _prepare(self) -> None:
+        if self._prepared:
+            return
+        device = self.dist.device
+        if self.data is None:
+            self.data = EvalData.from_trial(self.trial)
+        need_detector = self.trial.data.conditioning == "text"
+        spec, error = None, None
+        if self.dist.is_main:
+            try:
+                self.extractor, self.detector = choose_extractor(self.e.feature_extractor, self.data, device,
+                                                                 progress=self.progress, need_detector=need_detector)
+                if self.extractor is not None:
+                    self.reference = reference_stats(self.data, self.extractor, self.e.reference_split,
+                                                     self.e.reference_samples, batch_size=self.e.batch_size,
+                                                     device=device, progress=self.progress)
+                spec = {"extractor": None if self.extractor is None else
+                        ("inception" if self.extractor.is_inception else self.extractor.state),
+                        "detector": None if self.detector is None else self.detector.state}
+            except Exception as err:
+                error = err
+        # Rank 0 decided (and trained a stand-in, if one was needed): the others follow its choice.
+        shared = broadcast_object((spec, None if error is None else f"{type(error).__name__}: {error}"))
+        if error is not None:
+            raise error
+        if shared[1] is not None:
+            raise RuntimeError(f"evaluation failed on rank 0: {shared[1]}")
+        if not self.dist.is_main:
+            spec = shared[0]
+            if spec["extractor"] == "inception":
+                from harness.assets import find_inception, missing_inception_hint
+
+                path = find_inception(self.data.assets)
+                if path is None:
+                    raise UserError(f"rank {self.dist.rank}: the Inception weights are missing on this node: "
+                                    f"{missing_inception_hint(self.data.assets)}")
+                self.extractor = inception_extractor(path, device)
+            elif spec["extractor"] is not None:
+                self.extractor = standin_extractor(spec["extractor"], device)
+            if spec["detector"] is not None:
+                self.detector = standin_extractor(spec["detector"], device)
+        if self.data.kind == "latents":
+            self.decoder = LatentDecoder(self.data.manifest, device, self.data.assets)
+        self._prepared = True
+
+    # -- validation loss ------------------------------------------------------------------------------
+    def _validation_set(self) -> list:
+        """This rank's share of the fixed validation set: [(batch, t, noise)], read once and cached."""
+        if self._val is not None:
+            return self._val
+        from harness.data import make_loader
+
+        d = self.trial.data
+        precomputed = d.conditioning == "text" and d.text_encoder == "precomputed"
+        loader = make_loader(d.val_shards, self.e.batch_size, resampled=False, shuffle=0, conditioning=d.conditioning,
+                             text_embeddings=precomputed, num_workers=0, partial=True, split="val")
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            if len(batches) >= self.e.val_batches:
+                break
+        total = sum(len(b["x"]) for b in batches)
+        gen = torch.Generator().manual_seed(self.e.seed)
+        t_all = self.objective.validation_timesteps(total, "cpu")[torch.randperm(total, generator=gen)]
+        own, start = [], 0
+        for index, batch in enumerate(batches):
+            n = len(batch["x"])
+            if index % self.dist.world_size == self.dist.rank:
+                own.append((batch, t_all[start:start + n], self._val_noise(batch, start)))
+            start += n
+        if total == 0:
+            warn_once("empty-val", f"data.val_shards: {d.val_shards} holds no readable samples; no val_loss")
+        self._val = own
+        self._val_rounds = math.ceil(len(batches) / self.dist.world_size)
+        # ZeRO-3 filler for a rank with fewer batches than the others (possibly none)
+        first = batches[0] if batches else None
+        self._val_filler = (first, t_all[:len(first["x"])], self._val_noise(first, 0)) if first else None
+        return own
+
+    def _val_noise(self, batch: dict, start: int) -> torch.Tensor:
+        """Fixed noise: sample j of the validation set always gets the draw seeded by (eval.seed, j)."""
+        return torch.stack([
+            torch.randn(batch["x"].shape[1:], generator=torch.Generator().manual_seed(self.e.seed * 1_000_003 + j))
+            for j in range(start, start + len(batch["x"]))])
+
+    def _validation_loss(self, model) -> dict[str, float]:
+        device = self.dist.device
+        own = self._validation_set()
+        work: list = list(own)
+        if _partitioned(model):
+            work += [None] * (self._val_rounds - len(own))  # ZeRO-3: every rank runs as many forwards
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for item in work:
+            batch, t, noise = item if item is not None else self._val_filler
+            terms = self.objective.loss_terms(model, batch["x"].to(device), self.conditioner.from_batch(batch),
+                                              t=t.to(device), noise=noise.to(device))
+            if item is not None:
+                sums += torch.stack([terms["loss"].double().sum(), terms["mse"].double().sum(),
+                                     torch.tensor(float(len(t)), dtype=torch.float64, device=device)])
+        sums = self._all_reduce(sums)
+        if sums[2] == 0:
+            return {}
+        return {"val_loss": float(sums[0] / sums[2]), "val_mse": float(sums[1] / sums[2])}
+
+    # -- sampling -----------------------------------------------------------------------------------
+    def _prompt_pool(self) -> dict:
+        """Captions to sample with (held-out shards, else training shards), with their precomputed
+        embeddings when the study uses them."""
+        if self._prompts is not None:
+            return self._prompts
+        from harness.data import make_loader
+
+        d = self.trial.data
+        precomputed = d.text_encoder == "precomputed"
+        limit = min(self.e.fid_samples, PROMPT_POOL_PRECOMPUTED) if precomputed else self.e.fid_samples
+        pattern = d.val_shards or d.shards
+        loader = make_loader(pattern, 256, resampled=False, shuffle=0, conditioning="text",
+                             text_embeddings=precomputed, num_workers=0, partial=True,
+                             split="val" if d.val_shards else "train")
+        captions, tensors = [], {"txt_tokens": [], "txt_mask": [], "txt_pooled": []}
+        for batch in loader:
+            captions += batch["txt"]
+            if precomputed:
+                for key in tensors:
+                    tensors[key].append(batch[key].half() if batch[key].is_floating_point() else batch[key])
+            if len(captions) >= limit:
+                break
+        if not captions:
+            raise UserError(f"data.val_shards: no captions to sample with in {pattern}")
+        pool = {"txt": captions[:limit]}
+        if precomputed:
+            pool.update({k: torch.cat(v)[:limit] for k, v in tensors.items()})
+        self._prompts = pool
+        return pool
+
+    def _conditions(self, first: int, n: int) -> tuple[dict, list[str] | None]:
+        """The model's condition for samples first .. first + n - 1 (and their captions)."""
+        index = torch.arange(first, first + n)
+        if self.trial.data.conditioning == "class":
+            classes = self.info.num_classes or 1
+            return self.conditioner.from_labels(index % classes), None
+        pool = self._prompt_pool()
+        rows = (index % len(pool["txt"])).tolist()
+        captions = [pool["txt"][i] for i in rows]
+        if "txt_tokens" in pool:
+            batch = {"txt": captions, **{k: pool[k][rows].float() if pool[k].is_floating_point() else pool[k][rows]
+                                         for k in ("txt_tokens", "txt_mask", "txt_pooled")}}
+            return self.conditioner.from_batch(batch), captions
+        return self.conditioner.from_captions(captions), captions
+
+    def _sample_metrics(self, model, step: int) -> tuple[dict[str, float], dict]:
+        e, dist, device = self.e, self.dist, self.dist.device
+        n_total, size = e.fid_samples, e.batch_size
+        chunks = math.ceil(n_total / size)
+        mine: list = list(range(dist.rank, chunks, dist.world_size))
+        if _partitioned(model):
+            mine += [None] * (math.ceil(chunks / dist.world_size) - len(mine))
+        shape = (self.trial.data.channels, self.trial.data.image_size, self.trial.data.image_size)
+        metrics: dict[str, float] = {}
+        grids: dict = {}
+        for scale in e.cfg_scale:
+            feats, matched, judged, grid = [], 0, 0, None
+            work = mine
+            if self.progress:
+                from tqdm.auto import tqdm
+
+                work = tqdm(mine, desc=f"sampling cfg {scale} ({n_total} images)", leave=False)
+            for k in work:
+                kk = 0 if k is None else k
+                n = min(size, n_total - kk * size)
+                cond, captions = self._conditions(kk * size, n)
+                gen = torch.Generator(device=device).manual_seed(e.seed * 10_000_019 + kk)
+                x = self.objective.sample(model, (n, *shape), cond, steps=e.sampling_steps, cfg_scale=scale,
+                                          sampler=self.sampler, generator=gen, device=device)
+                if k is None:
+                    continue  # ZeRO-3 filler: the forwards had to happen, the samples are not counted
+                images = self.decoder.decode(x) if self.decoder is not None else to_uint8(x)
+                if self.extractor is not None:
+                    feats.append((k, self.extractor.features(images, size)))
+                if self.detector is not None and captions is not None:
+                    from harness.standin import alignment_counts
+
+                    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(device)
+                    m, j = alignment_counts(self.detector.module, pixels, captions)
+                    matched, judged = matched + m, judged + j
+                if k == 0:
+                    grid = images[:GRID_IMAGES]
+            gathered = self._gather(feats)
+            counts = self._all_reduce(torch.tensor([matched, judged], dtype=torch.float64, device=device))
+            if not dist.is_main:
+                continue
+            suffix = cfg_suffix(scale)
+            if self.extractor is not None:
+                all_feats = np.concatenate([f for _, f in sorted(gathered, key=lambda kf: kf[0])])
+                metrics[self.extractor.metric("fd") + suffix] = frechet_distance(
+                    all_feats, self.reference["mu"], self.reference["sigma"])
+                metrics[self.extractor.metric("kd") + suffix] = kernel_distance(all_feats, self.reference["feats"],
+                                                                                seed=e.seed)
+            if counts[1] > 0:
+                metrics["prompt_alignment" + suffix] = float(counts[0] / counts[1])
+            if grid is not None:
+                grids[f"samples/step-{step:08d}{suffix}.png"] = image_grid(grid)
+        return metrics, grids
+
+    # -- collectives (no-ops for one process) ---------------------------------------------------------
+    def _active(self) -> bool:
+        import torch.distributed as tdist
+
+        return self.dist.world_size > 1 and tdist.is_initialized()
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._active():
+            import torch.distributed as tdist
+
+            tdist.all_reduce(tensor)
+        return tensor.cpu()
+
+    def _gather(self, items: list) -> list:
+        if not self._active():
+            return items
+        import torch.distributed as tdist
+
+        out = [None] * self.dist.world_size if self.dist.is_main else None
+        tdist.gather_object(items, out, dst=0)
+        return [item for part in out for item in part] if self.dist.is_main else []
+
+
+def image_grid(images: np.ndarray, columns: int = 8, padding: int = 2):
+    """uint8 [N, H, W, 3] -> a PIL image of the images in rows of `columns`."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    canvas = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, cols)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        canvas[y:y + h, x:x + w] = image
+    return Image.fromarray(canvas)
+
+
+# --- `ditscale eval`: a trained trial from its checkpoint ------------------------------------------------
+
+
+def checkpoint_for(trial, checkpoint: str | None = None) -> tuple[Path, int]:
+    """(checkpoint folder, its step): `checkpoint` if given, else the trial's newest (DeepSpeed's
+    `latest` pointer, else the highest step-* folder with an ema.pt)."""
+    from harness.train import CHECKPOINTS, trial_dir
+
+    if checkpoint:
+        path = Path(checkpoint)
+        if not (path / "ema.pt").is_file():
+            raise UserError(f"--checkpoint {checkpoint}: no ema.pt there (give a checkpoints/step-XXXXXXXX folder)")
+    else:
+        root = trial_dir(trial) / CHECKPOINTS
+        latest = root / "latest"
+        path = root / latest.read_text().strip() if latest.is_file() else None
+        if path is None or not (path / "ema.pt").is_file():
+            found = sorted(p for p in root.glob("step-*") if (p / "ema.pt").is_file())
+            if not found:
+                raise UserError(f"no checkpoint with EMA weights under {root}: train the trial first "
+                                "(`ditscale train` / `ditscale sweep`) or pass --checkpoint")
+            path = found[-1]
+    try:
+        step = int(path.name.rsplit("-", 1)[-1])
+    except ValueError:
+        step = 0
+    return path, step
+
+
+def with_eval_overrides(trial, overrides: list[str] | tuple[str, ...] = ()):
+    """The trial with `eval.*` overrides applied (a different trial_id: use the original to find its
+    checkpoint and run)."""
+    from pydantic import ValidationError
+
+    from harness.config import StudyError, TrialConfig, _pydantic_problems, check_trial, parse_override, set_dotted
+
+    if not overrides:
+        return trial
+    raw = trial.model_dump(mode="python")
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    try:
+        changed = TrialConfig.model_validate(raw)
+    except ValidationError as err:
+        raise StudyError(_pydantic_problems(err)) from None
+    problems = check_trial(changed, check_files=False)
+    if problems:
+        raise StudyError(problems)
+    return changed
+
+
+def evaluate_checkpoint(trial, checkpoint: str | None = None, *, device: str | None = None, log: bool = True,
+                        progress: bool | None = None, eval_overrides: list[str] | tuple[str, ...] = (),
+                        ) -> tuple[dict[str, float], dict, str | None]:
+    """Evaluate a trial's EMA weights from a checkpoint; log into the trial's MLflow run (rank 0).
+    Alone, or under torchrun (sampling spread over the ranks). `eval_overrides` ("eval.key=value")
+    change the evaluation, not the trial whose checkpoint and run are used. Returns (metrics, images,
+    run id)."""
+    import os
+
+    from harness.denoiser import build_denoiser, dataset_info
+    from harness.train import build_objective_for
+    from models.ema import EMA
+    from models.objectives import build_objective
+
+    path, step = checkpoint_for(trial, checkpoint)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from harness.distributed import setup_distributed
+
+        dist = setup_distributed(use_gpu=torch.cuda.is_available() and device != "cpu")
+    else:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dist = DistInfo(0, 1, 0, dev)
+    frozen = None
+    if trial.data.conditioning == "text" and trial.data.text_encoder not in ("builtin", "precomputed"):
+        from harness.conditioning import load_frozen_encoder
+
+        frozen = load_frozen_encoder(trial, dist.device)
+    info = dataset_info(trial, frozen_encoder=frozen)
+    torch.manual_seed(trial.train.seed)
+    model, conditioner = build_denoiser(trial, info, dist.device, frozen_encoder=frozen)
+    ema = EMA(model, decay=trial.train.ema_decay)
+    ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+    ema.copy_to(model)
+    model.to(dist.device).eval()
+    objective = build_objective_for(trial, build_objective)
+    evaluator = Evaluator(with_eval_overrides(trial, eval_overrides), info, conditioner, objective, dist,
+                          progress=progress)
+    metrics, images = evaluator.run(model, step)
+    run_id = None
+    if log and dist.is_main:
+        run_id = log_evaluation(trial, metrics, images, step)
+    return metrics, images, run_id
+
+
+def log_evaluation(trial, metrics: dict, images: dict, step: int) -> str:
+    """Into the trial's MLflow run (found by its trial_id tag; created when there is none)."""
+    from harness.tracking import (STATUS_TAG, RunLogger, experiment_id, find_trial_run, open_trial_run,
+                                  resolve_tracking_uri)
+
+    uri = resolve_tracking_uri(trial.tracking.uri)
+    run = find_trial_run(uri, experiment_id(uri, trial.name), trial.trial_id)
+    if run is not None:
+        run_id = run.info.run_id
+        logger = RunLogger(uri, run_id)
+    else:
+        run_id = open_trial_run(trial, uri)
+        logger = RunLogger(uri, run_id)
+        logger.set_tag(STATUS_TAG, "evaluated")  # not trained here: a later sweep resumes it from the checkpoint
+    logger.log_metrics(metrics, step)
+    for name, image in images.items():
+        logger.log_image(image, name)
+    return run_id

@@ -1,0 +1,452 @@
+"""`ditscale slurm`: run a study across a Slurm allocation (the batch script is slurm/sweep.sbatch).
+
+    ditscale slurm submit STUDY --nodes N --gpus-per-node G [--partition P] [--time T] [--dry-run]
+
+renders slurm/sweep.sbatch with those options (the `#SBATCH` lines), saves the rendered script under
+`<resources.storage>/<study>/slurm/`, calls `sbatch`, and says where the log, the MLflow runs and the
+report will be. The batch script starts Ray on every node of the allocation, runs
+`ditscale sweep STUDY --address HEAD:PORT` and stops Ray; on Slurm's warning signal it asks the
+trials to checkpoint (the study's STOP file), waits for the sweep to exit 3 ("stopped, resumable")
+and requeues the job, which then resumes the study.
+
+The other sub-commands are the batch script's helpers, usable by hand too:
+`stop-file` (the path whose creation asks a running study to checkpoint and stop), `paths` (shell
+assignments: study name, folders, stop file, MLflow URI), `node-ip` (the address Ray should use on
+this node) and `wait-ray` (block until N nodes have joined a Ray cluster).
+
+Only argparse and the standard library at import time: the heavy imports (pydantic through
+harness.config, Ray) happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import UserError
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "sweep.sbatch"
+SETTINGS_MARKER = "# @ditscale-submit-settings@"
+STOP_FILE_NAME = "STOP"
+DEFAULT_SIGNAL_SECONDS = 300
+
+
+# --- the study's places --------------------------------------------------------------------------
+
+
+@dataclass
+class StudyPaths:
+    name: str
+    storage: Path      # resources.storage, absolute
+    study_dir: Path    # <storage>/<name>: trial folders, the STOP file, slurm/
+    stop_file: Path
+    slurm_dir: Path    # rendered scripts, job logs, the per-job Ray token
+    tracking_uri: str
+    report: Path       # where `ditscale sweep` writes the report (reports/<name>/index.html)
+
+
+def study_paths(study) -> StudyPaths:
+    """Everything is resolved against the current directory, as `ditscale sweep` does; the batch
+    script runs in the directory `submit` was called from (`#SBATCH --chdir`)."""
+    from harness.tracking import resolve_tracking_uri
+
+    storage = Path(study.resources.storage).resolve()
+    study_dir = storage / study.name
+    # Must match harness.train.stop_file (tests/test_slurm.py checks that it does).
+    return StudyPaths(
+        name=study.name, storage=storage, study_dir=study_dir, stop_file=study_dir / STOP_FILE_NAME,
+        slurm_dir=study_dir / "slurm", tracking_uri=resolve_tracking_uri(study.tracking.uri),
+        report=Path.cwd() / "reports" / study.name / "index.html",
+    )
+
+
+def _load(config: str, overrides, check_files: bool = True):
+    from harness.config import load_study
+
+    return load_study(config, overrides, check_files=check_files)
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def _option_name(line: str) -> str | None:
+    """'#SBATCH --time=1:00' / '##SBATCH --time 1:00' -> 'time'; other lines -> None."""
+    m = re.match(r"^#+SBATCH\s+--([A-Za-z0-9-]+)", line)
+    return m.group(1) if m else None
+
+
+def render_script(template: str, options: dict[str, str | None], settings: dict[str, str]) -> str:
+    """Set `#SBATCH --key=value` for every option (value None: a bare flag such as --requeue), dropping
+    the template's lines for the same option (active or commented out with '##SBATCH'); the new lines
+    go where the template's #SBATCH block ends. `settings` become `export KEY=...` defaults (an
+    environment variable set at submission still wins) below the settings marker."""
+    lines = template.splitlines()
+    keep, last_sbatch = [], None  # the new lines go after keep[last_sbatch]
+    for line in lines:
+        name = _option_name(line)
+        if name is None or name not in options:
+            keep.append(line)
+        if name is not None:
+            last_sbatch = len(keep) - 1
+    if last_sbatch is None:
+        raise UserError("the batch script template has no #SBATCH lines")
+    new = [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={v}" for k, v in options.items()]
+    keep[last_sbatch + 1:last_sbatch + 1] = new
+    if settings:
+        try:
+            at = next(i for i, line in enumerate(keep) if line.strip() == SETTINGS_MARKER)
+        except StopIteration:
+            raise UserError(f"the batch script template has no {SETTINGS_MARKER!r} line") from None
+        keep[at + 1:at + 1] = [f'[ -n "${{{k}:-}}" ] || export {k}={shlex.quote(v)}' for k, v in settings.items()]
+    return "\n".join(keep) + "\n"
+
+
+def _cpus_per_node(trials, nodes: int, gpus_per_node: int, node_cpus: int | None) -> int:
+    """CPUs to ask per node when --cpus-per-task is not given. With GPUs: the CPUs that go with the
+    node's GPUs (cpus_per_worker per gpus_per_worker). Without: a whole node when sinfo says how many
+    CPUs a node has (Ray's own processes want some too), else enough to run the trials side by side
+    (up to resources.max_concurrent_trials), spread over the nodes."""
+    if gpus_per_node:
+        return max((math.ceil(gpus_per_node / t.resources.gpus_per_worker * t.resources.cpus_per_worker)
+                    for t in trials if t.resources.gpus_per_worker), default=1)
+    biggest = max(t.resources.workers_per_trial * t.resources.cpus_per_worker for t in trials)
+    per_node = math.ceil(biggest / nodes)
+    if node_cpus:
+        if per_node > node_cpus:
+            raise UserError(
+                f"--nodes: the largest trial needs {biggest:g} CPUs, {per_node} per node on {nodes} node(s), "
+                f"but the partition's nodes have {node_cpus}; raise --nodes or lower "
+                "resources.workers_per_trial/cpus_per_worker")
+        return node_cpus
+    together = min(len(trials), trials[0].resources.max_concurrent_trials or len(trials))
+    return max(1, math.ceil(biggest * together / nodes))
+
+
+def partition_cpus(partition: str | None) -> int | None:
+    """The CPUs of the smallest node in `partition` (default: the default partition), from sinfo;
+    None when sinfo is missing or says nothing."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%c %P"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    cpus = []
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            continue
+        name = parts[1]
+        if (partition is None and name.endswith("*")) or (partition is not None and name.rstrip("*") == partition):
+            cpus.append(int(parts[0]))
+    return min(cpus) if cpus else None
+
+
+def _check_fits(trials, nodes: int, gpus_per_node: int, cpus_per_node: int) -> None:
+    for t in trials:
+        r = t.resources
+        cpus = r.workers_per_trial * r.cpus_per_worker
+        gpus = r.workers_per_trial * r.gpus_per_worker
+        if gpus > nodes * gpus_per_node:
+            raise UserError(
+                f"--gpus-per-node: trial {t.trial_id} ({t.model_name}) needs {r.workers_per_trial} workers x "
+                f"{r.gpus_per_worker:g} GPU = {gpus:g} GPUs but {nodes} node(s) x {gpus_per_node} GPUs have "
+                f"{nodes * gpus_per_node}; raise --nodes/--gpus-per-node or lower resources.workers_per_trial")
+        if cpus > nodes * cpus_per_node:
+            raise UserError(
+                f"--cpus-per-task: trial {t.trial_id} ({t.model_name}) needs {r.workers_per_trial} workers x "
+                f"{r.cpus_per_worker:g} CPU = {cpus:g} CPUs but {nodes} node(s) x {cpus_per_node} CPUs have "
+                f"{nodes * cpus_per_node}; raise --cpus-per-task/--nodes or lower resources.cpus_per_worker")
+
+
+def _python_bin() -> str:
+    """The folder holding this installation's `ditscale` and `ray` (a virtualenv's bin)."""
+    exe = shutil.which("ditscale")
+    return str(Path(exe).resolve().parent) if exe else str(Path(sys.executable).parent)
+
+
+@dataclass
+class Submission:
+    script: str             # the rendered batch script
+    script_path: Path       # where it is saved
+    sbatch: list[str]       # the sbatch command line
+    paths: StudyPaths
+    nodes: int
+    gpus_per_node: int
+    cpus_per_task: int
+    trials: int
+
+
+def prepare(config: str, overrides=(), *, nodes: int = 1, gpus_per_node: int = 0, cpus_per_task: int | None = None,
+            partition: str | None = None, time_limit: str | None = None, account: str | None = None,
+            job_name: str | None = None, signal_seconds: int = DEFAULT_SIGNAL_SECONDS,
+            sbatch_args=(), template: Path | None = None) -> Submission:
+    from harness.config import expand_grid
+
+    if nodes < 1:
+        raise UserError("--nodes: at least 1")
+    if gpus_per_node < 0:
+        raise UserError("--gpus-per-node: 0 or more")
+    if cpus_per_task is not None and cpus_per_task < 1:
+        raise UserError("--cpus-per-task: at least 1")
+    if signal_seconds < 60:
+        raise UserError("--signal-seconds: at least 60 (Slurm sends the warning signal with a 60 s resolution)")
+    study = _load(config, overrides)
+    trials = expand_grid(study)
+    paths = study_paths(study)
+    cpus = cpus_per_task or _cpus_per_node(trials, nodes, gpus_per_node, partition_cpus(partition))
+    _check_fits(trials, nodes, gpus_per_node, cpus)
+
+    template = Path(template) if template else TEMPLATE
+    if not template.is_file():
+        raise UserError(f"--script: the batch script {template} does not exist (slurm/sweep.sbatch of a "
+                        "ditscale checkout; install with `pip install -e .` to keep it beside the package)")
+    options: dict[str, str | None] = {
+        "job-name": job_name or f"ditscale-{study.name}",
+        "nodes": str(nodes),
+        "ntasks-per-node": "1",
+        "cpus-per-task": str(cpus),
+    }
+    if gpus_per_node:
+        options["gpus-per-node"] = str(gpus_per_node)
+    if partition:
+        options["partition"] = partition
+    if account:
+        options["account"] = account
+    if time_limit:
+        options["time"] = time_limit
+    options |= {
+        "chdir": str(Path.cwd()),
+        "output": str(paths.slurm_dir / "slurm-%j.out"),
+        "open-mode": "append",   # a requeued job appends to its log instead of truncating it
+        "signal": f"B:USR1@{signal_seconds}",
+        "requeue": None,
+    }
+    settings = {"DITSCALE_BIN": _python_bin()}
+    script = render_script(template.read_text(), options, settings)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    script_path = paths.slurm_dir / f"sweep-{stamp}.sbatch"
+    cmd = ["sbatch", "--parsable", *sbatch_args, str(script_path), str(Path(config).resolve())]
+    for text in overrides:
+        cmd += ["--set", text]
+    return Submission(script, script_path, cmd, paths, nodes, gpus_per_node, cpus, len(trials))
+
+
+def submit(sub: Submission) -> str:
+    """Save the rendered script and sbatch it; returns the job id."""
+    if shutil.which("sbatch") is None:
+        raise UserError("sbatch not found: run `ditscale slurm submit` on a Slurm login node "
+                        "(or look at the script with --dry-run)")
+    sub.paths.slurm_dir.mkdir(parents=True, exist_ok=True)
+    path = sub.script_path
+    n = 1
+    while path.exists():  # never overwrite an earlier script
+        path = sub.script_path.with_name(f"{sub.script_path.stem}-{n}.sbatch")
+        n += 1
+    path.write_text(sub.script)
+    sub.sbatch[sub.sbatch.index(str(sub.script_path))] = str(path)
+    sub.script_path = path
+    out = subprocess.run(sub.sbatch, capture_output=True, text=True)
+    if out.returncode != 0:
+        msg = (out.stderr or out.stdout).strip().splitlines()
+        raise UserError("sbatch failed: " + ("; ".join(msg) or f"exit code {out.returncode}")
+                        + f" (script: {path})")
+    job_id = out.stdout.strip().split(";")[0]  # --parsable: "jobid" or "jobid;cluster"
+    if not job_id.isdigit():
+        raise UserError(f"sbatch printed no job id: {out.stdout.strip()!r}")
+    return job_id
+
+
+def _print_submitted(sub: Submission, job_id: str) -> None:
+    p = sub.paths
+    log = p.slurm_dir / f"slurm-{job_id}.out"
+    gpus = f" x {sub.gpus_per_node} GPUs" if sub.gpus_per_node else ""
+    print(f"Submitted job {job_id}: study {p.name!r}, {sub.trials} trials on {sub.nodes} node(s){gpus}, "
+          f"{sub.cpus_per_task} CPUs per node")
+    print(f"  script:  {sub.script_path}")
+    print(f"  log:     {log}")
+    print(f"  trials:  {p.study_dir}/<trial_id>/ (checkpoints)")
+    print(f"  MLflow:  {p.tracking_uri}  (experiment {p.name!r})")
+    print(f"           mlflow ui --backend-store-uri {p.tracking_uri} --host 127.0.0.1 --port 5000")
+    print(f"  report:  {p.report}  (written when the sweep ends)")
+    print(f"  watch:   squeue -j {job_id}; tail -f {log}")
+    print(f"  stop:    touch {p.stop_file}  (trials checkpoint; the job ends; resubmit to resume)")
+    print(f"  preempt: scancel --batch --signal=USR1 {job_id}  (checkpoint, then the job requeues itself)")
+
+
+# --- helpers the batch script calls --------------------------------------------------------------
+
+
+def node_ip(toward: str | None = None) -> str:
+    """The IPv4 address Ray should bind on this node: $DITSCALE_RAY_IFACE's address when set, else
+    the source address of the route toward `toward` (the head node; default a public address: no
+    packet is sent), else what the host name resolves to."""
+    iface = os.environ.get("DITSCALE_RAY_IFACE")
+    if iface:
+        try:
+            out = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", iface], capture_output=True,
+                                 text=True, check=True).stdout
+            return out.split()[3].split("/")[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            raise UserError(f"DITSCALE_RAY_IFACE={iface}: no IPv4 address on that interface") from None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((toward or "8.8.8.8", 80))
+            return s.getsockname()[0]
+    except OSError:
+        pass
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def wait_for_ray(address: str, nodes: int, timeout: float = 300.0, watch_pids=()) -> dict:
+    """Block until `nodes` nodes are alive in the Ray cluster at HOST:PORT; returns its resources.
+    Fails early when one of `watch_pids` (the srun steps running `ray start --block`) has exited."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+
+    def check_pids() -> None:
+        for pid in watch_pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                raise UserError(f"the Ray step (pid {pid}) exited before {nodes} node(s) joined; "
+                                "see the job log above for `ray start`'s error") from None
+            except PermissionError:
+                pass
+
+    while True:  # the GCS port first: ray.init on a port nobody listens on takes long to give up
+        check_pids()
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise UserError(f"no Ray head answers at {address} after {timeout:.0f}s") from None
+            time.sleep(1)
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+    try:
+        while True:
+            alive = [n for n in ray.nodes() if n.get("Alive")]
+            if len(alive) >= nodes:
+                return ray.cluster_resources()
+            if time.monotonic() > deadline:
+                raise UserError(f"only {len(alive)} of {nodes} nodes joined the Ray cluster at {address} "
+                                f"within {timeout:.0f}s")
+            check_pids()
+            time.sleep(1)
+    finally:
+        ray.shutdown()
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    sub = prepare(
+        args.config, args.set, nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+        partition=args.partition, time_limit=args.time, account=args.account, job_name=args.job_name,
+        signal_seconds=args.signal_seconds, sbatch_args=args.sbatch_arg, template=args.script,
+    )
+    if args.dry_run:
+        sys.stdout.write(sub.script)
+        print(f"\n# would be saved as {sub.script_path} and submitted with:\n# " + shlex.join(sub.sbatch))
+        return 0
+    job_id = submit(sub)
+    _print_submitted(sub, job_id)
+    return 0
+
+
+def _cmd_stop_file(args: argparse.Namespace) -> int:
+    print(study_paths(_load(args.config, args.set, check_files=False)).stop_file)
+    return 0
+
+
+def _cmd_paths(args: argparse.Namespace) -> int:
+    p = study_paths(_load(args.config, args.set, check_files=False))
+    for key, value in (("STUDY_NAME", p.name), ("STUDY_DIR", p.study_dir), ("STOP_FILE", p.stop_file),
+                       ("SLURM_DIR", p.slurm_dir), ("TRACKING_URI", p.tracking_uri), ("REPORT", p.report)):
+        print(f"{key}={shlex.quote(str(value))}")
+    return 0
+
+
+def _cmd_node_ip(args: argparse.Namespace) -> int:
+    print(node_ip(args.toward))
+    return 0
+
+
+def _cmd_wait_ray(args: argparse.Namespace) -> int:
+    res = wait_for_ray(args.address, args.nodes, args.timeout, args.watch_pid)
+    gpus = f", {res.get('GPU', 0):g} GPUs" if res.get("GPU") else ""
+    print(f"Ray cluster at {args.address}: {args.nodes} node(s), {res.get('CPU', 0):g} CPUs{gpus}", flush=True)
+    return 0
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE",
+                   help="override a study field, e.g. --set train.steps=100 (repeatable)")
+
+
+def add_slurm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slurm", help="run a study on a Slurm cluster (Ray across the allocation)",
+                       description="Run a study across a Slurm allocation; see slurm/sweep.sbatch.")
+    ss = p.add_subparsers(dest="slurm_command", required=True, metavar="{submit,stop-file}")
+
+    s = ss.add_parser("submit", help="render slurm/sweep.sbatch for this study and sbatch it",
+                      description="Render slurm/sweep.sbatch with these options, save it under "
+                                  "<resources.storage>/<study>/slurm/ and submit it with sbatch.")
+    s.add_argument("config", help="study YAML file")
+    s.add_argument("--nodes", type=int, default=1, help="nodes in the allocation (default 1); one Ray node each")
+    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default 0)")
+    s.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per node for Ray (default: with GPUs, resources.cpus_per_worker per GPU; "
+                        "without, a whole node, or what the trials need side by side when sinfo is not there)")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--time", default=None, help="time limit, e.g. 24:00:00 (default: the script's 24 h)")
+    s.add_argument("--account", default=None)
+    s.add_argument("--job-name", default=None, help="default: ditscale-<study name>")
+    s.add_argument("--signal-seconds", type=int, default=DEFAULT_SIGNAL_SECONDS,
+                   help="warning before the time limit: trials checkpoint and the job requeues "
+                        f"(default {DEFAULT_SIGNAL_SECONDS})")
+    s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="extra sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
+    s.add_argument("--script", type=Path, default=None, help="batch script template (default slurm/sweep.sbatch)")
+    s.add_argument("--dry-run", action="store_true", help="print the rendered script and submit nothing")
+    _add_set(s)
+    s.set_defaults(func=_cmd_submit)
+
+    s = ss.add_parser("stop-file", help="print the file whose creation makes a running study checkpoint and stop")
+    s.add_argument("config", help="study YAML file")
+    _add_set(s)
+    s.set_defaults(func=_cmd_stop_file)
+
+    # Helpers for slurm/sweep.sbatch (not listed in the help).
+    s = ss.add_parser("paths")
+    s.add_argument("config")
+    _add_set(s)
+    s.set_defaults(func=_cmd_paths)
+
+    s = ss.add_parser("node-ip")
+    s.add_argument("--toward", default=None, help="the head node's address (workers)")
+    s.set_defaults(func=_cmd_node_ip)
+
+    s = ss.add_parser("wait-ray")
+    s.add_argument("--address", required=True)
+    s.add_argument("--nodes", type=int, required=True)
+    s.add_argument("--timeout", type=float, default=300.0)
+    s.add_argument("--watch-pid", type=int, action="append", default=[])
+    s.set_defaults(func=_cmd_wait_ray)

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Start a one-node Slurm cluster on localhost (munged + slurmctld + slurmd) for ditscale's tests.
+#
+#   slurm/testing/start-local-cluster.sh [STATE_DIR]      (default: $DITSCALE_SLURM_DIR or /tmp/ditscale-slurm)
+#   export SLURM_CONF=STATE_DIR/slurm.conf                  (printed at the end; sbatch/squeue/scontrol need it)
+#   slurm/testing/stop-local-cluster.sh [STATE_DIR]
+#
+# Needs root and Debian's packages: apt-get install -y slurm-wlm munge. Everything lives in STATE_DIR:
+# its own munge key and socket, its own ports ($DITSCALE_SLURMCTLD_PORT, default 16817;
+# $DITSCALE_SLURMD_PORT, default 16818), state and spool folders and logs, so a system Slurm or
+# munged is left alone. Idempotent: if this cluster already answers, it prints SLURM_CONF and exits.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+state=${1:-${DITSCALE_SLURM_DIR:-/tmp/ditscale-slurm}}
+ctld_port=${DITSCALE_SLURMCTLD_PORT:-16817}
+slurmd_port=${DITSCALE_SLURMD_PORT:-16818}
+timeout=${DITSCALE_SLURM_START_TIMEOUT:-60}
+
+die() { echo "start-local-cluster: $*" >&2; exit 1; }
+export PATH="$PATH:/usr/sbin:/sbin"   # munged, slurmctld, slurmd
+
+for cmd in munged slurmctld slurmd sinfo scontrol; do
+    command -v "$cmd" >/dev/null || die "$cmd not found; install Debian's slurm-wlm and munge (apt-get install -y slurm-wlm munge)"
+done
+[ "$(id -u)" = 0 ] || die "slurmd must run as root (it starts jobs as their users); run this as root"
+
+mkdir -p "$state"
+state=$(cd "$state" && pwd)
+conf="$state/slurm.conf"
+export SLURM_CONF="$conf"
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+if alive "$state/slurmctld.pid" && alive "$state/slurmd.pid" && scontrol ping >/dev/null 2>&1; then
+    echo "export SLURM_CONF=$conf"
+    exit 0
+fi
+# A half-started cluster from an earlier run: stop what is left, start afresh.
+"$here/stop-local-cluster.sh" "$state" >/dev/null 2>&1 || true
+
+t0=$(date +%s)
+mkdir -p "$state/munge" "$state/ctld" "$state/slurmd"
+chmod 700 "$state/munge"
+
+# --- munge: our own key and socket --------------------------------------------------------------
+if [ ! -s "$state/munge/munge.key" ]; then
+    (umask 077 && dd if=/dev/urandom of="$state/munge/munge.key" bs=1024 count=1 status=none)
+fi
+chmod 400 "$state/munge/munge.key"
+munged --force --socket="$state/munge/munge.socket" --key-file="$state/munge/munge.key" \
+    --pid-file="$state/munge/munged.pid" --log-file="$state/munge/munged.log" \
+    --seed-file="$state/munge/munged.seed" || die "munged did not start; see $state/munge/munged.log"
+
+# --- slurm.conf from the template ----------------------------------------------------------------
+host=$(hostname -s)
+# The hardware line as slurmd itself sees it (CPUs, sockets, cores, threads), without RealMemory:
+# memory is not a consumable resource here (CR_CPU), and a reading that drifts would drain the node.
+node_line=$(slurmd -C | head -n 1 | sed -E 's/ RealMemory=[0-9]+//')
+case "$node_line" in NodeName=*) ;; *) die "unexpected 'slurmd -C' output: $node_line" ;; esac
+sed -e "s|@HOST@|$host|g" -e "s|@STATE@|$state|g" -e "s|@CTLD_PORT@|$ctld_port|g" \
+    -e "s|@SLURMD_PORT@|$slurmd_port|g" -e "s|@USER@|$(id -un)|g" -e "s|@NODE_LINE@|$node_line|g" \
+    -e "s|@FIRST_JOB_ID@|$(( $(date +%s) % 50000000 + 1000 ))|g" \
+    "$here/slurm.conf.in" > "$conf"
+
+# --- daemons -------------------------------------------------------------------------------------
+# -c: forget the jobs and node states of an earlier cluster in this folder (FirstJobId, from the
+# clock, keeps job ids, and so per-job file names, from repeating across restarts).
+slurmctld -f "$conf" -c || die "slurmctld did not start; see $state/slurmctld.log"
+slurmd -f "$conf" || die "slurmd did not start; see $state/slurmd.log"
+
+# Wait until the node is idle (slurmd registered with slurmctld).
+deadline=$((t0 + timeout))
+until sinfo -h -N -o '%T' 2>/dev/null | grep -qx 'idle'; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+        echo "start-local-cluster: the node did not become idle within ${timeout}s:" >&2
+        sinfo -N -l >&2 || true
+        tail -n 20 "$state/slurmctld.log" "$state/slurmd.log" >&2 || true
+        exit 1
+    fi
+    # A node left DOWN by an earlier run in the same folder comes back with RESUME.
+    if sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(down|drain)'; then
+        scontrol update NodeName="$host" State=RESUME >/dev/null 2>&1 || true
+    fi
+    sleep 1
+done
+echo "start-local-cluster: node $host idle after $(( $(date +%s) - t0 ))s (state in $state)" >&2
+echo "export SLURM_CONF=$conf"

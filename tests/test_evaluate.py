@@ -1,0 +1,550 @@
+"""Evaluation: clean-fid FID (and the named stand-ins when Inception is absent), cached reference
+statistics, validation loss, prompt alignment on `shapes`, offline assets, `ditscale eval`.
+
+Real clean-fid, real shards packed in temporary folders, real MLflow (SQLite). The Inception weights
+are not on this machine (and nothing may download): the Inception *placement* is tested with a stand-in
+file, and the FID code paths run with the stand-in extractors through clean-fid's custom-extractor route.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import harness.assets as assets
+from harness.errors import UserError
+from tests.conftest import ditscale, tiny_study, write_study
+
+
+# --- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def no_inception(tmp_path, monkeypatch):
+    """Inception absent everywhere (clean-fid's /tmp place and the assets folder), whatever this machine holds."""
+    monkeypatch.setattr(assets, "cleanfid_dir", lambda: tmp_path / "cleanfid-place")
+    monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "no-assets"))
+    monkeypatch.delenv(assets.DOWNLOAD_ENV, raising=False)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    from harness.data import pack_dataset
+
+    out = tmp_path_factory.mktemp("shapes") / "shapes"
+    pack_dataset("shapes", str(out), image_size=32, count=1500, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lenet(digits_dir):
+    from harness.features import EvalData, ensure_standin, standin_extractor
+
+    return standin_extractor(ensure_standin("lenet", EvalData.from_folder(digits_dir)), "cpu")
+
+
+@pytest.fixture(scope="session")
+def shapesdet(shapes_dir):
+    from harness.features import EvalData, ensure_standin, standin_extractor
+
+    return standin_extractor(ensure_standin("shapesdet", EvalData.from_folder(shapes_dir)), "cpu")
+
+
+@pytest.fixture(scope="session")
+def digit_folders(digits_dir, tmp_path_factory):
+    """PNG folders of real digits: low (classes 0-4) and high (5-9), as clean-fid reads folders."""
+    from harness.features import EvalData, iter_real_images
+
+    root = tmp_path_factory.mktemp("folders")
+    batch = next(iter_real_images(EvalData.from_folder(digits_dir), "train", 600, batch_size=600))
+    for name, keep in (("low", batch["cls"] < 5), ("high", batch["cls"] >= 5)):
+        (root / name).mkdir()
+        for i, image in enumerate(batch["images"][keep.numpy()]):
+            Image.fromarray(image[:, :, 0]).save(root / name / f"{i:04d}.png")  # grayscale, as packed
+    return root / "low", root / "high"
+
+
+def _trial(digits: Path, tmp_path: Path, **eval_section):
+    from harness.config import TrialConfig
+
+    study = tiny_study(digits, "evaluate", eval={"fid_samples": 96, "sampling_steps": 4, "cfg_scale": [1.0, 3.0],
+                                                 "batch_size": 32, "val_batches": 2, **eval_section},
+                       resources={"workers_per_trial": 1, "storage": str(tmp_path / "runs")},
+                       tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "system_metrics": False})
+    return TrialConfig.model_validate(study)
+
+
+def _evaluator(trial):
+    from harness.denoiser import build_denoiser, dataset_info
+    from harness.distributed import DistInfo
+    from harness.evaluate import Evaluator
+    from harness.train import build_objective_for
+    from models.objectives import build_objective
+
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    info = dataset_info(trial)
+    torch.manual_seed(0)
+    model, conditioner = build_denoiser(trial, info, dist.device)
+    _perturb(model)
+    return Evaluator(trial, info, conditioner, build_objective_for(trial, build_objective), dist), model.eval()
+
+
+def _perturb(model) -> None:
+    """A freshly built DiT ignores its condition (adaLN-Zero): give the zero-initialised layers weights."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+
+
+# --- Fréchet distance: our numbers are clean-fid's ----------------------------------------------------
+
+
+def test_folder_against_itself_is_zero_and_different_distributions_are_not(digit_folders, lenet):
+    from harness.features import folder_distance
+
+    low, high = digit_folders
+    assert abs(folder_distance(low, low, lenet)) < 1e-6
+    different = folder_distance(low, high, lenet)
+    assert different > 1.0, different
+
+
+def test_equals_cleanfid_compute_fid_on_the_same_folders(digit_folders, lenet):
+    from cleanfid import fid
+
+    from harness.features import folder_distance
+
+    low, high = digit_folders
+    ours = folder_distance(low, high, lenet)
+    theirs = fid.compute_fid(str(low), str(high), mode="clean", custom_feat_extractor=lenet.model_fn,
+                             custom_fn_resize=lenet.fn_resize, num_workers=0, batch_size=50,
+                             device=torch.device("cpu"), verbose=False)
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    assert abs(fid.compute_fid(str(low), str(low), mode="clean", custom_feat_extractor=lenet.model_fn,
+                               custom_fn_resize=lenet.fn_resize, num_workers=0, device=torch.device("cpu"),
+                               verbose=False)) < 1e-6
+
+
+def test_torchmetrics_cross_checks_kid_and_fd(digit_folders, lenet):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from harness.features import folder_images, frechet_distance, kernel_distance
+
+    low, high = (folder_images(f) for f in digit_folders)
+    n = min(len(low), len(high))
+    low, high = low[:n], high[:n]
+    f_low, f_high = lenet.features(low), lenet.features(high)
+    ours_kid = kernel_distance(f_high, f_low)
+    ours_fd = frechet_distance(f_high, np.mean(f_low, 0), np.cov(f_low, rowvar=False))
+
+    class Features(torch.nn.Module):  # torchmetrics calls its feature module on the images as given
+        def forward(self, x):
+            return lenet.model_fn(x.float())
+
+    to_tensor = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731
+    kid = KernelInceptionDistance(feature=Features(), subsets=3, subset_size=n)
+    fd = FrechetInceptionDistance(feature=Features(), input_img_size=(3, 16, 16))
+    for metric in (kid, fd):
+        metric.update(to_tensor(low), real=True)
+        metric.update(to_tensor(high), real=False)
+    # With subsets of every sample both KIDs are the same unbiased MMD^2 estimate.
+    assert ours_kid == pytest.approx(float(kid.compute()[0]), rel=1e-3)
+    assert ours_fd == pytest.approx(float(fd.compute()), rel=1e-3)
+
+
+# --- reference statistics ----------------------------------------------------------------------------
+
+
+def test_reference_statistics_are_cached_and_reused(digits_dir, lenet):
+    from harness.features import EvalData, reference_stats
+
+    data = EvalData.from_folder(digits_dir)
+    calls = []
+    spy = lenet.__class__(lenet.name, lenet.key, lambda x: calls.append(len(x)) or lenet.model_fn(x),
+                          lenet.fn_resize, lenet.device)
+    first = reference_stats(data, spy, "train", limit=321)
+    assert first["computed"] and first["count"] == 321 and sum(calls) == 321
+    assert first["path"].parent == digits_dir / "eval"
+    name = first["path"].name
+    assert "lenet" in name and "_train_" in name and "16px" in name and "n321" in name
+    calls.clear()
+    second = reference_stats(data, spy, "train", limit=321)
+    assert not second["computed"] and calls == [], "the second evaluation must not read the reference set again"
+    np.testing.assert_array_equal(first["mu"], second["mu"])
+    # another split or sample count is another cache entry
+    assert reference_stats(data, spy, "val", limit=40)["path"] != first["path"]
+    leftovers = [p for p in (digits_dir / "eval").iterdir() if p.name.endswith(".partial")]
+    assert leftovers == []
+
+
+# --- the evaluator -------------------------------------------------------------------------------------
+
+
+def test_standin_metrics_are_never_named_fid(digits_dir, tmp_path, lenet, caplog):
+    import harness.features as features
+
+    features._warned.clear()
+    trial = _trial(digits_dir, tmp_path)
+    evaluator, model = _evaluator(trial)
+    rng = torch.get_rng_state()
+    with caplog.at_level(logging.WARNING, logger="harness.evaluate"):
+        metrics, images = evaluator.run(model, step=7)
+        again, _ = evaluator.run(model, step=8)
+        _evaluator(trial)[0].run(model, step=9)
+    assert torch.equal(rng, torch.get_rng_state()), "evaluation must leave the training RNG alone"
+    assert set(metrics) == {"val_loss", "val_mse", "fd_lenet_cfg1.0", "kd_lenet_cfg1.0", "fd_lenet_cfg3.0",
+                            "kd_lenet_cfg3.0", "eval_seconds"}
+    assert not [k for k in metrics if k.startswith(("fid", "kid"))]
+    warnings = [r.getMessage() for r in caplog.records if "Inception" in r.getMessage()]
+    assert len(warnings) == 1, "one clear warning per process"
+    assert "NOT computed" in warnings[0] and "fd_lenet" in warnings[0] and "ditscale assets fetch" in warnings[0]
+    # deterministic: the same numbers every time (fixed noise, labels, timesteps)
+    assert {k: v for k, v in again.items() if k != "eval_seconds"} == \
+           {k: v for k, v in metrics.items() if k != "eval_seconds"}
+    assert metrics["fd_lenet_cfg1.0"] > 0 and metrics["fd_lenet_cfg1.0"] != metrics["fd_lenet_cfg3.0"]
+    assert 0 < metrics["val_mse"] < 2 and np.isfinite(metrics["val_loss"])
+    assert sorted(images) == ["samples/step-00000007_cfg1.0.png", "samples/step-00000007_cfg3.0.png"]
+    grid = images["samples/step-00000007_cfg1.0.png"]
+    assert grid.size == (8 * 18 + 2, 4 * 18 + 2)  # the first batch's 32 samples, 8 per row
+
+
+def test_requesting_inception_without_weights_is_one_clear_error(digits_dir, tmp_path):
+    trial = _trial(digits_dir, tmp_path, feature_extractor="inception")
+    evaluator, model = _evaluator(trial)
+    with pytest.raises(UserError, match="inception.*ditscale assets fetch"):
+        evaluator.run(model, step=1)
+
+
+def test_due_at_every_and_at_the_end(digits_dir, tmp_path):
+    evaluator, _ = _evaluator(_trial(digits_dir, tmp_path, every=10))
+    assert [s for s in range(1, 31) if evaluator.due(s, final=s == 25)] == [10, 20, 25, 30]
+    quiet, _ = _evaluator(_trial(digits_dir, tmp_path, every=None, fid_samples=0, val_batches=0))
+    assert not quiet.due(10, final=True)
+    final_only, _ = _evaluator(_trial(digits_dir, tmp_path, every=None))
+    assert [s for s in range(1, 31) if final_only.due(s, final=s == 30)] == [30]
+
+
+def test_validation_loss_is_fixed_and_tells_models_apart(digits_dir, tmp_path):
+    trial = _trial(digits_dir, tmp_path, fid_samples=0, val_batches=3)
+    first, model = _evaluator(trial)
+    a = first.run(model, 1)[0]["val_loss"]
+    b = _evaluator(trial)[0].run(model, 1)[0]["val_loss"]  # a fresh evaluator (another trial): same set
+    assert a == b
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    assert first.run(model, 2)[0]["val_loss"] != a
+
+
+# --- shapes: the detector and prompt alignment --------------------------------------------------------------
+
+
+def test_prompt_alignment_near_one_on_real_shapes_and_near_chance_shuffled(shapes_dir, shapesdet):
+    from harness.features import EvalData, iter_real_images
+    from harness.standin import alignment_counts, parse_shapes_caption
+
+    batch = next(iter_real_images(EvalData.from_folder(shapes_dir), "val", None, batch_size=1000))
+    images = torch.from_numpy(batch["images"]).permute(0, 3, 1, 2).float()
+    captions = batch["txt"]
+    assert all(parse_shapes_caption(c) is not None for c in captions)
+    matched, total = alignment_counts(shapesdet.module, images, captions)
+    assert total == len(captions) and matched / total >= 0.9, matched / total
+    rng = np.random.default_rng(0)
+    shuffled = [captions[i] for i in np.roll(rng.permutation(len(captions)), 1)]
+    wrong, _ = alignment_counts(shapesdet.module, images, shuffled)
+    assert wrong / total <= 0.1, wrong / total
+
+
+def test_shapes_captions_parse_into_what_they_say():
+    from harness.standin import caption_matches, parse_shapes_caption
+
+    p = parse_shapes_caption("a red circle left of an orange square")
+    assert p == {"template": "relation", "objects": [("red", "circle"), ("orange", "square")], "relation": "left of"}
+    assert caption_matches(p, [(1, 0, "red", "circle"), (1, 2, "orange", "square")])
+    assert not caption_matches(p, [(1, 2, "red", "circle"), (1, 0, "orange", "square")])
+    three = parse_shapes_caption("three green triangles")
+    assert caption_matches(three, [(r, r, "green", "triangle") for r in range(3)])
+    assert not caption_matches(three, [(0, 0, "green", "triangle"), (1, 1, "green", "triangle")])
+    assert parse_shapes_caption("a photo of a cat") is None
+
+
+# --- offline assets --------------------------------------------------------------------------------------
+
+
+def _place(args):
+    source, target = args
+    return str(assets.find_inception(source, target_dir=target))
+
+
+def test_inception_is_placed_once_per_node_without_races(tmp_path):
+    source = tmp_path / "assets"
+    source.mkdir()
+    payload = os.urandom(3 << 20)
+    (source / assets.INCEPTION_FILE).write_bytes(payload)
+    target = tmp_path / "node-tmp"
+    target.mkdir()
+    with multiprocessing.get_context("fork").Pool(4) as pool:  # four "ranks" of one node at once
+        found = pool.map(_place, [(str(source), str(target))] * 8)
+    assert set(found) == {str(target / assets.INCEPTION_FILE)}
+    assert (target / assets.INCEPTION_FILE).read_bytes() == payload
+    assert not [p for p in target.iterdir() if p.name.endswith(".partial")]
+    mtime = (target / assets.INCEPTION_FILE).stat().st_mtime_ns
+    assert assets.find_inception(source, target_dir=target) == target / assets.INCEPTION_FILE
+    assert (target / assets.INCEPTION_FILE).stat().st_mtime_ns == mtime, "placed once, not again"
+    # a truncated copy (e.g. an interrupted download by clean-fid itself) is replaced
+    (target / assets.INCEPTION_FILE).write_bytes(payload[:100])
+    assert assets.find_inception(source, target_dir=target).read_bytes() == payload
+
+
+def test_inception_absent_means_none_and_no_download(tmp_path):
+    assert assets.find_inception(tmp_path / "empty", target_dir=tmp_path / "t") is None
+    assert not (tmp_path / "t" / assets.INCEPTION_FILE).exists()
+
+
+def test_assets_fetch_and_data_stats_commands(tmp_path, digits_dir, lenet):
+    mirror = tmp_path / "mirror.pt"
+    mirror.write_bytes(b"not really inception" * 1000)
+    dest = tmp_path / "assets"
+    out = ditscale("assets", "fetch", "--dest", str(dest), "--inception-url", mirror.as_uri(), cwd=tmp_path).stdout
+    assert (dest / assets.INCEPTION_FILE).read_bytes() == mirror.read_bytes()
+    assert "DITSCALE_ASSETS" in out
+    env = {assets.ASSETS_ENV: str(tmp_path / "none")}
+    proc = ditscale("data", "stats", str(digits_dir), "--extractor", "lenet", "--samples", "200", "--json",
+                    cwd=tmp_path, env=env)
+    assert '"metric": "fd_lenet"' in proc.stdout and '"count": 200' in proc.stdout
+    bad = ditscale("data", "stats", str(digits_dir), "--extractor", "shapesdet", cwd=tmp_path, env=env, check=False)
+    assert bad.returncode == 2 and "shapesdet" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- `ditscale eval` on a checkpoint, logged to MLflow ------------------------------------------------------
+
+
+def test_eval_command_logs_into_the_trials_run(digits_dir, tmp_path, lenet, monkeypatch):
+    import mlflow
+
+    from harness.denoiser import build_denoiser, dataset_info
+    from harness.train import trial_dir
+    from models.ema import EMA
+
+    study = tiny_study(digits_dir, "evalcmd", eval={"fid_samples": 64, "sampling_steps": 3, "cfg_scale": [1.5],
+                                                    "batch_size": 32, "val_batches": 1})
+    path = write_study(tmp_path / "study.yaml", study)
+    from harness.config import expand_grid, load_study
+
+    monkeypatch.chdir(tmp_path)  # storage and tracking default to the working directory
+    trial = expand_grid(load_study(path))[0]
+    model, _ = build_denoiser(trial, dataset_info(trial), torch.device("cpu"))
+    ckpt = trial_dir(trial) / "checkpoints" / "step-00000030"
+    ckpt.mkdir(parents=True)
+    torch.save(EMA(model).state_dict(), ckpt / "ema.pt")
+    proc = ditscale("eval", str(path), "--json", "--set", "eval.fid_samples=48", "--set",
+                    "eval.feature_extractor=lenet", cwd=tmp_path)
+    assert "fd_lenet_cfg1.5" in proc.stdout and '"fid' not in proc.stdout
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("evalcmd")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.tags["trial_id"] == trial.trial_id, "eval.* overrides must not change the trial evaluated"
+    history = client.get_metric_history(run.info.run_id, "fd_lenet_cfg1.5")
+    assert [m.step for m in history] == [30]
+    assert "val_loss" in run.data.metrics and not any(k.startswith("fid") for k in run.data.metrics)
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert artifacts == ["samples/step-00000030_cfg1.5.png"]
+
+
+# --- several ranks: the same numbers as one ---------------------------------------------------------------
+
+
+def _rank_main(rank: int, world: int, port: int, digits: str, tmp: str, out: str) -> None:
+    import json
+
+    import torch.distributed as tdist
+
+    assets.cleanfid_dir = lambda: Path(tmp) / "cleanfid-place"  # as the autouse fixture does in the parent
+    os.environ[assets.ASSETS_ENV] = str(Path(tmp) / "no-assets")
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        evaluator, model = _evaluator(_trial(Path(digits), Path(tmp)))
+        evaluator.dist = evaluator.dist.__class__(rank, world, 0, torch.device("cpu"))
+        metrics, images = evaluator.run(model, step=3)
+        if rank == 0:
+            Path(out).write_text(json.dumps({"metrics": metrics, "images": sorted(images)}))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_numbers_of_one(digits_dir, tmp_path, lenet):
+    import json
+
+    import torch.multiprocessing as mp
+
+    from harness.distributed import free_port
+
+    single, model = _evaluator(_trial(digits_dir, tmp_path))
+    alone, images = single.run(model, step=3)
+    out = tmp_path / "two.json"
+    mp.spawn(_rank_main, args=(2, free_port(), str(digits_dir), str(tmp_path), str(out)), nprocs=2, join=True)
+    two = json.loads(out.read_text())
+    assert two["images"] == sorted(images)
+    for key, value in alone.items():
+        if key != "eval_seconds":
+            assert two["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+
+
+# --- inside the training loop ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_evaluates_every_n_steps_under_zero3_on_two_ranks(digits_dir, tmp_path, lenet):
+    import mlflow
+
+    from tests.test_train import _torchrun
+
+    study = write_study(tmp_path / "s.yaml", tiny_study(
+        digits_dir, "evaltrain", train={"zero_stage": 3, "steps": 20},
+        eval={"every": 10, "fid_samples": 40, "sampling_steps": 3, "cfg_scale": [1.0, 2.0], "batch_size": 16,
+              "val_batches": 2},
+        resources={"workers_per_trial": 2}))
+    proc = _torchrun(study, tmp_path)
+    assert proc.stdout.count("eval at step") == 2
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("evaltrain").experiment_id])
+    for key in ("val_loss", "fd_lenet_cfg1.0", "kd_lenet_cfg2.0"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [10, 20], key
+    assert not any(k.startswith(("fid", "kid")) for k in run.data.metrics)
+    assert len(client.list_artifacts(run.info.run_id, "samples")) == 4
+    assert run.data.tags["ditscale.status"] == "finished"
+
+
+# --- latents: samples and references are decoded with the dataset's VAE --------------------------------------
+
+
+def test_latent_datasets_are_decoded_with_their_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from harness.config import TrialConfig
+    from harness.data import make_loader, pack_dataset
+    from harness.features import EvalData, LatentDecoder, iter_real_images
+
+    vae_dir = tmp_path / "vae"
+    diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.5, shift_factor=0.1,
+    ).save_pretrained(vae_dir)
+    data_dir = tmp_path / "latents"
+    pack_dataset("digits", str(data_dir), image_size=16, count=400, vae=str(vae_dir), progress=False)
+    data = EvalData.from_folder(data_dir)
+    decoder = LatentDecoder(data.manifest, torch.device("cpu"))
+    # the loader's scaled latents and the shards' raw latents decode to the same images
+    scaled = next(iter(make_loader(str(data_dir), 8, resampled=False, shuffle=0, split="val")))["x"]
+    raw = next(iter_real_images(data, "val", 8, batch_size=8, decoder=decoder))["images"]
+    assert np.abs(decoder.decode(scaled).astype(int) - raw.astype(int)).max() <= 1
+    assert raw.shape == (8, 16, 16, 3)
+
+    trial = TrialConfig.model_validate(tiny_study(
+        data_dir, "latents", data={"shards": str(data_dir / "train-000000.tar"),
+                                   "val_shards": str(data_dir / "val-000000.tar"), "image_size": 8, "channels": 4},
+        model={"family": "dit", "size": "XXS", "patch": 2},
+        eval={"fid_samples": 24, "sampling_steps": 2, "cfg_scale": [1.0], "batch_size": 16, "val_batches": 1,
+              "feature_extractor": "lenet"},
+        resources={"storage": str(tmp_path / "runs")}))
+    evaluator, model = _evaluator(trial)
+    metrics, images = evaluator.run(model, step=1)
+    assert {"fd_lenet_cfg1.0", "kd_lenet_cfg1.0", "val_loss"} <= set(metrics)
+    (grid,) = images.values()
+    assert grid.size == (8 * 18 + 2, 2 * 18 + 2), "grid tiles are decoded 16 px images, not 8 px latents"
+
+
+def test_captioned_shapes_get_prompt_alignment(shapes_dir, shapesdet, tmp_path):
+    from harness.config import TrialConfig
+
+    trial = TrialConfig.model_validate(tiny_study(
+        shapes_dir, "captions", data={"shards": str(shapes_dir / "train-000000.tar"),
+                                      "val_shards": str(shapes_dir / "val-000000.tar"), "image_size": 32,
+                                      "channels": 3, "conditioning": "text"},
+        model={"family": "mmdit", "size": "d2", "patch": 4},
+        eval={"fid_samples": 40, "sampling_steps": 2, "cfg_scale": [1.0, 2.0], "batch_size": 20, "val_batches": 1},
+        resources={"storage": str(tmp_path / "runs")}))
+    evaluator, model = _evaluator(trial)
+    metrics, _ = evaluator.run(model, step=1)
+    for scale in ("1.0", "2.0"):
+        assert f"fd_shapesdet_cfg{scale}" in metrics and 0 <= metrics[f"prompt_alignment_cfg{scale}"] <= 1
+    assert evaluator._prompt_pool()["txt"][:3] == _val_captions(shapes_dir)[:3], "captions come from the val shards"
+
+
+def _val_captions(folder: Path) -> list[str]:
+    from harness.features import EvalData, iter_real_images
+
+    return next(iter_real_images(EvalData.from_folder(folder), "val", 3))["txt"]
+
+
+# --- with Inception weights present: the FID path (a stand-in TorchScript file, never placed in /tmp) ---------
+
+
+def _fake_inception(folder: Path) -> Path:
+    """A TorchScript file with the interface of clean-fid's inception-2015-12-05.pt (`.layers` maps a
+    normalised 299 x 299 batch to 2048 features). NOT Inception: it only exercises the plumbing."""
+
+    class Layers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3 * 8 * 8, 2048)
+
+        def forward(self, x):
+            return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1))
+
+    class Base(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = Layers()
+
+        def forward(self, x, return_features: bool = False):
+            return self.layers(x)
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / assets.INCEPTION_FILE
+    torch.jit.save(torch.jit.script(Base()), str(path))
+    return path
+
+
+def test_present_inception_is_placed_loaded_and_fed_as_cleanfid_feeds_it(digits_dir, digit_folders, tmp_path,
+                                                                         monkeypatch, caplog):
+    from cleanfid.fid import get_folder_features
+    from cleanfid.resize import build_resizer
+
+    from harness.features import EvalData, choose_extractor, folder_images
+
+    _fake_inception(tmp_path / "assets")
+    monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "assets"))
+    with caplog.at_level(logging.WARNING, logger="harness.evaluate"):
+        extractor, _ = choose_extractor("auto", EvalData.from_folder(digits_dir), "cpu")
+    assert extractor.is_inception and extractor.metric("fd") == "fid" and extractor.metric("kd") == "kid"
+    assert not caplog.records, "no stand-in warning when the weights are there"
+    assert (assets.cleanfid_dir() / assets.INCEPTION_FILE).is_file(), "copied to where clean-fid looks"
+    low = digit_folders[0]
+    ours = extractor.features(folder_images(low)[:20])
+    theirs = get_folder_features(str(low), extractor.model_fn, num_workers=0, num=20, batch_size=8,
+                                 device=torch.device("cpu"), mode="clean", verbose=False,
+                                 custom_fn_resize=build_resizer("clean"))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_present_inception_gives_metrics_named_fid(digits_dir, tmp_path, monkeypatch):
+    _fake_inception(tmp_path / "assets")
+    monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "assets"))
+    trial = _trial(digits_dir, tmp_path, cfg_scale=[1.5], fid_samples=40, val_batches=0, reference_samples=100)
+    evaluator, model = _evaluator(trial)
+    metrics, images = evaluator.run(model, step=2)
+    assert {"fid_cfg1.5", "kid_cfg1.5", "eval_seconds"} == set(metrics)
+    assert evaluator.reference["path"].name.startswith("fid_stats_inception-clean_train_16px_n100_")
