@@ -68,12 +68,12 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy src to dst through a temporary file in dst's folder and an atomic rename."""
-    dst = Path(dst)
+def _write_atomically(dst: Path, source) -> Path:
+    """Stream the file-like `source` into dst through a temporary file in dst's folder and an atomic
+    rename: readers never see a partial file, and an interrupted write leaves nothing behind."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+        with os.fdopen(fd, "wb") as out, source as inp:
             shutil.copyfileobj(inp, out, 1 << 20)
         os.chmod(tmp, 0o644)
         os.replace(tmp, dst)
@@ -83,20 +83,16 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return dst
 
 
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy src to dst (atomically)."""
+    return _write_atomically(Path(dst), open(src, "rb"))
+
+
 def download(url: str, dst: str | os.PathLike, timeout: float = 60.0) -> Path:
     """url -> dst (atomic: a temporary file renamed at the end). file:// URLs work too."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, out, 1 << 20)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+    return _write_atomically(dst, urllib.request.urlopen(url, timeout=timeout))
 
 
 def _usable(path: Path, like: Path | None = None) -> bool:

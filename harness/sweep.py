@@ -154,13 +154,14 @@ def _trial_start_time() -> float:
 # --- the Tune trial ------------------------------------------------------------------------------
 
 
-def _tune_trial(config: dict) -> None:
+def _tune_trial(config: dict, trials: dict | None = None) -> None:
     """One Tune trial = one Ray Train run over the trial's workers."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     started_at = _trial_start_time()
+    config = {**config, "trial": trials[config["trial_id"]]}  # the full config travels beside Tune's table
     trial = TrialConfig.model_validate(config["trial"])
     r = trial.resources
     use_gpu = r.gpus_per_worker > 0
@@ -334,15 +335,20 @@ def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, m
     from ray import tune
 
     concurrent = _max_concurrent(todo, max_concurrent)
-    space = {"trial": tune.grid_search([t.model_dump(mode="json") for t in todo]),
-             "parent_run_id": parent_run_id, "storage_probe": str(probe)}
+    # Tune's table shows the search space: the trial id there, the whole trial config passed beside it.
+    trials = {t.trial_id: t.model_dump(mode="json") for t in todo}
+    names = {t.trial_id: f"{t.model_name.replace('/', '_')}-{t.trial_id[:6]}" for t in todo}
+    space = {"trial_id": tune.grid_search(list(trials)), "parent_run_id": parent_run_id,
+             "storage_probe": str(probe)}
     # The Tune trial itself only waits on its TorchTrainer: it must not hold a CPU the workers need
     # (Tune refuses an all-zero request, so it asks for a token 1 MiB of memory instead).
-    trainable = tune.with_resources(_tune_trial, {"CPU": 0, "memory": 1024**2})
+    trainable = tune.with_resources(tune.with_parameters(_tune_trial, trials=trials), {"CPU": 0, "memory": 1024**2})
     tuner = tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
+                                    trial_name_creator=lambda t: names[t.config["trial_id"]],
+                                    trial_dirname_creator=lambda t: names[t.config["trial_id"]]),
         run_config=tune.RunConfig(
             name=f"{study.name}-sweep",
             storage_path=str(Path(study.resources.storage).resolve() / "_ray"),
@@ -351,8 +357,7 @@ def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, m
         ),
     )
     results = tuner.fit()
-    return {r.config["trial"]["name"] + ":" + TrialConfig.model_validate(r.config["trial"]).trial_id:
-            ("error" if r.error else "ok") for r in results}
+    return {r.config["trial_id"]: ("error" if r.error else "ok") for r in results}
 
 
 def _write_report(uri: str, experiment: str):
