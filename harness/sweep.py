@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -106,21 +105,6 @@ def _worker_loop(config: dict) -> None:
                          early_marks=config.get("early_marks"))
     if result.status.startswith("failed"):
         raise RuntimeError(f"trial {trial.trial_id} {result.status}")
-
-
-def _stop_on_sigterm(stop: Path):
-    """SIGTERM to the driver (a scheduler ending the job) becomes a stop request: running trials
-    checkpoint at their next log step and the sweep winds down, resumable. Returns the old handler."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handle(signum, frame):
-        print(f"SIGTERM: asking the running trials to checkpoint and stop ({stop})", flush=True)
-        stop.touch()
-
-    return signal.signal(signal.SIGTERM, handle)
 
 
 def _storage_probe(trial: TrialConfig, parent_run_id: str) -> Path:
@@ -300,7 +284,6 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
         parent = open_parent_run(uri, study, trials)
         probe = _storage_probe(trials[0], parent)
         started_ray = False
-        previous = _stop_on_sigterm(stop)
         try:
             started_ray = _start_ray(address)
             statuses = _run_tune(study, todo, parent, probe, max_concurrent or study.resources.max_concurrent_trials)
@@ -308,8 +291,6 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
             final = sweep_state(uri, study.name, trials)
             close_parent_run(uri, parent, trials, final)
             probe.unlink(missing_ok=True)
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
             if started_ray:
                 import ray
 

@@ -150,7 +150,13 @@ def train_trial(
     # --- resume ---------------------------------------------------------------------------------
     step, samples_seen, run_id, resumes = 0, 0, None, 0
     if resume_from is not None or (ckpt_root / "latest").is_file():
-        root, tag = (resume_from["root"], resume_from["tag"]) if resume_from else (str(ckpt_root), None)
+        # The trial folder's `latest` (written by DeepSpeed after a complete save) is preferred: Ray's
+        # pointer is the newest checkpoint Ray had recorded, which lags when a job was killed between
+        # a save and its report. The pointer serves when the folder has no `latest`.
+        if (ckpt_root / "latest").is_file():
+            root, tag = str(ckpt_root), None
+        else:
+            root, tag = resume_from["root"], resume_from["tag"]
         path, client = engine.load_checkpoint(root, tag=tag)
         if path is not None:
             step, samples_seen = client["step"], client["samples_seen"]
