@@ -34,7 +34,7 @@ TAG_COLUMNS = ("family", "size", "patch", "objective", "attention", "model")
 # Metrics where lower is better: their best value over the run is kept beside the final one.
 LOWER_IS_BETTER = re.compile(r"^(loss|val_loss.*|fid.*|fd_.*|kid.*)$")
 # Metrics the report needs histories of (quality over training, and compute to put them on an axis).
-HISTORY_KEYS = re.compile(r"^(loss|val_loss.*|fid.*|fd_.*|kid.*|train_gflops|samples_seen)$")
+HISTORY_KEYS = re.compile(r"^(loss|val_loss.*|fid.*|fd_.*|kid.*|kd_.*|train_gflops|samples_seen)$")
 _FD = re.compile(r"^(?:fid|fd_(?P<ext>.+?))(?:_cfg(?P<cfg>\d+(?:\.\d+)?))?$")
 # Where a parameter count or forward GFLOPs may be logged (none is logged by the trainer today).
 _PARAM_COUNT_KEYS = ("params", "n_params", "num_params", "model.params", "model.n_params", "param_count")

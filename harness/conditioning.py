@@ -109,16 +109,20 @@ class Conditioner:
 
 def caption_vocabulary(trial: TrialConfig) -> list[str]:
     """Captions of the training shards (up to a limit), read in a fixed order: every rank builds the
-    same builtin-encoder vocabulary without talking to the others."""
-    from harness.data import make_loader
+    same builtin-encoder vocabulary without talking to the others. Only the tar members are read;
+    no image is decoded. Damaged samples are passed over (the loader counts them)."""
+    from harness.data.codec import decode_txt
+    from harness.data.shards import expand_shards, open_shard
+    from harness.data.tario import iter_samples
 
-    loader = make_loader(trial.data.shards, 256, resampled=False, shuffle=0, conditioning="text",
-                         text_embeddings=False, num_workers=0)
     captions: list[str] = []
-    for batch in loader:
-        captions.extend(batch["txt"])
-        if len(captions) >= _VOCAB_SCAN_LIMIT:
-            break
+    for url in expand_shards(trial.data.shards):
+        with open_shard(url) as stream:
+            for sample in iter_samples(stream):
+                if "txt" in sample and "__error__" not in sample:
+                    captions.append(decode_txt(sample["txt"]))
+                if len(captions) >= _VOCAB_SCAN_LIMIT:
+                    return captions
     if not captions:
         raise UserError(f"data.shards: no captions found in {trial.data.shards} (conditioning is text)")
     return captions
@@ -131,16 +135,16 @@ def build_word_encoder(trial: TrialConfig):
 
 
 def load_frozen_encoder(trial: TrialConfig, device: torch.device):
-    from models.text import load_text_encoder
+    from harness.data.text_embeddings import load_encoder
 
-    try:
-        encoder = load_text_encoder(trial.data.text_encoder, device=device)
-    except (ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"data.text_encoder: {trial.data.text_encoder}: {first}") from None
-    if hasattr(encoder, "eval"):
-        encoder.eval()
-    return encoder
+    return load_encoder(trial.data.text_encoder, device=device, field="data.text_encoder")
+
+
+def sd3_text_geometry() -> TextGeometry:
+    """SD3's text geometry: the guess for FLOP tables when the real one is not known yet."""
+    from models.flops import SD3_CONTEXT_DIM, SD3_POOLED_DIM, SD3_TEXT_TOKENS
+
+    return TextGeometry(SD3_TEXT_TOKENS, SD3_CONTEXT_DIM, SD3_POOLED_DIM)
 
 
 def text_geometry(trial: TrialConfig, manifest: dict, frozen_encoder=None) -> TextGeometry:
@@ -154,10 +158,7 @@ def text_geometry(trial: TrialConfig, manifest: dict, frozen_encoder=None) -> Te
             raise UserError("data.text_encoder: precomputed, but the shards' dataset.json lists no text "
                             "embeddings; pack with `ditscale data pack ... --text-encoder SPEC`")
         return TextGeometry(int(meta["tokens"]), int(meta["token_dim"]), int(meta["pooled_dim"]))
-    if frozen_encoder is None:
-        # Planning without loading the encoder: SD3's geometry (a close guess for FLOP tables).
-        from models.flops import SD3_CONTEXT_DIM, SD3_POOLED_DIM, SD3_TEXT_TOKENS
-
-        return TextGeometry(SD3_TEXT_TOKENS, SD3_CONTEXT_DIM, SD3_POOLED_DIM)
+    if frozen_encoder is None:  # planning without loading the encoder
+        return sd3_text_geometry()
     probe = frozen_encoder.encode(["a"])
     return TextGeometry(probe.tokens.shape[1], probe.tokens.shape[2], probe.pooled.shape[1])

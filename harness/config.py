@@ -113,6 +113,13 @@ class ResourcesConfig(_Section):
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
     max_concurrent_trials: int | None = Field(None, gt=0, description="default: as many as the cluster fits")
+    max_failures: int = Field(2, ge=0, description=(
+        "restarts of a failed trial, each from its last checkpoint: Ray Train restarts a trial's "
+        "workers, Tune restarts an in-process trial (and one whose workers ran out of restarts)"))
+    reuse_trial_process: bool = Field(True, description=(
+        "single-worker trials train inside Tune's reused trial process (Ray Train's local mode: "
+        "torch, DeepSpeed and MLflow load once per process, not once per trial); false starts a "
+        "Ray Train worker group for them too. Multi-worker trials always get their own workers"))
     storage: str = Field("runs", description="trial folders (checkpoints); a shared filesystem on clusters")
     assets: str | None = Field(None, description=(
         "offline weights (Inception for FID, VAEs) from `ditscale assets fetch`; default $DITSCALE_ASSETS"))

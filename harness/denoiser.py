@@ -13,7 +13,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from harness.conditioning import (CaptionDenoiser, Conditioner, TextGeometry, build_word_encoder,
-                                  text_geometry)
+                                  sd3_text_geometry, text_geometry)
 from harness.config import REMOTE_PREFIXES, TrialConfig, shard_urls
 from harness.errors import UserError
 from models.flops import count_model
@@ -50,8 +50,9 @@ def dataset_info(trial: TrialConfig, need_manifest: bool = True, frozen_encoder=
     kind = manifest.get("kind", "pixels")
     text = None
     if trial.model.family == "mmdit":
-        text = text_geometry(trial, manifest, frozen_encoder) if need_manifest or trial.data.text_encoder != \
-            "precomputed" else TextGeometry(77, 768, 768)
+        # Planning (dry run) before embeddings were packed: SD3's geometry stands in for the FLOP table.
+        guess = not need_manifest and trial.data.text_encoder == "precomputed" and not manifest.get("text_encoder")
+        text = sd3_text_geometry() if guess else text_geometry(trial, manifest, frozen_encoder)
     count = count_model(trial.model_name, input_size=trial.data.image_size, in_channels=trial.data.channels,
                         **_count_kwargs(trial, num_classes, text))
     return DatasetInfo(num_classes=num_classes, kind=kind, manifest=manifest, forward_gflops=count.gflops,

@@ -4,6 +4,15 @@ whose workers run harness/train.py's loop on DeepSpeed.
 Ray Train V2: a TorchTrainer cannot be handed to Tune; the Tune trial is a function that builds and
 fits a TorchTrainer, and TuneReportCallback forwards the workers' metrics to Tune.
 
+Start-up: Ray Train starts a controller and fresh worker processes for every fit, and each worker
+then imports torch, DeepSpeed (which imports MLflow) and torch._dynamo — about 15 s per trial on a
+2-core machine, whatever the model. Single-worker trials (the common case for small scaling-study
+points) therefore run in Ray Train's local mode (ScalingConfig(num_workers=0)): the loop runs in the
+Tune trial's own process, which Tune reuses from trial to trial (reuse_actors) and which holds the
+worker's resources, so the second and later trials of a process start in well under a second. They
+report to Tune directly, and a failed one is retried by Tune (FailureConfig) and resumes from its
+trial folder's checkpoint. `resources.reuse_trial_process: false` turns this off.
+
 Resume: trials whose MLflow run says `finished` are skipped; the others resume from the DeepSpeed
 checkpoint in their trial folder. Within one invocation, a worker failure restarts the workers
 (FailureConfig) and they reload the checkpoint named by `ray.train.get_checkpoint()` — a small
@@ -15,6 +24,7 @@ the trial folder makes it once), to exercise recovery; `k:ID` limits it to trial
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -61,6 +71,7 @@ def print_plan(rows: list[dict]) -> None:
 
 def _worker_loop(config: dict) -> None:
     """Runs in every Ray Train worker: the same loop as `ditscale train`, with Ray reporting."""
+    entered = time.time()  # before the heavy imports (torch, DeepSpeed): start-up phase boundary
     import logging
 
     import ray.train
@@ -71,15 +82,15 @@ def _worker_loop(config: dict) -> None:
     from harness.train import train_trial
 
     trial = TrialConfig.model_validate(config["trial"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    in_process = config.get("in_process", False)
+    rank = 0 if in_process else ray.train.get_context().get_world_rank()
     probe = Path(config["storage_probe"])
     if not probe.is_file():
         raise UserError(f"resources.storage: {trial.resources.storage} is not visible from worker node "
                         f"{os.uname().nodename} (no {probe.name}); use a filesystem shared by all Ray nodes")
 
     resume_from = None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = None if in_process else ray.train.get_checkpoint()  # in-process: the trial folder's
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume_from = json.loads((Path(d) / POINTER_FILE).read_text())
@@ -92,7 +103,12 @@ def _worker_loop(config: dict) -> None:
             if marker is not None and not marker.exists():
                 marker.touch()
                 raise RuntimeError(f"{FAULT_ENV}={fault_at}: injected worker failure")
-        if ckpt_dir is not None and rank == 0:
+        if in_process:
+            # Ray Train's local mode keeps reports to itself: they go to Tune directly.
+            from ray import tune
+
+            tune.report(metrics)
+        elif ckpt_dir is not None and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / POINTER_FILE).write_text(json.dumps({"root": str(ckpt_dir.parent),
                                                                   "tag": ckpt_dir.name}))
@@ -100,11 +116,48 @@ def _worker_loop(config: dict) -> None:
         else:
             ray.train.report(metrics)
 
-    result = train_trial(trial, parent_run_id=config.get("parent_run_id"), report=report,
-                         started_at=config["started_at"], resume_from=resume_from,
-                         early_marks=config.get("early_marks"))
+    early = {**config.get("early_marks", {}), "ray_workers": entered - config["started_at"]}
+    with _process_group_scope(in_process):
+        result = train_trial(trial, parent_run_id=config.get("parent_run_id"), report=report,
+                             started_at=config["started_at"], resume_from=resume_from, early_marks=early,
+                             run_id=config.get("run_id"))
     if result.status.startswith("failed"):
         raise RuntimeError(f"trial {trial.trial_id} {result.status}")
+
+
+_TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def _process_group_scope(in_process: bool):
+    """In-process trials share their process with the trials after it: each leaves neither its
+    process group (destroyed through DeepSpeed, which also drops the groups it cached) nor the
+    torchrun variables (Ray's local mode would take them for a torchrun launch of its own)."""
+    if not in_process:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in _TORCHRUN_ENV}
+    try:
+        yield
+    finally:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
+        import gc
+
+        import torch
+
+        gc.collect()  # the finished trial's engine, optimizer state and loaders
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _storage_probe(trial: TrialConfig, parent_run_id: str) -> Path:
@@ -138,35 +191,62 @@ def _trial_start_time() -> float:
 # --- the Tune trial ------------------------------------------------------------------------------
 
 
+def runs_in_process(trial: TrialConfig) -> bool:
+    return trial.resources.workers_per_trial == 1 and trial.resources.reuse_trial_process
+
+
+def trial_resources(trial: TrialConfig) -> dict:
+    """What Tune reserves for the trial's own process: the worker's share when the trial trains in
+    it; otherwise nothing the workers need (Tune refuses an all-zero request: a token 1 MiB)."""
+    r = trial.resources
+    if runs_in_process(trial):
+        return {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
+    return {"CPU": 0, "memory": 1024**2}
+
+
 def _tune_trial(config: dict, trials: dict | None = None) -> None:
     """One Tune trial = one Ray Train run over the trial's workers."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from harness.ray_backend import DeepSpeedRendezvous
+    from harness.tracking import mark_failed, open_trial_run, resolve_tracking_uri
 
     started_at = _trial_start_time()
     config = {**config, "trial": trials[config["trial_id"]]}  # the full config travels beside Tune's table
     trial = TrialConfig.model_validate(config["trial"])
+    # The run is opened here, in the Tune trial's process (reused from trial to trial, MLflow already
+    # loaded) rather than in a fresh worker; found again by trial_id on a retry, never duplicated.
+    uri = resolve_tracking_uri(trial.tracking.uri)
+    run_id = open_trial_run(trial, uri, parent_run_id=config.get("parent_run_id"))
     r = trial.resources
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if use_gpu else {})
+    in_process = runs_in_process(trial)
     trainer = TorchTrainer(
         _worker_loop,
         # The trial starts when Tune starts its actor process (the trial's own start-up included).
-        train_loop_config={**config, "started_at": started_at,
+        train_loop_config={**config, "started_at": started_at, "run_id": run_id, "in_process": in_process,
                            "early_marks": {"tune_trial": time.time() - started_at}},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+        torch_config=DeepSpeedRendezvous(backend="nccl" if use_gpu else "gloo"),
+        # num_workers=0 is Ray Train's local mode: the loop runs here, in this (reused) process, which
+        # Tune gave the worker's resources (see trial_resources).
+        scaling_config=ray.train.ScalingConfig(num_workers=0 if in_process else r.workers_per_trial,
+                                               use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=f"{trial.name}-{trial.trial_id}",
             storage_path=str(Path(r.storage).resolve() / "_ray"),
-            failure_config=ray.train.FailureConfig(max_failures=config.get("max_failures", 2)),
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:  # e.g. workers that never reached the loop (storage not shared)
+        mark_failed(uri, run_id, f"{type(err).__name__}: {err}")
+        raise
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -321,9 +401,9 @@ def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, m
     names = {t.trial_id: f"{t.model_name.replace('/', '_')}-{t.trial_id[:6]}" for t in todo}
     space = {"trial_id": tune.grid_search(list(trials)), "parent_run_id": parent_run_id,
              "storage_probe": str(probe)}
-    # The Tune trial itself only waits on its TorchTrainer: it must not hold a CPU the workers need
-    # (Tune refuses an all-zero request, so it asks for a token 1 MiB of memory instead).
-    trainable = tune.with_resources(tune.with_parameters(_tune_trial, trials=trials), {"CPU": 0, "memory": 1024**2})
+    by_id = {t.trial_id: t for t in todo}
+    trainable = tune.with_resources(tune.with_parameters(_tune_trial, trials=trials),
+                                    lambda config: trial_resources(by_id[config["trial_id"]]))
     tuner = tune.Tuner(
         trainable,
         param_space=space,
@@ -333,7 +413,7 @@ def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, m
         run_config=tune.RunConfig(
             name=f"{study.name}-sweep",
             storage_path=str(Path(study.resources.storage).resolve() / "_ray"),
-            failure_config=tune.FailureConfig(max_failures=1),
+            failure_config=tune.FailureConfig(max_failures=study.resources.max_failures),
             verbose=1,
         ),
     )

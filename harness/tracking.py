@@ -133,13 +133,21 @@ def open_trial_run(trial, uri: str, run_id: str | None = None, parent_run_id: st
     return run.info.run_id
 
 
+def mark_failed(uri: str, run_id: str, reason: str) -> None:
+    """FAILED with `reason`, unless the trial's own loop already recorded how it ended."""
+    c = client(uri)
+    if c.get_run(run_id).data.tags.get(STATUS_TAG, "running") == "running":
+        c.set_tag(run_id, STATUS_TAG, f"failed: {reason}"[:5000])
+        c.set_terminated(run_id, "FAILED")
+
+
 def _run_name(trial) -> str:
     extra = f"-{trial.model.attention}" if trial.model.family == "mmdit" else ""
     return f"{trial.model_name}{extra}-{trial.objective.kind}-{trial.trial_id[:6]}"
 
 
 class RunLogger:
-    """Rank-0 metric logging into one MLflow run (batched, so logging never stalls a step for long)."""
+    """Rank-0 metric logging into one MLflow run."""
 
     def __init__(self, uri: str, run_id: str, system_metrics: bool = False):
         self.uri, self.run_id = uri, run_id

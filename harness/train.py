@@ -102,6 +102,7 @@ def train_trial(
     should_stop: Callable[[], bool] | None = None,
     resume_from: dict | None = None,
     early_marks: dict[str, float] | None = None,
+    run_id: str | None = None,
 ) -> TrialResult:
     """Train one trial to `train.steps`, resuming from its latest checkpoint when there is one.
 
@@ -110,7 +111,9 @@ def train_trial(
     started_at is a wall-clock time (time.time()) when the trial began, for `startup_s`.
     resume_from {"root", "tag"} names a DeepSpeed checkpoint (from Ray's checkpoint pointer); without
     it the trial folder's newest checkpoint is used, if any. early_marks {phase: seconds since
-    started_at} are start-up phases the caller timed (the sweep: Tune trial actor start).
+    started_at} are start-up phases the caller timed (the sweep: Tune trial, Ray Train workers).
+    run_id is the trial's MLflow run when the caller opened it (the sweep does, in its warm Tune trial
+    process); without it rank 0 opens or finds the run itself.
     """
     from harness.denoiser import build_denoiser, dataset_info
     from harness.trainer_data import TrainBatches
@@ -119,7 +122,7 @@ def train_trial(
 
     started_at = started_at or time.time()
     phases = _Phases(started_at, early_marks)
-    phases.mark("worker")
+    phases.mark("imports")
     dist = setup_distributed(use_gpu=trial.resources.gpus_per_worker > 0)
     phases.mark("process_group")
     folder = trial_dir(trial)
@@ -148,7 +151,8 @@ def train_trial(
     evaluator = Evaluator(trial, info, conditioner, objective, dist)
 
     # --- resume ---------------------------------------------------------------------------------
-    step, samples_seen, run_id, resumes = 0, 0, None, 0
+    step, samples_seen, resumes = 0, 0, 0
+    opened_run = run_id
     if resume_from is not None or (ckpt_root / "latest").is_file():
         # The trial folder's `latest` (written by DeepSpeed after a complete save) is preferred: Ray's
         # pointer is the newest checkpoint Ray had recorded, which lags when a job was killed between
@@ -160,7 +164,7 @@ def train_trial(
         path, client = engine.load_checkpoint(root, tag=tag)
         if path is not None:
             step, samples_seen = client["step"], client["samples_seen"]
-            run_id, resumes = client.get("run_id"), client.get("resumes", 0) + 1
+            run_id, resumes = opened_run or client.get("run_id"), client.get("resumes", 0) + 1
             tag_dir = Path(path).parent if Path(path).is_file() else Path(path)  # DeepSpeed returns a file
             ema.load_state_dict(torch.load(tag_dir / "ema.pt", weights_only=True, map_location="cpu"))
             _set_rng_state(client["rng"][dist.rank] if dist.rank < len(client["rng"]) else client["rng"][0])
@@ -173,11 +177,13 @@ def train_trial(
         from harness.tracking import RunLogger, open_trial_run, resolve_tracking_uri
 
         uri = resolve_tracking_uri(trial.tracking.uri)
-        run_id = open_trial_run(trial, uri, run_id=run_id, parent_run_id=parent_run_id)
+        if opened_run is None:
+            run_id = open_trial_run(trial, uri, run_id=run_id, parent_run_id=parent_run_id)
         logger = RunLogger(uri, run_id, system_metrics=trial.tracking.system_metrics)
         # Model size as metrics, so analysis can fit loss against parameters and compute.
         logger.log_metrics({"params": float(info.params), "forward_gflops": info.forward_gflops}, step)
-    run_id = broadcast_object(run_id)
+    if opened_run is None:
+        run_id = broadcast_object(run_id)
     phases.mark("mlflow")
 
     batches = TrainBatches(trial, conditioner, dist, resume_count=resumes)

@@ -20,9 +20,9 @@ class TrainBatches:
         self.trial, self.conditioner, self.dist = trial, conditioner, dist
         self.seed = trial.train.seed + 1000 * resume_count
         self.epoch = 0
-        self._loaders: list = []
+        self._loader = None
         self._it = None
-        self._corrupt_closed = 0
+        self._corrupt_before = 0  # corrupt samples counted by the epochs already finished
 
     def _open(self):
         from harness.data import make_loader
@@ -35,7 +35,9 @@ class TrainBatches:
             text_embeddings=d.conditioning == "text" and d.text_encoder == "precomputed",
             pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
         )
-        self._loaders.append(loader)
+        if self._loader is not None:
+            self._corrupt_before += self._loader.corrupt
+        self._loader = loader
         return iter(loader)
 
     def next(self):
@@ -52,8 +54,8 @@ class TrainBatches:
         return x0, self.conditioner.from_batch(batch)
 
     def corrupt_count(self) -> int:
-        return sum(loader.corrupt for loader in self._loaders)
+        return self._corrupt_before + (self._loader.corrupt if self._loader is not None else 0)
 
     def close(self) -> None:
         self._it = None
-        self._loaders.clear()
+        self._loader = None

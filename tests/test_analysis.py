@@ -508,3 +508,12 @@ def test_analysis_imports_neither_torch_nor_harness():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_history_keys_include_fid_kid_and_their_stand_ins():
+    from analysis.runs import HISTORY_KEYS
+
+    for key in ("loss", "val_loss", "fid_cfg1.5", "kid_cfg1.5", "fd_lenet_cfg1.0", "kd_lenet_cfg1.0"):
+        assert HISTORY_KEYS.match(key), key
+    for key in ("lr", "grad_norm", "img_per_s", "startup_s"):
+        assert not HISTORY_KEYS.match(key), key

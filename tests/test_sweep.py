@@ -77,6 +77,44 @@ def test_grid_on_local_ray_with_fault_recovery_and_resume(tmp_path, digits_dir):
     assert time.time() - t0 < 60
 
 
+@pytest.mark.slow
+def test_single_worker_trials_train_in_the_reused_tune_process_and_recover(tmp_path, digits_dir):
+    """resources.workers_per_trial 1: Ray Train's local mode inside Tune's reused trial process. A
+    failure there is retried by Tune and resumes from the trial folder's checkpoint, in one run."""
+    import re
+
+    name = "inproc"
+    study = write_study(tmp_path / "s.yaml", {
+        **tiny_study(digits_dir, name, train={"steps": 20, "log_every": 5, "checkpoint_every": 10}),
+        "grid": {"model.patch": [2, 4, 8]}})
+    from harness.config import expand_grid, load_study
+
+    trials = expand_grid(load_study(study))
+    faulty = trials[0].trial_id
+    proc = ditscale("sweep", str(study), "--max-concurrent", "1", "--no-report", cwd=tmp_path,
+                    env={"DITSCALE_FAULT_AT_STEP": f"10:{faulty}"}, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert "injected worker failure" in out, "the fault knob did not fire"
+    # The loop ran in Tune's trial processes (no Ray Train worker), and one process trained two trials.
+    starts = re.findall(r"\(_tune_trial pid=(\d+)\).*\[DiT-XXS/\d (\w{6})\] start-up", out)
+    assert "RayTrainWorker" not in out and len({tid for _, tid in starts}) == 3, starts
+    per_pid = {}
+    for pid, tid in starts:
+        per_pid.setdefault(pid, set()).add(tid)
+    assert max(len(tids) for tids in per_pid.values()) >= 2, per_pid
+
+    client, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", name)
+    children = [r for r in runs if r.data.tags.get("trial_id")]
+    assert len(children) == 3 and len(runs) == 4
+    for r in children:
+        assert r.data.tags["ditscale.status"] == "finished", r.data.tags
+        assert r.data.metrics["samples_seen"] == 20 * 32
+    recovered = next(r for r in children if r.data.tags["trial_id"] == faulty)
+    steps = [m.step for m in client.get_metric_history(recovered.info.run_id, "loss")]
+    assert max(steps) == 20 and {5, 10, 15, 20} <= set(steps)
+    assert (tmp_path / "runs" / name / faulty / "fault-injected").is_file()
+
+
 def test_dry_run_prints_the_grid_and_starts_no_ray(tmp_path, digits_dir):
     study = write_study(tmp_path / "s.yaml", _study(digits_dir, "dry"))
     code = ("import sys; from harness.sweep import run_sweep; "

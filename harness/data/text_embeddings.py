@@ -12,16 +12,18 @@ import numpy as np
 from harness.data.errors import DataError
 
 
-def load_encoder(spec: str, device: str = "cpu"):
+def load_encoder(spec: str, device: str = "cpu", field: str = "--text-encoder"):
+    """A frozen text encoder in eval mode; a bad `spec` is one line naming `field` (the flag or the
+    study field it came from)."""
     try:
         from models.text import load_text_encoder
     except ImportError as err:
-        raise DataError(f"--text-encoder needs models.text, which cannot be imported ({err})") from None
+        raise DataError(f"{field} needs models.text, which cannot be imported ({err})") from None
     try:
         encoder = load_text_encoder(spec, device=device)
     except (ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"--text-encoder {spec}: {first}") from None
+        raise DataError(f"{field}: {spec}: {first}") from None
     if hasattr(encoder, "eval"):
         encoder.eval()
     return encoder
