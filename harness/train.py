@@ -278,6 +278,12 @@ def _loop(trial, dist: DistInfo, engine, scheduler, ema, objective, batches, log
     last: dict = {}
     first_step_done = False
     engine.train()
+    if step >= t.steps and evaluator is not None and evaluator.due(step, final=True):
+        # Resumed from the final checkpoint: the trial was stopped or killed after it, maybe before or
+        # during the final evaluation. Evaluating again gives the same numbers (fixed seeds).
+        last.update(_evaluate(trial, engine, ema, evaluator, logger, step))
+        if report is not None:
+            report(dict(last), None)
     while step < t.steps:
         for _ in range(accumulation):
             wait_start = time.perf_counter()
@@ -344,27 +350,31 @@ def _loop(trial, dist: DistInfo, engine, scheduler, ema, objective, batches, log
         evaluated = evaluator is not None and not stopping and evaluator.due(step, final=step == t.steps)
         if evaluated:  # every rank: sampling is spread over them (harness/evaluate.py)
             eval_started = time.perf_counter()
-            with ema.swapped_into(engine.module):
-                engine.module.eval()
-                try:
-                    eval_metrics, images = evaluator.run(engine.module, step)
-                finally:
-                    engine.module.train()
-            last.update(eval_metrics)
-            if logger is not None:
-                logger.log_metrics(eval_metrics, step)
-                for name, image in images.items():
-                    logger.log_image(image, name)
-                shown = {k: v for k, v in eval_metrics.items() if k.startswith(("val_loss", "fid", "fd_"))}
-                print(f"[{trial.model_name} {trial.trial_id[:6]}] eval at step {step}: "
-                      + " ".join(f"{k} {v:.4g}" for k, v in shown.items())
-                      + f" ({eval_metrics['eval_seconds']:.0f} s)", flush=True)
+            last.update(_evaluate(trial, engine, ema, evaluator, logger, step))
             window_start += time.perf_counter() - eval_started  # evaluation time is not training throughput
         if report is not None and (log_now or checkpoint is not None or evaluated):
             report(dict(last), checkpoint)
         if stopping:
             return "killed", step, samples_seen, last
     return "finished", step, samples_seen, last
+
+
+def _evaluate(trial, engine, ema, evaluator, logger, step: int) -> dict[str, float]:
+    """The EMA weights evaluated (every rank takes part); logged by rank 0. Returns the metrics."""
+    with ema.swapped_into(engine.module):
+        engine.module.eval()
+        try:
+            metrics, images = evaluator.run(engine.module, step)
+        finally:
+            engine.module.train()
+    if logger is not None:
+        logger.log_metrics(metrics, step)
+        for name, image in images.items():
+            logger.log_image(image, name)
+        shown = {k: v for k, v in metrics.items() if k.startswith(("val_loss", "fid", "fd_"))}
+        print(f"[{trial.model_name} {trial.trial_id[:6]}] eval at step {step}: "
+              + " ".join(f"{k} {v:.4g}" for k, v in shown.items()) + f" ({metrics['eval_seconds']:.0f} s)", flush=True)
+    return metrics
 
 
 def _stop_requested(path: Path, dist: DistInfo, local: bool) -> bool:

@@ -107,6 +107,41 @@ def test_kill_and_resume_continues_the_same_run(tmp_path, digits_dir):
     assert runs[0].data.tags["ditscale.status"] == "finished"
 
 
+_FAIL_FINAL_EVAL = """
+import sys
+import harness.evaluate
+from harness.config import expand_grid, load_study
+from harness.train import train_trial
+
+def fail(self, model, step):
+    raise RuntimeError("killed during the final evaluation")
+
+if sys.argv[2] == "fail":
+    harness.evaluate.Evaluator.run = fail
+print(train_trial(expand_grid(load_study(sys.argv[1]))[0]).status)
+"""
+
+
+@pytest.mark.slow
+def test_resumed_at_the_last_step_still_evaluates(tmp_path, digits_dir):
+    """A trial that dies after its final checkpoint but before (or during) the final evaluation is
+    evaluated when it resumes, in the same run."""
+    study = write_study(tmp_path / "s.yaml", tiny_study(digits_dir, "lasteval", train={"steps": 10},
+                                                        eval={"val_batches": 1}))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    run = lambda mode: subprocess.run([sys.executable, "-c", _FAIL_FINAL_EVAL, str(study), mode], cwd=tmp_path,  # noqa: E731
+                                      env=env, text=True, capture_output=True, timeout=300)
+    first = run("fail")
+    assert first.returncode != 0 and "killed during the final evaluation" in first.stderr, first.stderr[-3000:]
+    assert _checkpoints(tmp_path / "runs", "lasteval") == ["step-00000010"]
+    second = run("ok")
+    assert second.stdout.strip().endswith("finished"), second.stderr[-3000:]
+    assert "eval at step 10" in second.stdout
+    client, (only,) = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "lasteval")
+    assert [m.step for m in client.get_metric_history(only.info.run_id, "val_loss")] == [10]
+    assert only.data.tags["ditscale.status"] == "finished"
+
+
 @pytest.mark.slow
 def test_same_seed_same_loss_history(tmp_path, digits_dir):
     histories = []
