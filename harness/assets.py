@@ -166,10 +166,20 @@ def resolve_vae(name: str, assets: str | os.PathLike | None = None) -> str:
 
 
 def resolve_text_encoder(name: str, assets: str | os.PathLike | None = None) -> str:
+    """As resolve_vae, for a text encoder's (or an SD3 pipeline's) folder: text/<name>."""
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser())
     local = assets_dir(assets) / "text" / safe_name(name)
     return str(local) if local.is_dir() else name
+
+
+def resolve_text_spec(spec: str, assets: str | os.PathLike | None = None) -> str:
+    """A text-encoder spec (clip:NAME, t5:NAME, sd3:L,G,T5 or sd3:PIPELINE) with every hub name that
+    the assets folder holds replaced by that folder; word:FILE and local paths are left as they are."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind.strip().lower() not in ("clip", "t5", "sd3"):
+        return spec
+    return f"{kind}:" + ",".join(resolve_text_encoder(part.strip(), assets) for part in rest.split(","))
 
 
 # --- `ditscale assets fetch` ------------------------------------------------------------------------

@@ -137,7 +137,8 @@ def build_word_encoder(trial: TrialConfig):
 def load_frozen_encoder(trial: TrialConfig, device: torch.device):
     from harness.data.text_embeddings import load_encoder
 
-    return load_encoder(trial.data.text_encoder, device=device, field="data.text_encoder")
+    return load_encoder(trial.data.text_encoder, device=device, field="data.text_encoder",
+                        assets=trial.resources.assets)
 
 
 def sd3_text_geometry() -> TextGeometry:

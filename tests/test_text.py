@@ -192,3 +192,23 @@ def test_text_embeddings_to_and_cond():
     half = emb.to(torch.bfloat16)
     assert half.tokens.dtype == torch.bfloat16 and half.mask.dtype == torch.bool
     assert set(emb.as_cond()) == {"context", "pooled", "context_mask"} and len(emb) == 2
+
+
+def test_hub_names_are_found_in_the_assets_folder(hf_paths, tmp_path):
+    """Offline nodes: `clip:org/name` loads DITSCALE_ASSETS/text/org--name (what `ditscale assets
+    fetch --text-encoder org/name` writes); names the folder lacks, local paths and word: stay as given."""
+    import shutil
+
+    from harness.assets import resolve_text_spec
+    from harness.data.text_embeddings import load_encoder
+
+    assets = tmp_path / "assets"
+    local = assets / "text" / "org--tiny-clip"
+    shutil.copytree(hf_paths["clip_plain"], local)
+    assert resolve_text_spec("clip:org/tiny-clip", assets) == f"clip:{local}"
+    assert resolve_text_spec("sd3:org/tiny-clip,other/g,org/tiny-clip", assets) == f"sd3:{local},other/g,{local}"
+    assert resolve_text_spec("clip:other/model", assets) == "clip:other/model"
+    assert resolve_text_spec(f"t5:{hf_paths['t5']}", assets) == f"t5:{hf_paths['t5']}"
+    assert resolve_text_spec("word:/some/vocab.pt", assets) == "word:/some/vocab.pt"
+    encoder = load_encoder("clip:org/tiny-clip", assets=str(assets))
+    assert encoder.encode(CAPTIONS).tokens.shape[:2] == (3, 16)

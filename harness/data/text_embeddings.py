@@ -12,15 +12,17 @@ import numpy as np
 from harness.data.errors import DataError
 
 
-def load_encoder(spec: str, device: str = "cpu", field: str = "--text-encoder"):
-    """A frozen text encoder in eval mode; a bad `spec` is one line naming `field` (the flag or the
-    study field it came from)."""
+def load_encoder(spec: str, device: str = "cpu", field: str = "--text-encoder", assets: str | None = None):
+    """A frozen text encoder in eval mode, hub names looked up in the assets folder first
+    (harness/assets.py); a bad `spec` is one line naming `field` (the flag or study field it came from)."""
+    from harness.assets import resolve_text_spec
+
     try:
         from models.text import load_text_encoder
     except ImportError as err:
         raise DataError(f"{field} needs models.text, which cannot be imported ({err})") from None
     try:
-        encoder = load_text_encoder(spec, device=device)
+        encoder = load_text_encoder(resolve_text_spec(spec, assets), device=device)
     except (ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{field}: {spec}: {first}") from None
