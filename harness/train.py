@@ -151,23 +151,9 @@ def train_trial(
     evaluator = Evaluator(trial, info, conditioner, objective, dist)
 
     # --- resume ---------------------------------------------------------------------------------
-    step, samples_seen, resumes = 0, 0, 0
     opened_run = run_id
-    if resume_from is not None or (ckpt_root / "latest").is_file():
-        # The trial folder's `latest` (written by DeepSpeed after a complete save) is preferred: Ray's
-        # pointer is the newest checkpoint Ray had recorded, which lags when a job was killed between
-        # a save and its report. The pointer serves when the folder has no `latest`.
-        if (ckpt_root / "latest").is_file():
-            root, tag = str(ckpt_root), None
-        else:
-            root, tag = resume_from["root"], resume_from["tag"]
-        path, client = engine.load_checkpoint(root, tag=tag)
-        if path is not None:
-            step, samples_seen = client["step"], client["samples_seen"]
-            run_id, resumes = opened_run or client.get("run_id"), client.get("resumes", 0) + 1
-            tag_dir = Path(path).parent if Path(path).is_file() else Path(path)  # DeepSpeed returns a file
-            ema.load_state_dict(torch.load(tag_dir / "ema.pt", weights_only=True, map_location="cpu"))
-            _set_rng_state(client["rng"][dist.rank] if dist.rank < len(client["rng"]) else client["rng"][0])
+    step, samples_seen, resumes, saved_run = _resume(engine, ema, dist, ckpt_root, resume_from)
+    run_id = opened_run or saved_run
     if step == 0:
         _seed_everything(trial.train.seed * 1000 + dist.rank + 1)
     phases.mark("resume")
@@ -207,6 +193,27 @@ def train_trial(
         if logger is not None:
             logger.close(status)
     return TrialResult(status, step, run_id, last, last.get("startup_s", 0.0))
+
+
+def _resume(engine, ema, dist: DistInfo, ckpt_root: Path, resume_from: dict | None):
+    """Load the newest checkpoint, if any: (step, samples_seen, resumes, MLflow run id), else zeros.
+
+    The trial folder's `latest` (written by DeepSpeed after a complete save) is preferred: Ray's
+    pointer (`resume_from`) is the newest checkpoint Ray had recorded, which lags when a job was killed
+    between a save and its report. The pointer serves when the folder has no `latest`."""
+    if (ckpt_root / "latest").is_file():
+        root, tag = str(ckpt_root), None
+    elif resume_from is not None:
+        root, tag = resume_from["root"], resume_from["tag"]
+    else:
+        return 0, 0, 0, None
+    path, client = engine.load_checkpoint(root, tag=tag)
+    if path is None:
+        return 0, 0, 0, None
+    tag_dir = Path(path).parent if Path(path).is_file() else Path(path)  # DeepSpeed returns a file
+    ema.load_state_dict(torch.load(tag_dir / "ema.pt", weights_only=True, map_location="cpu"))
+    _set_rng_state(client["rng"][dist.rank] if dist.rank < len(client["rng"]) else client["rng"][0])
+    return client["step"], client["samples_seen"], client.get("resumes", 0) + 1, client.get("run_id")
 
 
 class _Phases:
