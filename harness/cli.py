@@ -37,8 +37,13 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if not args.model and not args.data:
-        raise UserError("bench: name a model preset (e.g. DiT-S/2) and/or give --data DIR")
+    if not args.model and not args.data and not args.startup:
+        raise UserError("bench: name a model preset (e.g. DiT-S/2), and/or give --data DIR, and/or --startup")
+    if args.startup:
+        from harness.bench_startup import MODES, run_startup_bench
+
+        run_startup_bench(args.startup_trials, args.startup_workers,
+                          MODES if args.startup_mode == "both" else (args.startup_mode,))
     for folder in args.data:
         from harness.data import DataError
         from harness.data.throughput import format_throughput, measure_loader_throughput
@@ -62,13 +67,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time training steps of a model (vs diffusers) and/or the data loader")
+    p = sub.add_parser("bench", help="time training steps of a model (vs diffusers), the data loader, trial start-up")
     p.add_argument("model", nargs="?", default=None, help="preset name, e.g. DiT-S/2")
     p.add_argument("--data", action="append", default=[], metavar="DIR",
                    help="packed dataset folder: print loader samples/s per process (repeatable: latents, pixels)")
     p.add_argument("--data-batch", type=int, default=256, help="loader batch size for --data")
     p.add_argument("--data-workers", type=int, default=0, help="DataLoader worker processes for --data")
     p.add_argument("--data-seconds", type=float, default=5.0, help="how long to stream each --data folder")
+    p.add_argument("--startup", action="store_true",
+                   help="time a sweep trial's start-up (to its first step) on an embedded Ray, per phase")
+    p.add_argument("--startup-trials", type=int, default=4, help="trials per --startup mode, one at a time")
+    p.add_argument("--startup-workers", type=int, default=1, help="Ray Train workers per --startup trial")
+    p.add_argument("--startup-mode", choices=["both", "in-process", "workers"], default="both",
+                   help="in-process: single-worker trials in Tune's reused process; workers: a worker group per trial")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=3)

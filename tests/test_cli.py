@@ -1,7 +1,10 @@
 """The `ditscale` console script, run as a user would run it."""
 
 import json
+import re
 import subprocess
+
+import pytest
 
 from tests.test_flops import PAPER_GFLOPS
 
@@ -59,3 +62,19 @@ def test_bench_data_prints_loader_throughput(digits_dir):
 def test_bench_without_model_or_data_is_a_clear_error():
     proc = ditscale("bench", check=False)
     assert proc.returncode == 2 and "--data" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_startup_times_each_trial_of_a_real_sweep(tmp_path):
+    """Two 3-step trials in Tune's reused process: a row per trial with its total and phases, read
+    back from MLflow (numbers are printed, not judged: speed lives in benchmarks, not tests)."""
+    proc = subprocess.run(["ditscale", "bench", "--startup", "--startup-trials", "2", "--startup-mode", "in-process"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout.split("in-process: start-up per trial")[1]
+    header = table.splitlines()[1].split()
+    assert header[:2] == ["trial", "total"] and "first_step" in header and "deepspeed" in header
+    rows = [line.split() for line in table.splitlines()[2:4]]
+    assert [r[0] for r in rows] == ["0", "1"] and all(float(r[1]) > 0 for r in rows)
+    assert re.search(r"first [0-9.]+ s; later trials median [0-9.]+ s", table)
+    assert list(tmp_path.iterdir()) == [], "the bench works in a temporary folder"
