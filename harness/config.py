@@ -119,7 +119,7 @@ class ResourcesConfig(_Section):
     reuse_trial_process: bool = Field(True, description=(
         "single-worker trials train inside Tune's reused trial process (Ray Train's local mode: "
         "torch, DeepSpeed and MLflow load once per process, not once per trial); false starts a "
-        "Ray Train worker group for them too. Multi-worker trials always get their own workers"))
+        "Ray Train worker group for them too. Multi-worker and ZeRO-3 trials always get their own workers"))
     storage: str = Field("runs", description="trial folders (checkpoints); a shared filesystem on clusters")
     assets: str | None = Field(None, description=(
         "offline weights (Inception for FID, VAEs) from `ditscale assets fetch`; default $DITSCALE_ASSETS"))

@@ -190,6 +190,10 @@ def train_trial(
     finally:
         stop.restore()
         batches.close()
+        # DeepSpeed's gradient hooks live on autograd nodes, which Python's garbage collector cannot
+        # see: without this a process that trains trial after trial (the sweep's in-process trials)
+        # keeps every finished trial's model and optimizer (~250 MB per DiT-XS trial, measured).
+        engine.destroy()
         if logger is not None:
             logger.close(status)
     return TrialResult(status, step, run_id, last, last.get("startup_s", 0.0))

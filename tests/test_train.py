@@ -142,6 +142,36 @@ def test_resumed_at_the_last_step_still_evaluates(tmp_path, digits_dir):
     assert only.data.tags["ditscale.status"] == "finished"
 
 
+_TWO_TRIALS_ONE_PROCESS = """
+import gc, sys
+from harness.config import expand_grid, load_study
+from harness.sweep import _process_group_scope
+from harness.train import train_trial
+
+for trial in expand_grid(load_study(sys.argv[1])):
+    with _process_group_scope(in_process=True):  # as the sweep's in-process trials run
+        print(train_trial(trial).status)
+    gc.collect()
+    alive = sorted({type(o).__name__ for o in gc.get_objects()} & {"DeepSpeedEngine", "DiT", "AdamW"})
+    print("alive:", ",".join(alive) or "none")
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_trains_trial_after_trial_keeps_none_of_them(tmp_path, digits_dir):
+    """The sweep reuses a process for single-worker trials: a finished trial's engine, model and
+    optimizer must go (DeepSpeed's hooks sit on autograd nodes, out of the garbage collector's reach,
+    until engine.destroy())."""
+    study = write_study(tmp_path / "s.yaml", {**tiny_study(digits_dir, "reuse", train={"steps": 5}),
+                                              "grid": {"model.patch": [2, 4]}})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-c", _TWO_TRIALS_ONE_PROCESS, str(study)], cwd=tmp_path, env=env,
+                          text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line in ("finished", "alive: none") or line.startswith("alive:")]
+    assert lines == ["finished", "alive: none", "finished", "alive: none"], proc.stdout[-2000:]
+
+
 @pytest.mark.slow
 def test_same_seed_same_loss_history(tmp_path, digits_dir):
     histories = []
