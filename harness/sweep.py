@@ -200,13 +200,15 @@ def runs_in_process(trial: TrialConfig) -> bool:
     return r.workers_per_trial == 1 and r.reuse_trial_process and trial.train.zero_stage != 3
 
 
+def worker_resources(trial: TrialConfig) -> dict:
+    r = trial.resources
+    return {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
+
+
 def trial_resources(trial: TrialConfig) -> dict:
     """What Tune reserves for the trial's own process: the worker's share when the trial trains in
     it; otherwise nothing the workers need (Tune refuses an all-zero request: a token 1 MiB)."""
-    r = trial.resources
-    if runs_in_process(trial):
-        return {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
-    return {"CPU": 0, "memory": 1024**2}
+    return worker_resources(trial) if runs_in_process(trial) else {"CPU": 0, "memory": 1024**2}
 
 
 def _tune_trial(config: dict, trials: dict | None = None) -> None:
@@ -227,7 +229,6 @@ def _tune_trial(config: dict, trials: dict | None = None) -> None:
     run_id = open_trial_run(trial, uri, parent_run_id=config.get("parent_run_id"))
     r = trial.resources
     use_gpu = r.gpus_per_worker > 0
-    resources = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if use_gpu else {})
     in_process = runs_in_process(trial)
     trainer = TorchTrainer(
         _worker_loop,
@@ -238,7 +239,7 @@ def _tune_trial(config: dict, trials: dict | None = None) -> None:
         # num_workers=0 is Ray Train's local mode: the loop runs here, in this (reused) process, which
         # Tune gave the worker's resources (see trial_resources).
         scaling_config=ray.train.ScalingConfig(num_workers=0 if in_process else r.workers_per_trial,
-                                               use_gpu=use_gpu, resources_per_worker=resources),
+                                               use_gpu=use_gpu, resources_per_worker=worker_resources(trial)),
         run_config=ray.train.RunConfig(
             name=f"{trial.name}-{trial.trial_id}",
             storage_path=str(Path(r.storage).resolve() / "_ray"),
