@@ -19,17 +19,15 @@ renamed, so nobody ever loads half a file), and never downloads unless asked to.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import platform
-import shutil
-import tempfile
-import urllib.request
+import sys
 from pathlib import Path
-from typing import Iterator
+
+from filelock import FileLock
 
 from harness.errors import UserError
+from harness.files import atomic_copy, atomic_folder
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # clean-fid's own address (cleanfid.downloads_helper.inception_url), copied to avoid importing it here.
@@ -55,44 +53,22 @@ def download_allowed() -> bool:
     return os.environ.get(DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """An exclusive advisory lock (flock) on `path`, created if needed: one holder per node at a time."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+def file_lock(path: str | os.PathLike) -> FileLock:
+    """An exclusive lock on `path` (created, with its folder, if needed): one holder per node at a time."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
 
 
-def _write_atomically(dst: Path, source) -> Path:
-    """Stream the file-like `source` into dst through a temporary file in dst's folder and an atomic
-    rename: readers never see a partial file, and an interrupted write leaves nothing behind."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, source as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+def download(url: str, dst: str | os.PathLike, sha256: str | None = None) -> Path:
+    """url -> dst through torch.hub's downloader (a temporary file moved into place at the end;
+    with `sha256`, a file whose hash does not start with it is refused). file:// URLs work too."""
+    # torch only when something is downloaded: this module is read at `ditscale` start-up.
+    from torch.hub import download_url_to_file
 
-
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy src to dst (atomically)."""
-    return _write_atomically(Path(dst), open(src, "rb"))
-
-
-def download(url: str, dst: str | os.PathLike, timeout: float = 60.0) -> Path:
-    """url -> dst (atomic: a temporary file renamed at the end). file:// URLs work too."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    return _write_atomically(dst, urllib.request.urlopen(url, timeout=timeout))
+    download_url_to_file(url, str(dst), hash_prefix=sha256, progress=sys.stderr.isatty())
+    return dst
 
 
 def _usable(path: Path, like: Path | None = None) -> bool:
@@ -190,8 +166,8 @@ def fetch_inception(dest: str | os.PathLike, url: str = INCEPTION_URL, force: bo
     if path.is_file() and path.stat().st_size > 0 and not force:
         return path
     try:
-        return download(url, path, timeout=120)
-    except OSError as err:
+        return download(url, path)
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch.hub's hash mismatch
         raise UserError(f"assets fetch: cannot download the Inception weights from {url} ({err}); "
                         "run it where there is internet, or copy inception-2015-12-05.pt into the folder") from None
 
@@ -211,10 +187,8 @@ def fetch_vae(name: str, dest: str | os.PathLike) -> Path:
     except Exception as err:  # noqa: BLE001 - hub/network errors come in many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"assets fetch --vae {name}: cannot download an AutoencoderKL ({first})") from None
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        vae.save_pretrained(tmp)
     return out
 
 
@@ -226,10 +200,9 @@ def fetch_text_encoder(name: str, dest: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        tmp = out.with_name(out.name + ".partial")
-        snapshot_download(repo_id=name, local_dir=str(tmp),
-                          allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "spiece*", "*.tiktoken"])
-        os.replace(tmp, out)
+        with atomic_folder(out) as tmp:
+            snapshot_download(repo_id=name, local_dir=str(tmp),
+                              allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "spiece*", "*.tiktoken"])
     except Exception as err:  # noqa: BLE001
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"assets fetch --text-encoder {name}: cannot download it ({first})") from None

@@ -10,7 +10,6 @@ divides across workers, shards exist, ...) per trial.
 from __future__ import annotations
 
 import copy
-import glob
 import hashlib
 import itertools
 import json
@@ -21,7 +20,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from harness.data.shards import absolute_path, shard_urls
 from harness.errors import UserError
+from models.registry import model_name as preset_name
+from models.registry import parse_model_name
 
 
 class StudyError(UserError):
@@ -167,9 +169,7 @@ class TrialConfig(_Section):
     # --- derived values -------------------------------------------------------------------
     @property
     def model_name(self) -> str:
-        from models.registry import model_name
-
-        return model_name(self.model.family, self.model.size, self.model.patch)
+        return preset_name(self.model.family, self.model.size, self.model.patch)
 
     @property
     def micro_batch_size(self) -> int:
@@ -355,10 +355,27 @@ def expand_grid(study: Study) -> list[TrialConfig]:
     return trials
 
 
+def override_trial(trial: TrialConfig, overrides: list[str] | tuple[str, ...] = ()) -> TrialConfig:
+    """The trial with `--set` overrides applied and validated (a different trial_id, when anything
+    changed: find checkpoints and runs by the original)."""
+    if not overrides:
+        return trial
+    raw = trial.model_dump(mode="python")
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    try:
+        changed = TrialConfig.model_validate(raw)
+    except ValidationError as err:
+        raise StudyError(_pydantic_problems(err)) from None
+    problems = check_trial(changed, check_files=False)
+    if problems:
+        raise StudyError(problems)
+    return changed
+
+
 def check_trial(trial: TrialConfig, check_files: bool = True) -> list[str]:
     """Cross-field rules that pydantic's per-field checks cannot see."""
-    from models.registry import parse_model_name
-
     problems = []
     m, d, t, r = trial.model, trial.data, trial.train, trial.resources
     try:
@@ -401,38 +418,3 @@ def check_trial(trial: TrialConfig, check_files: bool = True) -> list[str]:
                 problems.append(f"data.{field}: {len(missing)} of {len(urls) + len(missing)} shards are missing "
                                 f"(first: {missing[0]})")
     return problems
-
-
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
-
-
-def absolute_path(pattern: str) -> str:
-    """A local path or brace pattern made absolute (against the working directory); URLs unchanged."""
-    if pattern.startswith(REMOTE_PREFIXES) or "://" in pattern:
-        return pattern
-    local = pattern[len("file:"):] if pattern.startswith("file:") else pattern
-    return local if os.path.isabs(local) else os.path.normpath(os.path.join(os.getcwd(), local))
-
-
-def shard_urls(pattern: str) -> tuple[list[str], list[str]]:
-    """Expand a brace pattern into (existing or remote URLs, missing local files). Remote and
-    pipe: URLs are taken as given; local globs are expanded."""
-    import braceexpand
-
-    urls, missing = [], []
-    for item in braceexpand.braceexpand(pattern):
-        if item.startswith(REMOTE_PREFIXES):
-            urls.append(item)
-            continue
-        local = item[len("file:"):] if item.startswith("file:") else item
-        if any(c in local for c in "*?["):
-            urls.extend(sorted(glob.glob(local)))
-        elif os.path.isfile(local):
-            urls.append(local)
-        else:
-            missing.append(local)
-    return urls, missing
-
-
-def dump_yaml(trial: TrialConfig) -> str:
-    return yaml.safe_dump(trial.model_dump(mode="json"), sort_keys=False)

@@ -1,8 +1,13 @@
-"""What the hardware can do: dense peak throughput per accelerator, for MFU."""
+"""What the hardware can do (dense peak throughput per accelerator, for MFU) and what a training
+run achieved on it, in hardware FLOP/s."""
 
 from __future__ import annotations
 
 import torch
+
+from models.flops import training_gflops
+
+FLOPS_PER_MAC = 2  # model compute is counted in multiply-adds (models/flops.py); hardware does 2 FLOPs each
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets (SXM parts).
 BF16_PEAK_TFLOPS = {
@@ -28,3 +33,9 @@ def peak_tflops(device: torch.device, precision: str) -> float | None:
         if key in name:
             return peak
     return None
+
+
+def achieved_tflops(images_per_s: float, forward_gflops: float) -> float:
+    """Hardware TFLOP/s of training at `images_per_s`: training compute per image (3 x forward
+    multiply-adds, models.flops.training_gflops) x 2 FLOPs per multiply-add."""
+    return images_per_s * training_gflops(forward_gflops, 1) * FLOPS_PER_MAC / 1e3

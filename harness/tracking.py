@@ -17,11 +17,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 from harness.errors import UserError
 
 TRIAL_ID_TAG = "trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 STATUS_TAG = "ditscale.status"  # running | finished | failed: <reason>
+
+
+def _as_yaml(config) -> str:
+    """A trial's or study's config as the YAML logged beside its run (config.yaml, study.yaml)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -127,9 +134,7 @@ def open_trial_run(trial, uri: str, run_id: str | None = None, parent_run_id: st
     params = [Param(k, v[:6000]) for k, v in trial.flat_params().items()]
     for i in range(0, len(params), 100):  # MLflow's batch limit
         c.log_batch(run.info.run_id, params=params[i:i + 100])
-    from harness.config import dump_yaml
-
-    c.log_text(run.info.run_id, dump_yaml(trial), "config.yaml")
+    c.log_text(run.info.run_id, _as_yaml(trial), "config.yaml")
     return run.info.run_id
 
 
@@ -208,7 +213,7 @@ def sweep_state(uri: str, experiment: str, trials) -> dict[str, str]:
     """trial_id -> status of its newest run (running | finished | failed: ... | killed), or "new"."""
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
-    state = {t.trial_id: "new" for t in trials}
+    state = {trial.trial_id: "new" for trial in trials}
     if exp is None:
         return state
     runs = c.search_runs([exp.experiment_id], filter_string=f"tags.{TRIAL_ID_TAG} != ''",
@@ -224,8 +229,6 @@ def open_parent_run(uri: str, study, trials) -> str:
     """One parent run per sweep invocation: the grid as params, the study file as an artifact."""
     import json
     import time
-
-    from harness.config import dump_yaml
 
     c = client(uri)
     exp_id = experiment_id(uri, study.name)
@@ -245,7 +248,7 @@ def open_parent_run(uri: str, study, trials) -> str:
 
     params = [Param("grid", json.dumps(study.grid)[:6000]), Param("n_trials", str(len(trials)))]
     c.log_batch(run.info.run_id, params=params)
-    c.log_text(run.info.run_id, dump_yaml(study), "study.yaml")
+    c.log_text(run.info.run_id, _as_yaml(study), "study.yaml")
     return run.info.run_id
 
 
@@ -253,8 +256,8 @@ def close_parent_run(uri: str, run_id: str, trials, state: dict[str, str]) -> No
     """Per-trial status table on the parent run; FINISHED when every trial finished."""
     import json
 
-    rows = [{"trial_id": t.trial_id, "model": t.model_name, "attention": t.model.attention,
-             "objective": t.objective.kind, "status": state.get(t.trial_id, "new")} for t in trials]
+    rows = [{"trial_id": trial.trial_id, "model": trial.model_name, "attention": trial.model.attention,
+             "objective": trial.objective.kind, "status": state.get(trial.trial_id, "new")} for trial in trials]
     c = client(uri)
     c.log_text(run_id, json.dumps(rows, indent=1), "trial_status.json")
     lines = ["| trial_id | model | attention | objective | status |", "|---|---|---|---|---|"]

@@ -2,12 +2,16 @@
 
 Module and attribute names follow the official DiT code (facebookresearch/DiT) so that
 state dicts line up key for key: `proj` for the patch convolution, `mlp.0/2` in the timestep
-embedder, `embedding_table` for labels, `qkv`/`proj` in attention and `fc1`/`fc2` in the MLP.
+embedder, `embedding_table` for labels, `qkv`/`proj` in attention, `fc1`/`fc2` in the MLP and
+`norm_final`/`linear`/`adaLN_modulation` in the final layer. That layout is why these modules are
+written here rather than taken from torch or timm; the maths inside them is torch's (SDPA,
+GELU, LayerNorm).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -18,6 +22,31 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     """adaLN: x * (1 + scale) + shift, with per-sample shift/scale broadcast over tokens."""
     # addcmul fuses the multiply and the add into one pass over the token tensor.
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """adaLN-Zero's gated residual x + gate * update, per-sample gate [B, D], as one fused multiply-add."""
+    return torch.addcmul(x, gate.unsqueeze(1), update)
+
+
+def modulated_norm(dim: int) -> nn.LayerNorm:
+    """The LayerNorm before every adaLN modulation: no gain or bias of its own (the modulation
+    supplies them), eps 1e-6 as in DiT and SD3."""
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def patch_grid(input_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
+    """(H, W) or a square size -> the (h, w) grid of p x p patches; ValueError unless p divides both."""
+    height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"patch size {patch_size} does not divide the input size {height}x{width}")
+    return height // patch_size, width // patch_size
+
+
+def silu_mlp(in_features: int, hidden_size: int) -> nn.Sequential:
+    """Linear-SiLU-Linear, the conditioning MLP of DiT's timestep and SD3's pooled-text embedders
+    (a Sequential, so the keys are `mlp.{0,2}` as in their checkpoints)."""
+    return nn.Sequential(nn.Linear(in_features, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
 
 class PatchEmbed(nn.Module):
@@ -38,15 +67,12 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar timesteps -> vectors: sinusoidal features ([cos, sin]) then Linear-SiLU-Linear."""
+    """Scalar timesteps -> vectors: sinusoidal features ([cos, sin]) then Linear-SiLU-Linear.
+    (torch has no sinusoidal timestep embedding; the [cos, sin] order is DiT's and SD3's.)"""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
+        self.mlp = silu_mlp(frequency_embedding_size, hidden_size)
         self.frequency_embedding_size = frequency_embedding_size
 
     @staticmethod
@@ -68,7 +94,8 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """Class labels -> vectors. Row `num_classes` is the null class used for classifier-free guidance;
-    during training labels are replaced by it with probability `dropout_prob`."""
+    during training labels are replaced by it with probability `dropout_prob`. (An nn.Embedding plus
+    the label dropout, which nn.Embedding does not do.)"""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
@@ -91,7 +118,8 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection, computed by SDPA."""
+    """Multi-head self-attention with one fused QKV projection, computed by SDPA. (Not
+    nn.MultiheadAttention: its in_proj_weight/out_proj keys are not DiT's qkv/proj.)"""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -110,7 +138,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Transformer feed-forward: fc1 -> GELU(tanh) -> fc2."""
+    """Transformer feed-forward: fc1 -> GELU(tanh) -> fc2. (torchvision's MLP is a Sequential with
+    keys 0/3, not DiT's fc1/fc2.)"""
 
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
@@ -123,7 +152,8 @@ class Mlp(nn.Module):
 
 
 def get_1d_sincos_pos_embed(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """Positions [M] -> [M, embed_dim] as [sin | cos], frequencies 1/10000^(2i/D); float64 like the reference."""
+    """Positions [M] -> [M, embed_dim] as [sin | cos], frequencies 1/10000^(2i/D); float64 like the reference.
+    (torch has no sin-cos position table; checkpoints store this one, so it must match to the bit.)"""
     if embed_dim % 2:
         raise ValueError(f"sin-cos position embedding needs an even width, got {embed_dim}")
     omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
@@ -163,27 +193,10 @@ class PooledEmbedder(nn.Module):
 
     def __init__(self, pooled_dim: int, hidden_size: int):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(pooled_dim, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
+        self.mlp = silu_mlp(pooled_dim, hidden_size)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.mlp(pooled)
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dimension with a learned gain (used as QK-norm):
-    x / sqrt(mean(x^2) + eps) * weight."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def run_block(block: nn.Module, checkpointed: bool, *args):
@@ -195,3 +208,54 @@ def run_block(block: nn.Module, checkpointed: bool, *args):
 
         return checkpoint(block.__call__, *args, use_reentrant=False)
     return block(*args)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + LayerNorm, then a linear map from each (image) token to its p*p*C_out
+    patch values. DiT's and MM-DiT's output layer; keys final_layer.{linear,adaLN_modulation.1}."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = modulated_norm(hidden_size)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, out_channels: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Tokens [B, h*w, p*p*C] (per token in (p, q, c) order, as FinalLayer emits) -> [B, C, h*p, w*p]."""
+    c, p = out_channels, patch_size
+    h, w = grid
+    x = x.reshape(x.shape[0], h, w, p, p, c)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], c, h * p, w * p)
+
+
+def _xavier_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def init_adaln_zero(model: nn.Module, embedder_weights: Iterable[torch.Tensor],
+                    modulations: Iterable[nn.Sequential]) -> None:
+    """DiT's initialisation, shared by DiT and MM-DiT. In this order (the order of the random draws,
+    so a seed gives the same weights as the official code): every Linear xavier-uniform with zero
+    bias; the patch convolution `model.x_embedder.proj` likewise, over its flattened kernel;
+    `embedder_weights` N(0, 0.02). Then adaLN-Zero: the output Linear of every block's modulation
+    in `modulations`, and `model.final_layer`'s modulation and output linear, are zero, so every
+    block starts as the identity and the model's output at zero."""
+    model.apply(_xavier_linear)
+    proj = model.x_embedder.proj
+    nn.init.xavier_uniform_(proj.weight.data.view(proj.weight.shape[0], -1))
+    nn.init.zeros_(proj.bias)
+    for weight in embedder_weights:
+        nn.init.normal_(weight, std=0.02)
+    final = model.final_layer
+    for layer in [*(m[-1] for m in modulations), final.adaLN_modulation[-1], final.linear]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)

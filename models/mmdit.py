@@ -54,20 +54,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (Mlp, PatchEmbed, PooledEmbedder, RMSNorm, TimestepEmbedder, get_2d_sincos_pos_embed, modulate,
-                     run_block)
+from .layers import (FinalLayer, Mlp, PatchEmbed, PooledEmbedder, TimestepEmbedder, gated, get_2d_sincos_pos_embed,
+                     init_adaln_zero, modulate, modulated_norm, patch_grid, run_block, unpatchify)
 
 ATTENTION_VARIANTS = ("joint", "split")
 QK_NORMS = (None, "rms_norm")
-
-
-def _norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-
-
-def _gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """x + gate * update with a per-sample gate [B, D], as one fused multiply-add."""
-    return torch.addcmul(x, gate.unsqueeze(1), update)
+QK_NORM_EPS = 1e-6  # SD3.5's (diffusers' RMSNorm eps for norm_q/norm_k)
 
 
 class StreamAttention(nn.Module):
@@ -92,8 +84,8 @@ class StreamAttention(nn.Module):
         self.outputs = outputs
         setattr(self, outputs, nn.Linear(dim, len(outputs) * dim))
         rms = qk_norm == "rms_norm"
-        self.ln_q = RMSNorm(self.head_dim) if rms and "q" in outputs and q_norm else None
-        self.ln_k = RMSNorm(self.head_dim) if rms and "k" in outputs else None
+        self.ln_q = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS) if rms and "q" in outputs and q_norm else None
+        self.ln_k = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS) if rms and "k" in outputs else None
         self.proj = nn.Linear(dim, dim) if proj else None
 
     def project(self, x: torch.Tensor, with_q: bool = True) -> torch.Tensor:
@@ -135,10 +127,10 @@ class JointStream(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: str | None, pre_only: bool):
         super().__init__()
         self.pre_only = pre_only
-        self.norm1 = _norm(dim)
+        self.norm1 = modulated_norm(dim)
         self.attn = StreamAttention(dim, num_heads, qk_norm, proj=not pre_only, q_norm=not pre_only)
         if not pre_only:
-            self.norm2 = _norm(dim)
+            self.norm2 = modulated_norm(dim)
             self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 6) * dim))
 
@@ -149,8 +141,8 @@ class JointStream(nn.Module):
 
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor, mod) -> torch.Tensor:
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x = _gated(x, gate_msa, self.attn.proj(attn))
-        return _gated(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        x = gated(x, gate_msa, self.attn.proj(attn))
+        return gated(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class JointBlock(nn.Module):
@@ -205,26 +197,26 @@ class SplitStream(nn.Module):
                  cross_outputs: str = "qkv"):
         super().__init__()
         self.pre_only = pre_only
-        self.norm1 = _norm(dim)
+        self.norm1 = modulated_norm(dim)
         self.attn = StreamAttention(dim, num_heads, qk_norm)
-        self.norm2 = _norm(dim)
+        self.norm2 = modulated_norm(dim)
         self.cross_attn = StreamAttention(dim, num_heads, qk_norm, proj=not pre_only,
                                           outputs="kv" if pre_only else cross_outputs)
         if not pre_only:
-            self.norm3 = _norm(dim)
+            self.norm3 = modulated_norm(dim)
             self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (5 if pre_only else 9) * dim))
 
     def self_attention(self, x: torch.Tensor, mod, mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = self.attn.heads(modulate(self.norm1(x), mod[0], mod[1]))
-        return _gated(x, mod[2], self.attn.proj(_sdpa(q, k, v, mask)))
+        return gated(x, mod[2], self.attn.proj(_sdpa(q, k, v, mask)))
 
     def cross_inputs(self, x: torch.Tensor, mod):
         return self.cross_attn.heads(modulate(self.norm2(x), mod[3], mod[4]))
 
     def cross_and_mlp(self, x: torch.Tensor, attn: torch.Tensor, mod) -> torch.Tensor:
-        x = _gated(x, mod[5], self.cross_attn.proj(attn))
-        return _gated(x, mod[8], self.mlp(modulate(self.norm3(x), mod[6], mod[7])))
+        x = gated(x, mod[5], self.cross_attn.proj(attn))
+        return gated(x, mod[8], self.mlp(modulate(self.norm3(x), mod[6], mod[7])))
 
 
 class SplitBlock(nn.Module):
@@ -251,20 +243,6 @@ class SplitBlock(nn.Module):
             return x_new, None
         # Text queries over image keys: every image token is real, no mask.
         return x_new, self.context_block.cross_and_mlp(c, _sdpa(qc, kx, vx, None), mod_c)
-
-
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) + LayerNorm, then a linear map from each image token to its p*p*C_out values."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = _norm(hidden_size)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class MMDiT(nn.Module):
@@ -308,12 +286,10 @@ class MMDiT(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
         if qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be None or 'rms_norm', got {qk_norm!r}")
-        height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if height % patch_size or width % patch_size:
-            raise ValueError(f"patch size {patch_size} does not divide the input size {height}x{width}")
-        self.grid_size = (height // patch_size, width // patch_size)
+        self.grid_size = patch_grid(input_size, patch_size)
         if pos_embed_max_size is not None and max(self.grid_size) > pos_embed_max_size:
-            raise ValueError(f"input {height}x{width} is {self.grid_size} patches, more than "
+            gh, gw = self.grid_size
+            raise ValueError(f"input {gh * patch_size}x{gw * patch_size} is {self.grid_size} patches, more than "
                              f"pos_embed_max_size={pos_embed_max_size}")
         self.in_channels = in_channels
         if out_channels is None:
@@ -349,29 +325,12 @@ class MMDiT(nn.Module):
 
     # ---------------------------------------------------------------- init
     def initialize_weights(self) -> None:
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
         self.pos_embed.copy_(self._sincos_table().unsqueeze(0))
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        for mlp in (self.t_embedder.mlp, self.y_embedder.mlp):
-            nn.init.normal_(mlp[0].weight, std=0.02)
-            nn.init.normal_(mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity, and the output starts at zero.
-        for blk in self.blocks:
-            for stream in (blk.x_block, blk.context_block):
-                nn.init.zeros_(stream.adaLN_modulation[-1].weight)
-                nn.init.zeros_(stream.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        init_adaln_zero(
+            self,
+            [mlp[i].weight for mlp in (self.t_embedder.mlp, self.y_embedder.mlp) for i in (0, 2)],
+            [stream.adaLN_modulation for blk in self.blocks for stream in (blk.x_block, blk.context_block)],
+        )
 
     def _sincos_table(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
         if grid is None:
@@ -393,13 +352,6 @@ class MMDiT(nn.Module):
         if (h, w) == self.grid_size:
             return self.pos_embed
         return self._sincos_table((h, w)).to(self.pos_embed).unsqueeze(0)
-
-    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """[B, h*w, p*p*C] -> [B, C, h*p, w*p]."""
-        c, p = self.out_channels, self.patch_size
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
 
     @staticmethod
     def attention_masks(context_mask: torch.Tensor | None, n_img: int, attention: str) -> dict:
@@ -432,11 +384,7 @@ class MMDiT(nn.Module):
         pooled: torch.Tensor,
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"patch size {p} does not divide the input size {H}x{W}")
-        h, w = H // p, W // p
+        h, w = patch_grid(tuple(x.shape[-2:]), self.patch_size)
         if self.training and self.class_dropout_prob > 0:
             # Caption dropout for guidance: whole samples get the null condition (zeros).
             keep = (torch.rand(x.shape[0], device=x.device) >= self.class_dropout_prob).to(context.dtype)
@@ -451,7 +399,7 @@ class MMDiT(nn.Module):
         for block in self.blocks:
             x, c = run_block(block, self.grad_checkpointing and self.training, x, c, y, masks)
         x = self.final_layer(x, y)
-        return self.unpatchify(x, h, w)
+        return unpatchify(x, self.patch_size, self.out_channels, (h, w))
 
     # ---------------------------------------------------------------- diffusers interop
     @classmethod

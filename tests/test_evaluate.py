@@ -45,14 +45,14 @@ def shapes_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lenet(digits_dir):
-    from harness.features import EvalData, ensure_standin, standin_extractor
+    from harness.evaluation.features import EvalData, ensure_standin, standin_extractor
 
     return standin_extractor(ensure_standin("lenet", EvalData.from_folder(digits_dir)), "cpu")
 
 
 @pytest.fixture(scope="session")
 def shapesdet(shapes_dir):
-    from harness.features import EvalData, ensure_standin, standin_extractor
+    from harness.evaluation.features import EvalData, ensure_standin, standin_extractor
 
     return standin_extractor(ensure_standin("shapesdet", EvalData.from_folder(shapes_dir)), "cpu")
 
@@ -60,7 +60,7 @@ def shapesdet(shapes_dir):
 @pytest.fixture(scope="session")
 def digit_folders(digits_dir, tmp_path_factory):
     """PNG folders of real digits: low (classes 0-4) and high (5-9), as clean-fid reads folders."""
-    from harness.features import EvalData, iter_real_images
+    from harness.evaluation.features import EvalData, iter_real_images
 
     root = tmp_path_factory.mktemp("folders")
     batch = next(iter_real_images(EvalData.from_folder(digits_dir), "train", 600, batch_size=600))
@@ -82,18 +82,16 @@ def _trial(digits: Path, tmp_path: Path, **eval_section):
 
 
 def _evaluator(trial):
-    from harness.denoiser import build_denoiser, dataset_info
-    from harness.distributed import DistInfo
-    from harness.evaluate import Evaluator
-    from harness.train import build_objective_for
-    from models.objectives import build_objective
+    from harness.evaluation.evaluator import Evaluator
+    from harness.trial.build import build_denoiser, build_objective_for, dataset_info
+    from harness.trial.distributed import DistInfo
 
     dist = DistInfo(0, 1, 0, torch.device("cpu"))
     info = dataset_info(trial)
     torch.manual_seed(0)
     model, conditioner = build_denoiser(trial, info, dist.device)
     _perturb(model)
-    return Evaluator(trial, info, conditioner, build_objective_for(trial, build_objective), dist), model.eval()
+    return Evaluator(trial, info, conditioner, build_objective_for(trial), dist), model.eval()
 
 
 def _perturb(model) -> None:
@@ -109,7 +107,7 @@ def _perturb(model) -> None:
 
 
 def test_folder_against_itself_is_zero_and_different_distributions_are_not(digit_folders, lenet):
-    from harness.features import folder_distance
+    from harness.evaluation.features import folder_distance
 
     low, high = digit_folders
     assert abs(folder_distance(low, low, lenet)) < 1e-6
@@ -120,7 +118,7 @@ def test_folder_against_itself_is_zero_and_different_distributions_are_not(digit
 def test_equals_cleanfid_compute_fid_on_the_same_folders(digit_folders, lenet):
     from cleanfid import fid
 
-    from harness.features import folder_distance
+    from harness.evaluation.features import folder_distance
 
     low, high = digit_folders
     ours = folder_distance(low, high, lenet)
@@ -137,7 +135,7 @@ def test_torchmetrics_cross_checks_kid_and_fd(digit_folders, lenet):
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    from harness.features import folder_images, frechet_distance, kernel_distance
+    from harness.evaluation.features import folder_images, frechet_distance, kernel_distance
 
     low, high = (folder_images(f) for f in digit_folders)
     n = min(len(low), len(high))
@@ -165,7 +163,7 @@ def test_torchmetrics_cross_checks_kid_and_fd(digit_folders, lenet):
 
 
 def test_reference_statistics_are_cached_and_reused(digits_dir, lenet):
-    from harness.features import EvalData, reference_stats
+    from harness.evaluation.features import EvalData, reference_stats
 
     data = EvalData.from_folder(digits_dir)
     calls = []
@@ -190,13 +188,13 @@ def test_reference_statistics_are_cached_and_reused(digits_dir, lenet):
 
 
 def test_standin_metrics_are_never_named_fid(digits_dir, tmp_path, lenet, caplog):
-    import harness.features as features
+    import harness.evaluation.dataset as dataset
 
-    features._warned.clear()
+    dataset._warned.clear()
     trial = _trial(digits_dir, tmp_path)
     evaluator, model = _evaluator(trial)
     rng = torch.get_rng_state()
-    with caplog.at_level(logging.WARNING, logger="harness.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="harness.evaluation"):
         metrics, images = evaluator.run(model, step=7)
         again, _ = evaluator.run(model, step=8)
         _evaluator(trial)[0].run(model, step=9)
@@ -249,8 +247,8 @@ def test_validation_loss_is_fixed_and_tells_models_apart(digits_dir, tmp_path):
 
 
 def test_prompt_alignment_near_one_on_real_shapes_and_near_chance_shuffled(shapes_dir, shapesdet):
-    from harness.features import EvalData, iter_real_images
-    from harness.standin import alignment_counts, parse_shapes_caption
+    from harness.evaluation.features import EvalData, iter_real_images
+    from harness.evaluation.standin import alignment_counts, parse_shapes_caption
 
     batch = next(iter_real_images(EvalData.from_folder(shapes_dir), "val", None, batch_size=1000))
     images = torch.from_numpy(batch["images"]).permute(0, 3, 1, 2).float()
@@ -265,7 +263,7 @@ def test_prompt_alignment_near_one_on_real_shapes_and_near_chance_shuffled(shape
 
 
 def test_shapes_captions_parse_into_what_they_say():
-    from harness.standin import caption_matches, parse_shapes_caption
+    from harness.evaluation.standin import caption_matches, parse_shapes_caption
 
     p = parse_shapes_caption("a red circle left of an orange square")
     assert p == {"template": "relation", "objects": [("red", "circle"), ("orange", "square")], "relation": "left of"}
@@ -331,8 +329,8 @@ def test_assets_fetch_and_data_stats_commands(tmp_path, digits_dir, lenet):
 def test_eval_command_logs_into_the_trials_run(digits_dir, tmp_path, lenet, monkeypatch):
     import mlflow
 
-    from harness.denoiser import build_denoiser, dataset_info
-    from harness.train import trial_dir
+    from harness.trial.build import build_denoiser, dataset_info
+    from harness.paths import trial_dir
     from models.ema import EMA
 
     study = tiny_study(digits_dir, "evalcmd", eval={"fid_samples": 64, "sampling_steps": 3, "cfg_scale": [1.5],
@@ -387,7 +385,7 @@ def test_two_ranks_give_the_numbers_of_one(digits_dir, tmp_path, lenet):
 
     import torch.multiprocessing as mp
 
-    from harness.distributed import free_port
+    from harness.trial.distributed import free_port
 
     single, model = _evaluator(_trial(digits_dir, tmp_path))
     alone, images = single.run(model, step=3)
@@ -432,7 +430,7 @@ def test_latent_datasets_are_decoded_with_their_vae(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from harness.config import TrialConfig
     from harness.data import make_loader, pack_dataset
-    from harness.features import EvalData, LatentDecoder, iter_real_images
+    from harness.evaluation.features import EvalData, LatentDecoder, iter_real_images
 
     vae_dir = tmp_path / "vae"
     diffusers.AutoencoderKL(
@@ -482,7 +480,7 @@ def test_captioned_shapes_get_prompt_alignment(shapes_dir, shapesdet, tmp_path):
 
 
 def _val_captions(folder: Path) -> list[str]:
-    from harness.features import EvalData, iter_real_images
+    from harness.evaluation.features import EvalData, iter_real_images
 
     return next(iter_real_images(EvalData.from_folder(folder), "val", 3))["txt"]
 
@@ -522,11 +520,11 @@ def test_present_inception_is_placed_loaded_and_fed_as_cleanfid_feeds_it(digits_
     from cleanfid.fid import get_folder_features
     from cleanfid.resize import build_resizer
 
-    from harness.features import EvalData, choose_extractor, folder_images
+    from harness.evaluation.features import EvalData, choose_extractor, folder_images
 
     _fake_inception(tmp_path / "assets")
     monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "assets"))
-    with caplog.at_level(logging.WARNING, logger="harness.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="harness.evaluation"):
         extractor, _ = choose_extractor("auto", EvalData.from_folder(digits_dir), "cpu")
     assert extractor.is_inception and extractor.metric("fd") == "fid" and extractor.metric("kd") == "kid"
     assert not caplog.records, "no stand-in warning when the weights are there"

@@ -231,7 +231,7 @@ SD3_MEDIUM_PARAMS = 2_028_328_000
 
 
 def test_sd3_medium_parameter_count():
-    from harness.model_table import model_rows
+    from harness.bench.model_table import model_rows
 
     with torch.device("meta"):
         ours = build_model("MMDiT-d24/2", **SD3_MEDIUM)
@@ -251,7 +251,7 @@ def test_sd3_medium_parameter_count():
 
 
 def test_models_cli_lists_mmdit_rows():
-    from harness.model_table import model_rows
+    from harness.bench.model_table import model_rows
 
     rows = model_rows(input_size=32, channels=4)
     mm = [r for r in rows if r["family"] == "mmdit"]
@@ -328,7 +328,7 @@ def test_word_encoder_conditions_the_model_end_to_end():
 
 
 def test_bench_runs_ours_and_diffusers_sd3(capsys):
-    from harness.bench import run_bench
+    from harness.bench.step_time import run_bench
 
     report = run_bench("MMDiT-d2/2", batch=1, steps=1, warmup=0, input_size=8, channels=4, device="cpu",
                        as_json=True)

@@ -52,7 +52,7 @@ def test_batch_script_is_valid_bash_with_the_documented_defaults():
 
 
 def test_render_replaces_options_and_keeps_sbatch_lines_first():
-    from harness.slurm import SETTINGS_MARKER, render_script
+    from harness.launch.slurm import SETTINGS_MARKER, render_script
 
     template = ("#!/bin/bash\n#SBATCH --nodes=1\n##SBATCH --gpus-per-node=8\n#SBATCH --time=24:00:00\n"
                 f"{SETTINGS_MARKER}\necho hi\n")
@@ -131,7 +131,7 @@ def test_trials_that_cannot_fit_are_refused_with_the_option_to_change(study_file
 
 def test_stop_file_is_the_one_the_trials_watch(study_file):
     from harness.config import expand_grid, load_study
-    from harness.train import stop_file
+    from harness.paths import stop_file
 
     out = ditscale("slurm", "stop-file", str(study_file), "--set", "resources.storage=elsewhere",
                    cwd=study_file.parent).stdout.strip()

@@ -117,7 +117,7 @@ def test_single_worker_trials_train_in_the_reused_tune_process_and_recover(tmp_p
 
 def test_dry_run_prints_the_grid_and_starts_no_ray(tmp_path, digits_dir):
     study = write_study(tmp_path / "s.yaml", _study(digits_dir, "dry"))
-    code = ("import sys; from harness.sweep import run_sweep; "
+    code = ("import sys; from harness.launch.sweep import run_sweep; "
             f"r = run_sweep({str(study)!r}, dry_run=True); "
             "assert r == {'planned': 4, 'ran': 0}, r; "
             "assert 'ray' not in sys.modules, 'dry run imported ray'; "

@@ -64,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
     return {"pack": _pack, "verify": _verify, "bench": _bench, "stats": _stats}[args.data_command](args)
 
 
+def add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="pack, verify and benchmark WebDataset shards")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def _pack(args: argparse.Namespace) -> int:
     from harness.data.pack import pack_dataset
 
@@ -107,7 +113,7 @@ def _stats(args: argparse.Namespace) -> int:
     import sys
 
     from harness.errors import UserError
-    from harness.features import EvalData, choose_extractor, reference_stats
+    from harness.evaluation.features import EvalData, choose_extractor, reference_stats
 
     if args.samples is not None and args.samples < 2:
         raise UserError(f"--samples {args.samples}: need at least 2 images")

@@ -36,6 +36,7 @@ import logging
 import multiprocessing
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -43,15 +44,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from harness.data.codec import decode_image_chw, decode_npy, torchvision_png_decoder
+from harness.data.codec import torchvision_png_decoder
 from harness.data.errors import DataError
-from harness.data.manifest import MANIFEST, manifest_beside, read_manifest, shard_counts
-from harness.data.shards import expand_shards, open_shard, shard_name
+from harness.data.manifest import MANIFEST, read_manifest, shard_counts
+from harness.data.sample import SampleSpec, decode_sample
+from harness.data.shards import expand_shards, manifest_beside, open_shard, shard_name
 from harness.data.tario import iter_samples
 
 log = logging.getLogger("harness.data")
 
-IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 _WARN_FIRST = 20
 _WARN_EVERY = 1000
 
@@ -71,13 +72,14 @@ class LoaderStats:
         return int(self._corrupt.value)
 
 
-class _Spec:
-    """What to decode from each sample and how (picklable; built from the manifest)."""
+@dataclass
+class _Spec(SampleSpec):
+    """What to decode from each sample (harness/data/sample.py) and how to batch it: latent scaling
+    and random flips (picklable; built from the manifest)."""
 
-    def __init__(self, kind, shape, want_cls, want_txt, want_embeddings, tokens, scale, shift, flip):
-        self.kind, self.shape = kind, tuple(shape) if shape else None
-        self.want_cls, self.want_txt, self.want_embeddings = want_cls, want_txt, want_embeddings
-        self.tokens, self.scale, self.shift, self.flip = tokens, scale, shift, flip
+    scale: float = 1.0
+    shift: float = 0.0
+    flip: bool = False
 
 
 class ShardStream(IterableDataset):
@@ -165,41 +167,12 @@ class ShardStream(IterableDataset):
                 state.corrupt(url, None, "damaged stream (lost samples unknown)", warn_now=False)
 
     # -- decoding and batching --------------------------------------------------------------------
-    def _decode(self, sample: dict):
-        spec = self.spec
-        if spec.kind != "pixels" and "latent.npy" in sample:
-            x = decode_npy(sample["latent.npy"])
-            kind = "latents"
-        else:
-            member = next((m for m in IMAGE_MEMBERS if m in sample), None)
-            if member is None or spec.kind == "latents":
-                raise ValueError("no latent.npy" if spec.kind == "latents" else "no image member (png, jpg, ...)")
-            x = decode_image_chw(sample[member])
-            kind = "pixels"
-        if spec.kind is None:
-            spec.kind = kind
-        shape = x.shape
-        if spec.shape is None:
-            spec.shape = shape
-        elif shape != spec.shape:
-            raise ValueError(f"shape {list(shape)}, expected {list(spec.shape)}")
-        label = int(sample["cls"]) if spec.want_cls else None
-        caption = bytes(sample["txt"]).decode("utf-8") if spec.want_txt else None
-        embedding = None
-        if spec.want_embeddings:
-            tokens = decode_npy(sample["txt_tokens.npy"])
-            mask = decode_npy(sample["txt_mask.npy"])
-            pooled = decode_npy(sample["txt_pooled.npy"])
-            if tokens.ndim != 2 or tokens.shape[0] != mask.shape[0] or tokens.shape[0] > spec.tokens:
-                raise ValueError(f"text tokens of shape {tokens.shape} (mask {mask.shape}, at most {spec.tokens})")
-            embedding = (tokens, mask, pooled)
-        return x, label, caption, embedding
-
     def _batches(self, samples, state: "_StreamState", flips: np.random.Generator):
         rows: list = []
         for sample in samples:
             try:
-                rows.append((sample["__key__"], *self._decode(sample)))
+                d = decode_sample(sample, self.spec)
+                rows.append((sample["__key__"], d.x, d.label, d.caption, d.embedding))
             except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped and counted
                 state.corrupt(sample.get("__url__", "?"), sample["__key__"], f"{type(err).__name__}: {err}")
                 continue
@@ -412,11 +385,11 @@ def make_loader(
         log.warning("data: no %s beside %s; shapes are taken from the first sample and latents, if any, "
                     "are not scaled (pass manifest=)", MANIFEST, urls[0])
     spec = _Spec(
-        kind=kind, shape=info.get("sample_shape") if info else None,
+        kind=kind, shape=tuple(info["sample_shape"]) if info and info.get("sample_shape") else None,
         want_cls=conditioning == "class" or "cls" in fields,
         want_txt=conditioning == "text" or "txt" in fields,
         want_embeddings=bool(text_embeddings), tokens=(info.get("text_encoder") or {}).get("tokens") if info else None,
-        scale=scale, shift=shift, flip=flip,
+        num_classes=info.get("num_classes") if info else None, scale=scale, shift=shift, flip=flip,
     )
     if not resampled and len(urls) < world_size * max(1, num_workers):
         log.warning("data: %d shard(s) for %d readers (world_size %d x workers %d): some readers get no data "

@@ -20,12 +20,12 @@ The loader scales latents as (latent - shift_factor) * scaling_factor.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from harness.data.errors import DataError
+from harness.files import atomic_write_text
 
 MANIFEST = "dataset.json"
 FORMAT = "ditscale-webdataset"
@@ -46,11 +46,7 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
     """Atomic: a reader sees the old manifest or the new one, never half of one."""
-    path = Path(folder) / MANIFEST
-    tmp = path.with_name(MANIFEST + ".partial")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def shard_pattern(name: str, count: int) -> str:
@@ -74,22 +70,3 @@ def shard_counts(manifest: dict | None) -> dict[str, int]:
     if not manifest:
         return {}
     return {s["name"]: s["count"] for split in manifest.get("splits", {}).values() for s in split["shards"]}
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def manifest_beside(urls: list[str]) -> tuple[dict | None, str | None]:
-    """(manifest, folder) of the dataset.json beside the first local shard, else (None, None)."""
-    from harness.data.shards import is_remote, local_path
-
-    for url in urls:
-        if not is_remote(url):
-            folder = str(Path(local_path(url)).parent)
-            return read_manifest(folder), folder
-    return None, None

@@ -29,7 +29,7 @@ import numpy as np
 from harness.data.codec import encode_cls, encode_json, encode_npy, encode_png, encode_txt
 from harness.data.errors import DataError
 from harness.data.manifest import FORMAT, read_manifest, shard_pattern, write_manifest
-from harness.data.sources import Source, ShapesSource, open_source
+from harness.data.sources import ShapesSource, Source, open_source
 from harness.data.tario import ShardWriter
 
 log = logging.getLogger("harness.data")

@@ -6,11 +6,15 @@ nothing matches or local shards are missing. `open_shard` opens one URL for stre
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
+import braceexpand
+
 from harness.data.errors import DataError
+from harness.data.manifest import read_manifest, split_paths
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
@@ -23,11 +27,35 @@ def local_path(url: str) -> str:
     return url[len("file:"):] if url.startswith("file:") else url
 
 
+def absolute_path(pattern: str) -> str:
+    """A local path or brace pattern made absolute (against the working directory); URLs unchanged."""
+    if is_remote(pattern) or "://" in pattern:
+        return pattern
+    local = local_path(pattern)
+    return local if os.path.isabs(local) else os.path.normpath(os.path.join(os.getcwd(), local))
+
+
+def shard_urls(pattern: str) -> tuple[list[str], list[str]]:
+    """Expand a brace pattern into (existing or remote URLs, missing local files). Remote and
+    pipe: URLs are taken as given; local globs are expanded."""
+    urls, missing = [], []
+    for item in braceexpand.braceexpand(pattern):
+        if is_remote(item):
+            urls.append(item)
+            continue
+        local = local_path(item)
+        if any(c in local for c in "*?["):
+            urls.extend(sorted(glob.glob(local)))
+        elif os.path.isfile(local):
+            urls.append(local)
+        else:
+            missing.append(local)
+    return urls, missing
+
+
 def expand_shards(shards: str | os.PathLike | Sequence[str], split: str = "train") -> list[str]:
     """URLs of `shards`: a brace pattern ("data/train-{000000..000009}.tar"), a glob, a list of
     either, a `pipe:`/http(s) URL, or a dataset folder (its manifest's `split`)."""
-    from harness.config import shard_urls
-
     if isinstance(shards, (str, os.PathLike)):
         text = os.fspath(shards)
         if not is_remote(text) and os.path.isdir(local_path(text)):
@@ -53,8 +81,6 @@ def expand_shards(shards: str | os.PathLike | Sequence[str], split: str = "train
 
 
 def _folder_shards(folder: str, split: str) -> list[str]:
-    from harness.data.manifest import read_manifest, split_paths
-
     manifest = read_manifest(folder)
     if manifest is not None:
         paths = split_paths(folder, manifest, split)
@@ -85,3 +111,12 @@ def shard_name(url: str) -> str:
         words = [w for w in text[5:].split() if w.endswith((".tar", ".tgz", ".tar.gz"))]
         text = words[-1] if words else text
     return text.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+
+
+def manifest_beside(urls: list[str]) -> tuple[dict | None, str | None]:
+    """(manifest, folder) of the dataset.json beside the first local shard, else (None, None)."""
+    for url in urls:
+        if not is_remote(url):
+            folder = str(Path(local_path(url)).parent)
+            return read_manifest(folder), folder
+    return None, None

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.assets import resolve_text_spec
 from harness.data.errors import DataError
+from models.text import load_text_encoder
 
 
 def load_encoder(spec: str, device: str = "cpu", field: str = "--text-encoder", assets: str | None = None):
     """A frozen text encoder in eval mode, hub names looked up in the assets folder first
     (harness/assets.py); a bad `spec` is one line naming `field` (the flag or study field it came from)."""
-    from harness.assets import resolve_text_spec
-
-    try:
-        from models.text import load_text_encoder
-    except ImportError as err:
-        raise DataError(f"{field} needs models.text, which cannot be imported ({err})") from None
     try:
         encoder = load_text_encoder(resolve_text_spec(spec, assets), device=device)
     except (ValueError, OSError) as err:

@@ -11,6 +11,8 @@ import time
 from typing import Sequence
 
 from harness.data.errors import DataError
+from harness.data.loader import make_loader
+from harness.data.shards import expand_shards, manifest_beside
 
 
 def measure_loader_throughput(
@@ -27,10 +29,6 @@ def measure_loader_throughput(
     `warmup_batches` and return {samples_per_s, samples, batches, seconds, startup_s, batch_size,
     num_workers, kind, sample_shape, corrupt}. Extra keywords go to make_loader (conditioning is
     picked from the manifest when not given)."""
-    from harness.data.loader import make_loader
-    from harness.data.manifest import manifest_beside
-    from harness.data.shards import expand_shards
-
     if seconds is None and batches is None:
         raise DataError("give seconds or batches")
     if "conditioning" not in loader_kwargs:

@@ -12,14 +12,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from harness.data.codec import decode_json, decode_npy, decode_png
 from harness.data.errors import DataError
 from harness.data.manifest import MANIFEST, read_manifest
+from harness.data.sample import SampleSpec, decode_sample
 from harness.data.tario import iter_samples
-
-IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 
 
 @dataclass
@@ -88,62 +84,17 @@ class _HashingReader:
         return data
 
     def finish(self) -> str:
-        while block := self.read(1 << 20):
+        while self.read(1 << 20):
             pass
         return self.hash.hexdigest()
 
 
-class _SampleChecker:
-    def __init__(self, manifest: dict | None):
-        m = manifest or {}
-        self.fields = set(m.get("fields", ()))
-        self.kind = m.get("kind")
-        self.shape = tuple(m["sample_shape"]) if m.get("sample_shape") else None
-        self.num_classes = m.get("num_classes")
-        self.tokens = (m.get("text_encoder") or {}).get("tokens")
-
-    def check(self, sample: dict) -> None:
-        """Raises ValueError with the reason when the sample is not usable."""
-        if "__error__" in sample:
-            raise ValueError(sample["__error__"])
-        missing = self.fields - set(sample)
-        if missing:
-            raise ValueError(f"missing {', '.join(sorted(missing))}")
-        if "latent.npy" in sample:
-            x = decode_npy(sample["latent.npy"])
-            if not np.isfinite(x).all():
-                raise ValueError("latent has non-finite values")
-            shape = x.shape
-        else:
-            member = next((m for m in IMAGE_MEMBERS if m in sample), None)
-            if member is None:
-                raise ValueError("no image or latent member")
-            image = decode_png(sample[member])
-            shape = (image.shape[2], image.shape[0], image.shape[1])
-        if self.shape is not None and tuple(shape) != self.shape:
-            raise ValueError(f"shape {list(shape)}, expected {list(self.shape)}")
-        if "cls" in sample:
-            label = int(sample["cls"])
-            if label < 0 or (self.num_classes and label >= self.num_classes):
-                raise ValueError(f"class {label} outside 0..{(self.num_classes or 1) - 1}")
-        if "txt" in sample:
-            bytes(sample["txt"]).decode("utf-8")
-        if "json" in sample:
-            decode_json(sample["json"])
-        if "txt_tokens.npy" in sample:
-            tokens = decode_npy(sample["txt_tokens.npy"])
-            mask = decode_npy(sample["txt_mask.npy"])
-            decode_npy(sample["txt_pooled.npy"])
-            if tokens.ndim != 2 or tokens.shape[0] != mask.shape[0] or (self.tokens and tokens.shape[0] > self.tokens):
-                raise ValueError(f"text tokens of shape {tokens.shape}")
-
-
-def verify_shard(path: str, checker: _SampleChecker, report: ShardReport, examples: int = 3) -> None:
+def verify_shard(path: str, spec: SampleSpec, report: ShardReport, examples: int = 3) -> None:
     with open(path, "rb", buffering=1 << 20) as f:
         reader = _HashingReader(f)
         for sample in iter_samples(reader, check_headers=True):
             try:
-                checker.check(sample)
+                decode_sample(sample, spec, strict=True)
                 report.good += 1
             except Exception as err:  # noqa: BLE001 - every failure is a corrupt sample
                 report.corrupt += 1
@@ -188,14 +139,14 @@ def verify_dataset(folder: str | os.PathLike, progress: bool | None = None) -> V
         if unlisted:
             problems.append(f"{len(unlisted)} .tar file(s) not listed in {MANIFEST} (first: {unlisted[0]})")
     hashes = {s["name"]: s.get("sha256") for e in (manifest or {}).get("splits", {}).values() for s in e["shards"]}
-    checker = _SampleChecker(manifest)
+    spec = SampleSpec.from_manifest(manifest, fields=frozenset((manifest or {}).get("fields", ())))
     for report in tqdm(reports, desc="verify", unit="shard", disable=None if progress is None else not progress):
         path = root / report.name
         if not path.is_file():
             report.missing = True
             report.corrupt = report.expected or 0
             continue
-        verify_shard(str(path), checker, report)
+        verify_shard(str(path), spec, report)
         if hashes.get(report.name):
             report.sha256_ok = report.sha256 == hashes[report.name]
     return VerifyResult(str(root), reports, problems)

@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.data.builtin import COUNT_WORDS, RELATIONS, SHAPE_COLORS, SHAPE_NAMES
+from harness.files import atomic_write
 
 VERSION = 1  # bump when the networks or their training change: cached stand-ins are then retrained
 COLORS = tuple(SHAPE_COLORS)
@@ -213,14 +212,8 @@ def save_standin(net: nn.Module, path: Path, meta: dict) -> None:
     """Atomic: written under a temporary name in the same folder, then renamed."""
     state = {"name": net.name, "version": VERSION, "config": net.config, "meta": meta,
              "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as out:
+        torch.save(state, out)
 
 
 def load_standin_state(path: Path) -> dict:

@@ -9,18 +9,13 @@ report will be. The batch script starts Ray on every node of the allocation, run
 trials to checkpoint (the study's STOP file), waits for the sweep to exit 3 ("stopped, resumable")
 and requeues the job, which then resumes the study.
 
-The other sub-commands are the batch script's helpers, usable by hand too:
-`stop-file` (the path whose creation asks a running study to checkpoint and stop), `paths` (shell
-assignments: study name, folders, stop file, MLflow URI), `node-ip` (the address Ray should use on
-this node) and `wait-ray` (block until N nodes have joined a Ray cluster).
-
-Only argparse and the standard library at import time: the heavy imports (pydantic through
-harness.config, Ray) happen inside the handlers.
+The batch script's helpers live here too: `node_ip` (the address Ray should use on this node) and
+`wait_for_ray` (block until N nodes have joined a Ray cluster); their commands, with `stop-file` and
+`paths`, are in harness/launch/commands.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -33,46 +28,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.config import expand_grid, load_study
 from harness.errors import UserError
+from harness.paths import StudyPaths, study_paths
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "sweep.sbatch"
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "sweep.sbatch"
 SETTINGS_MARKER = "# @ditscale-submit-settings@"
-STOP_FILE_NAME = "STOP"
 DEFAULT_SIGNAL_SECONDS = 300
 
 
-# --- the study's places --------------------------------------------------------------------------
-
-
-@dataclass
-class StudyPaths:
-    name: str
-    storage: Path      # resources.storage, absolute
-    study_dir: Path    # <storage>/<name>: trial folders, the STOP file, slurm/
-    stop_file: Path
-    slurm_dir: Path    # rendered scripts, job logs, the per-job Ray token
-    tracking_uri: str
-    report: Path       # where `ditscale sweep` writes the report (reports/<name>/index.html)
-
-
-def study_paths(study) -> StudyPaths:
-    """Everything is resolved against the current directory, as `ditscale sweep` does; the batch
-    script runs in the directory `submit` was called from (`#SBATCH --chdir`)."""
-    from harness.tracking import resolve_tracking_uri
-
-    storage = Path(study.resources.storage).resolve()
-    study_dir = storage / study.name
-    # Must match harness.train.stop_file (tests/test_slurm.py checks that it does).
-    return StudyPaths(
-        name=study.name, storage=storage, study_dir=study_dir, stop_file=study_dir / STOP_FILE_NAME,
-        slurm_dir=study_dir / "slurm", tracking_uri=resolve_tracking_uri(study.tracking.uri),
-        report=Path.cwd() / "reports" / study.name / "index.html",
-    )
-
-
-def _load(config: str, overrides, check_files: bool = True):
-    from harness.config import load_study
-
+def load(config: str, overrides, check_files: bool = True):
     return load_study(config, overrides, check_files=check_files)
 
 
@@ -117,9 +82,9 @@ def _cpus_per_node(trials, nodes: int, gpus_per_node: int, node_cpus: int | None
     CPUs a node has (Ray's own processes want some too), else enough to run the trials side by side
     (up to resources.max_concurrent_trials), spread over the nodes."""
     if gpus_per_node:
-        return max((math.ceil(gpus_per_node / t.resources.gpus_per_worker * t.resources.cpus_per_worker)
-                    for t in trials if t.resources.gpus_per_worker), default=1)
-    biggest = max(t.resources.workers_per_trial * t.resources.cpus_per_worker for t in trials)
+        return max((math.ceil(gpus_per_node / trial.resources.gpus_per_worker * trial.resources.cpus_per_worker)
+                    for trial in trials if trial.resources.gpus_per_worker), default=1)
+    biggest = max(trial.resources.workers_per_trial * trial.resources.cpus_per_worker for trial in trials)
     per_node = math.ceil(biggest / nodes)
     if node_cpus:
         if per_node > node_cpus:
@@ -153,18 +118,18 @@ def partition_cpus(partition: str | None) -> int | None:
 
 
 def _check_fits(trials, nodes: int, gpus_per_node: int, cpus_per_node: int) -> None:
-    for t in trials:
-        r = t.resources
+    for trial in trials:
+        r = trial.resources
         cpus = r.workers_per_trial * r.cpus_per_worker
         gpus = r.workers_per_trial * r.gpus_per_worker
         if gpus > nodes * gpus_per_node:
             raise UserError(
-                f"--gpus-per-node: trial {t.trial_id} ({t.model_name}) needs {r.workers_per_trial} workers x "
+                f"--gpus-per-node: trial {trial.trial_id} ({trial.model_name}) needs {r.workers_per_trial} workers x "
                 f"{r.gpus_per_worker:g} GPU = {gpus:g} GPUs but {nodes} node(s) x {gpus_per_node} GPUs have "
                 f"{nodes * gpus_per_node}; raise --nodes/--gpus-per-node or lower resources.workers_per_trial")
         if cpus > nodes * cpus_per_node:
             raise UserError(
-                f"--cpus-per-task: trial {t.trial_id} ({t.model_name}) needs {r.workers_per_trial} workers x "
+                f"--cpus-per-task: trial {trial.trial_id} ({trial.model_name}) needs {r.workers_per_trial} workers x "
                 f"{r.cpus_per_worker:g} CPU = {cpus:g} CPUs but {nodes} node(s) x {cpus_per_node} CPUs have "
                 f"{nodes * cpus_per_node}; raise --cpus-per-task/--nodes or lower resources.cpus_per_worker")
 
@@ -191,8 +156,6 @@ def prepare(config: str, overrides=(), *, nodes: int = 1, gpus_per_node: int = 0
             partition: str | None = None, time_limit: str | None = None, account: str | None = None,
             job_name: str | None = None, signal_seconds: int = DEFAULT_SIGNAL_SECONDS,
             sbatch_args=(), template: Path | None = None) -> Submission:
-    from harness.config import expand_grid
-
     if nodes < 1:
         raise UserError("--nodes: at least 1")
     if gpus_per_node < 0:
@@ -201,7 +164,7 @@ def prepare(config: str, overrides=(), *, nodes: int = 1, gpus_per_node: int = 0
         raise UserError("--cpus-per-task: at least 1")
     if signal_seconds < 60:
         raise UserError("--signal-seconds: at least 60 (Slurm sends the warning signal with a 60 s resolution)")
-    study = _load(config, overrides)
+    study = load(config, overrides)
     trials = expand_grid(study)
     paths = study_paths(study)
     cpus = cpus_per_task or _cpus_per_node(trials, nodes, gpus_per_node, partition_cpus(partition))
@@ -267,7 +230,7 @@ def submit(sub: Submission) -> str:
     return job_id
 
 
-def _print_submitted(sub: Submission, job_id: str) -> None:
+def print_submitted(sub: Submission, job_id: str) -> None:
     p = sub.paths
     log = p.slurm_dir / f"slurm-{job_id}.out"
     gpus = f" x {sub.gpus_per_node} GPUs" if sub.gpus_per_node else ""
@@ -351,102 +314,3 @@ def wait_for_ray(address: str, nodes: int, timeout: float = 300.0, watch_pids=()
             time.sleep(1)
     finally:
         ray.shutdown()
-
-
-# --- command line --------------------------------------------------------------------------------
-
-
-def _cmd_submit(args: argparse.Namespace) -> int:
-    sub = prepare(
-        args.config, args.set, nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
-        partition=args.partition, time_limit=args.time, account=args.account, job_name=args.job_name,
-        signal_seconds=args.signal_seconds, sbatch_args=args.sbatch_arg, template=args.script,
-    )
-    if args.dry_run:
-        sys.stdout.write(sub.script)
-        print(f"\n# would be saved as {sub.script_path} and submitted with:\n# " + shlex.join(sub.sbatch))
-        return 0
-    job_id = submit(sub)
-    _print_submitted(sub, job_id)
-    return 0
-
-
-def _cmd_stop_file(args: argparse.Namespace) -> int:
-    print(study_paths(_load(args.config, args.set, check_files=False)).stop_file)
-    return 0
-
-
-def _cmd_paths(args: argparse.Namespace) -> int:
-    p = study_paths(_load(args.config, args.set, check_files=False))
-    for key, value in (("STUDY_NAME", p.name), ("STUDY_DIR", p.study_dir), ("STOP_FILE", p.stop_file),
-                       ("SLURM_DIR", p.slurm_dir), ("TRACKING_URI", p.tracking_uri), ("REPORT", p.report)):
-        print(f"{key}={shlex.quote(str(value))}")
-    return 0
-
-
-def _cmd_node_ip(args: argparse.Namespace) -> int:
-    print(node_ip(args.toward))
-    return 0
-
-
-def _cmd_wait_ray(args: argparse.Namespace) -> int:
-    res = wait_for_ray(args.address, args.nodes, args.timeout, args.watch_pid)
-    gpus = f", {res.get('GPU', 0):g} GPUs" if res.get("GPU") else ""
-    print(f"Ray cluster at {args.address}: {args.nodes} node(s), {res.get('CPU', 0):g} CPUs{gpus}", flush=True)
-    return 0
-
-
-def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE",
-                   help="override a study field, e.g. --set train.steps=100 (repeatable)")
-
-
-def add_slurm(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("slurm", help="run a study on a Slurm cluster (Ray across the allocation)",
-                       description="Run a study across a Slurm allocation; see slurm/sweep.sbatch.")
-    ss = p.add_subparsers(dest="slurm_command", required=True, metavar="{submit,stop-file}")
-
-    s = ss.add_parser("submit", help="render slurm/sweep.sbatch for this study and sbatch it",
-                      description="Render slurm/sweep.sbatch with these options, save it under "
-                                  "<resources.storage>/<study>/slurm/ and submit it with sbatch.")
-    s.add_argument("config", help="study YAML file")
-    s.add_argument("--nodes", type=int, default=1, help="nodes in the allocation (default 1); one Ray node each")
-    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default 0)")
-    s.add_argument("--cpus-per-task", type=int, default=None,
-                   help="CPUs per node for Ray (default: with GPUs, resources.cpus_per_worker per GPU; "
-                        "without, a whole node, or what the trials need side by side when sinfo is not there)")
-    s.add_argument("--partition", default=None)
-    s.add_argument("--time", default=None, help="time limit, e.g. 24:00:00 (default: the script's 24 h)")
-    s.add_argument("--account", default=None)
-    s.add_argument("--job-name", default=None, help="default: ditscale-<study name>")
-    s.add_argument("--signal-seconds", type=int, default=DEFAULT_SIGNAL_SECONDS,
-                   help="warning before the time limit: trials checkpoint and the job requeues "
-                        f"(default {DEFAULT_SIGNAL_SECONDS})")
-    s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
-                   help="extra sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
-    s.add_argument("--script", type=Path, default=None, help="batch script template (default slurm/sweep.sbatch)")
-    s.add_argument("--dry-run", action="store_true", help="print the rendered script and submit nothing")
-    _add_set(s)
-    s.set_defaults(func=_cmd_submit)
-
-    s = ss.add_parser("stop-file", help="print the file whose creation makes a running study checkpoint and stop")
-    s.add_argument("config", help="study YAML file")
-    _add_set(s)
-    s.set_defaults(func=_cmd_stop_file)
-
-    # Helpers for slurm/sweep.sbatch (not listed in the help).
-    s = ss.add_parser("paths")
-    s.add_argument("config")
-    _add_set(s)
-    s.set_defaults(func=_cmd_paths)
-
-    s = ss.add_parser("node-ip")
-    s.add_argument("--toward", default=None, help="the head node's address (workers)")
-    s.set_defaults(func=_cmd_node_ip)
-
-    s = ss.add_parser("wait-ray")
-    s.add_argument("--address", required=True)
-    s.add_argument("--nodes", type=int, required=True)
-    s.add_argument("--timeout", type=float, default=300.0)
-    s.add_argument("--watch-pid", type=int, action="append", default=[])
-    s.set_defaults(func=_cmd_wait_ray)

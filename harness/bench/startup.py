@@ -16,8 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from harness.data import pack_dataset
+from harness.errors import UserError
+from harness.launch.sweep import run_sweep
+
 MODES = ("in-process", "workers")
-# harness/train.py's phase marks, in the order they happen
+# harness/trial/loop.py's phase marks, in the order they happen
 PHASES = ("tune_trial", "ray_workers", "imports", "process_group", "model", "deepspeed", "resume", "mlflow",
           "first_batch", "first_step")
 
@@ -63,10 +67,6 @@ def _print(mode: str, rows: list[dict]) -> None:
 
 
 def run_startup_bench(trials: int = 4, workers: int = 1, modes: tuple[str, ...] = MODES) -> dict[str, list[dict]]:
-    from harness.data import pack_dataset
-    from harness.errors import UserError
-    from harness.sweep import run_sweep
-
     if trials < 2:
         raise UserError("bench --startup-trials: at least 2 (the first trial of a process is the odd one)")
     if workers > 1 and "in-process" in modes:

@@ -1,12 +1,16 @@
-"""Arguments and handlers of `ditscale eval` and `ditscale assets fetch` (argparse only at import time;
-torch, MLflow and clean-fid load in the handlers)."""
+"""Arguments and handlers of `ditscale eval` and `ditscale assets fetch|status` (torch, MLflow and
+clean-fid load in the handlers, so that `ditscale --help` stays instant)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from harness.errors import UserError
+from harness import assets
+from harness.config import expand_grid, load_study, parse_override
+from harness.options import add_set_option, choose_trial
+from harness.tracking import check_tracking_uri, resolve_tracking_uri
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -22,32 +26,18 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--no-log", action="store_true", help="print the metrics only; log nothing to MLflow")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE",
-                   help="override a study field (repeatable). eval.* overrides change how the trial is evaluated "
-                        "(e.g. --set eval.fid_samples=50000), not which trial: its checkpoint and run stay the same")
+    add_set_option(p, help="override a study field (repeatable). eval.* overrides change how the trial is evaluated "
+                           "(e.g. --set eval.fid_samples=50000), not which trial: its checkpoint and run stay the same")
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from harness.config import expand_grid, load_study
-
-    from harness.config import parse_override
-
     eval_sets = [text for text in args.set if parse_override(text)[0].startswith("eval.")]
     study = load_study(args.config, [text for text in args.set if text not in eval_sets])
-    trials = expand_grid(study)
-    if args.trial is None and len(trials) > 1:
-        listing = "; ".join(f"{i}: {t.model_name} {t.objective.kind} ({t.trial_id})" for i, t in enumerate(trials))
-        raise UserError(f"the study has {len(trials)} trials; choose one with --trial INDEX ({listing})")
-    index = args.trial or 0
-    if not 0 <= index < len(trials):
-        raise UserError(f"--trial {index}: the study has trials 0..{len(trials) - 1}")
-    trial = trials[index]
+    trial = choose_trial(expand_grid(study), args.trial)
     if not args.no_log:
-        from harness.tracking import check_tracking_uri, resolve_tracking_uri
-
         check_tracking_uri(resolve_tracking_uri(trial.tracking.uri))
-    from harness.evaluate import evaluate_checkpoint
+    from harness.evaluation.from_checkpoint import evaluate_checkpoint  # torch: only when evaluating
 
     metrics, images, run_id = evaluate_checkpoint(trial, args.checkpoint, device=args.device, log=not args.no_log,
                                                   eval_overrides=eval_sets)
@@ -84,10 +74,6 @@ def add_assets(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_assets_fetch(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from harness import assets
-
     dest = Path(args.dest).expanduser().resolve()
     dest.mkdir(parents=True, exist_ok=True)
     if not args.no_inception:
@@ -102,8 +88,6 @@ def _cmd_assets_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_assets_status(args: argparse.Namespace) -> int:
-    from harness import assets
-
     folder = assets.assets_dir(args.assets)
     found = assets.find_inception(args.assets, place=False)
     print(f"assets folder: {folder}{'' if folder.is_dir() else ' (missing)'}")

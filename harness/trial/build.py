@@ -1,4 +1,6 @@
-"""What a trial trains: the backbone built from the study's model section, sized from the dataset.
+"""What a trial trains: the backbone built from the study's model section, sized from the dataset,
+the objective, and the frozen text encoder when there is one. Training and `ditscale eval` build a
+trial through `build_trial` alike.
 
 The dataset's manifest (`dataset.json`, written by `ditscale data pack` beside the shards) supplies
 what the study leaves out: the number of classes, whether samples are pixels or VAE latents.
@@ -6,17 +8,25 @@ what the study leaves out: the number of classes, whether samples are pixels or 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch.nn as nn
 
-from harness.conditioning import (CaptionDenoiser, Conditioner, TextGeometry, build_word_encoder,
-                                  sd3_text_geometry, text_geometry)
-from harness.config import REMOTE_PREFIXES, TrialConfig, shard_urls
+from harness.config import TrialConfig
+from harness.data.shards import manifest_beside, shard_urls
 from harness.errors import UserError
+from harness.trial.conditioning import (
+    CaptionDenoiser,
+    Conditioner,
+    TextGeometry,
+    build_word_encoder,
+    load_frozen_encoder,
+    sd3_text_geometry,
+    text_geometry,
+)
 from models.flops import count_model
+from models.objectives import build_objective
+from models.registry import build_model
 
 
 @dataclass
@@ -31,12 +41,8 @@ class DatasetInfo:
 
 def read_manifest(pattern: str) -> dict:
     """dataset.json beside the first local shard of `pattern`; {} for remote shards or none found."""
-    urls, _ = shard_urls(pattern)
-    local = [u for u in urls if not u.startswith(REMOTE_PREFIXES)]
-    if not local:
-        return {}
-    path = Path(local[0]).parent / "dataset.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    manifest, _ = manifest_beside(shard_urls(pattern)[0])
+    return manifest or {}
 
 
 def dataset_info(trial: TrialConfig, need_manifest: bool = True, frozen_encoder=None) -> DatasetInfo:
@@ -80,8 +86,6 @@ def _count_kwargs(trial: TrialConfig, num_classes: int | None, text: TextGeometr
 
 def build_denoiser(trial: TrialConfig, info: DatasetInfo, device, frozen_encoder=None) -> tuple[nn.Module, Conditioner]:
     """(the module DeepSpeed trains, the batch -> model-input converter that goes with it)."""
-    from models.registry import build_model
-
     m, d = trial.model, trial.data
     if m.family == "dit":
         module = build_model(trial.model_name, input_size=d.image_size, in_channels=d.channels,
@@ -96,3 +100,36 @@ def build_denoiser(trial: TrialConfig, info: DatasetInfo, device, frozen_encoder
         words = build_word_encoder(trial)
         return CaptionDenoiser(backbone, words, m.class_dropout_prob), Conditioner(trial, device, word_encoder=words)
     return backbone, Conditioner(trial, device, text_encoder=frozen_encoder)
+
+
+def build_objective_for(trial: TrialConfig):
+    """The study's objective section -> a models.objectives objective."""
+    o = trial.objective
+    if o.kind == "ddpm":
+        return build_objective("ddpm")
+    return build_objective(
+        "rectified_flow", timestep_sampling=o.timestep_sampling, logit_mean=o.logit_mean, logit_std=o.logit_std,
+        shift=o.shift, shift_training=o.shift_training,
+    )
+
+
+def uses_frozen_encoder(trial: TrialConfig) -> bool:
+    return trial.data.conditioning == "text" and trial.data.text_encoder not in ("builtin", "precomputed")
+
+
+@dataclass
+class BuiltTrial:
+    info: DatasetInfo
+    objective: object
+    denoiser: nn.Module      # what DeepSpeed trains (and the EMA tracks)
+    conditioner: Conditioner
+
+
+def build_trial(trial: TrialConfig, device) -> BuiltTrial:
+    """Everything a trial's weights need, for training and for evaluating a checkpoint alike. Seed
+    the RNG first: the denoiser's initial weights come from it."""
+    frozen = load_frozen_encoder(trial, device) if uses_frozen_encoder(trial) else None
+    info = dataset_info(trial, frozen_encoder=frozen)
+    objective = build_objective_for(trial)
+    denoiser, conditioner = build_denoiser(trial, info, device, frozen_encoder=frozen)
+    return BuiltTrial(info, objective, denoiser, conditioner)

@@ -22,7 +22,7 @@ from ray.train.backend import Backend, BackendConfig
 @dataclass
 class DeepSpeedRendezvous(BackendConfig):
     """`backend` (gloo on CPU, nccl on GPU) is what TorchTrainer reads; DeepSpeed gets the same choice
-    from `harness.distributed.setup_distributed`."""
+    from `harness.trial.distributed.setup_distributed`."""
 
     backend: str = "gloo"
 

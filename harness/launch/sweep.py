@@ -1,5 +1,5 @@
 """`ditscale sweep STUDY`: every grid point as a Ray Tune trial; each trial a Ray Train TorchTrainer
-whose workers run harness/train.py's loop on DeepSpeed.
+whose workers run harness/trial/loop.py's loop on DeepSpeed.
 
 Ray Train V2: a TorchTrainer cannot be handed to Tune; the Tune trial is a function that builds and
 fits a TorchTrainer, and TuneReportCallback forwards the workers' metrics to Tune.
@@ -34,37 +34,20 @@ from pathlib import Path
 
 from harness.config import TrialConfig, expand_grid, load_study
 from harness.errors import UserError
+from harness.launch.plan import plan_rows, print_plan
+from harness.paths import stop_file
+from harness.tracking import (
+    check_tracking_uri,
+    close_parent_run,
+    mark_failed,
+    open_parent_run,
+    open_trial_run,
+    resolve_tracking_uri,
+    sweep_state,
+)
 
 POINTER_FILE = "deepspeed_checkpoint.json"
 FAULT_ENV = "DITSCALE_FAULT_AT_STEP"
-
-
-# --- planning ------------------------------------------------------------------------------------
-
-
-def plan_rows(trials: list[TrialConfig]) -> list[dict]:
-    from harness.denoiser import dataset_info
-
-    rows = []
-    for i, t in enumerate(trials):
-        fwd = dataset_info(t, need_manifest=False).forward_gflops
-        rows.append({
-            "trial": i, "trial_id": t.trial_id, "model": t.model_name,
-            "attention": t.model.attention if t.model.family == "mmdit" else "-",
-            "objective": t.objective.kind, "steps": t.train.steps, "batch": t.train.batch_size,
-            "fwd_gflops": fwd, "train_gflops": 3 * fwd * t.train.steps * t.train.batch_size,
-            "workers": t.resources.workers_per_trial,
-        })
-    return rows
-
-
-def print_plan(rows: list[dict]) -> None:
-    print(f"{'#':>3} {'trial_id':<13}{'model':<15}{'attn':<7}{'objective':<15}{'steps':>7}{'batch':>6}"
-          f"{'fwd GFLOPs':>12}{'train GFLOPs':>14}{'workers':>8}")
-    for r in rows:
-        print(f"{r['trial']:>3} {r['trial_id']:<13}{r['model']:<15}{r['attention']:<7}{r['objective']:<15}"
-              f"{r['steps']:>7}{r['batch']:>6}{r['fwd_gflops']:>12.4f}{r['train_gflops']:>14.4g}{r['workers']:>8}")
-    print("GFLOPs are multiply-adds (DiT paper convention); training compute = 3 x forward x images.")
 
 
 # --- the worker side -----------------------------------------------------------------------------
@@ -80,7 +63,7 @@ def _worker_loop(config: dict) -> None:
     # Ray Train logs every report and checkpoint at INFO; the loop prints its own line per interval.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
-    from harness.train import train_trial
+    from harness.trial.loop import train_trial
 
     trial = TrialConfig.model_validate(config["trial"])
     in_process = config.get("in_process", False)
@@ -217,8 +200,7 @@ def _tune_trial(config: dict, trials: dict | None = None) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from harness.ray_backend import DeepSpeedRendezvous
-    from harness.tracking import mark_failed, open_trial_run, resolve_tracking_uri
+    from harness.launch.ray_backend import DeepSpeedRendezvous
 
     started_at = _trial_start_time()
     config = {**config, "trial": trials[config["trial_id"]]}  # the full config travels beside Tune's table
@@ -322,8 +304,8 @@ def _max_concurrent(trials: list[TrialConfig], requested: int | None) -> int:
         return requested
     total = ray.cluster_resources()
     fits = []
-    for t in trials:
-        r = t.resources
+    for trial in trials:
+        r = trial.resources
         n = int(total.get("CPU", 0) // (r.cpus_per_worker * r.workers_per_trial))
         if r.gpus_per_worker:
             n = min(n, int(total.get("GPU", 0) // (r.gpus_per_worker * r.workers_per_trial)))
@@ -346,20 +328,15 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
     if dry_run:
         return {"planned": len(trials), "ran": 0}
 
-    from harness.tracking import check_tracking_uri, resolve_tracking_uri, sweep_state
-
     uri = resolve_tracking_uri(study.tracking.uri)
     check_tracking_uri(uri)
-    for t in trials:  # workers log where the driver looked (not into a database in their own folder)
-        t.tracking.uri = uri
+    for trial in trials:  # workers log where the driver looked (not into a database in their own folder)
+        trial.tracking.uri = uri
     state = sweep_state(uri, study.name, trials)
-    todo = [t for t in trials if state.get(t.trial_id) != "finished"]
+    todo = [trial for trial in trials if state.get(trial.trial_id) != "finished"]
     skipped = len(trials) - len(todo)
     if skipped:
         print(f"{skipped} of {len(trials)} trials already finished (MLflow says so): skipping them")
-
-    from harness.tracking import close_parent_run, open_parent_run
-    from harness.train import stop_file
 
     stop = stop_file(trials[0])
     if stop.exists():
@@ -403,11 +380,11 @@ def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, m
 
     concurrent = _max_concurrent(todo, max_concurrent)
     # Tune's table shows the search space: the trial id there, the whole trial config passed beside it.
-    trials = {t.trial_id: t.model_dump(mode="json") for t in todo}
-    names = {t.trial_id: f"{t.model_name.replace('/', '_')}-{t.trial_id[:6]}" for t in todo}
+    trials = {trial.trial_id: trial.model_dump(mode="json") for trial in todo}
+    names = {trial.trial_id: f"{trial.model_name.replace('/', '_')}-{trial.trial_id[:6]}" for trial in todo}
     space = {"trial_id": tune.grid_search(list(trials)), "parent_run_id": parent_run_id,
              "storage_probe": str(probe)}
-    by_id = {t.trial_id: t for t in todo}
+    by_id = {trial.trial_id: trial for trial in todo}
     trainable = tune.with_resources(tune.with_parameters(_tune_trial, trials=trials),
                                     lambda config: trial_resources(by_id[config["trial_id"]]))
     tuner = tune.Tuner(

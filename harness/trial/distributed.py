@@ -31,7 +31,7 @@ def free_port() -> int:
 def setup_distributed(use_gpu: bool) -> DistInfo:
     """Join (or create) the process group DeepSpeed will use.
 
-    Ray Train workers (harness.ray_backend) and torchrun have set RANK/WORLD_SIZE/MASTER_*;
+    Ray Train workers (harness.launch.ray_backend) and torchrun have set RANK/WORLD_SIZE/MASTER_*;
     a lone process gets a one-rank group on a free local port. gloo on CPU, nccl on GPUs.
     """
     cuda = use_gpu and torch.cuda.is_available()
@@ -58,11 +58,6 @@ def setup_distributed(use_gpu: bool) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank, world, local_rank, device)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def broadcast_object(obj, src: int = 0):

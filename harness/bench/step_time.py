@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from harness.hardware import device_name, peak_tflops
-from models.flops import count_model
+from harness.errors import UserError
+from harness.hardware import achieved_tflops, device_name, peak_tflops
+from models.flops import SD3_CONTEXT_DIM, SD3_POOLED_DIM, SD3_TEXT_TOKENS, count_model
 from models.registry import ModelSpec, build_model, parse_model_name
 
 NUM_CLASSES = 1000
@@ -68,8 +69,6 @@ def _diffusers_dit(spec: ModelSpec, input_size: int, channels: int) -> Contender
 
 def _mmdit_inputs(input_size: int, channels: int) -> Callable[[int, torch.device], dict]:
     """Random latents and SD3-shaped text inputs: the text geometry models/flops.py counts by default."""
-    from models.flops import SD3_CONTEXT_DIM, SD3_POOLED_DIM, SD3_TEXT_TOKENS
-
     def make(batch: int, device: torch.device) -> dict:
         return {
             "x": torch.randn(batch, channels, input_size, input_size, device=device),
@@ -82,8 +81,6 @@ def _mmdit_inputs(input_size: int, channels: int) -> Callable[[int, torch.device
 
 
 def _ours_mmdit(spec: ModelSpec, input_size: int, channels: int) -> Contender:
-    from models.flops import SD3_CONTEXT_DIM, SD3_POOLED_DIM
-
     model = build_model(spec.name, input_size=input_size, in_channels=channels, context_dim=SD3_CONTEXT_DIM,
                         pooled_dim=SD3_POOLED_DIM, attention="joint")
     return Contender(f"ditscale {spec.name} (joint)", model, _mmdit_inputs(input_size, channels),
@@ -92,8 +89,6 @@ def _ours_mmdit(spec: ModelSpec, input_size: int, channels: int) -> Contender:
 
 def _diffusers_sd3(spec: ModelSpec, input_size: int, channels: int) -> Contender:
     from diffusers import SD3Transformer2DModel
-
-    from models.flops import SD3_CONTEXT_DIM, SD3_POOLED_DIM
 
     model = SD3Transformer2DModel(
         sample_size=input_size, patch_size=spec.patch, in_channels=channels, out_channels=channels,
@@ -156,9 +151,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _result(r: _Runner, batch: int, train_gflop_per_image: float, peak: float | None) -> dict:
+def _result(r: _Runner, batch: int, forward_gflops: float, peak: float | None) -> dict:
     step = statistics.median(r.times)
-    tflops = batch * train_gflop_per_image / step / 1e3
+    tflops = achieved_tflops(batch / step, forward_gflops)
     return {
         "label": r.c.label,
         "step_s": step,
@@ -181,8 +176,6 @@ def run_bench(
     compile: bool = False,
     as_json: bool = False,
 ) -> dict:
-    from harness.cli import UserError
-
     try:
         spec = parse_model_name(name)
         count = count_model(name, input_size=input_size, in_channels=channels)
@@ -201,10 +194,8 @@ def run_bench(
         for r in runners:  # interleaved, so background load affects every contender alike
             r.step(record=i >= warmup)
 
-    # 3 x forward multiply-adds x 2 FLOPs per multiply-add
-    train_gflop_per_image = 3 * count.gflops * 2
     peak = peak_tflops(dev, precision)
-    results = [_result(r, batch, train_gflop_per_image, peak) for r in runners]
+    results = [_result(r, batch, count.gflops, peak) for r in runners]
     report = {
         "model": name,
         "device": device_name(dev),

@@ -17,7 +17,7 @@ What `run` measures (metrics are valid on rank 0):
     fid_cfg<s>, kid_cfg<s> clean-fid's FID / KID of eval.fid_samples images sampled with the EMA
                            weights, eval.sampler, eval.sampling_steps and CFG scale s, decoded with
                            the dataset's VAE when the data are latents, against the dataset's cached
-                           reference statistics (harness/features.py). Without Inception weights:
+                           reference statistics (harness/evaluation/features.py). Without Inception weights:
                            fd_<stand-in>_cfg<s>, kd_<stand-in>_cfg<s> — never fid.
     prompt_alignment_cfg<s> captioned `shapes` only: the fraction of samples whose detected colours,
                            shapes and positions match their caption.
@@ -39,17 +39,30 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
+from PIL import Image
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
 
-from harness.distributed import DistInfo, broadcast_object
+from harness.assets import find_inception, missing_inception_hint
+from harness.data.loader import make_loader
 from harness.errors import UserError
-from harness.features import (EvalData, LatentDecoder, choose_extractor, frechet_distance, inception_extractor,
-                              kernel_distance, reference_stats, standin_extractor, to_uint8, warn_once)
+from harness.evaluation.dataset import EvalData, LatentDecoder, to_uint8, warn_once
+from harness.evaluation.features import (
+    choose_extractor,
+    frechet_distance,
+    inception_extractor,
+    kernel_distance,
+    reference_stats,
+    standin_extractor,
+)
+from harness.evaluation.standin import alignment_counts
+from harness.trial.distributed import DistInfo, broadcast_object
 
-log = logging.getLogger("harness.evaluate")
+log = logging.getLogger("harness.evaluation")
 
 GRID_IMAGES = 64
 PROMPT_POOL_PRECOMPUTED = 2048  # distinct captions kept for sampling when their embeddings are precomputed
@@ -147,8 +160,6 @@ class Evaluator:
         if not self.dist.is_main:
             spec = shared[0]
             if spec["extractor"] == "inception":
-                from harness.assets import find_inception, missing_inception_hint
-
                 path = find_inception(self.data.assets)
                 if path is None:
                     raise UserError(f"rank {self.dist.rank}: the Inception weights are missing on this node: "
@@ -167,8 +178,6 @@ class Evaluator:
         """This rank's share of the fixed validation set: [(batch, t, noise)], read once and cached."""
         if self._val is not None:
             return self._val
-        from harness.data import make_loader
-
         d = self.trial.data
         precomputed = d.conditioning == "text" and d.text_encoder == "precomputed"
         loader = make_loader(d.val_shards, self.e.batch_size, resampled=False, shuffle=0, conditioning=d.conditioning,
@@ -227,8 +236,6 @@ class Evaluator:
         embeddings when the study uses them."""
         if self._prompts is not None:
             return self._prompts
-        from harness.data import make_loader
-
         d = self.trial.data
         precomputed = d.text_encoder == "precomputed"
         limit = min(self.e.fid_samples, PROMPT_POOL_PRECOMPUTED) if precomputed else self.e.fid_samples
@@ -281,8 +288,6 @@ class Evaluator:
             feats, matched, judged, grid = [], 0, 0, None
             work = mine
             if self.progress:
-                from tqdm.auto import tqdm
-
                 work = tqdm(mine, desc=f"sampling cfg {scale} ({n_total} images)", leave=False)
             for k in work:
                 kk = 0 if k is None else k
@@ -297,8 +302,6 @@ class Evaluator:
                 if self.extractor is not None:
                     feats.append((k, self.extractor.features(images, size)))
                 if self.detector is not None and captions is not None:
-                    from harness.standin import alignment_counts
-
                     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(device)
                     m, j = alignment_counts(self.detector.module, pixels, captions)
                     matched, judged = matched + m, judged + j
@@ -323,153 +326,22 @@ class Evaluator:
 
     # -- collectives (no-ops for one process) ---------------------------------------------------------
     def _active(self) -> bool:
-        import torch.distributed as tdist
-
         return self.dist.world_size > 1 and tdist.is_initialized()
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._active():
-            import torch.distributed as tdist
-
             tdist.all_reduce(tensor)
         return tensor.cpu()
 
     def _gather(self, items: list) -> list:
         if not self._active():
             return items
-        import torch.distributed as tdist
-
         out = [None] * self.dist.world_size if self.dist.is_main else None
         tdist.gather_object(items, out, dst=0)
         return [item for part in out for item in part] if self.dist.is_main else []
 
 
 def image_grid(images: np.ndarray, columns: int = 8, padding: int = 2):
-    """uint8 [N, H, W, 3] -> a PIL image of the images in rows of `columns`."""
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    cols = min(columns, n)
-    rows = math.ceil(n / cols)
-    canvas = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, cols)
-        y, x = padding + r * (h + padding), padding + col * (w + padding)
-        canvas[y:y + h, x:x + w] = image
-    return Image.fromarray(canvas)
-
-
-# --- `ditscale eval`: a trained trial from its checkpoint ------------------------------------------------
-
-
-def checkpoint_for(trial, checkpoint: str | None = None) -> tuple[Path, int]:
-    """(checkpoint folder, its step): `checkpoint` if given, else the trial's newest (DeepSpeed's
-    `latest` pointer, else the highest step-* folder with an ema.pt)."""
-    from harness.train import CHECKPOINTS, trial_dir
-
-    if checkpoint:
-        path = Path(checkpoint)
-        if not (path / "ema.pt").is_file():
-            raise UserError(f"--checkpoint {checkpoint}: no ema.pt there (give a checkpoints/step-XXXXXXXX folder)")
-    else:
-        root = trial_dir(trial) / CHECKPOINTS
-        latest = root / "latest"
-        path = root / latest.read_text().strip() if latest.is_file() else None
-        if path is None or not (path / "ema.pt").is_file():
-            found = sorted(p for p in root.glob("step-*") if (p / "ema.pt").is_file())
-            if not found:
-                raise UserError(f"no checkpoint with EMA weights under {root}: train the trial first "
-                                "(`ditscale train` / `ditscale sweep`) or pass --checkpoint")
-            path = found[-1]
-    try:
-        step = int(path.name.rsplit("-", 1)[-1])
-    except ValueError:
-        step = 0
-    return path, step
-
-
-def with_eval_overrides(trial, overrides: list[str] | tuple[str, ...] = ()):
-    """The trial with `eval.*` overrides applied (a different trial_id: use the original to find its
-    checkpoint and run)."""
-    from pydantic import ValidationError
-
-    from harness.config import StudyError, TrialConfig, _pydantic_problems, check_trial, parse_override, set_dotted
-
-    if not overrides:
-        return trial
-    raw = trial.model_dump(mode="python")
-    for text in overrides:
-        key, value = parse_override(text)
-        set_dotted(raw, key, value)
-    try:
-        changed = TrialConfig.model_validate(raw)
-    except ValidationError as err:
-        raise StudyError(_pydantic_problems(err)) from None
-    problems = check_trial(changed, check_files=False)
-    if problems:
-        raise StudyError(problems)
-    return changed
-
-
-def evaluate_checkpoint(trial, checkpoint: str | None = None, *, device: str | None = None, log: bool = True,
-                        progress: bool | None = None, eval_overrides: list[str] | tuple[str, ...] = (),
-                        ) -> tuple[dict[str, float], dict, str | None]:
-    """Evaluate a trial's EMA weights from a checkpoint; log into the trial's MLflow run (rank 0).
-    Alone, or under torchrun (sampling spread over the ranks). `eval_overrides` ("eval.key=value")
-    change the evaluation, not the trial whose checkpoint and run are used. Returns (metrics, images,
-    run id)."""
-    import os
-
-    from harness.denoiser import build_denoiser, dataset_info
-    from harness.train import build_objective_for
-    from models.ema import EMA
-    from models.objectives import build_objective
-
-    path, step = checkpoint_for(trial, checkpoint)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from harness.distributed import setup_distributed
-
-        dist = setup_distributed(use_gpu=torch.cuda.is_available() and device != "cpu")
-    else:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dist = DistInfo(0, 1, 0, dev)
-    frozen = None
-    if trial.data.conditioning == "text" and trial.data.text_encoder not in ("builtin", "precomputed"):
-        from harness.conditioning import load_frozen_encoder
-
-        frozen = load_frozen_encoder(trial, dist.device)
-    info = dataset_info(trial, frozen_encoder=frozen)
-    torch.manual_seed(trial.train.seed)
-    model, conditioner = build_denoiser(trial, info, dist.device, frozen_encoder=frozen)
-    ema = EMA(model, decay=trial.train.ema_decay)
-    ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
-    ema.copy_to(model)
-    model.to(dist.device).eval()
-    objective = build_objective_for(trial, build_objective)
-    evaluator = Evaluator(with_eval_overrides(trial, eval_overrides), info, conditioner, objective, dist,
-                          progress=progress)
-    metrics, images = evaluator.run(model, step)
-    run_id = None
-    if log and dist.is_main:
-        run_id = log_evaluation(trial, metrics, images, step)
-    return metrics, images, run_id
-
-
-def log_evaluation(trial, metrics: dict, images: dict, step: int) -> str:
-    """Into the trial's MLflow run (found by its trial_id tag; created when there is none)."""
-    from harness.tracking import (STATUS_TAG, RunLogger, experiment_id, find_trial_run, open_trial_run,
-                                  resolve_tracking_uri)
-
-    uri = resolve_tracking_uri(trial.tracking.uri)
-    run = find_trial_run(uri, experiment_id(uri, trial.name), trial.trial_id)
-    if run is not None:
-        run_id = run.info.run_id
-        logger = RunLogger(uri, run_id)
-    else:
-        run_id = open_trial_run(trial, uri)
-        logger = RunLogger(uri, run_id)
-        logger.set_tag(STATUS_TAG, "evaluated")  # not trained here: a later sweep resumes it from the checkpoint
-    logger.log_metrics(metrics, step)
-    for name, image in images.items():
-        logger.log_image(image, name)
-    return run_id
+    """uint8 [N, H, W, 3] -> a PIL image of the images in rows of `columns` (torchvision's make_grid)."""
+    grid = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=columns, padding=padding)
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())

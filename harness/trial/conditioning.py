@@ -24,7 +24,13 @@ import torch
 import torch.nn as nn
 
 from harness.config import TrialConfig
+from harness.data.codec import decode_txt
+from harness.data.shards import expand_shards, open_shard
+from harness.data.tario import iter_samples
+from harness.data.text_embeddings import load_encoder
 from harness.errors import UserError
+from models.flops import SD3_CONTEXT_DIM, SD3_POOLED_DIM, SD3_TEXT_TOKENS
+from models.text import WordEncoder
 
 BUILTIN_TEXT = {"dim": 256, "max_length": 32, "layers": 2}
 _VOCAB_SCAN_LIMIT = 200_000  # captions read to build the builtin encoder's vocabulary
@@ -111,10 +117,6 @@ def caption_vocabulary(trial: TrialConfig) -> list[str]:
     """Captions of the training shards (up to a limit), read in a fixed order: every rank builds the
     same builtin-encoder vocabulary without talking to the others. Only the tar members are read;
     no image is decoded. Damaged samples are passed over (the loader counts them)."""
-    from harness.data.codec import decode_txt
-    from harness.data.shards import expand_shards, open_shard
-    from harness.data.tario import iter_samples
-
     captions: list[str] = []
     for url in expand_shards(trial.data.shards):
         with open_shard(url) as stream:
@@ -129,22 +131,16 @@ def caption_vocabulary(trial: TrialConfig) -> list[str]:
 
 
 def build_word_encoder(trial: TrialConfig):
-    from models.text import WordEncoder
-
     return WordEncoder.from_captions(caption_vocabulary(trial), **BUILTIN_TEXT)
 
 
 def load_frozen_encoder(trial: TrialConfig, device: torch.device):
-    from harness.data.text_embeddings import load_encoder
-
     return load_encoder(trial.data.text_encoder, device=device, field="data.text_encoder",
                         assets=trial.resources.assets)
 
 
 def sd3_text_geometry() -> TextGeometry:
     """SD3's text geometry: the guess for FLOP tables when the real one is not known yet."""
-    from models.flops import SD3_CONTEXT_DIM, SD3_POOLED_DIM, SD3_TEXT_TOKENS
-
     return TextGeometry(SD3_TEXT_TOKENS, SD3_CONTEXT_DIM, SD3_POOLED_DIM)
 
 

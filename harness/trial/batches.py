@@ -8,9 +8,10 @@ simply restarts with the next epoch's seed.
 
 from __future__ import annotations
 
-from harness.conditioning import Conditioner
 from harness.config import TrialConfig
-from harness.distributed import DistInfo
+from harness.data import make_loader
+from harness.trial.conditioning import Conditioner
+from harness.trial.distributed import DistInfo
 
 EPOCH_BATCHES = 10_000
 
@@ -25,8 +26,6 @@ class TrainBatches:
         self._corrupt_before = 0  # corrupt samples counted by the epochs already finished
 
     def _open(self):
-        from harness.data import make_loader
-
         d = self.trial.data
         loader = make_loader(
             d.shards, self.trial.micro_batch_size, rank=self.dist.rank, world_size=self.dist.world_size,

@@ -13,23 +13,23 @@ from harness.config import TrialConfig
 
 def deepspeed_config(trial: TrialConfig, world_size: int) -> dict:
     """DeepSpeed config for the trial; `train.deepspeed` (raw, for experts) is merged last."""
-    t = trial.train
-    micro = t.micro_batch_size or t.batch_size // world_size
-    cfg = {
-        "train_batch_size": t.batch_size,
+    train = trial.train
+    micro = train.micro_batch_size or train.batch_size // world_size
+    config = {
+        "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": t.batch_size // (micro * world_size),
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        "gradient_accumulation_steps": train.batch_size // (micro * world_size),
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
         # loss_scale 0 = dynamic loss scaling
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "gradient_clipping": t.grad_clip or 0.0,
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "gradient_clipping": train.grad_clip or 0.0,
         # We hand DeepSpeed a torch AdamW (its fused Adam needs CUDA); it is fine with ZeRO.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    return _merge(cfg, t.deepspeed)
+    return _merge(config, train.deepspeed)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -41,14 +41,14 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def lr_multiplier(trial: TrialConfig) -> Callable[[int], float]:
     """Step -> factor on train.lr: constant, linear warm-up then constant, or warm-up then cosine to 0."""
-    t = trial.train
-    warmup = t.warmup_steps if t.schedule != "constant" else 0
+    cfg = trial.train
+    warmup = cfg.warmup_steps if cfg.schedule != "constant" else 0
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        if t.schedule == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, t.steps - warmup))
+        if cfg.schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
 
@@ -59,19 +59,19 @@ def build_engine(module: nn.Module, trial: TrialConfig, world_size: int):
     """deepspeed.initialize with a torch AdamW and a LambdaLR schedule stepped by the engine."""
     import deepspeed
 
-    t = trial.train
-    if t.activation_checkpointing:
+    cfg = trial.train
+    if cfg.activation_checkpointing:
         checkpoint_blocks(module)
     params = [p for p in module.parameters() if p.requires_grad]
     # DeepSpeed moves the module to the GPU in place, so the optimizer may be built before that.
     fused = torch.cuda.is_available() and trial.resources.gpus_per_worker > 0
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                                   **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(trial))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(trial, world_size),
     )
-    if t.zero_stage == 3:
+    if cfg.zero_stage == 3:
         _register_borrowed_parameters(engine.module)
     return engine, optimizer, scheduler
 

@@ -1,0 +1,64 @@
+"""A trained trial evaluated from a saved checkpoint (`ditscale eval`), the same way training does.
+
+The EMA weights of the checkpoint go into the trial's model (harness/trial/build.py builds it as
+training does) and the Evaluator runs on them, alone or under torchrun (sampling spread over the
+ranks); rank 0 logs into the trial's MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from harness.config import override_trial
+from harness.evaluation.evaluator import Evaluator
+from harness.tracking import STATUS_TAG, RunLogger, experiment_id, find_trial_run, open_trial_run, resolve_tracking_uri
+from harness.trial.build import build_trial
+from harness.trial.checkpoint import EMA_FILE, newest_checkpoint
+from harness.trial.distributed import DistInfo, setup_distributed
+from models.ema import EMA
+
+
+def evaluate_checkpoint(trial, checkpoint: str | None = None, *, device: str | None = None, log: bool = True,
+                        progress: bool | None = None, eval_overrides: list[str] | tuple[str, ...] = (),
+                        ) -> tuple[dict[str, float], dict, str | None]:
+    """Evaluate a trial's EMA weights from a checkpoint; log into the trial's MLflow run (rank 0).
+    `eval_overrides` ("eval.key=value") change the evaluation, not the trial whose checkpoint and run
+    are used. Returns (metrics, images, run id)."""
+    path, step = newest_checkpoint(trial, checkpoint)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist = setup_distributed(use_gpu=torch.cuda.is_available() and device != "cpu")
+    else:
+        dist = DistInfo(0, 1, 0, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    torch.manual_seed(trial.train.seed)
+    built = build_trial(trial, dist.device)
+    model = built.denoiser
+    ema = EMA(model, decay=trial.train.ema_decay)
+    ema.load_state_dict(torch.load(path / EMA_FILE, map_location="cpu", weights_only=True))
+    ema.copy_to(model)
+    model.to(dist.device).eval()
+    evaluator = Evaluator(override_trial(trial, eval_overrides), built.info, built.conditioner, built.objective,
+                          dist, progress=progress)
+    metrics, images = evaluator.run(model, step)
+    run_id = None
+    if log and dist.is_main:
+        run_id = log_evaluation(trial, metrics, images, step)
+    return metrics, images, run_id
+
+
+def log_evaluation(trial, metrics: dict, images: dict, step: int) -> str:
+    """Into the trial's MLflow run (found by its trial_id tag; created when there is none)."""
+    uri = resolve_tracking_uri(trial.tracking.uri)
+    run = find_trial_run(uri, experiment_id(uri, trial.name), trial.trial_id)
+    if run is not None:
+        run_id = run.info.run_id
+        logger = RunLogger(uri, run_id)
+    else:
+        run_id = open_trial_run(trial, uri)
+        logger = RunLogger(uri, run_id)
+        logger.set_tag(STATUS_TAG, "evaluated")  # not trained here: a later sweep resumes it from the checkpoint
+    logger.log_metrics(metrics, step)
+    for name, image in images.items():
+        logger.log_image(image, name)
+    return run_id

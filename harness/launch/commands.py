@@ -1,0 +1,133 @@
+"""Arguments and handlers of `ditscale sweep` and `ditscale slurm ...`.
+
+The handlers import what they run (Ray, MLflow and torch load there), so that `ditscale --help` and
+argument errors stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from harness.launch import slurm
+from harness.launch.slurm import DEFAULT_SIGNAL_SECONDS
+from harness.options import add_set_option
+from harness.paths import study_paths
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from harness.launch.sweep import run_sweep
+
+    result = run_sweep(args.config, args.set, address=args.address, dry_run=args.dry_run,
+                       max_concurrent=args.max_concurrent, report=not args.no_report)
+    if result.get("stopped"):
+        return 3  # stopped on request (stop file / Slurm warning signal): resumable
+    return 1 if result.get("failed") else 0
+
+
+def add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run every trial of a study on Ray (the main command)")
+    p.add_argument("config", help="study YAML file")
+    p.add_argument("--address", default=None,
+                   help="join an existing Ray cluster (auto | HOST:PORT | ray://...); default: start a local one")
+    p.add_argument("--dry-run", action="store_true", help="print the planned trials and start nothing")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster fits)")
+    p.add_argument("--no-report", action="store_true", help="skip the scaling report at the end")
+    add_set_option(p)
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _study_paths(args: argparse.Namespace):
+    return study_paths(slurm.load(args.config, args.set, check_files=False))
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    sub = slurm.prepare(
+        args.config, args.set, nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+        partition=args.partition, time_limit=args.time, account=args.account, job_name=args.job_name,
+        signal_seconds=args.signal_seconds, sbatch_args=args.sbatch_arg, template=args.script,
+    )
+    if args.dry_run:
+        sys.stdout.write(sub.script)
+        print(f"\n# would be saved as {sub.script_path} and submitted with:\n# " + shlex.join(sub.sbatch))
+        return 0
+    slurm.print_submitted(sub, slurm.submit(sub))
+    return 0
+
+
+def _cmd_stop_file(args: argparse.Namespace) -> int:
+    print(_study_paths(args).stop_file)
+    return 0
+
+
+def _cmd_paths(args: argparse.Namespace) -> int:
+    p = _study_paths(args)
+    for key, value in (("STUDY_NAME", p.name), ("STUDY_DIR", p.study_dir), ("STOP_FILE", p.stop_file),
+                       ("SLURM_DIR", p.slurm_dir), ("TRACKING_URI", p.tracking_uri), ("REPORT", p.report)):
+        print(f"{key}={shlex.quote(str(value))}")
+    return 0
+
+
+def _cmd_node_ip(args: argparse.Namespace) -> int:
+    print(slurm.node_ip(args.toward))
+    return 0
+
+
+def _cmd_wait_ray(args: argparse.Namespace) -> int:
+    res = slurm.wait_for_ray(args.address, args.nodes, args.timeout, args.watch_pid)
+    gpus = f", {res.get('GPU', 0):g} GPUs" if res.get("GPU") else ""
+    print(f"Ray cluster at {args.address}: {args.nodes} node(s), {res.get('CPU', 0):g} CPUs{gpus}", flush=True)
+    return 0
+
+
+def add_slurm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slurm", help="run a study on a Slurm cluster (Ray across the allocation)",
+                       description="Run a study across a Slurm allocation; see slurm/sweep.sbatch.")
+    ss = p.add_subparsers(dest="slurm_command", required=True, metavar="{submit,stop-file}")
+
+    s = ss.add_parser("submit", help="render slurm/sweep.sbatch for this study and sbatch it",
+                      description="Render slurm/sweep.sbatch with these options, save it under "
+                                  "<resources.storage>/<study>/slurm/ and submit it with sbatch.")
+    s.add_argument("config", help="study YAML file")
+    s.add_argument("--nodes", type=int, default=1, help="nodes in the allocation (default 1); one Ray node each")
+    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default 0)")
+    s.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per node for Ray (default: with GPUs, resources.cpus_per_worker per GPU; "
+                        "without, a whole node, or what the trials need side by side when sinfo is not there)")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--time", default=None, help="time limit, e.g. 24:00:00 (default: the script's 24 h)")
+    s.add_argument("--account", default=None)
+    s.add_argument("--job-name", default=None, help="default: ditscale-<study name>")
+    s.add_argument("--signal-seconds", type=int, default=DEFAULT_SIGNAL_SECONDS,
+                   help="warning before the time limit: trials checkpoint and the job requeues "
+                        f"(default {DEFAULT_SIGNAL_SECONDS})")
+    s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="extra sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
+    s.add_argument("--script", type=Path, default=None, help="batch script template (default slurm/sweep.sbatch)")
+    s.add_argument("--dry-run", action="store_true", help="print the rendered script and submit nothing")
+    add_set_option(s)
+    s.set_defaults(func=_cmd_submit)
+
+    s = ss.add_parser("stop-file", help="print the file whose creation makes a running study checkpoint and stop")
+    s.add_argument("config", help="study YAML file")
+    add_set_option(s)
+    s.set_defaults(func=_cmd_stop_file)
+
+    # Helpers for slurm/sweep.sbatch (not listed in the help).
+    s = ss.add_parser("paths")
+    s.add_argument("config")
+    add_set_option(s)
+    s.set_defaults(func=_cmd_paths)
+
+    s = ss.add_parser("node-ip")
+    s.add_argument("--toward", default=None, help="the head node's address (workers)")
+    s.set_defaults(func=_cmd_node_ip)
+
+    s = ss.add_parser("wait-ray")
+    s.add_argument("--address", required=True)
+    s.add_argument("--nodes", type=int, required=True)
+    s.add_argument("--timeout", type=float, default=300.0)
+    s.add_argument("--watch-pid", type=int, action="append", default=[])
+    s.set_defaults(func=_cmd_wait_ray)

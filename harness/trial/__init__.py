@@ -1,0 +1,3 @@
+"""One trial: build the model from the study (build), the DeepSpeed engine (engine), the data stream
+(batches, conditioning), the loop with its checkpoints, stop requests and start-up timing (loop,
+checkpoint, stopping, startup), the process group (distributed), and `ditscale train` (commands)."""
