@@ -322,3 +322,166 @@ def plot_arch_comparison(curves_by_metric: dict[str, pd.DataFrame], path, notes:
         ax.grid(axis="x", visible=False)
     fig.suptitle(what, y=1.01)
     return _save(fig, path)
+
+
+# --- budget studies: isoFLOP parabolas, compute-optimal laws, the loss surface, held-out -----------
+
+
+def plot_isoflop(iso, path, y_label: str, title: str, size_label: str = PARAMS_LABEL) -> Path | None:
+    """Loss over model size at each training budget (replicate means with their spread as error bars),
+    each budget's parabola in log N and its minimum with the interval; budgets whose optimum the grid
+    does not bracket are drawn hollow and named in the legend."""
+    if iso is None or iso.points.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    budgets = iso.budgets.sort_values("compute")
+    for color, (_, b) in zip(_colors(len(budgets)), budgets.iterrows()):
+        p = iso.points[iso.points["budget"] == b["budget"]].sort_values("n")
+        hollow = not b["bracketed"]
+        ax.errorbar(p["n"], p["loss"], yerr=p["loss_std"].where(p["n_rep"] > 1), fmt="o", ms=4, color=color,
+                    mfc="white" if hollow else color, capsize=2, lw=1,
+                    label=f"C = {b['compute']:.3g}" + (" (not bracketed)" if hollow else ""))
+        if b["coef"] is not None:
+            lx = np.log(p["n"].to_numpy(float))
+            xx = np.linspace(lx.min() - 0.1, lx.max() + 0.1, 80)
+            ax.plot(np.exp(xx), np.polyval(b["coef"], xx), color=color, lw=1, ls="--" if hollow else "-")
+        if math.isfinite(b["n_opt"]) and b["bracketed"]:
+            lo, hi = b["n_opt_lo"], b["n_opt_hi"]
+            xerr = None
+            if math.isfinite(lo) and math.isfinite(hi):
+                xerr = [[b["n_opt"] - lo], [hi - b["n_opt"]]]
+            ax.errorbar([b["n_opt"]], [b["loss_opt"]], xerr=xerr, fmt="*", ms=12, color=color, mec="k", mew=0.5,
+                        capsize=3)
+    _log_axes(ax, y=False)
+    ax.set_xlabel(size_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), title="training compute\n(GFLOPs, multiply-adds)")
+    return _save(fig, path)
+
+
+def plot_optimal(iso, surface, path, y_label: str, title: str) -> Path | None:
+    """Left: N_opt(C) — the isoFLOP minima with their intervals, the approach-2 law with its band and
+    the loss surface's N_opt(C) with its band. Right: L_opt(C) likewise."""
+    have_iso = iso is not None and iso.n_opt_fit is not None and iso.n_opt_fit.ok
+    have_surf = surface is not None and surface.ok
+    if not (have_iso or have_surf):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"wspace": 0.3})
+    cs = []
+    if iso is not None and not iso.budgets.empty:
+        cs += list(iso.budgets["compute"].dropna())
+    if have_surf and not cs:
+        lo = surface.k * surface.n_range[0] * surface.d_range[0]
+        cs = [lo, surface.k * surface.n_range[1] * surface.d_range[1]]
+    grid = np.logspace(np.log10(min(cs)) - 0.2, np.log10(max(cs)) + 0.5, 60)
+    for ax, what in zip(axes, ("n", "loss")):
+        if iso is not None and not iso.budgets.empty:
+            u = iso.budgets[iso.budgets["bracketed"]]
+            col, lo, hi = ("n_opt", "n_opt_lo", "n_opt_hi") if what == "n" else ("loss_opt", "loss_opt_lo", "loss_opt_hi")
+            yerr = [(u[col] - u[lo]).clip(lower=0).fillna(0), (u[hi] - u[col]).clip(lower=0).fillna(0)]
+            ax.errorbar(u["compute"], u[col], yerr=yerr, fmt="o", color="C0", capsize=3, label="isoFLOP minima")
+            fit = iso.n_opt_fit if what == "n" else iso.l_opt_fit
+            if fit is not None and fit.ok:
+                b_lo, b_hi = fit.band(grid)
+                ax.fill_between(grid, b_lo, b_hi, color="C0", alpha=0.18, lw=0)
+                ax.plot(grid, fit.predict(grid), color="C0", lw=1.5,
+                        label=f"approach 2: C^{fit.a:.3f} [{fit.a_ci[0]:.3f}, {fit.a_ci[1]:.3f}]" if fit.a_ci
+                        else f"approach 2: C^{fit.a:.3f}")
+        if have_surf:
+            vals = surface.n_opt(grid) if what == "n" else surface.loss_opt(grid)
+            band = [surface.allocation(c) for c in grid]
+            key = "n_opt_ci" if what == "n" else "loss_opt_ci"
+            if all(b[key] for b in band):
+                ax.fill_between(grid, [b[key][0] for b in band], [b[key][1] for b in band], color="C3", alpha=0.15,
+                                lw=0)
+            lbl = (f"approach 3 (surface): C^{surface.a:.3f}" + (f" [{surface.a_ci[0]:.3f}, {surface.a_ci[1]:.3f}]"
+                                                                if surface.a_ci else "")) if what == "n" \
+                else "approach 3 (surface): L(N_opt, D_opt)"
+            ax.plot(grid, vals, color="C3", lw=1.5, ls="--", label=lbl)
+        _log_axes(ax, y=(what == "n"))
+        if what != "n":
+            ax.set_xscale("log")
+        ax.set_xlabel(COMPUTE_LABEL)
+        ax.set_ylabel(PARAMS_LABEL + " (N_opt)" if what == "n" else f"{y_label} at the optimum (L_opt)")
+        ax.set_title("compute-optimal size N_opt(C)" if what == "n" else "loss at the optimum L_opt(C)")
+        ax.legend(loc="best")
+    fig.suptitle(title, y=1.02)
+    return _save(fig, path)
+
+
+def plot_surface(surface, rows: pd.DataFrame, path, y_label: str, title: str) -> Path | None:
+    """Iso-loss contours of the fitted L(N, D) over (parameters, images seen), the trials on it
+    (colour: measured loss), lines of constant compute C = k·N·D and the compute-optimal path."""
+    if surface is None or not surface.ok:
+        return None
+    n_lo, n_hi = surface.n_range
+    d_lo, d_hi = surface.d_range
+    nn = np.logspace(np.log10(n_lo) - 0.3, np.log10(n_hi) + 0.3, 120)
+    dd = np.logspace(np.log10(d_lo) - 0.3, np.log10(d_hi) + 0.3, 120)
+    N, D = np.meshgrid(nn, dd)
+    Z = surface.predict(N, D)
+    fig, ax = plt.subplots(figsize=(7.4, 5.2))
+    levels = np.quantile(Z, np.linspace(0.02, 0.98, 12))
+    cs = ax.contour(N, D, Z, levels=np.unique(levels), cmap="viridis", linewidths=1)
+    ax.clabel(cs, fmt=lambda v: f"{v:.3g}", fontsize=7)
+    sc = ax.scatter(rows["n"], rows["d"], c=rows["loss"], cmap="viridis", edgecolors="k", s=28, zorder=3)
+    fig.colorbar(sc, ax=ax, label=f"measured {y_label}")
+    cmin, cmax = surface.k * nn[0] * dd[0], surface.k * nn[-1] * dd[-1]
+    cgrid = np.logspace(np.log10(cmin), np.log10(cmax), 40)
+    ax.plot(surface.n_opt(cgrid), surface.d_opt(cgrid), color="C3", lw=2, label="compute-optimal N_opt(C), D_opt(C)")
+    if "compute" in rows:
+        for c in sorted(rows["compute"].dropna().unique())[:: max(1, len(rows["compute"].unique()) // 6)]:
+            ax.plot(nn, c / (surface.k * nn), color="0.5", lw=0.6, ls=":")
+    ax.set_xlim(nn[0], nn[-1])
+    ax.set_ylim(dd[0], dd[-1])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(PARAMS_LABEL + " N")
+    ax.set_ylabel("images seen D")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    return _save(fig, path)
+
+
+def plot_holdout(ho, path, y_label: str, title: str) -> Path | None:
+    """The held-out budget: measured loss per size (error bars: replicate spread) against the
+    surface's prediction from the smaller budgets (band: bootstrap interval)."""
+    if ho is None or not ho.ok or ho.points is None:
+        return None
+    p = ho.points.sort_values("n")
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    ax.fill_between(p["n"], p["lo"], p["hi"], color="C3", alpha=0.18, lw=0, label="predicted (95 % interval)")
+    ax.plot(p["n"], p["predicted"], "s--", color="C3", ms=4, lw=1.2, label="predicted from the smaller budgets")
+    ax.errorbar(p["n"], p["measured"], yerr=p["std"].fillna(0), fmt="o", color="k", capsize=3, ms=5,
+                label="measured")
+    ax.axhline(ho.measured, color="k", lw=0.6, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel(PARAMS_LABEL)
+    ax.set_ylabel(y_label)
+    ax.set_title(f"{title}\nbest: predicted {ho.predicted:.4g}, measured {ho.measured:.4g}, "
+                 f"error {ho.error_pct:+.2f} %")
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
+def plot_loss_vs_lr(rows: pd.DataFrame, path, y_label: str, title: str) -> Path | None:
+    """Loss against learning rate, one line per model size (and budget when there are several):
+    is each size's LR tuned, i.e. is its minimum inside the LR grid?"""
+    r = rows.dropna(subset=["lr", "loss"])
+    if r.empty or r["lr"].nunique() < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    keys = ["size"] + (["budget"] if r["budget"].nunique() > 1 else [])
+    groups = list(r.groupby(keys, sort=True))
+    for color, (key, g) in zip(_colors(len(groups)), groups):
+        m = g.groupby("lr")["loss"].agg(["mean", "std"]).reset_index()
+        key = key if isinstance(key, tuple) else (key,)
+        ax.errorbar(m["lr"], m["mean"], yerr=m["std"].fillna(0), fmt="o-", color=color, ms=4, lw=1.2, capsize=2,
+                    label=", ".join(str(k) for k in key))
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (train.lr)")
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1))
+    return _save(fig, path)

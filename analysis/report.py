@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import plots, runs, scaling
+from analysis import plots, runs, scaling, study
 from analysis.plots import COMPUTE_LABEL, FORWARD_LABEL, PARAMS_LABEL
 
 ARTIFACT_DIR = "report"
@@ -46,17 +46,27 @@ class _Report:
     frontier_notes: list[str] = field(default_factory=list)
     conventions: list[str] = field(default_factory=list)
     fd_rows: list[dict] = field(default_factory=list)
+    findings: list[dict] = field(default_factory=list)  # DiT's qualitative findings: held or not
+    budget: list[dict] = field(default_factory=list)  # per group: surface, isoFLOP, agreement, held-out, allocation
+    not_claimed: list[str] = field(default_factory=list)  # one line per fit the report does not claim
+    excluded: list[dict] = field(default_factory=list)  # trials left out of every fit, with their reason
+    headline: list[str] = field(default_factory=list)  # what must be read first (methods that disagree)
 
 
 def build_report(tracking_uri: str | None, experiment: str, parent_run_id: str | None = None,
                  out_dir: str | Path | None = None, bootstrap: int = 1000, seed: int = 0,
-                 log_to_mlflow: bool = True) -> Path:
+                 log_to_mlflow: bool = True, holdout: str = "largest") -> Path:
     """Write the report of `experiment` and return the path of its index.html.
+
+    holdout: "largest" (default) holds the largest training budget out of the fits and predicts it
+    when the study has at least 3 budgets (`train.flops`); "none" fits every budget.
 
     Trials: the newest run of every trial of the experiment, or only those of the sweep
     `parent_run_id` when it is given. Artifacts go to `parent_run_id`, else to the newest sweep
     parent run of the experiment (none found: nothing is logged). out_dir defaults to
     reports/<experiment> in the working directory."""
+    if holdout not in ("none", "largest"):
+        raise ValueError(f"holdout must be 'none' or 'largest', not {holdout!r}")
     uri = runs.default_tracking_uri(tracking_uri)
     runs.experiment_id(uri, experiment)  # a clear error when the experiment does not exist
     log_parent = parent_run_id or runs.find_parent_run(uri, experiment)
@@ -72,7 +82,7 @@ def build_report(tracking_uri: str | None, experiment: str, parent_run_id: str |
     rep.conventions = _conventions()
     if not trials.empty:
         try:
-            _analyse(rep, histories, out, bootstrap, seed)
+            _analyse(rep, histories, out, bootstrap, seed, holdout)
         except Exception as err:  # a report with what was done and the error beats no report after a sweep
             import traceback
 
@@ -83,7 +93,7 @@ def build_report(tracking_uri: str | None, experiment: str, parent_run_id: str |
                          (f" for the sweep {parent_run_id}" if parent_run_id else ""))
 
     _write_tables(rep, out)
-    (out / "fits.json").write_text(json.dumps(_jsonable(rep.fits), indent=1))
+    (out / "fits.json").write_text(json.dumps(_jsonable(rep.fits + _budget_json(rep)), indent=1))
     (out / "report.md").write_text(_markdown(rep))
     index = out / "index.html"
     index.write_text(_html(rep))
@@ -104,9 +114,33 @@ def _conventions() -> list[str]:
         "train_gflops / samples_seen / 3 (NaN when those were not logged).",
         "Each trial is the newest MLflow run of its trial_id (a hash of its config).",
         "Power laws are y = E + A · x^(−α), fitted by least squares in log space (scipy curve_fit, bounds "
-        "A > 0, α > 0, 0 ≤ E < min y); intervals are 95 % percentile bootstraps over the trials. A fit with "
-        "fewer than 3 points, fewer points than parameters + 1, or R² < 0.9 is not claimed: it is listed "
-        "with its warning instead.",
+        "A > 0, α > 0, 0 ≤ E < min y); intervals are 95 % percentile bootstraps over the trials. A law is "
+        f"claimed only from at least {scaling.MIN_DISTINCT_X} distinct x values and R² ≥ 0.9; otherwise it is "
+        "listed under the fits not claimed, with the reason. Trials that differ in another axis of the grid (patch, "
+        "objective, steps, budget, ...) are never pooled as repeats at the same x: such a pooled fit is refused "
+        "and the law is fitted per value of that axis.",
+        "Training budgets: a budget trial's `train.flops` param labels its budget; the budget's compute C is the "
+        "median measured `train_gflops` of its trials — the one unit of compute in this report (GFLOPs of "
+        "multiply-adds, 3 × forward × images). Papers that count FLOPs as 6·N·tokens (Hoffmann et al. 2022, "
+        "Liang et al. 2024) use 2 × 1e9 × this number.",
+        "Loss surface (Chinchilla approach 3; Hoffmann et al. 2022, fitted as Besiroglu et al. 2024 recommend): "
+        "L(N, D) = E + A/N^α + B/D^β with N = parameters and D = training images seen (not tokens); Huber loss "
+        "(δ = 1e-3) on log-loss residuals, summed, L-BFGS-B from a grid of starts, the best kept, parameters "
+        "unrounded; 95 % intervals from a bootstrap over trials (replicate seeds resampled together). "
+        "Compute-optimal allocation for C = k · N · D with k = median train_gflops / (params · images) of the "
+        "group's trials.",
+        "isoFLOP optima (approach 2): per budget a parabola of loss over log N; its minimum with a delta-method "
+        "interval; a budget whose best trained size is the smallest or largest (or whose vertex is outside the "
+        "grid) is flagged 'not bracketed' and left out of N_opt(C) = k·C^a. Parabolas are biased when the grid is "
+        "wide or off-centre or α ≠ β (Czech et al. 2026, arXiv 2603.22339): the budget table gives each grid's "
+        "width and the vertex's offset from its centre.",
+        "Agreement: the two N_opt exponents agree when their difference is within 1.96 combined standard errors "
+        "(from their 95 % intervals, which carry the replicate noise). Held-out: with at least 3 budgets the "
+        "largest is left out, predicted from the others and compared; error % = 100 · (predicted − measured) / "
+        "measured. FD is predicted through FD = k · loss^a fitted across the other trials.",
+        "Replicates: trials that differ only in train.seed are averaged (their spread: error bars, and the noise "
+        "level of the intervals). Only finished trials enter a fit; diverged, failed and unfinished ones are "
+        "listed by name with their reason.",
         "A metric named fid… is FID (Inception-v3 features); a metric named fd_<extractor>… is a Fréchet "
         "distance in another network's features — a stand-in used when Inception weights are absent, "
         "not comparable with FID and never called FID here.",
@@ -132,7 +166,8 @@ def _loss_choice(trials: pd.DataFrame, histories: pd.DataFrame) -> tuple[str | N
     return None, "loss", "training loss"
 
 
-def _analyse(rep: _Report, histories: pd.DataFrame, out: Path, bootstrap: int, seed: int) -> None:
+def _analyse(rep: _Report, histories: pd.DataFrame, out: Path, bootstrap: int, seed: int,
+             holdout: str = "largest") -> None:
     trials, notes = rep.trials, rep.notes
     y_col, loss_key, y_label = _loss_choice(trials, histories)
     loss_curves = runs.metric_curves(histories, trials, loss_key)
@@ -177,18 +212,23 @@ def _analyse(rep: _Report, histories: pd.DataFrame, out: Path, bootstrap: int, s
             f"x: {COMPUTE_LABEL}; y: {fd_label}; one line per configuration.")
 
     # --- fitted laws --------------------------------------------------------------------------------
-    failed = trials["status"].astype(str).str.startswith("failed")
-    fit_trials = trials[~failed]
-    if failed.any():
-        notes.append(f"fitted laws leave out {int(failed.sum())} failed trial(s): "
-                     + ", ".join(trials.loc[failed, "label"].astype(str)))
+    fit_trials, rep.excluded = study.split_usable(trials, y_col)
+    if rep.excluded:
+        notes.append(f"every fit leaves out {len(rep.excluded)} trial(s) (diverged, failed or unfinished): "
+                     + "; ".join(f"{x['label']} [{x['trial_id']}]: {x['reason']}" for x in rep.excluded))
+    fd_col = f"final_{fd['key']}" if fd is not None and f"final_{fd['key']}" in trials else None
+    rep.findings = study.dit_findings(fit_trials, y_col, fd_col, fd_label)
+    # different experiments (another patch, objective, ...) at one x are never pooled as repeats
+    distinct = [c for c in study.group_axes(fit_trials) if c != "arch"] + [
+        c for c in study.varying_axes(fit_trials) if c in ("train.steps", study.BUDGET_KEY, study.LR_KEY)]
 
     def fits(x: str, y: str, x_label: str, y_lab: str, stem: str, what: str, curves=None) -> None:
         t = fit_trials
-        pooled = scaling.fit_groups(t, x, y, by=_by(trials), bootstrap=bootstrap, seed=seed)
+        pooled = scaling.fit_groups(t, x, y, by=_by(trials), bootstrap=bootstrap, seed=seed, distinct_axes=distinct)
         per_patch = []
         if t["patch"].nunique() > 1:
-            per_patch = scaling.fit_groups(t, x, y, by=_by(trials, "patch"), bootstrap=bootstrap, seed=seed)
+            per_patch = scaling.fit_groups(t, x, y, by=_by(trials, "patch"), bootstrap=bootstrap, seed=seed,
+                                           distinct_axes=distinct)
             # an architecture trained at a single patch size: its per-patch law is its pooled law
             n_patch = t.groupby("arch")["patch"].nunique()
             per_patch = [gf for gf in per_patch if n_patch.get(gf.group.get("arch"), 0) > 1]
@@ -219,8 +259,10 @@ def _analyse(rep: _Report, histories: pd.DataFrame, out: Path, bootstrap: int, s
              f"{fd['key']}_vs_forward_gflops", f"{fd['name']} vs forward GFLOPs")
 
     # --- compute-optimal frontier -------------------------------------------------------------------
-    if not loss_curves.empty:
-        for arch, c in loss_curves.groupby("arch", sort=True):
+    frontier_curves = loss_curves[loss_curves["run_id"].isin(fit_trials["run_id"])] if not loss_curves.empty \
+        else loss_curves
+    if not frontier_curves.empty:
+        for arch, c in frontier_curves.groupby("arch", sort=True):
             name = plots._arch_name(arch)
             if c["run_id"].nunique() < 2:
                 rep.frontier_notes.append(f"{name}: a single trial — no frontier (the envelope of one curve is "
@@ -250,6 +292,10 @@ def _analyse(rep: _Report, histories: pd.DataFrame, out: Path, bootstrap: int, s
     else:
         notes.append("compute-optimal frontier: skipped — no loss curve against training compute")
 
+    # --- scaling laws that hold: loss surface, isoFLOP optima, agreement, held-out ------------------
+    if y_col is not None:
+        _budget_analysis(rep, fit_trials, y_col, fd, fd_col, fd_label, y_label, out, bootstrap, seed, holdout, fig)
+
     # --- DiT vs MM-DiT --------------------------------------------------------------------------------
     comp = {loss_axis: loss_curves}
     if fd_curves is not None:
@@ -262,6 +308,156 @@ def _analyse(rep: _Report, histories: pd.DataFrame, out: Path, bootstrap: int, s
 
 def _ci(ci) -> str:
     return f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "[n/a]"
+
+
+SURFACE_BOOTSTRAP = 200  # refits of the 5-parameter surface (each from the best optima of the full fit)
+
+
+def _budget_analysis(rep: _Report, trials: pd.DataFrame, y_col: str, fd: dict | None, fd_col: str | None,
+                     fd_label: str, y_label: str, out: Path, bootstrap: int, seed: int, holdout: str, fig) -> None:
+    """Per group of trials that may share a law (same architecture, patch, objective ...): the loss
+    surface L(N, D) (approach 3), the isoFLOP optima when trials are defined by budgets (approach 2),
+    whether the two agree, the held-out budget and the compute-optimal allocation."""
+    n_boot = min(int(bootstrap), SURFACE_BOOTSTRAP) if bootstrap else 0
+    for group, g in study.analysis_groups(trials):
+        name = study.group_label(group)
+        stem = study.group_stem(group)
+        if g["params"].isna().all():
+            rep.not_claimed.append(f"loss surface L(N, D) ({name}): parameter counts are not logged (metric params)")
+            continue
+        rows = study.budget_rows(g, y_col, fd_col)
+        has_budgets = study.BUDGET_KEY in g and rows["budget"].notna().any() and rows["budget"].nunique() > 0
+        if study.LR_KEY in g and pd.to_numeric(g[study.LR_KEY], errors="coerce").nunique() > 1:
+            fig(plots.plot_loss_vs_lr(_lr_rows(g, y_col), out / f"loss_vs_lr_{stem}.png", y_label,
+                                      f"{y_label} vs learning rate — {name}"),
+                f"Loss vs learning rate per size — {name}",
+                "x: train.lr (log); y: the loss; one line per model size (and budget); error bars: seed spread. The "
+                "fits use each size's best LR.")
+        k = study.compute_per_param_image(rows)
+        batch = pd.to_numeric(g.get("train.batch_size", pd.Series(dtype=float)), errors="coerce").median()
+        res: dict = {"group": name, "k": k, "rows": rows, "batch": batch, "surface": None, "isoflop": None, "agreement": None,
+                     "holdout": None, "allocation": [], "loss_fd": None}
+        surf = scaling.fit_loss_surface(rows["n"], rows["d"], rows["loss"], bootstrap=n_boot, seed=seed,
+                                        groups=rows["group"], k=k if np.isfinite(k) else 1.0)
+        res["surface"] = surf
+        if not surf.ok:
+            rep.not_claimed.append(f"loss surface L(N, D) ({name}): {surf.warning}")
+        iso = None
+        if has_budgets:
+            iso = scaling.fit_isoflop_optima(rows, bootstrap=bootstrap or 1000, seed=seed)
+            res["isoflop"] = iso
+            for _, b in iso.budgets.iterrows():
+                if not b["bracketed"]:
+                    rep.not_claimed.append(f"isoFLOP optimum at C = {b['compute']:.4g} ({name}, train.flops = "
+                                           f"{b['budget']}): {b['note']}")
+            for note in iso.notes:
+                rep.not_claimed.append(f"N_opt(C), L_opt(C) from isoFLOP parabolas ({name}): {note}")
+            if iso.n_opt_fit is not None and surf.ok:
+                res["agreement"] = scaling.compare_optimal_exponents(iso, surf)
+                if res["agreement"].agree is False:
+                    rep.headline.append(f"{name}: {res['agreement'].text}. Neither exponent is trustworthy until "
+                                        "they agree: check the size grid's bracketing and width (Czech et al. 2026) "
+                                        "and the replicate noise.")
+            if holdout == "largest":
+                if rows["budget"].nunique() >= 3:
+                    ho = scaling.holdout_prediction(rows, fd="fd" if rows["fd"].notna().any() else None,
+                                                    k=k, bootstrap=n_boot, seed=seed)
+                    if ho.fd_key:
+                        ho.fd_key = fd["key"] if fd else ho.fd_key
+                    res["holdout"] = ho
+                    if not ho.ok:
+                        rep.not_claimed.append(f"held-out prediction ({name}): {ho.warning}")
+                else:
+                    rep.not_claimed.append(f"held-out prediction ({name}): {rows['budget'].nunique()} budget(s); "
+                                           "holding one out needs at least 3")
+        if rows["fd"].notna().sum() >= 3:
+            res["loss_fd"] = scaling.fit_loss_to_fd(rows["loss"], rows["fd"], bootstrap=bootstrap or 1000, seed=seed)
+        res["allocation"] = _allocation_rows(res, iso, surf)
+        rep.budget.append(res)
+        pts = rows.groupby("group", as_index=False).agg(n=("n", "first"), d=("d", "median"), loss=("loss", "mean"),
+                                                        compute=("compute", "median"))
+        if iso is not None:
+            fig(plots.plot_isoflop(iso, out / f"isoflop_{stem}.png", y_label, f"isoFLOP curves — {name}"),
+                f"isoFLOP curves — {name}",
+                f"x: {PARAMS_LABEL}; y: {y_label}; one colour per training budget (train.flops; C = measured training "
+                "GFLOPs, multiply-adds); error bars: seed spread; curves: a parabola in log N per budget; stars: its "
+                "minimum with the interval; hollow points / dashed: budgets whose optimum the grid does not bracket.")
+        fig(plots.plot_optimal(iso, surf, out / f"optimal_{stem}.png", y_label, f"compute-optimal laws — {name}"),
+            f"N_opt(C) and L_opt(C) — {name}",
+            f"x: {COMPUTE_LABEL}; left: compute-optimal parameters, right: loss at the optimum; blue: isoFLOP minima "
+            "and their power law (approach 2), red dashed: the loss surface's allocation (approach 3); bands: 95 % "
+            "intervals.")
+        fig(plots.plot_surface(surf, pts, out / f"surface_{stem}.png", y_label, f"fitted loss surface — {name}"),
+            f"Fitted loss surface L(N, D) — {name}",
+            "x: parameters N; y: images seen D; contours: iso-loss lines of L = E + A/N^α + B/D^β; points: trials "
+            f"(colour: measured loss); dotted: constant compute C = k·N·D (k = {k:.4g}); red: the compute-optimal path.")
+        if res["holdout"] is not None and res["holdout"].ok:
+            fig(plots.plot_holdout(res["holdout"], out / f"holdout_{stem}.png", y_label,
+                                   f"held-out budget — {name}"),
+                f"Predicted vs measured at the held-out budget — {name}",
+                f"x: {PARAMS_LABEL}; y: {y_label} at the largest budget; red: predicted by the surface fitted on the "
+                "smaller budgets (band: 95 % bootstrap interval); black: measured (error bars: seed spread).")
+
+
+def _budget_json(rep: _Report) -> list[dict]:
+    """fits.json rows for the surface, isoFLOP, agreement and held-out results (beside the power laws)."""
+    out = []
+    for r in rep.budget:
+        s, iso, ag, ho = r["surface"], r["isoflop"], r["agreement"], r["holdout"]
+        if s is not None:
+            out.append({"relation": "loss surface L(N, D)", "group": r["group"], "fitted": s.ok, "n": s.n,
+                        "warning": s.warning, **s.as_dict()})
+        if iso is not None:
+            out.append({"relation": "isoFLOP optima", "group": r["group"], "n": len(iso.budgets),
+                        "fitted": bool(iso.n_opt_fit is not None and iso.n_opt_fit.ok),
+                        "warning": "; ".join(iso.notes) or None, **iso.as_dict()})
+        if ag is not None:
+            out.append({"relation": "agreement of the N_opt exponents", "group": r["group"], "n": 2,
+                        "fitted": ag.agree is not None, "warning": None, **ag.as_dict()})
+        if ho is not None:
+            out.append({"relation": "held-out prediction", "group": r["group"], "n": ho.n_fit_budgets,
+                        "fitted": ho.ok, **ho.as_dict()})
+        if r["allocation"]:
+            out.append({"relation": "compute-optimal allocation", "group": r["group"], "n": len(r["allocation"]),
+                        "fitted": True, "warning": None, "k": r["k"], "rows": r["allocation"]})
+    return out
+
+
+def _lr_rows(g: pd.DataFrame, y_col: str) -> pd.DataFrame:
+    return pd.DataFrame({"size": g["size"].astype(str), "lr": pd.to_numeric(g[study.LR_KEY], errors="coerce"),
+                         "loss": pd.to_numeric(g[y_col], errors="coerce"),
+                         "budget": g[study.BUDGET_KEY] if study.BUDGET_KEY in g else np.nan})
+
+
+def _allocation_rows(res: dict, iso, surf) -> list[dict]:
+    """At each trained budget and one decade beyond the largest: the compute-optimal size, images and
+    steps (at the study's batch size), the expected loss and FD, with intervals."""
+    rows = res["rows"]
+    if not surf.ok and (iso is None or iso.n_opt_fit is None or not iso.n_opt_fit.ok):
+        return []
+    cs = sorted(rows.groupby("budget")["compute"].median()) if rows["budget"].notna().any() else []
+    if not cs and surf.ok:
+        cs = [float(rows["compute"].median())]
+    cs = list(cs) + [10 * max(cs)] if cs else []
+    out = []
+    for c in cs:
+        r = {"compute": c, "trained": c <= float(rows["compute"].max()) * 1.01}
+        if surf.ok:
+            a = surf.allocation(c)
+            r.update(n_opt=a["n_opt"], n_opt_ci=a["n_opt_ci"], d_opt=a["d_opt"], d_opt_ci=a["d_opt_ci"],
+                     loss=a["loss_opt"], loss_ci=a["loss_opt_ci"])
+        if iso is not None and iso.n_opt_fit is not None and iso.n_opt_fit.ok:
+            lo, hi = iso.n_opt_fit.band(np.array([c]))
+            r.update(n_opt_iso=float(iso.n_opt_fit.predict(c)),
+                     n_opt_iso_ci=(float(lo[0]), float(hi[0])) if np.isfinite(lo[0]) else None)
+        rel = res.get("loss_fd")
+        if rel is not None and rel.ok and "loss" in r:
+            r["fd"] = float(rel.predict(r["loss"]))
+            if r.get("loss_ci"):
+                ends = [float(rel.predict(x)) for x in r["loss_ci"]]
+                r["fd_ci"] = (min(ends), max(ends))
+        out.append(r)
+    return out
 
 
 def _fit_row(what: str, x_label: str, y_label: str, gf: scaling.GroupFit, note: str = "") -> dict:
@@ -323,18 +519,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _fit_cells(r: dict) -> list[str]:
-    if r["fitted"]:
-        status = "fitted" + (f" ({r['note']})" if r["note"] else "")
-        return [r["relation"], r["group"], str(r["n"]), f"{r['alpha']:.4g} {_ci(r['alpha_ci'])}",
-                f"{r['A']:.4g} {_ci(r['A_ci'])}", f"{r['E']:.4g} {_ci(r['E_ci'])}", f"{r['r2']:.4f}", status]
-    return [r["relation"], r["group"], str(r["n"]), "–", "–", "–",
-            f"{r['r2']:.4f}" if r["r2"] is not None and math.isfinite(r["r2"]) else "–", f"⚠ {r['warning']}"]
-
-
-_FIT_HEAD = ["relation", "group", "n", "α [95 % CI]", "A [95 % CI]", "E [95 % CI]", "R²", "status"]
-
-
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
@@ -346,41 +530,165 @@ def _axes_used(rep: _Report) -> list[str]:
     return sorted({f"{r['relation']}: x = {r['x']}; y = {r['y']}" for r in rep.fits})
 
 
+def _e(v: float) -> str:
+    return _fmt(v) if v is not None else "–"
+
+
+def _with_ci(v, ci) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{_fmt(v)} {_ci(ci)}" if ci else _fmt(v)
+
+
+def _held(v) -> str:
+    return "held" if v is True else "did not hold" if v is False else "not testable"
+
+
+def _sections(rep: _Report) -> list[tuple]:
+    """The report as blocks, from the answer down: what the study found, figures, the fits it does not
+    claim, conventions, notes, trials. Blocks: ("h2"|"h3", text), ("p", text, warn), ("ul", items),
+    ("table", head, rows, warn_col), ("figure", _Figure)."""
+    b: list[tuple] = [("h2", "What the study found")]
+    for h in rep.headline:
+        b.append(("p", f"⚠ The two fitting methods disagree — {h}", True))
+    findings = [[f["finding"], _held(f["held"]), f["evidence"]] for f in rep.findings]
+    for r in rep.budget:
+        ag = r["agreement"]
+        if ag is not None:
+            findings.append([f"approaches 2 and 3 agree on N_opt ∝ C^a ({r['group']})",
+                             "held" if ag.agree else "did not hold" if ag.agree is False else "not testable", ag.text])
+        ho = r["holdout"]
+        if ho is not None and ho.ok:
+            findings.append([f"the held-out budget was predicted within its interval ({r['group']})",
+                             "held" if ho.covered else "did not hold", ho.describe()])
+    b.append(("h3", "Findings"))
+    if findings:
+        b.append(("table", ["finding", "result", "evidence"], findings, 1))
+    else:
+        b.append(("p", "No finding could be tested (see the fits not claimed).", False))
+
+    b.append(("h3", "Laws claimed (95 % intervals)"))
+    laws = [[r["relation"], r["group"], r["law"], str(r["n"])] for r in rep.fits if r["fitted"]]
+    for r in rep.budget:
+        s = r["surface"]
+        if s is not None and s.ok:
+            laws.append(["loss surface L(N, D), approach 3", r["group"], s.describe("N", "D")
+                         + f"; N_opt ∝ C^{s.a:.4g} {_ci(s.a_ci)}, D_opt ∝ C^{s.b:.4g}; {s.n_at_best} of {s.n_starts} "
+                         f"starts reached the best optimum", str(s.n)])
+        iso = r["isoflop"]
+        if iso is not None:
+            for what, fit in (("N_opt(C), isoFLOP parabolas (approach 2)", iso.n_opt_fit),
+                              ("L_opt(C), isoFLOP parabolas (approach 2)", iso.l_opt_fit)):
+                if fit is not None and fit.ok:
+                    laws.append([what, r["group"], fit.describe("C", what.split("(")[0]), str(fit.n)])
+        rel = r["loss_fd"]
+        if rel is not None and rel.ok:
+            laws.append(["FD vs loss across trials", r["group"], rel.describe("loss", "FD"), str(rel.n)])
+    if laws:
+        b.append(("table", ["relation", "group", "law", "n"], laws, None))
+    else:
+        b.append(("p", "No law is claimed: see the fits not claimed below for why.", True))
+
+    held = [r for r in rep.budget if r["holdout"] is not None and r["holdout"].ok]
+    if held:
+        b.append(("h3", "Held-out prediction"))
+        rows = []
+        for r in held:
+            h = r["holdout"]
+            rows.append([r["group"], f"{h.compute:.4g}", str(h.n_fit_budgets), _with_ci(h.predicted, h.predicted_ci),
+                         _fmt(h.measured) + (f" ± {_fmt(h.measured_std)}" if math.isfinite(h.measured_std) else ""),
+                         f"{h.error_pct:+.2f} %", "yes" if h.covered else "no",
+                         _with_ci(h.isoflop_predicted, h.isoflop_predicted_ci),
+                         (f"{h.fd_key}: predicted {_with_ci(h.fd_predicted, h.fd_predicted_ci)}, measured "
+                          f"{_fmt(h.fd_measured)}, error {h.fd_error_pct:+.2f} %") if h.fd_key else "–"])
+        b.append(("table", ["group", "held-out C", "budgets fitted", "predicted best loss [95 %]", "measured best loss",
+                            "error", "inside interval", "isoFLOP law L_opt(C) [95 %]", "FD"], rows, None))
+    alloc = [r for r in rep.budget if r["allocation"]]
+    if alloc:
+        b.append(("h3", "Compute-optimal allocation"))
+        b.append(("p", "At compute C (GFLOPs of multiply-adds, 3 × forward × images): train N_opt parameters on "
+                       "D_opt images (steps = D_opt / batch size) and expect this loss and FD.", False))
+        rows = []
+        for r in alloc:
+            for a in r["allocation"]:
+                steps = a["d_opt"] / r["batch"] if "d_opt" in a and r.get("batch") and math.isfinite(r["batch"]) \
+                    else math.nan
+                rows.append([r["group"], f"{a['compute']:.4g}" + ("" if a["trained"] else " (extrapolated)"),
+                             _with_ci(a.get("n_opt"), a.get("n_opt_ci")), _with_ci(a.get("n_opt_iso"), a.get("n_opt_iso_ci")),
+                             _with_ci(a.get("d_opt"), a.get("d_opt_ci")), _fmt(steps),
+                             _with_ci(a.get("loss"), a.get("loss_ci")), _with_ci(a.get("fd"), a.get("fd_ci"))])
+        b.append(("table", ["group", "C", "N_opt, surface [95 %]", "N_opt, isoFLOP law [95 %]", "D_opt images [95 %]",
+                            "steps", "expected loss [95 %]", "expected FD [95 %]"], rows, None))
+    isos = [r for r in rep.budget if r["isoflop"] is not None and not r["isoflop"].budgets.empty]
+    if isos:
+        b.append(("h3", "isoFLOP budgets"))
+        rows = []
+        for r in isos:
+            for _, x in r["isoflop"].budgets.iterrows():
+                rows.append([r["group"], str(x["budget"]), f"{x['compute']:.4g}", str(x["n_sizes"]), str(x["n_runs"]),
+                             _with_ci(x["n_opt"], (x["n_opt_lo"], x["n_opt_hi"]) if math.isfinite(x["n_opt_lo"]) else None),
+                             _with_ci(x["loss_opt"], (x["loss_opt_lo"], x["loss_opt_hi"])
+                                      if math.isfinite(x["loss_opt_lo"]) else None),
+                             f"{x['grid_decades']:.2f}", _fmt(x["offset_decades"]),
+                             "yes" if x["bracketed"] else f"⚠ {x['note']}"])
+        b.append(("table", ["group", "train.flops", "C", "sizes", "runs", "N_opt [95 %]", "L_opt [95 %]",
+                            "grid width (decades)", "vertex offset (decades)", "bracketed"], rows, 9))
+    if rep.frontier_notes:
+        b += [("h3", "Compute-optimal frontier (learning curves)"), ("ul", list(rep.frontier_notes))]
+
+    b.append(("h2", "Figures"))
+    b += [("figure", f) for f in rep.figures]
+
+    b.append(("h2", "Fits not claimed"))
+    lines = [f"{r['relation']} ({r['group']}, n = {r['n']}): {r['warning']}" for r in rep.fits if not r["fitted"]]
+    lines += rep.not_claimed
+    b.append(("ul", lines) if lines else ("p", "None: every fit attempted is claimed above.", False))
+    warned = [r for r in rep.fits if not r["fitted"]]
+    if warned:
+        b.append(("p", f"Warning: {len(warned)} of {len(rep.fits)} power-law fits are under-determined or poor and "
+                       "are not claimed.", True))
+
+    b.append(("h2", "Conventions"))
+    b.append(("ul", list(rep.conventions) + [f"Axes — {a}" for a in _axes_used(rep)]))
+    if rep.fd_rows:
+        b.append(("h3", "Fréchet distances"))
+        b.append(("table", ["metric", "extractor", "is FID", "CFG", "configured feature_extractor"],
+                  [[d["key"], d["extractor"], "yes" if d["is_fid"] else "no — a stand-in",
+                    _fmt(d["cfg"]) if d["cfg"] is not None else "", d["configured"]] for d in rep.fd_rows], None))
+    if rep.notes:
+        b += [("h2", "Notes"), ("ul", list(rep.notes))]
+    b.append(("h2", "Trials"))
+    if rep.excluded:
+        b.append(("p", "Left out of every fit:", True))
+        b.append(("ul", [f"{x['label']} [{x['trial_id']}]: {x['reason']}" for x in rep.excluded]))
+    if not rep.trials.empty:
+        s = _summary(rep.trials)
+        b.append(("table", list(s.columns), [[_fmt(v) for v in row] for row in s.itertuples(index=False)], None))
+    return b
+
+
 def _markdown(rep: _Report) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = [f"# Scaling report: {rep.study}", "",
           f"Generated {now} from MLflow `{rep.uri}`, experiment `{rep.study}`"
           + (f", sweep parent run `{rep.parent_run_id}`" if rep.parent_run_id else "") + f"; {len(rep.trials)} trials.",
-          "", "## Conventions", ""]
-    md += [f"- {c}" for c in rep.conventions]
-    md += [f"- Axes — {a}" for a in _axes_used(rep)]
-    if rep.fd_rows:
-        md += ["", "### Fréchet distances", ""]
-        md.append(_md_table(["metric", "extractor", "is FID", "CFG", "configured feature_extractor"],
-                            [[d["key"], d["extractor"], "yes" if d["is_fid"] else "no — a stand-in",
-                              _fmt(d["cfg"]) if d["cfg"] is not None else "", d["configured"]]
-                             for d in rep.fd_rows]))
-    md += ["", "## Fitted laws", ""]
-    if rep.fits:
-        md.append(_md_table(_FIT_HEAD, [_fit_cells(r) for r in rep.fits]))
-        warned = [r for r in rep.fits if not r["fitted"]]
-        if warned:
-            md += ["", f"**Warning:** {len(warned)} of {len(rep.fits)} fits are under-determined or poor and are "
-                       "not claimed (see status)."]
-    else:
-        md.append("No law was fitted.")
-    if rep.frontier_notes:
-        md += ["", "## Compute-optimal frontier", ""] + [f"- {n}" for n in rep.frontier_notes]
-    md += ["", "## Figures", ""]
-    for f in rep.figures:
-        md += [f"### {f.title}", "", f"![{f.title}]({f.file})", "", f"*{f.caption}*", ""]
-    if rep.notes:
-        md += ["## Notes", ""] + [f"- {n}" for n in rep.notes] + [""]
-    md += ["## Trials", ""]
-    if not rep.trials.empty:
-        s = _summary(rep.trials)
-        md.append(_md_table(list(s.columns), [[_fmt(v) for v in row] for row in s.itertuples(index=False)]))
-    md += ["", "Full table: [trials.csv](trials.csv), [trials.parquet](trials.parquet); fits: [fits.json](fits.json).", ""]
+          ""]
+    for blk in _sections(rep):
+        kind = blk[0]
+        if kind == "h2":
+            md += [f"## {blk[1]}", ""]
+        elif kind == "h3":
+            md += [f"### {blk[1]}", ""]
+        elif kind == "p":
+            md += [f"**{blk[1]}**" if blk[2] else blk[1], ""]
+        elif kind == "ul":
+            md += [f"- {x}" for x in blk[1]] + [""]
+        elif kind == "table":
+            md += [_md_table(blk[1], blk[2]), ""]
+        elif kind == "figure":
+            f = blk[1]
+            md += [f"#### {f.title}", "", f"![{f.title}]({f.file})", "", f"*{f.caption}*", ""]
+    md += ["Full table: [trials.csv](trials.csv), [trials.parquet](trials.parquet); fits: [fits.json](fits.json).", ""]
     return "\n".join(md)
 
 
@@ -402,7 +710,8 @@ def _html_table(head: list[str], rows: list[list[str]], warn_col: int | None = N
     for r in rows:
         cells = []
         for i, v in enumerate(r):
-            cls = " class='warn'" if warn_col is not None and i == warn_col and str(v).startswith("⚠") else ""
+            cls = " class='warn'" if warn_col is not None and i == warn_col and (
+                str(v).startswith("⚠") or str(v) == "did not hold") else ""
             cells.append(f"<td{cls}>{e(str(v))}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table></div>")
@@ -419,39 +728,21 @@ def _html(rep: _Report) -> str:
              f"<p class='meta'>Generated {now} from MLflow <code>{e(rep.uri)}</code>, experiment "
              f"<code>{e(rep.study)}</code>"
              + (f", sweep parent run <code>{e(rep.parent_run_id)}</code>" if rep.parent_run_id else "")
-             + f"; {len(rep.trials)} trials.</p>",
-             "<h2>Conventions</h2><ul>"]
-    parts += [f"<li>{e(c)}</li>" for c in rep.conventions]
-    parts += [f"<li>Axes — {e(a)}</li>" for a in _axes_used(rep)]
-    parts.append("</ul>")
-    if rep.fd_rows:
-        parts.append("<h3>Fréchet distances</h3>")
-        parts.append(_html_table(["metric", "extractor", "is FID", "CFG", "configured feature_extractor"],
-                                 [[d["key"], d["extractor"], "yes" if d["is_fid"] else "no — a stand-in",
-                                   _fmt(d["cfg"]) if d["cfg"] is not None else "", d["configured"]]
-                                  for d in rep.fd_rows]))
-    parts.append("<h2>Fitted laws</h2>")
-    if rep.fits:
-        parts.append(_html_table(_FIT_HEAD, [_fit_cells(r) for r in rep.fits], warn_col=len(_FIT_HEAD) - 1))
-        warned = [r for r in rep.fits if not r["fitted"]]
-        if warned:
-            parts.append(f"<p class='warn'><strong>Warning:</strong> {len(warned)} of {len(rep.fits)} fits are "
-                         "under-determined or poor and are not claimed (see status).</p>")
-    else:
-        parts.append("<p>No law was fitted.</p>")
-    if rep.frontier_notes:
-        parts.append("<h2>Compute-optimal frontier</h2><ul>" +
-                     "".join(f"<li>{e(n)}</li>" for n in rep.frontier_notes) + "</ul>")
-    parts.append("<h2>Figures</h2>")
-    for f in rep.figures:
-        parts.append(f"<figure><h3>{e(f.title)}</h3><img src='{e(f.file)}' alt='{e(f.title)}'>"
-                     f"<figcaption>{e(f.caption)}</figcaption></figure>")
-    if rep.notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in rep.notes) + "</ul>")
-    parts.append("<h2>Trials</h2>")
-    if not rep.trials.empty:
-        s = _summary(rep.trials)
-        parts.append(_html_table(list(s.columns), [[_fmt(v) for v in row] for row in s.itertuples(index=False)]))
+             + f"; {len(rep.trials)} trials.</p>"]
+    for blk in _sections(rep):
+        kind = blk[0]
+        if kind in ("h2", "h3"):
+            parts.append(f"<{kind}>{e(blk[1])}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p class='warn'><strong>{e(blk[1])}</strong></p>" if blk[2] else f"<p>{e(blk[1])}</p>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{e(str(x))}</li>" for x in blk[1]) + "</ul>")
+        elif kind == "table":
+            parts.append(_html_table(blk[1], blk[2], warn_col=blk[3]))
+        elif kind == "figure":
+            f = blk[1]
+            parts.append(f"<figure><h4>{e(f.title)}</h4><img src='{e(f.file)}' alt='{e(f.title)}'>"
+                         f"<figcaption>{e(f.caption)}</figcaption></figure>")
     parts.append("<p>Full table: <a href='trials.csv'>trials.csv</a>, <a href='trials.parquet'>trials.parquet</a>; "
                  "fits: <a href='fits.json'>fits.json</a>; Markdown: <a href='report.md'>report.md</a>.</p>")
     parts.append("</body></html>")

@@ -1,6 +1,6 @@
 """MLflow -> pandas: one row per trial, and the metric histories as a long table.
 
-What is read (the layout harness/tracking.py and harness/train.py write):
+What is read (the layout harness/tracking.py and harness/trial/loop.py write):
 - one experiment per study; one child run per trial with the tag `trial_id`, the tags family, size,
   patch, objective, attention, model, `ditscale.status`, `mlflow.parentRunId` (the sweep's parent
   run), and the trial's flattened config as params with dotted keys (`model.size`, `train.batch_size`);
@@ -10,7 +10,9 @@ What is read (the layout harness/tracking.py and harness/train.py write):
   (optionally per CFG scale: fid_cfg1.5, fd_lenet_cfg1.5) and kid.
 
 A trial that ran several times (re-runs, several sweeps) is one row: the newest run of its trial_id.
-This module imports neither torch nor harness.
+No torch here: from harness/ and models/ only the torch-free contract modules are imported — the
+MLflow conventions (harness.tracking), the preset sizes (models.registry) and the compute rule
+(models.flops) — so that each rule has one home.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-TRIAL_ID_TAG = "trial_id"
-PARENT_TAG = "mlflow.parentRunId"
-STATUS_TAG = "ditscale.status"
-SWEEP_TAG = "ditscale.sweep"
+from harness.tracking import PARENT_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_ID_TAG, resolve_tracking_uri
+from models.flops import training_gflops
+from models.registry import DIT_SIZES
+
 TAG_COLUMNS = ("family", "size", "patch", "objective", "attention", "model")
 
 # Metrics where lower is better: their best value over the run is kept beside the final one.
@@ -36,22 +38,18 @@ LOWER_IS_BETTER = re.compile(r"^(loss|val_loss.*|fid.*|fd_.*|kid.*)$")
 # Metrics the report needs histories of (quality over training, and compute to put them on an axis).
 HISTORY_KEYS = re.compile(r"^(loss|val_loss.*|fid.*|fd_.*|kid.*|kd_.*|train_gflops|samples_seen)$")
 _FD = re.compile(r"^(?:fid|fd_(?P<ext>.+?))(?:_cfg(?P<cfg>\d+(?:\.\d+)?))?$")
-# Where a parameter count or forward GFLOPs may be logged (none is logged by the trainer today).
+# Where a parameter count or forward GFLOPs may be found: the trainer logs the metrics `params` and
+# `forward_gflops`; the other names are read for runs logged by other tools.
 _PARAM_COUNT_KEYS = ("params", "n_params", "num_params", "model.params", "model.n_params", "param_count")
 _FORWARD_KEYS = ("forward_gflops", "model.forward_gflops", "gflops")
 
-DIT_SIZE_ORDER = ("XXS", "XS", "S", "B", "L", "XL", "XXL")
+DIT_SIZE_ORDER = tuple(DIT_SIZES)  # the presets, small to large (models.registry)
 
 
 def default_tracking_uri(uri: str | None = None) -> str:
-    """The harness's rule (duplicated, analysis does not import harness): the given URI, else
+    """The harness's rule (harness.tracking.resolve_tracking_uri): the given URI, else
     $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; relative SQLite paths are anchored here."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    return uri
+    return resolve_tracking_uri(uri)
 
 
 def client(tracking_uri: str | None = None):
@@ -72,6 +70,8 @@ def experiment_id(tracking_uri: str | None, experiment: str) -> str:
 
 
 def _all_runs(c, exp_id: str, filter_string: str = "") -> list:
+    # Paged by hand on a client bound to `c`'s store: mlflow.search_runs (which pages by itself)
+    # searches only the process-wide tracking URI, and setting that would change it for the caller.
     runs, token = [], None
     while True:
         page = c.search_runs([exp_id], filter_string=filter_string, max_results=1000, page_token=token,
@@ -243,7 +243,7 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
         samples, train_gflops = metrics.get("samples_seen", math.nan), metrics.get("train_gflops", math.nan)
         fwd = _first_number(metrics, params, tags, keys=_FORWARD_KEYS)
         if not math.isfinite(fwd) and samples and math.isfinite(samples) and math.isfinite(train_gflops):
-            fwd = train_gflops / samples / 3
+            fwd = train_gflops / training_gflops(1.0, samples)  # training compute per unit forward
         row["forward_gflops"] = fwd
         row["params"] = _first_number(metrics, params, tags, keys=_PARAM_COUNT_KEYS)
         row["train_gflops"] = train_gflops
@@ -282,7 +282,9 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
     lead = ["trial_id", "run_id", "label", "status", "arch", "family", "size", "patch", "attention", "objective",
             "model", "forward_gflops", "params", "train_gflops", "samples_seen", "steps"]
     lead = [c for c in lead if c in df]
-    return df[lead + [c for c in df.columns if c not in lead]].reset_index(drop=True)
+    df = df[lead + [c for c in df.columns if c not in lead]].reset_index(drop=True)
+    df.attrs["config_keys"] = list(param_keys)  # which columns are the trial config (see analysis.study)
+    return df
 
 
 def _label(row) -> str:
@@ -347,7 +349,7 @@ def metric_curves(histories: pd.DataFrame, trials: pd.DataFrame, key: str) -> pd
         if np.isnan(comp).any() and len(trow):
             fwd = float(trow["forward_gflops"].iloc[0])
             batch = float(trow["train.batch_size"].iloc[0]) if "train.batch_size" in trow else math.nan
-            comp = np.where(np.isnan(comp), 3 * fwd * batch * steps, comp)
+            comp = np.where(np.isnan(comp), training_gflops(fwd, batch * steps), comp)
         out.append(pd.DataFrame({"run_id": run_id, "trial_id": g["trial_id"].to_numpy(), "step": g["step"].to_numpy(),
                                  "value": g["value"].to_numpy(), "compute": comp}))
     df = pd.concat(out, ignore_index=True)

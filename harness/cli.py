@@ -28,7 +28,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import build_report  # matplotlib, pandas, MLflow: only for a report
 
     try:
-        index = build_report(args.tracking_uri, args.experiment, parent_run_id=args.parent_run, out_dir=args.out)
+        index = build_report(args.tracking_uri, args.experiment, parent_run_id=args.parent_run, out_dir=args.out,
+                             holdout=args.holdout)
     except LookupError as err:  # no such experiment
         raise UserError(f"--experiment: {err}") from None
     print(f"Report: {index}")
@@ -41,6 +42,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parent-run", default=None, help="only this sweep's trials (default: every trial, newest run)")
     p.add_argument("--out", default=None, help="output folder (default: reports/<experiment>)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+    p.add_argument("--holdout", choices=["largest", "none"], default="largest",
+                   help="largest: fit on all but the largest compute budget and check the prediction on it "
+                        "(needs >= 3 budgets); none: fit on every budget")
     p.set_defaults(func=_cmd_report)
 
 

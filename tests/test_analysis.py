@@ -1,7 +1,7 @@
 """analysis/: MLflow -> pandas, power-law fits, figures and the generated report.
 
 Synthetic sweeps are logged into a real SQLite MLflow store with the layout harness/tracking.py
-and harness/train.py write (parent run tagged ditscale.sweep; child runs with trial_id, family,
+and harness/trial/loop.py write (parent run tagged ditscale.sweep; child runs with trial_id, family,
 size, patch, objective, attention, model, ditscale.status, mlflow.parentRunId; the flattened config
 as params; per-step metrics including samples_seen and train_gflops), then read back by analysis.
 
@@ -502,12 +502,21 @@ def _keep_artifacts_file(path: Path) -> None:
         shutil.copy2(path, Path(dest) / path.name)
 
 
-def test_analysis_imports_neither_torch_nor_harness():
-    code = ("import sys, analysis.runs, analysis.scaling, analysis.plots, analysis.report; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'harness', 'models')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+# the torch-free contract modules analysis may import from harness/ and models/ (one home per rule)
+CONTRACT_MODULES = {"harness", "harness.errors", "harness.tracking", "models", "models.registry", "models.flops"}
+
+
+def test_analysis_imports_no_torch_and_only_the_contract_modules():
+    """analysis loads no torch, and from harness/ and models/ only the torch-free contract modules:
+    the MLflow conventions, the preset sizes and the compute rule."""
+    code = ("import sys, json, analysis.runs, analysis.scaling, analysis.plots, analysis.report, analysis.study; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'harness', 'models'))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert not {m for m in loaded if m.split(".")[0] == "torch"}, sorted(loaded)
+    assert loaded <= CONTRACT_MODULES, f"analysis imports more than the contract: {sorted(loaded - CONTRACT_MODULES)}"
+    assert {"harness.tracking", "models.registry", "models.flops"} <= loaded  # the rules are imported, not copied
 
 
 def test_history_keys_include_fid_kid_and_their_stand_ins():
