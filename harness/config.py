@@ -89,6 +89,7 @@ class TrainConfig(_Section):
     ema_decay: float = Field(0.9999, ge=0, le=1)
     ema_warmup: bool = False
     checkpoint_every: int = Field(1000, gt=0)
+    keep_checkpoints: int = Field(2, ge=1, description="newest DeepSpeed checkpoints kept in the trial folder")
     log_every: int = Field(10, gt=0)
     seed: int = 0
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config merged last")
