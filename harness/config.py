@@ -182,7 +182,8 @@ class TrialConfig(_Section):
 
     def identity(self) -> dict:
         """What defines the trial's result: everything but where and how it runs."""
-        return self.model_dump(mode="json", include={"data", "model", "objective", "train", "eval"})
+        return self.model_dump(mode="json", include={"data", "model", "objective", "train", "eval"},
+                               exclude={"train": {"keep_checkpoints"}})  # disk housekeeping, not the result
 
     @property
     def trial_id(self) -> str:
