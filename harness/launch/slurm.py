@@ -50,11 +50,48 @@ def _option_name(line: str) -> str | None:
     return m.group(1) if m else None
 
 
+# Control characters (C0, DEL, C1): a newline would end the `#SBATCH` line and start a shell command
+# (after which sbatch reads no more `#SBATCH` lines); the others have no place in an option either.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What sbatch's #SBATCH parser (src/sbatch/opt.c, _get_argument) treats specially: whitespace ends an
+# argument (even after a backslash), ' and " quote, a backslash escapes the next character, and an
+# unquoted # starts a comment.
+_SBATCH_SPECIAL = re.compile(r"[\s'\"\\#]")
+
+
+def check_value(name: str, value: str) -> str:
+    """`value`, unless it holds a control character: then a one-line UserError naming `name`."""
+    m = _CONTROL.search(value)
+    if m:
+        raise UserError(f"{name}: {value!r} contains the control character {m.group()!r}; "
+                        "refusing to put it into the batch script")
+    return value
+
+
+def sbatch_quote(value: str) -> str:
+    """`value` as one argument of an `#SBATCH` line, read back by sbatch exactly: as it is when plain,
+    else in double quotes with `"` and `\\` escaped by a backslash (the only quoting sbatch reads for
+    spaces: a backslash before a space does not keep the argument together)."""
+    if value and not _SBATCH_SPECIAL.search(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def render_script(template: str, options: dict[str, str | None], settings: dict[str, str]) -> str:
     """Set `#SBATCH --key=value` for every option (value None: a bare flag such as --requeue), dropping
     the template's lines for the same option (active or commented out with '##SBATCH'); the new lines
     go where the template's #SBATCH block ends. `settings` become `export KEY=...` defaults (an
-    environment variable set at submission still wins) below the settings marker."""
+    environment variable set at submission still wins) below the settings marker. Every value is
+    refused when it holds a control character, and quoted the way its reader (sbatch, bash) reads it."""
+    for k, v in options.items():
+        if not re.fullmatch(r"[A-Za-z0-9-]+", k):
+            raise UserError(f"--{k!r}: not an sbatch option name")
+        if v is not None:
+            check_value(f"--{k}", v)
+    for k, v in settings.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise UserError(f"{k!r}: not an environment variable name")
+        check_value(k, v)
     lines = template.splitlines()
     keep, last_sbatch = [], None  # the new lines go after keep[last_sbatch]
     for line in lines:
@@ -65,7 +102,7 @@ def render_script(template: str, options: dict[str, str | None], settings: dict[
             last_sbatch = len(keep) - 1
     if last_sbatch is None:
         raise UserError("the batch script template has no #SBATCH lines")
-    new = [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={v}" for k, v in options.items()]
+    new = [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={sbatch_quote(v)}" for k, v in options.items()]
     keep[last_sbatch + 1:last_sbatch + 1] = new
     if settings:
         try:
@@ -134,6 +171,35 @@ def _check_fits(trials, nodes: int, gpus_per_node: int, cpus_per_node: int) -> N
                 f"{nodes * cpus_per_node}; raise --cpus-per-task/--nodes or lower resources.cpus_per_worker")
 
 
+def _log_pattern(folder: Path) -> str:
+    """sbatch's --output for `folder`/slurm-JOBID.out: a '%' in the folder written '%%' (sbatch's file
+    name patterns). A backslash cannot be written: sbatch drops every backslash of the pattern and
+    then expands nothing, so the job id would be lost."""
+    text = check_value("--output (the job log folder, <resources.storage>/<study>/slurm)", str(folder))
+    if "\\" in text:
+        raise UserError(f"--output: the job log folder {text!r} contains a backslash, which sbatch's file name "
+                        "patterns cannot express; submit from a folder without one (or set resources.storage)")
+    return text.replace("%", "%%") + "/slurm-%j.out"
+
+
+def _check_sql_store(uri: str, folder: Path) -> None:
+    """MLflow's SQL store creates its 'Default' experiment with a hand-written INSERT that holds the
+    Python repr of <folder>/mlruns as SQL text. A submit directory whose repr needs an escape (both
+    kinds of quote, a backslash), is double-quoted on a database other than SQLite, or holds what
+    SQLAlchemy reads as a bind parameter (':name') breaks that statement: the job would end in a
+    traceback after Ray has started. Say so before sbatch."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql"):
+        return
+    literal = repr(str(folder / "mlruns"))
+    if "\\" in literal or (scheme != "sqlite" and literal.startswith('"')) \
+            or re.search(r"(?<![:\w\\]):\w+(?!:)", literal):
+        raise UserError(f"--chdir: MLflow's database store ({scheme}) cannot start in the submit directory "
+                        f"{str(folder)!r} (its SQL for the Default experiment breaks on quotes, backslashes or "
+                        "':name' in the path); submit from another folder or use an MLflow server "
+                        "(--set tracking.uri=http://HOST:PORT)")
+
+
 def _python_bin() -> str:
     """The folder holding this installation's `ditscale` and `ray` (a virtualenv's bin)."""
     exe = shutil.which("ditscale")
@@ -188,9 +254,12 @@ def prepare(config: str, overrides=(), *, nodes: int = 1, gpus_per_node: int = 0
         options["account"] = account
     if time_limit:
         options["time"] = time_limit
+    chdir = check_value("--chdir (the submit directory)", str(Path.cwd()))
+    output = _log_pattern(paths.slurm_dir)
+    _check_sql_store(paths.tracking_uri, Path(chdir))
     options |= {
-        "chdir": str(Path.cwd()),
-        "output": str(paths.slurm_dir / "slurm-%j.out"),
+        "chdir": chdir,
+        "output": output,
         "open-mode": "append",   # a requeued job appends to its log instead of truncating it
         "signal": f"B:USR1@{signal_seconds}",
         "requeue": None,
