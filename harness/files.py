@@ -61,3 +61,14 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def scratch_folder(parent: str | os.PathLike, name: str) -> Iterator[Path]:
+    """Yields a fresh hidden folder in `parent` (named after `name`) to build files in and move them
+    out of; removed with whatever is left in it when the block ends, however it ends."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -12,15 +12,22 @@ The split and the order inside each split are a deterministic permutation of the
 shards need no further shuffling at the file level; re-packing with the same arguments gives
 byte-identical shards. Existing shards or manifests are never replaced without overwrite=True; a
 split added beside other splits of the same dataset (e.g. a separate validation folder) is merged
-into the manifest.
+into the manifest. Shards are built in a scratch folder beside OUT and moved in at the end, so a
+failed or interrupted pack leaves OUT as it was; overwrite deletes only the replaced splits' own
+NAME-NNNNNN.tar files inside OUT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import logging
 import multiprocessing
+import os
 import re
+import signal
+import threading
 import uuid
 from pathlib import Path
 
@@ -28,9 +35,10 @@ import numpy as np
 
 from harness.data.codec import encode_cls, encode_json, encode_npy, encode_png, encode_txt
 from harness.data.errors import DataError
-from harness.data.manifest import FORMAT, read_manifest, shard_pattern, write_manifest
+from harness.data.manifest import FORMAT, MANIFEST, ManifestError, read_manifest, shard_pattern, write_manifest
 from harness.data.sources import ShapesSource, Source, open_source
 from harness.data.tario import ShardWriter
+from harness.files import scratch_folder
 
 log = logging.getLogger("harness.data")
 
@@ -79,66 +87,71 @@ def pack_dataset(
     out_dir = Path(out)
     existing, replaced = _plan_output(out_dir, list(splits), overwrite)
     old = _remaining(existing, replaced)
-    # The pool starts before torch models load (forking after torch threads start is fragile).
-    pool = _start_pool(src, workers, as_png=not vae) if workers > 0 else None
-    try:
-        vae_model = encoder = vae_meta = None
-        channels, sample_size = src.channels, src.image_size
-        if vae:
-            from harness.data.vae import load_vae, vae_info
+    # Shards are built in a scratch folder and moved into OUT at the end: an interrupted or failed
+    # pack leaves OUT as it was (and no partial files anywhere).
+    with scratch_folder(_scratch_parent(out_dir), out_dir.resolve().name or "pack") as stage:
+        # The pool starts before torch models load (forking after torch threads start is fragile).
+        pool = _start_pool(src, workers, as_png=not vae) if workers > 0 else None
+        try:
+            vae_model = encoder = vae_meta = None
+            channels, sample_size = src.channels, src.image_size
+            if vae:
+                from harness.data.vae import load_vae, vae_info
 
-            vae_model = load_vae(vae, device)
-            vae_meta = vae_info(vae_model, vae)
-            if src.image_size % vae_meta["downsample"]:
-                raise DataError(f"--image-size {src.image_size} is not divisible by the VAE's downsampling factor "
-                                f"{vae_meta['downsample']}")
-            channels, sample_size = vae_meta["latent_channels"], src.image_size // vae_meta["downsample"]
-        if text_encoder:
-            if not src.has_captions:
-                raise DataError("--text-encoder: the source has no captions")
-            from harness.data.text_embeddings import load_encoder
+                vae_model = load_vae(vae, device)
+                vae_meta = vae_info(vae_model, vae)
+                if src.image_size % vae_meta["downsample"]:
+                    raise DataError(f"--image-size {src.image_size} is not divisible by the VAE's downsampling "
+                                    f"factor {vae_meta['downsample']}")
+                channels, sample_size = vae_meta["latent_channels"], src.image_size // vae_meta["downsample"]
+            if text_encoder:
+                if not src.has_captions:
+                    raise DataError("--text-encoder: the source has no captions")
+                from harness.data.text_embeddings import load_encoder
 
-            encoder = load_encoder(text_encoder, device)
-        manifest = {
-            "format": FORMAT, "version": 1,
-            "source": src.describe(),
-            "kind": "latents" if vae_model is not None else "pixels",
-            "sample_shape": [channels, sample_size, sample_size],
-            "channels": channels, "image_size": sample_size, "pixel_size": src.image_size,
-            "num_classes": src.num_classes, "class_names": src.class_names,
-            "vae": vae_meta, "text_encoder": None,
-        }
-        _check_compatible(out_dir, old, manifest, text_encoder)
-        _clear_output(out_dir, existing, replaced)  # only now that the models loaded and the checks passed
-        writer_state = _PackState(src, vae_model, encoder, text_encoder, device, progress)
-        pack_id = uuid.uuid4().hex[:12]
-        split_entries = {}
-        for split, indices in splits.items():
-            split_entries[split] = writer_state.write_split(out_dir, split, indices, shard_size, batch_size, pool)
-            split_entries[split].update(pack_id=pack_id, fields=sorted(writer_state.fields or []))
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+                encoder = load_encoder(text_encoder, device)
+            manifest = {
+                "format": FORMAT, "version": 1,
+                "source": src.describe(),
+                "kind": "latents" if vae_model is not None else "pixels",
+                "sample_shape": [channels, sample_size, sample_size],
+                "channels": channels, "image_size": sample_size, "pixel_size": src.image_size,
+                "num_classes": src.num_classes, "class_names": src.class_names,
+                "vae": vae_meta, "text_encoder": None,
+            }
+            _check_compatible(out_dir, old, manifest, text_encoder)
+            writer_state = _PackState(src, vae_model, encoder, text_encoder, device, progress)
+            pack_id = uuid.uuid4().hex[:12]
+            split_entries = {}
+            for split, indices in splits.items():
+                split_entries[split] = writer_state.write_split(stage, split, indices, shard_size, batch_size,
+                                                                pool, where=out_dir)
+                split_entries[split].update(pack_id=pack_id, fields=sorted(writer_state.fields or []))
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
 
-    fields = set(writer_state.fields or ())
-    for entry in (old or {}).get("splits", {}).values():  # every split must have the listed members
-        fields &= set(entry.get("fields", fields))
-    manifest.update({
-        "fields": sorted(fields),
-        "captions": "txt" in fields,
-        "attributes": bool(src.has_attributes),
-        "text_encoder": writer_state.text_meta,
-        "seed": seed, "val_fraction": val_fraction, "shard_size": shard_size,
-        "skipped": writer_state.skipped, "skipped_examples": writer_state.skipped_examples,
-        "created_by": "ditscale data pack",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    })
-    all_splits = dict(old["splits"]) if old else {}
-    all_splits.update(split_entries)
-    manifest["splits"] = all_splits
-    manifest["counts"] = {s: entry["count"] for s, entry in all_splits.items()}
-    write_manifest(out_dir, manifest)
+        fields = set(writer_state.fields or ())
+        for entry in (old or {}).get("splits", {}).values():  # every split must have the listed members
+            fields &= set(entry.get("fields", fields))
+        manifest.update({
+            "fields": sorted(fields),
+            "captions": "txt" in fields,
+            "attributes": bool(src.has_attributes),
+            "text_encoder": writer_state.text_meta,
+            "seed": seed, "val_fraction": val_fraction, "shard_size": shard_size,
+            "skipped": writer_state.skipped, "skipped_examples": writer_state.skipped_examples,
+            "created_by": "ditscale data pack",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })
+        all_splits = dict(old["splits"]) if old else {}
+        all_splits.update(split_entries)
+        manifest["splits"] = all_splits
+        manifest["counts"] = {s: entry["count"] for s, entry in all_splits.items()}
+        _stage_manifest(stage, out_dir, manifest)
+        with _interrupts_held():
+            _commit(stage, out_dir, existing, replaced, split_entries)
     if writer_state.skipped:
         log.warning("skipped %d unreadable images (listed under skipped_examples in %s/dataset.json)",
                     writer_state.skipped, out_dir)
@@ -170,10 +183,11 @@ def _plan_output(out: Path, splits: list[str], overwrite: bool) -> tuple[dict | 
     held-out split could overlap the new training split). Nothing is deleted here."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     try:
         old = read_manifest(out)
-    except DataError:
+    except ManifestError as err:
+        if err.parsed:  # its shard names cannot be trusted to say what --overwrite may delete
+            raise DataError(f"{err}; fix it or remove it before packing into {out}") from None
         if not overwrite:
             raise DataError(f"{out}/dataset.json is unreadable; pass --overwrite to replace it") from None
         old = None
@@ -187,7 +201,18 @@ def _plan_output(out: Path, splits: list[str], overwrite: bool) -> tuple[dict | 
     if old and listed:
         runs = {old["splits"][s].get("pack_id") for s in listed} - {None}
         replaced |= {s for s, entry in old["splits"].items() if entry.get("pack_id") in runs}
+    for split in sorted(replaced & set(old["splits"] if old else ())):
+        for shard in old["splits"][split]["shards"]:
+            if not _own_shard(split, shard["name"]):
+                raise DataError(f"{out}/{MANIFEST}: split {split} lists {shard['name']!r}, which is not one of its "
+                                f"own {split}-NNNNNN.tar shards; --overwrite deletes only those: remove the entry "
+                                "or pack into another folder")
     return old, replaced
+
+
+def _own_shard(split: str, name: str) -> bool:
+    """Whether `name` is a file `pack` writes for `split` (the only files --overwrite deletes)."""
+    return re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar(\.partial)?", name) is not None
 
 
 def _remaining(old: dict | None, replaced: set[str]) -> dict | None:
@@ -200,20 +225,56 @@ def _remaining(old: dict | None, replaced: set[str]) -> dict | None:
     return {**old, "splits": kept, "counts": {s: e["count"] for s, e in kept.items()}}
 
 
-def _clear_output(out: Path, old: dict | None, replaced: set[str]) -> None:
-    """Delete the shards of the replaced splits and drop them from dataset.json."""
-    for split in sorted(replaced):
-        if old and split in old["splits"]:
-            for shard in old["splits"][split]["shards"]:
-                (out / shard["name"]).unlink(missing_ok=True)
-        for path in list(out.glob(f"{split}-*.tar")) + list(out.glob(f"{split}-*.tar.partial")):
-            path.unlink()
-    if old and replaced & set(old["splits"]):
-        kept = _remaining(old, replaced)
-        if kept:
-            write_manifest(out, kept)
-        else:
-            (out / "dataset.json").unlink()
+def _scratch_parent(out: Path) -> Path:
+    """Where to build: beside OUT, so that the final renames stay on one filesystem; inside OUT when
+    OUT is a mount point or its parent is not writable (a dataset folder on a shared volume)."""
+    out = out.resolve()
+    if out.is_dir() and (out.stat().st_dev != out.parent.stat().st_dev or not os.access(out.parent, os.W_OK)):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent
+
+
+def _stage_manifest(stage: Path, out: Path, manifest: dict) -> None:
+    """The manifest is written in the scratch folder too: a full disk shows before OUT is touched."""
+    try:
+        write_manifest(stage, manifest)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DataError(f"{out}: disk full while writing {MANIFEST}; free some space or pack elsewhere") from None
+
+
+def _commit(stage: Path, out: Path, old: dict | None, replaced: set[str], new_splits: dict) -> None:
+    """Swap the new splits in: move the new shards in, delete the replaced splits' other shards (only
+    their own NAME-NNNNNN.tar files inside OUT), then dataset.json. Renames and deletions only."""
+    out.mkdir(parents=True, exist_ok=True)
+    incoming = {shard["name"] for entry in new_splits.values() for shard in entry["shards"]}
+    doomed = {path.name for split in replaced for path in out.glob(f"{split}-*.tar*") if _own_shard(split, path.name)}
+    for split in replaced & set(old["splits"] if old else ()):
+        doomed |= {s["name"] for s in old["splits"][split]["shards"] if _own_shard(split, s["name"])}
+    for name in sorted(incoming):
+        os.replace(stage / name, out / name)
+    for name in sorted(doomed - incoming):
+        (out / name).unlink(missing_ok=True)
+    os.replace(stage / MANIFEST, out / MANIFEST)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C waits until the block ends: the commit is a handful of renames, and cut halfway it would
+    leave part of the old dataset beside part of the new."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    if caught:
+        log.warning("Ctrl-C came while the new shards were being moved in; the pack finished")
 
 
 def _check_compatible(out: Path, old: dict | None, manifest: dict, text_encoder: str | None) -> None:
@@ -258,9 +319,16 @@ def _load_one(index: int):
         return index, None, None, None, None, None, f"{type(err).__name__}: {err}"
 
 
+def _init_pool_worker(source: Source, as_png: bool) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the pool, the workers need not print
+    # a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(source, as_png)
+
+
 def _start_pool(src: Source, workers: int, as_png: bool):
     """Workers load, crop and (for pixels) PNG-encode images; with a VAE they return raw arrays."""
-    return multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(src, as_png))
+    return multiprocessing.get_context().Pool(workers, initializer=_init_pool_worker, initargs=(src, as_png))
 
 
 class _PackState:
@@ -279,11 +347,13 @@ class _PackState:
             return map(_load_one, indices)
         return pool.imap(_load_one, indices, chunksize=16)
 
-    def write_split(self, out: Path, split: str, indices, shard_size: int, batch_size: int, pool) -> dict:
+    def write_split(self, out: Path, split: str, indices, shard_size: int, batch_size: int, pool,
+                    where: Path | None = None) -> dict:
+        """Shards of `split` in `out`; `where`: the folder errors name (the one the user gave)."""
         from tqdm import tqdm
 
         batch: list = []
-        with ShardWriter(out, split, shard_size) as writer, tqdm(
+        with ShardWriter(out, split, shard_size, where=where) as writer, tqdm(
             total=len(indices), desc=f"pack {split}", unit="img", disable=None if self.progress is None
             else not self.progress, dynamic_ncols=True,
         ) as bar:

@@ -13,15 +13,23 @@ Samples follow the WebDataset convention: members `KEY.EXT` in a row form one sa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import tarfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from harness.data.errors import DataError
+
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _DATA_TYPES = (b"0", b"\0", b"7")
+# A header claiming more is damaged (a sample of 1 GiB is not a sample): it is reported, never allocated.
+MAX_MEMBER = 1 << 30
+_CHUNK = 1 << 24  # members above this are read in pieces, so a size larger than the stream costs no memory
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ShardReadError(Exception):
@@ -57,8 +65,8 @@ def iter_members(stream: BinaryIO, *, check_headers: bool = False) -> Iterator[t
     while True:
         header = read(BLOCK)
         if len(header) < BLOCK:
-            if not header:
-                return  # end of stream without the end-of-archive blocks: tolerated like tar does
+            if not header:  # a shard cut exactly between two members looks whole but for this
+                raise ShardReadError("truncated shard: it ends without the end-of-archive marker")
             raise ShardReadError(f"truncated tar header ({len(header)} of {BLOCK} bytes)")
         if header[0] == 0:
             if header == _ZERO_BLOCK:
@@ -81,8 +89,11 @@ def iter_members(stream: BinaryIO, *, check_headers: bool = False) -> Iterator[t
         kind = header[156:157]
         if (pax_path or long_name) and kind in _DATA_TYPES:
             name = pax_path or long_name
+        if not 0 <= size <= MAX_MEMBER:
+            raise ShardReadError(f"invalid tar header: member {name!r} claims {size} bytes (at most "
+                                 f"{MAX_MEMBER >> 20} MiB)", name if kind in _DATA_TYPES else None)
         padded = size + (-size % BLOCK)
-        blob = read(padded)
+        blob = read(padded) if padded <= _CHUNK else _read_large(read, padded)
         if len(blob) < size:
             raise ShardReadError(f"truncated member {name!r} ({len(blob)} of {size} bytes)",
                                  name if kind in _DATA_TYPES else None)
@@ -96,6 +107,18 @@ def iter_members(stream: BinaryIO, *, check_headers: bool = False) -> Iterator[t
         # g (global pax), directories, links, devices: nothing to read
 
 
+def _read_large(read, size: int) -> bytes:
+    """Up to `size` bytes, read in pieces: only what the stream really holds is allocated."""
+    parts = []
+    while size > 0:
+        part = read(min(size, _CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
+
+
 def _pax_path(data: bytes) -> str | None:
     pos = 0
     while pos < len(data):
@@ -103,6 +126,8 @@ def _pax_path(data: bytes) -> str | None:
         if space < 0:
             break
         length = int(data[pos:space])
+        if length <= 0:  # a damaged record: stepping by it would never end
+            break
         record = data[space + 1: pos + length - 1]
         key, _, value = record.partition(b"=")
         if key == b"path":
@@ -173,12 +198,16 @@ class ShardWriter:
     """Writes samples to NAME-000000.tar, NAME-000001.tar, ... in `folder`, at most `shard_size`
     samples per shard. A shard is written as `.tar.partial` and renamed when complete, so a crash
     never leaves a truncated `.tar` behind. Headers are plain ustar with a fixed mtime, so the same
-    samples give byte-identical shards. `close()` returns [{name, count, bytes, sha256}] per shard."""
+    samples give byte-identical shards. `close()` returns [{name, count, bytes, sha256}] per shard.
+    A full disk removes the partial shard and raises DataError naming `where` (default: `folder`;
+    a caller writing into a staging folder names the folder the user gave)."""
 
-    def __init__(self, folder: str | os.PathLike, name: str, shard_size: int, mtime: int = 0):
+    def __init__(self, folder: str | os.PathLike, name: str, shard_size: int, mtime: int = 0,
+                 *, where: str | os.PathLike | None = None):
         if shard_size <= 0:
             raise ValueError("shard_size must be positive")
         self.folder, self.name, self.shard_size, self.mtime = Path(folder), name, shard_size, mtime
+        self.where = str(where if where is not None else folder)
         self.shards: list[dict] = []
         self._out: _HashingWriter | None = None
         self._count = 0
@@ -194,6 +223,12 @@ class ShardWriter:
     def write(self, key: str, members: dict[str, bytes]) -> None:
         if "." in key.rsplit("/", 1)[-1]:
             raise ValueError(f"sample key {key!r} must not contain a dot")
+        try:
+            self._write(key, members)
+        except OSError as err:
+            self._failed(err)
+
+    def _write(self, key: str, members: dict[str, bytes]) -> None:
         if self._out is None:
             self._out = _HashingWriter(self.folder / (self.shard_name(len(self.shards)) + ".partial"))
             self._count = 0
@@ -209,25 +244,42 @@ class ShardWriter:
             self._finish()
 
     def _finish(self) -> None:
-        out, self._out = self._out, None
+        out = self._out  # stays in self._out until renamed, so that a failure here is aborted
         out.write(bytes(2 * BLOCK))  # end-of-archive marker
-        out.file.close()
+        out.file.close()  # may be where a full disk shows (the last buffer)
         name = self.shard_name(len(self.shards))
         os.replace(self.folder / (name + ".partial"), self.folder / name)
+        self._out = None
         self.shards.append({"name": name, "count": self._count, "bytes": out.bytes,
                             "sha256": out.hash.hexdigest()})
 
     def close(self) -> list[dict]:
         if self._out is not None:
-            self._finish()
+            try:
+                self._finish()
+            except OSError as err:
+                self._failed(err)
         return self.shards
 
     def abort(self) -> None:
         """Remove the shard being written (after an error)."""
         if self._out is not None:
-            self._out.file.close()
-            Path(self._out.file.name).unlink(missing_ok=True)
-            self._out = None
+            out, self._out = self._out, None
+            try:
+                out.file.close()
+            except OSError:  # flushing the buffer fails again on a full disk; the file goes anyway
+                pass
+            Path(out.file.name).unlink(missing_ok=True)
+
+    def _failed(self, err: OSError):
+        """Remove the partial shard; a full disk becomes one line naming the folder and its free space."""
+        name, free = self.shard_name(len(self.shards)), _free_bytes(self.folder)  # free: before the clean-up
+        self.abort()
+        if err.errno not in _DISK_FULL:
+            raise err
+        written = sum(s["bytes"] for s in self.shards)
+        raise DataError(f"{self.where}: disk full while writing {name} ({_size(free)} free, {_size(written)} "
+                        "in finished shards); free some space or write elsewhere") from None
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -237,3 +289,19 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
