@@ -22,9 +22,11 @@ import pandas as pd
 
 from analysis import plots, runs, scaling, study
 from analysis.plots import COMPUTE_LABEL, FORWARD_LABEL, PARAMS_LABEL
+from harness.tracking import redact_uri, safe_folder_name
 
 ARTIFACT_DIR = "report"
 FILES = ("index.html", "report.md", "trials.csv", "trials.parquet", "fits.json")
+MANIFEST = "report-files.json"  # the report's own index of the files it wrote (and may remove next time)
 
 
 @dataclass
@@ -64,16 +66,17 @@ def build_report(tracking_uri: str | None, experiment: str, parent_run_id: str |
     Trials: the newest run of every trial of the experiment, or only those of the sweep
     `parent_run_id` when it is given. Artifacts go to `parent_run_id`, else to the newest sweep
     parent run of the experiment (none found: nothing is logged). out_dir defaults to
-    reports/<experiment> in the working directory."""
+    reports/<experiment> in the working directory (the name made one safe folder name, as
+    harness.paths.report_dir does). Of the files already in out_dir only those the previous report
+    listed in its report-files.json are removed (its figures); nothing else there is touched."""
     if holdout not in ("none", "largest"):
         raise ValueError(f"holdout must be 'none' or 'largest', not {holdout!r}")
     uri = runs.default_tracking_uri(tracking_uri)
     runs.experiment_id(uri, experiment)  # a clear error when the experiment does not exist
     log_parent = parent_run_id or runs.find_parent_run(uri, experiment)
-    out = Path(out_dir) if out_dir is not None else Path.cwd() / "reports" / experiment
+    out = Path(out_dir) if out_dir is not None else Path.cwd() / "reports" / safe_folder_name(experiment)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):  # figures of an earlier report of this study (this folder is ours)
-        old.unlink()
+    _remove_previous_report(out)
 
     trial_runs = runs.trial_runs(uri, experiment, parent_run_id)
     histories = runs.load_histories(uri, experiment, keys=runs.HISTORY_KEYS.pattern, runs=trial_runs)
@@ -97,6 +100,7 @@ def build_report(tracking_uri: str | None, experiment: str, parent_run_id: str |
     (out / "report.md").write_text(_markdown(rep))
     index = out / "index.html"
     index.write_text(_html(rep))
+    _write_manifest(out, rep)
     if log_to_mlflow and log_parent:
         _log_artifacts(uri, log_parent, out, rep)
     return index
@@ -670,7 +674,7 @@ def _sections(rep: _Report) -> list[tuple]:
 def _markdown(rep: _Report) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = [f"# Scaling report: {rep.study}", "",
-          f"Generated {now} from MLflow `{rep.uri}`, experiment `{rep.study}`"
+          f"Generated {now} from MLflow `{redact_uri(rep.uri)}`, experiment `{rep.study}`"
           + (f", sweep parent run `{rep.parent_run_id}`" if rep.parent_run_id else "") + f"; {len(rep.trials)} trials.",
           ""]
     for blk in _sections(rep):
@@ -725,7 +729,7 @@ def _html(rep: _Report) -> str:
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
              f"<title>Scaling report: {e(rep.study)}</title><style>{_CSS}</style></head><body>",
              f"<h1>Scaling report: {e(rep.study)}</h1>",
-             f"<p class='meta'>Generated {now} from MLflow <code>{e(rep.uri)}</code>, experiment "
+             f"<p class='meta'>Generated {now} from MLflow <code>{e(redact_uri(rep.uri))}</code>, experiment "
              f"<code>{e(rep.study)}</code>"
              + (f", sweep parent run <code>{e(rep.parent_run_id)}</code>" if rep.parent_run_id else "")
              + f"; {len(rep.trials)} trials.</p>"]
@@ -756,10 +760,42 @@ def _log_artifacts(uri: str, parent_run_id: str, out: Path, rep: _Report) -> Non
         c.log_artifact(parent_run_id, str(path), ARTIFACT_DIR)
 
 
+def _report_file_name(name) -> bool:
+    """A name a report writes: one of FILES or a figure (*.png), a plain name in the folder itself."""
+    return (isinstance(name, str) and name == Path(name).name and not name.startswith(".")
+            and "\\" not in name and (name in FILES or name.endswith(".png")))
+
+
+def _listed_files(folder: Path) -> list[str]:
+    """The files the report in `folder` listed in its manifest (none when there is no readable one)."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [name for name in listed if _report_file_name(name)] if isinstance(listed, list) else []
+
+
+def _remove_previous_report(out: Path) -> None:
+    """Remove the files the previous report in `out` wrote (listed in its manifest and still there as
+    plain files); a folder without a manifest, and every file it does not list, is left alone."""
+    for name in _listed_files(out):
+        path = out / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+
+
+def _write_manifest(out: Path, rep: _Report) -> None:
+    names = [f for f in FILES if (out / f).is_file()] + [f.file for f in rep.figures if (out / f.file).is_file()]
+    (out / MANIFEST).write_text(json.dumps({"written_by": "ditscale report", "experiment": rep.study,
+                                            "files": sorted(set(names))}, indent=1) + "\n")
+
+
 def report_files(index: Path) -> list[Path]:
-    """The files a report wrote (index.html's folder): the fixed files and its PNGs."""
+    """The files a report wrote (index.html's folder), as its manifest lists them (the fixed files
+    when there is none)."""
     folder = Path(index).parent
-    return [folder / f for f in FILES if (folder / f).exists()] + sorted(folder.glob("*.png"))
+    listed = _listed_files(folder)
+    return [folder / f for f in (listed or FILES) if (folder / f).exists()]
 
 
 __all__ = ["build_report", "report_files", "ARTIFACT_DIR"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.tracking import PARENT_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_ID_TAG, resolve_tracking_uri
+from harness.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_ID_TAG, resolve_tracking_uri
 from models.flops import training_gflops
 from models.registry import DIT_SIZES
 
@@ -124,7 +124,8 @@ def trial_runs(tracking_uri: str | None, experiment: str, parent_run_id: str | N
     """The newest MLflow run of each trial (runs tagged trial_id), optionally of one sweep."""
     c = client(tracking_uri)
     exp_id = experiment_id(tracking_uri, experiment)
-    runs = [r for r in _all_runs(c, exp_id) if r.data.tags.get(TRIAL_ID_TAG)]
+    # WSD trunks (harness/launch/branches.py) are means, not results: their branches are the trials.
+    runs = [r for r in _all_runs(c, exp_id) if r.data.tags.get(TRIAL_ID_TAG) and r.data.tags.get(ROLE_TAG) != "trunk"]
     if parent_run_id:
         wanted = {r.data.tags[TRIAL_ID_TAG] for r in runs if r.data.tags.get(PARENT_TAG) == parent_run_id}
         wanted |= _sweep_trial_ids(c, parent_run_id)

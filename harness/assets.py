@@ -15,10 +15,16 @@ clean-fid looks for its Inception file in one hard-coded place (/tmp; ./ on Wind
 it when absent. `find_inception` copies the file from the assets folder to that place once per node
 (a file lock keeps the ranks of a node from racing; the copy is written under a temporary name and
 renamed, so nobody ever loads half a file), and never downloads unless asked to.
+
+Every Inception file is checked against the pinned sha256 of clean-fid's inception-2015-12-05.pt
+before it is used, placed or kept by `assets fetch`: /tmp is shared, and "FID" from any other network
+would be a wrong number with the right name. The assets folder's copy is preferred; a file whose hash
+does not match is an error naming it, never used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
@@ -32,6 +38,10 @@ from harness.files import atomic_copy, atomic_folder
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # clean-fid's own address (cleanfid.downloads_helper.inception_url), copied to avoid importing it here.
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+# sha256 of the file at INCEPTION_URL (95,607,719 bytes), as pinned by crowsonkb/k-diffusion
+# (k_diffusion/evaluation.py, InceptionV3FeatureExtractor: the same URL with this digest) and by the
+# Git LFS pointer of a Hugging Face copy of inception-2015-12-05.pt (oid sha256, size 95607719).
+INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 ASSETS_ENV = "DITSCALE_ASSETS"
 DOWNLOAD_ENV = "DITSCALE_ALLOW_DOWNLOAD"  # "1": evaluation may download missing Inception weights itself
 
@@ -71,48 +81,71 @@ def download(url: str, dst: str | os.PathLike, sha256: str | None = None) -> Pat
     return dst
 
 
-def _usable(path: Path, like: Path | None = None) -> bool:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's sha256, read afresh each time (~0.2 s for Inception's 96 MB, once per evaluator)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _inception_ok(path: Path) -> bool | None:
+    """None: no file there; True: clean-fid's Inception (its sha256 matches); False: something else."""
+    if not path.is_file():
+        return None
     try:
-        size = path.stat().st_size
+        return file_sha256(path) == INCEPTION_SHA256
     except OSError:
         return False
-    if like is not None:
-        try:
-            return size == like.stat().st_size
-        except OSError:
-            return size > 0
-    return size > 0
+
+
+def _not_inception(path: Path) -> UserError:
+    try:
+        got = f"sha256 {file_sha256(path)[:16]}…"
+    except OSError as err:
+        got = f"unreadable: {err.strerror or err}"
+    return UserError(f"{path} is not clean-fid's Inception weights ({got}, expected {INCEPTION_SHA256[:16]}…); "
+                     f"FID is never computed from it: delete it, then `ditscale assets fetch --dest DIR`")
 
 
 def find_inception(assets: str | os.PathLike | None = None, *, place: bool = True,
                    target_dir: str | os.PathLike | None = None, allow_download: bool | None = None) -> Path | None:
-    """The Inception file to load, or None when it is nowhere to be found.
+    """The Inception file to load (its sha256 checked), or None when it is nowhere to be found.
 
-    Looks where clean-fid looks (`target_dir`, default /tmp), then in the assets folder. With
-    `place`, a file found only in the assets folder is copied to `target_dir` (once per node, under a
-    lock) so that clean-fid's own functions find it too; when that place is not writable the assets
-    copy is used where it is. With `allow_download` (default: $DITSCALE_ALLOW_DOWNLOAD=1) a missing
-    file is downloaded into `target_dir`; otherwise nothing is ever downloaded."""
+    The assets folder's copy is preferred: with `place` it is copied to where clean-fid looks
+    (`target_dir`, default /tmp; once per node, under a lock) so that clean-fid's own functions find it
+    too, replacing anything else there; when that place is not writable the assets copy is used where
+    it is. Without one, a verified file already where clean-fid looks is used. With `allow_download`
+    (default: $DITSCALE_ALLOW_DOWNLOAD=1) a missing file is downloaded there (hash checked); otherwise
+    nothing is ever downloaded. A file whose sha256 is not INCEPTION_SHA256 is a UserError naming it."""
     target = Path(target_dir) if target_dir is not None else cleanfid_dir()
     placed = target / INCEPTION_FILE
     source = assets_dir(assets) / INCEPTION_FILE
-    have_source = _usable(source)
-    if _usable(placed, source if have_source else None):
-        return placed
+    have_source = _inception_ok(source)
+    if have_source is False:
+        raise _not_inception(source)
     if have_source:
         if not place:
             return source
+        if _inception_ok(placed):
+            return placed
         try:
             with file_lock(target / f"{INCEPTION_FILE}.lock"):
-                if not _usable(placed, source):  # another rank of this node may have copied it meanwhile
+                if not _inception_ok(placed):  # another rank of this node may have copied it meanwhile
                     atomic_copy(source, placed)
-            return placed
+            return placed if _inception_ok(placed) else source
         except OSError:
             return source
+    found = _inception_ok(placed)
+    if found:
+        return placed
+    if found is False:
+        raise _not_inception(placed)
     if allow_download if allow_download is not None else download_allowed():
         with file_lock(target / f"{INCEPTION_FILE}.lock"):
-            if not _usable(placed):
-                download(INCEPTION_URL, placed)
+            if not _inception_ok(placed):
+                download(INCEPTION_URL, placed, sha256=INCEPTION_SHA256)
         return placed
     return None
 
@@ -162,14 +195,20 @@ def resolve_text_spec(spec: str, assets: str | os.PathLike | None = None) -> str
 
 
 def fetch_inception(dest: str | os.PathLike, url: str = INCEPTION_URL, force: bool = False) -> Path:
+    """clean-fid's Inception file -> DEST (a copy already there is kept only when its sha256 matches;
+    a download whose sha256 does not match is refused and leaves nothing behind)."""
     path = Path(dest) / INCEPTION_FILE
-    if path.is_file() and path.stat().st_size > 0 and not force:
+    if not force and _inception_ok(path):
         return path
     try:
-        return download(url, path)
-    except (OSError, RuntimeError) as err:  # RuntimeError: torch.hub's hash mismatch
-        raise UserError(f"assets fetch: cannot download the Inception weights from {url} ({err}); "
-                        "run it where there is internet, or copy inception-2015-12-05.pt into the folder") from None
+        return download(url, path, sha256=INCEPTION_SHA256)
+    except RuntimeError as err:  # torch.hub: the downloaded file's hash does not match
+        raise UserError(f"assets fetch: {url} is not clean-fid's Inception weights ({err}); nothing was saved "
+                        f"(a mirror must serve the same file: sha256 {INCEPTION_SHA256})") from None
+    except OSError as err:
+        raise UserError(f"assets fetch: cannot download the Inception weights from {url} ({err}); run it where "
+                        f"there is internet, or copy inception-2015-12-05.pt (sha256 {INCEPTION_SHA256}) "
+                        "into the folder") from None
 
 
 def fetch_vae(name: str, dest: str | os.PathLike) -> Path:

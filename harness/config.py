@@ -20,10 +20,20 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from harness.data.shards import absolute_path, shard_urls
+from harness.checks import check_trial
+from harness.data.shards import absolute_path
 from harness.errors import UserError
+from harness.tracking import redact_uri
 from models.registry import model_name as preset_name
-from models.registry import parse_model_name
+
+DEFAULT_BUDGET_DIVERGENCE = 3.0   # budget trials stop when the loss triples over its running minimum
+
+
+_ADDED_LATER = {  # section -> field -> the value that means "as before the field existed"
+    "train": {"flops": None, "cooldown": None, "cooldown_steps": None, "cooldown_shape": "1-sqrt",
+              "divergence_factor": None, "save_at": []},
+    "model": {"parametrization": "sp", "mup_base_width": 256},
+}
 
 
 class StudyError(UserError):
@@ -62,6 +72,11 @@ class ModelConfig(_Section):
     qk_norm: Literal["rms_norm"] | None = Field(None, description="mmdit only")
     class_dropout_prob: float = Field(0.1, ge=0, lt=1, description="label/caption dropout for guidance")
     learn_sigma: bool | None = Field(None, description="default: true for ddpm, false for rectified_flow")
+    parametrization: Literal["sp", "mup"] = Field("sp", description=(
+        "sp: the standard parametrization (the official DiT/SD3 model); mup: muP (models/mup.py), so one "
+        "learning rate transfers across widths"))
+    mup_base_width: int = Field(256, gt=0, description="mup: the width whose initialisation and learning rates "
+                                                        "equal sp's (the width the learning rate was tuned at)")
 
 
 class ObjectiveConfig(_Section):
@@ -74,14 +89,28 @@ class ObjectiveConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(gt=0)
+    steps: int | None = Field(None, gt=0, description="training steps (or train.flops)")
+    flops: float | None = Field(None, gt=0, description=(
+        "training compute budget instead of train.steps, counted as the logged train_gflops is (multiply-adds: "
+        "3 x forward x images, the DiT paper's convention): steps = flops / (3 x forward x batch_size), rounded"))
     batch_size: int = Field(gt=0, description="global batch size")
     micro_batch_size: int | None = Field(None, gt=0, description="per worker; default batch_size / workers")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["constant", "warmup", "cosine"] = "constant"
+    schedule: Literal["constant", "warmup", "cosine", "wsd"] = Field("constant", description=(
+        "constant; warmup (linear, then constant); cosine (warm-up, then to 0); wsd: warm-up, stable, "
+        "cooldown to 0 (Hagele et al. 2024)"))
     warmup_steps: int = Field(0, ge=0)
+    cooldown: float | None = Field(None, gt=0, lt=1, description="wsd: the cooldown's share of the steps (default 0.2)")
+    cooldown_steps: int | None = Field(None, gt=0, description="wsd: the cooldown in steps, instead of train.cooldown")
+    cooldown_shape: Literal["linear", "1-sqrt"] = Field("1-sqrt", description="wsd: how the LR falls to 0")
+    branch: bool = Field(True, description=(
+        "wsd: trials that differ only in train.steps/train.flops share one constant-LR trunk and branch their "
+        "cooldowns from it (one long run gives every budget)"))
+    divergence_factor: float | None = Field(None, gt=1, description=(
+        "stop the trial as diverged when its logged loss exceeds this multiple of its running minimum "
+        "(default: off for train.steps, 3 for train.flops); a non-finite loss always stops it"))
     grad_clip: float | None = Field(None, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     zero_stage: int = Field(2, ge=0, le=3)
@@ -90,6 +119,8 @@ class TrainConfig(_Section):
     ema_warmup: bool = False
     checkpoint_every: int = Field(1000, gt=0)
     keep_checkpoints: int = Field(2, ge=1, description="newest DeepSpeed checkpoints kept in the trial folder")
+    save_at: list[int] = Field(default_factory=list, description=(
+        "extra checkpoint steps, kept (the sweep sets them on a WSD trunk: its branch points)"))
     log_every: int = Field(10, gt=0)
     seed: int = 0
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config merged last")
@@ -136,7 +167,8 @@ class TrackingConfig(_Section):
 class TrialConfig(_Section):
     """One fully specified training run: a study without its grid."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # A folder name (<storage>/<name>, reports/<name>) and an MLflow experiment name: short and plain.
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
@@ -165,6 +197,8 @@ class TrialConfig(_Section):
             self.resources.assets = absolute_path(self.resources.assets)
         if self.eval.sampler == "auto":
             self.eval.sampler = "ddpm" if self.objective.kind == "ddpm" else "euler"
+        if self.train.flops is not None and self.train.divergence_factor is None:
+            self.train.divergence_factor = DEFAULT_BUDGET_DIVERGENCE
         return self
 
     # --- derived values -------------------------------------------------------------------
@@ -182,8 +216,18 @@ class TrialConfig(_Section):
 
     def identity(self) -> dict:
         """What defines the trial's result: everything but where and how it runs."""
-        return self.model_dump(mode="json", include={"data", "model", "objective", "train", "eval"},
-                               exclude={"train": {"keep_checkpoints"}})  # disk housekeeping, not the result
+        # Not the result: disk housekeeping; how the sweep schedules the trial (a branch of a shared trunk
+        # or alone); the step count of a budget trial (derived from train.flops, resolved after this).
+        skip = {"keep_checkpoints", "branch"} | ({"steps"} if self.train.flops is not None else set())
+        identity = self.model_dump(mode="json", include={"data", "model", "objective", "train", "eval"},
+                                   exclude={"train": skip})
+        # Fields added after the first release count only when set, so that earlier trials keep their ids
+        # (a re-run finds and resumes them instead of starting them again).
+        for section, defaults in _ADDED_LATER.items():
+            for key, default in defaults.items():
+                if identity[section].get(key, default) == default:
+                    identity[section].pop(key, None)
+        return identity
 
     @property
     def trial_id(self) -> str:
@@ -191,8 +235,12 @@ class TrialConfig(_Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def flat_params(self) -> dict[str, str]:
-        """Dotted key -> string, the same keys for every trial of a study (for MLflow params)."""
-        return {k: ("" if v is None else str(v)) for k, v in flatten(self.model_dump(mode="json")).items()}
+        """Dotted key -> string, the same keys for every trial of a study (for MLflow params); the
+        tracking URI's credentials redacted (params are readable by everyone who reads the runs)."""
+        flat = {k: ("" if v is None else str(v)) for k, v in flatten(self.model_dump(mode="json")).items()}
+        if flat.get("tracking.uri"):
+            flat["tracking.uri"] = redact_uri(flat["tracking.uri"])
+        return flat
 
 
 class Study(TrialConfig):
@@ -304,8 +352,14 @@ def _pydantic_problems(err: ValidationError, prefix: str = "") -> list[str]:
     return problems
 
 
-def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True) -> Study:
-    """Read, override, validate. Raises StudyError listing every problem found."""
+MAX_TRIALS = 10_000       # default of `ditscale sweep --max-trials`: a larger grid is refused before expanding
+MAX_NAME_LENGTH = 100     # study names: a folder and an MLflow experiment
+
+
+def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True,
+               max_trials: int | None = MAX_TRIALS) -> Study:
+    """Read, override, validate. Raises StudyError listing every problem found. A grid of more than
+    `max_trials` points (None: no limit) is refused before it is expanded."""
     raw = _read_yaml(Path(path))
     for text in overrides:
         key, value = parse_override(text)
@@ -315,6 +369,10 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
             raw.setdefault("grid", {})[key[len("grid."):]] = value
         else:
             set_dotted(raw, key, value)
+    name = raw.get("name")
+    if isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
+        raise StudyError([(f"name: {len(name)} characters; a study name has at most {MAX_NAME_LENGTH} (it names "
+                           "a folder and an MLflow experiment): letters, digits, _ . -")])
     try:
         study = Study.model_validate(raw)
     except ValidationError as err:
@@ -326,7 +384,7 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
         problems += [f"exclude.{i}.{key}: not a grid axis" for key in entry if key not in study.grid]
     if problems:
         raise StudyError(problems)
-    trials = expand_grid(study)
+    trials = expand_grid(study, max_trials=max_trials)
     problems = []
     for trial in trials:
         problems += check_trial(trial, check_files=check_files)
@@ -335,8 +393,22 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     return study
 
 
-def expand_grid(study: Study) -> list[TrialConfig]:
-    """The cartesian product of the grid axes (in file order), minus excluded points, as trials."""
+def grid_size(study: Study) -> int:
+    """How many points the grid's cartesian product has (before `exclude:`), from the axis lengths."""
+    n = 1
+    for values in study.grid.values():
+        n *= len(values) if isinstance(values, list) else 1
+    return n
+
+
+def expand_grid(study: Study, max_trials: int | None = MAX_TRIALS) -> list[TrialConfig]:
+    """The cartesian product of the grid axes (in file order), minus excluded points, as trials.
+    More than `max_trials` points (None: no limit) is an error, found before anything is expanded."""
+    n = grid_size(study)
+    if max_trials is not None and n > max_trials:
+        axes = " x ".join(f"{len(v)} {k}" for k, v in study.grid.items() if isinstance(v, list))
+        raise StudyError([(f"grid: {n:,} trials ({axes}) is more than --max-trials {max_trials:,}; "
+                           "make the grid smaller or raise --max-trials")])
     base = study.model_dump(mode="python", exclude={"grid", "exclude"})
     keys = list(study.grid)
     trials, problems = [], []
@@ -374,49 +446,3 @@ def override_trial(trial: TrialConfig, overrides: list[str] | tuple[str, ...] = 
     if problems:
         raise StudyError(problems)
     return changed
-
-
-def check_trial(trial: TrialConfig, check_files: bool = True) -> list[str]:
-    """Cross-field rules that pydantic's per-field checks cannot see."""
-    problems = []
-    m, d, t, r = trial.model, trial.data, trial.train, trial.resources
-    try:
-        spec = parse_model_name(trial.model_name)
-    except ValueError as err:
-        return [f"model.size: {err}"]
-    if spec.hidden % spec.heads:
-        problems.append(f"model.size: hidden size {spec.hidden} is not divisible by {spec.heads} heads")
-    if d.image_size % m.patch:
-        problems.append(f"model.patch: {m.patch} does not divide data.image_size {d.image_size}")
-    if m.family == "dit" and d.conditioning == "text":
-        problems.append("data.conditioning: DiT is class-conditional; use model.family: mmdit for captions")
-    if m.family != "mmdit" and (m.attention != "joint" or m.qk_norm):
-        problems.append("model.attention: joint/split and qk_norm apply to model.family: mmdit only")
-    if d.flip and d.conditioning == "text":
-        problems.append("data.flip: flips would contradict captions that say left/right; use it with class labels")
-    if t.batch_size % r.workers_per_trial:
-        problems.append(f"train.batch_size: {t.batch_size} is not divisible by resources.workers_per_trial "
-                        f"({r.workers_per_trial})")
-    elif t.batch_size % (trial.micro_batch_size * r.workers_per_trial):
-        problems.append(f"train.batch_size: {t.batch_size} is not divisible by resources.workers_per_trial "
-                        f"({r.workers_per_trial}) x train.micro_batch_size ({trial.micro_batch_size})")
-    samplers = ("ddpm", "ddim") if trial.objective.kind == "ddpm" else ("euler", "heun")
-    if trial.eval.sampler not in samplers + ("auto",):
-        problems.append(f"eval.sampler: {trial.eval.sampler} does not sample {trial.objective.kind}; "
-                        f"use {' or '.join(samplers)}")
-    if t.schedule != "constant" and t.warmup_steps >= t.steps:
-        problems.append(f"train.warmup_steps: {t.warmup_steps} must be below train.steps ({t.steps})")
-    if t.precision == "fp16" and m.family == "mmdit" and m.qk_norm is None:
-        pass  # allowed; fp16 uses dynamic loss scaling
-    if check_files:
-        for field in ("shards", "val_shards"):
-            pattern = getattr(d, field)
-            if not pattern:
-                continue
-            urls, missing = shard_urls(pattern)
-            if not urls:
-                problems.append(f"data.{field}: no file matches {pattern!r}")
-            elif missing:
-                problems.append(f"data.{field}: {len(missing)} of {len(urls) + len(missing)} shards are missing "
-                                f"(first: {missing[0]})")
-    return problems

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.tracking import resolve_tracking_uri
+from harness.tracking import resolve_tracking_uri, safe_folder_name
 
 CHECKPOINTS = "checkpoints"
 STOP_FILE_NAME = "STOP"
@@ -42,8 +42,10 @@ def stop_file(trial) -> Path:
 
 
 def report_dir(name: str) -> Path:
-    """Where `ditscale sweep` and `ditscale report` write a study's report (in the working directory)."""
-    return Path.cwd() / REPORTS / name
+    """Where `ditscale sweep` and `ditscale report` write a study's report (in the working directory):
+    reports/<name>, the name made one safe folder name (harness.tracking.safe_folder_name, the rule
+    analysis/report.py applies too), so no study name writes outside reports/."""
+    return Path.cwd() / REPORTS / safe_folder_name(name)
 
 
 @dataclass

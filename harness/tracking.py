@@ -23,12 +23,56 @@ from harness.errors import UserError
 
 TRIAL_ID_TAG = "trial_id"
 PARENT_TAG = "mlflow.parentRunId"
-STATUS_TAG = "ditscale.status"  # running | finished | failed: <reason>
+STATUS_TAG = "ditscale.status"  # running | finished | diverged: <why> | failed: <reason> | killed
+
+
+ROLE_TAG = "ditscale.role"       # "trunk": a WSD trunk the branches start from, not a result itself
+BRANCH_OF_TAG = "branch_of"      # on a branch: the trial id of its trunk
+
+
+def concluded(status: str) -> bool:
+    """A trial that is done for good: finished, or diverged (resuming would diverge again; the
+    report lists it as excluded). Anything else is resumed by the next sweep."""
+    return status == "finished" or status.startswith("diverged")
 
 
 def _as_yaml(config) -> str:
-    """A trial's or study's config as the YAML logged beside its run (config.yaml, study.yaml)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """A trial's or study's config as the YAML logged beside its run (config.yaml, study.yaml); a
+    tracking URI in it has its credentials redacted (redact_uri)."""
+    data = config.model_dump(mode="json")
+    tracking = data.get("tracking")
+    if isinstance(tracking, dict) and tracking.get("uri"):
+        tracking["uri"] = redact_uri(tracking["uri"])
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+_SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "key", "credential", "auth")
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """`uri` as it may be written or printed: the user-info of a URI (`scheme://user:pw@host/...`) becomes
+    `***@`, and query parameters that look like secrets (`?password=...`) become `***`. The real URI is
+    still the one to connect with; this is the only form that goes into params, artifacts and output."""
+    if not uri or "://" not in uri:
+        return uri
+    from urllib.parse import parse_qsl, urlencode
+
+    scheme, rest = uri.split("://", 1)
+    # The last `@` before any query: a password with an unescaped `/` still counts as user-info.
+    at = rest[:min([i for i in (rest.find("?"), rest.find("#")) if i >= 0], default=len(rest))].rfind("@")
+    start = at + 1 if at >= 0 else 0
+    cut = min([i for i in (rest.find("/", start), rest.find("?", start), rest.find("#", start)) if i >= 0],
+              default=len(rest))
+    authority, tail = ("***@" if at >= 0 else "") + rest[start:cut], rest[cut:]
+    path, qmark, query = tail.partition("?")
+    if qmark:
+        query, hash_, fragment = query.partition("#")
+        pairs = parse_qsl(query, keep_blank_values=True)
+        secret = [any(s in k.lower() for s in _SECRET_QUERY_KEYS) for k, _ in pairs]
+        if any(secret):
+            query = urlencode([(k, "***" if hidden else v) for (k, v), hidden in zip(pairs, secret)], safe="*")
+        tail = f"{path}?{query}{hash_}{fragment}"
+    return f"{scheme}://{authority}{tail}"
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -45,9 +89,18 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail early, in one line, when an HTTP tracking server cannot be reached."""
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    request = urllib.request.Request(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/")
+                                     + "/health")  # urllib takes no user-info in the URL; it goes in a header
+    if parts.username is not None:
+        import base64
+
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             if resp.status == 200:
                 return
             problem = f"HTTP {resp.status}"
@@ -55,13 +108,33 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         problem = f"HTTP {err.code}"
     except (urllib.error.URLError, OSError) as err:
         problem = str(getattr(err, "reason", err))
-    raise UserError(f"tracking.uri: cannot reach the MLflow server at {uri} ({problem}); start it or fix the URI")
+    raise UserError(f"tracking.uri: cannot reach the MLflow server at {redact_uri(uri)} ({problem}); "
+                    "start it or fix the URI")
 
 
 def client(uri: str):
+    if redact_uri(uri) != uri:
+        # MLflow prints "View run ... at: <tracking URI>/#/..." when a run ends: not with credentials in it.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def safe_folder_name(name: str) -> str:
+    """A study (MLflow experiment) name as one safe folder name, e.g. for reports/<name>/.
+
+    ASCII letters, digits, `_`, `-` and `.` are kept, so an ordinary name is its own folder name; anything
+    else (`/`, `\\`, spaces, control characters) becomes `_`, leading dots are dropped (no `..`, no
+    hidden folder), and a name that had to change gets a short hash of the original, so two names
+    never share a folder. Long names are cut to 120 characters (plus the hash)."""
+    import hashlib
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")
+    if safe == name and 0 < len(safe) <= 120:
+        return safe
+    return f"{safe[:120] or '_'}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -112,9 +185,10 @@ def trial_tags(trial) -> dict[str, str]:
     return tags
 
 
-def open_trial_run(trial, uri: str, run_id: str | None = None, parent_run_id: str | None = None) -> str:
+def open_trial_run(trial, uri: str, run_id: str | None = None, parent_run_id: str | None = None,
+                   tags: dict[str, str] | None = None) -> str:
     """Return the MLflow run id of this trial: `run_id` when resuming from a checkpoint, else the
-    existing run with the same trial_id, else a new run with params and tags logged."""
+    existing run with the same trial_id, else a new run with params and tags (plus `tags`) logged."""
     c = client(uri)
     exp_id = experiment_id(uri, trial.name)
     if run_id is None:
@@ -125,7 +199,7 @@ def open_trial_run(trial, uri: str, run_id: str | None = None, parent_run_id: st
         if parent_run_id:  # resumed by a later sweep invocation: listed under that sweep now
             c.set_tag(run_id, PARENT_TAG, parent_run_id)
         return run_id
-    tags = trial_tags(trial) | {STATUS_TAG: "running", "mlflow.runName": _run_name(trial)}
+    tags = trial_tags(trial) | (tags or {}) | {STATUS_TAG: "running", "mlflow.runName": _run_name(trial)}
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
     run = c.create_run(exp_id, tags=tags)
@@ -246,25 +320,56 @@ def open_parent_run(uri: str, study, trials) -> str:
                                      **({"mlflow.source.git.commit": git_commit()} if git_commit() else {})})
     from mlflow.entities import Param
 
-    params = [Param("grid", json.dumps(study.grid)[:6000]), Param("n_trials", str(len(trials)))]
+    params = [Param("grid", json.dumps(_redacted_grid(study.grid))[:6000]), Param("n_trials", str(len(trials)))]
     c.log_batch(run.info.run_id, params=params)
     c.log_text(run.info.run_id, _as_yaml(study), "study.yaml")
     return run.info.run_id
 
 
-def close_parent_run(uri: str, run_id: str, trials, state: dict[str, str]) -> None:
-    """Per-trial status table on the parent run; FINISHED when every trial finished."""
+def _redacted_grid(grid: dict) -> dict:
+    """The grid as logged: tracking URIs on an axis (`tracking.uri` or a `tracking` section) redacted."""
+    out = dict(grid)
+    if isinstance(out.get("tracking.uri"), list):
+        out["tracking.uri"] = [redact_uri(v) if isinstance(v, str) else v for v in out["tracking.uri"]]
+    if isinstance(out.get("tracking"), list):
+        out["tracking"] = [{**v, "uri": redact_uri(v["uri"])} if isinstance(v, dict) and isinstance(v.get("uri"), str)
+                           else v for v in out["tracking"]]
+    return out
+
+
+def close_parent_run(uri: str, run_id: str, trials, state: dict[str, str], error: str | None = None) -> None:
+    """Per-trial status table on the parent run; FINISHED when every trial finished. `error` (the sweep
+    itself failed): FAILED, with the reason in its ditscale.status tag, whatever the trials say."""
+    if error is not None:
+        c = client(uri)
+        c.set_tag(run_id, STATUS_TAG, f"failed: {error}"[:5000])
+        try:
+            _log_trial_table(c, run_id, trials, state)
+        finally:
+            c.set_terminated(run_id, "FAILED")
+        return
+
+    rows = _status_rows(trials, state)
+    c = client(uri)
+    _log_trial_table(c, run_id, trials, state)
+    c.log_metric(run_id, "trials_finished", sum(r["status"] == "finished" for r in rows))
+    done = sum(concluded(r["status"]) for r in rows)
+    failed = any(r["status"].startswith("failed") for r in rows)
+    # Unfinished but not failed: stopped (stop file, Slurm's signal) or interrupted; resumable.
+    c.set_terminated(run_id, "FINISHED" if done == len(rows) else ("FAILED" if failed else "KILLED"))
+
+
+def _status_rows(trials, state: dict[str, str]) -> list[dict]:
+    return [{"trial_id": trial.trial_id, "model": trial.model_name, "attention": trial.model.attention,
+             "objective": trial.objective.kind, "status": state.get(trial.trial_id, "new")} for trial in trials]
+
+
+def _log_trial_table(c, run_id: str, trials, state: dict[str, str]) -> None:
+    """trial_status.json and trial_status.md on the parent run."""
     import json
 
-    rows = [{"trial_id": trial.trial_id, "model": trial.model_name, "attention": trial.model.attention,
-             "objective": trial.objective.kind, "status": state.get(trial.trial_id, "new")} for trial in trials]
-    c = client(uri)
+    rows = _status_rows(trials, state)
     c.log_text(run_id, json.dumps(rows, indent=1), "trial_status.json")
     lines = ["| trial_id | model | attention | objective | status |", "|---|---|---|---|---|"]
     lines += [f"| {r['trial_id']} | {r['model']} | {r['attention']} | {r['objective']} | {r['status']} |" for r in rows]
     c.log_text(run_id, "\n".join(lines) + "\n", "trial_status.md")
-    done = sum(r["status"] == "finished" for r in rows)
-    c.log_metric(run_id, "trials_finished", done)
-    failed = any(r["status"].startswith("failed") for r in rows)
-    # Unfinished but not failed: stopped (stop file, Slurm's signal) or interrupted; resumable.
-    c.set_terminated(run_id, "FINISHED" if done == len(rows) else ("FAILED" if failed else "KILLED"))

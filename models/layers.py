@@ -126,6 +126,8 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale: float | None = None  # logits scale; None: SDPA's 1/sqrt(head_dim) (muP sets it, models/mup.py)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -133,7 +135,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         # [B, N, 3, H, Dh] -> three [B, H, N, Dh] views; SDPA accepts the strided layout directly.
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 

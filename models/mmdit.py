@@ -81,6 +81,7 @@ class StreamAttention(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scale: float | None = None  # logits scale; None: SDPA's 1/sqrt(head_dim) (muP sets it, models/mup.py)
         self.outputs = outputs
         setattr(self, outputs, nn.Linear(dim, len(outputs) * dim))
         rms = qk_norm == "rms_norm"
@@ -112,9 +113,11 @@ class StreamAttention(nn.Module):
         return self.split_heads(self.project(x))
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          scale: float | None = None) -> torch.Tensor:
     """Attention over [B, N, H, Dh] tensors; returns [B, Nq, H*Dh]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         scale=scale)
     B, _, Nq, _ = out.shape
     return out.transpose(1, 2).reshape(B, Nq, -1)
 
@@ -177,7 +180,7 @@ class JointBlock(nn.Module):
             q = qx if self.context_pre_only else torch.cat([qx, qc], dim=1)
             k, v = torch.cat([kx, kc], dim=1), torch.cat([vx, vc], dim=1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=masks["joint"])  # [B, H, Nq, Dh]
+                                             attn_mask=masks["joint"], scale=attn.scale)  # [B, H, Nq, Dh]
         out_x = out[:, :, :n_img].transpose(1, 2).reshape(B, n_img, D)
         x = self.x_block.post_attention(x, out_x, mod_x)
         if self.context_pre_only:
@@ -209,7 +212,7 @@ class SplitStream(nn.Module):
 
     def self_attention(self, x: torch.Tensor, mod, mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = self.attn.heads(modulate(self.norm1(x), mod[0], mod[1]))
-        return gated(x, mod[2], self.attn.proj(_sdpa(q, k, v, mask)))
+        return gated(x, mod[2], self.attn.proj(_sdpa(q, k, v, mask, self.attn.scale)))
 
     def cross_inputs(self, x: torch.Tensor, mod):
         return self.cross_attn.heads(modulate(self.norm2(x), mod[3], mod[4]))
@@ -238,11 +241,12 @@ class SplitBlock(nn.Module):
         c = self.context_block.self_attention(c, mod_c, masks["text"])
         qx, kx, vx = self.x_block.cross_inputs(x, mod_x)
         qc, kc, vc = self.context_block.cross_inputs(c, mod_c)
-        x_new = self.x_block.cross_and_mlp(x, _sdpa(qx, kc, vc, masks["text"]), mod_x)
+        x_new = self.x_block.cross_and_mlp(x, _sdpa(qx, kc, vc, masks["text"], self.x_block.cross_attn.scale), mod_x)
         if self.context_pre_only:
             return x_new, None
         # Text queries over image keys: every image token is real, no mask.
-        return x_new, self.context_block.cross_and_mlp(c, _sdpa(qc, kx, vx, None), mod_c)
+        return x_new, self.context_block.cross_and_mlp(c, _sdpa(qc, kx, vx, None, self.context_block.cross_attn.scale),
+                                                       mod_c)
 
 
 class MMDiT(nn.Module):

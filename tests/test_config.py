@@ -112,7 +112,7 @@ def _mutations():
          "train.batch_size: 8 is not divisible by resources.workers_per_trial (2) x train.micro_batch_size (3)"),
         ("missing shards", setp("data.shards", "/nonexistent/train-{000000..000003}.tar"), "data.shards"),
         ("partly missing shards", "PARTLY", "data.shards: 1 of 3 shards are missing"),
-        ("missing required field", delete("train.steps"), "train.steps: required field is missing"),
+        ("missing required field", delete("train.steps"), "train.steps / train.flops: give exactly one"),
         ("bad precision", setp("train.precision", "fp8"), "train.precision"),
         ("grid axis that is not a field", setp("grid", {"model.sise": ["S"]}), "grid.model.sise: not a study field"),
         ("text conditioning with DiT", setp("data.conditioning", "text"), "data.conditioning"),

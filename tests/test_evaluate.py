@@ -8,6 +8,7 @@ file, and the FID code paths run with the stand-in extractors through clean-fid'
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -283,10 +284,11 @@ def _place(args):
     return str(assets.find_inception(source, target_dir=target))
 
 
-def test_inception_is_placed_once_per_node_without_races(tmp_path):
+def test_inception_is_placed_once_per_node_without_races(tmp_path, monkeypatch):
     source = tmp_path / "assets"
     source.mkdir()
     payload = os.urandom(3 << 20)
+    monkeypatch.setattr(assets, "INCEPTION_SHA256", hashlib.sha256(payload).hexdigest())  # this payload is "Inception"
     (source / assets.INCEPTION_FILE).write_bytes(payload)
     target = tmp_path / "node-tmp"
     target.mkdir()
@@ -308,12 +310,17 @@ def test_inception_absent_means_none_and_no_download(tmp_path):
     assert not (tmp_path / "t" / assets.INCEPTION_FILE).exists()
 
 
-def test_assets_fetch_and_data_stats_commands(tmp_path, digits_dir, lenet):
+def test_assets_fetch_and_data_stats_commands(tmp_path, digits_dir, lenet, monkeypatch):
     mirror = tmp_path / "mirror.pt"
     mirror.write_bytes(b"not really inception" * 1000)
     dest = tmp_path / "assets"
-    out = ditscale("assets", "fetch", "--dest", str(dest), "--inception-url", mirror.as_uri(), cwd=tmp_path).stdout
-    assert (dest / assets.INCEPTION_FILE).read_bytes() == mirror.read_bytes()
+    # a mirror serving anything but clean-fid's file is refused (sha256 pinned), and nothing is kept
+    bad = ditscale("assets", "fetch", "--dest", str(dest), "--inception-url", mirror.as_uri(), cwd=tmp_path,
+                   check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and not (dest / assets.INCEPTION_FILE).exists()
+    monkeypatch.setattr(assets, "INCEPTION_SHA256", hashlib.sha256(mirror.read_bytes()).hexdigest())
+    assert assets.fetch_inception(dest, url=mirror.as_uri()).read_bytes() == mirror.read_bytes()
+    out = ditscale("assets", "fetch", "--dest", str(dest), "--no-inception", cwd=tmp_path).stdout
     assert "DITSCALE_ASSETS" in out
     env = {assets.ASSETS_ENV: str(tmp_path / "none")}
     proc = ditscale("data", "stats", str(digits_dir), "--extractor", "lenet", "--samples", "200", "--json",
@@ -488,7 +495,7 @@ def _val_captions(folder: Path) -> list[str]:
 # --- with Inception weights present: the FID path (a stand-in TorchScript file, never placed in /tmp) ---------
 
 
-def _fake_inception(folder: Path) -> Path:
+def _fake_inception(folder: Path, monkeypatch) -> Path:
     """A TorchScript file with the interface of clean-fid's inception-2015-12-05.pt (`.layers` maps a
     normalised 299 x 299 batch to 2048 features). NOT Inception: it only exercises the plumbing."""
 
@@ -512,6 +519,8 @@ def _fake_inception(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / assets.INCEPTION_FILE
     torch.jit.save(torch.jit.script(Base()), str(path))
+    # assets pins clean-fid's sha256: for this test the stand-in file is the one to accept
+    monkeypatch.setattr(assets, "INCEPTION_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
     return path
 
 
@@ -522,7 +531,7 @@ def test_present_inception_is_placed_loaded_and_fed_as_cleanfid_feeds_it(digits_
 
     from harness.evaluation.features import EvalData, choose_extractor, folder_images
 
-    _fake_inception(tmp_path / "assets")
+    _fake_inception(tmp_path / "assets", monkeypatch)
     monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "assets"))
     with caplog.at_level(logging.WARNING, logger="harness.evaluation"):
         extractor, _ = choose_extractor("auto", EvalData.from_folder(digits_dir), "cpu")
@@ -539,7 +548,7 @@ def test_present_inception_is_placed_loaded_and_fed_as_cleanfid_feeds_it(digits_
 
 @pytest.mark.slow
 def test_present_inception_gives_metrics_named_fid(digits_dir, tmp_path, monkeypatch):
-    _fake_inception(tmp_path / "assets")
+    _fake_inception(tmp_path / "assets", monkeypatch)
     monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "assets"))
     trial = _trial(digits_dir, tmp_path, cfg_scale=[1.5], fid_samples=40, val_batches=0, reference_samples=100)
     evaluator, model = _evaluator(trial)

@@ -204,7 +204,8 @@ def _stubs(folder: Path, slurm_dir: Path, record: Path) -> dict:
     bin_dir.mkdir()
     paths = "".join(f"{k}={shlex.quote(str(v))}\n" for k, v in (
         ("STUDY_NAME", "tok"), ("STUDY_DIR", slurm_dir.parent), ("STOP_FILE", slurm_dir.parent / "STOP"),
-        ("SLURM_DIR", slurm_dir), ("TRACKING_URI", f"sqlite:///{folder}/mlflow.db"), ("REPORT", folder / "r.html")))
+        ("SLURM_DIR", slurm_dir), ("TRACKING_URI", f"sqlite:///{folder}/mlflow.db"),
+        ("TRACKING_URI_SHOWN", f"sqlite:///{folder}/mlflow.db"), ("REPORT", folder / "r.html")))
     scripts = {
         "ditscale": f'#!/bin/sh\n[ "$1 $2" = "slurm paths" ] || exit 1\ncat <<\'EOF\'\n{paths}EOF\n',
         "ray": "#!/bin/sh\nexit 0\n",

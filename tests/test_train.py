@@ -54,7 +54,8 @@ def _free_port() -> int:
 def test_torchrun_two_ranks_loss_falls_and_checkpoints(tmp_path, digits_dir, stage):
     name = f"zero{stage}"
     study = write_study(tmp_path / "s.yaml", tiny_study(
-        digits_dir, name, train={"zero_stage": stage, "steps": 30}, resources={"workers_per_trial": 2}))
+        digits_dir, name, train={"zero_stage": stage, "steps": 30, "keep_checkpoints": 3},
+        resources={"workers_per_trial": 2}))
     _torchrun(study, tmp_path)
     client, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", name)
     assert len(runs) == 1, "rank 0 alone logs: exactly one run"

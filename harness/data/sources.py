@@ -13,14 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from harness.data.builtin import (
-    BUILTIN_SETS,
-    DIGIT_NAMES,
-    SHAPE_NAMES,
-    digit_caption,
-    load_digits_images,
-    make_shapes_sample,
-)
+from harness.data.builtin import (BUILTIN_SETS, DIGIT_NAMES, SHAPE_NAMES, digit_caption, load_digits_images,
+                                  make_shapes_sample)
 from harness.data.errors import DataError
 from harness.data.images import IMAGE_EXTENSIONS, center_crop_arr, load_rgb
 

@@ -34,7 +34,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     eval_sets = [text for text in args.set if parse_override(text)[0].startswith("eval.")]
     study = load_study(args.config, [text for text in args.set if text not in eval_sets])
-    trial = choose_trial(expand_grid(study), args.trial)
+    from harness.trial.budget import resolve_budgets  # torch: budgets count the model's FLOPs
+
+    trial = choose_trial(resolve_budgets(expand_grid(study)), args.trial)
     if not args.no_log:
         check_tracking_uri(resolve_tracking_uri(trial.tracking.uri))
     from harness.evaluation.from_checkpoint import evaluate_checkpoint  # torch: only when evaluating
@@ -78,7 +80,7 @@ def _cmd_assets_fetch(args: argparse.Namespace) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     if not args.no_inception:
         path = assets.fetch_inception(dest, url=args.inception_url or assets.INCEPTION_URL)
-        print(f"inception: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        print(f"inception: {path} ({path.stat().st_size / 1e6:.1f} MB, sha256 verified)")
     for name in args.vae:
         print(f"vae {name}: {assets.fetch_vae(name, dest)}")
     for name in args.text_encoder:
@@ -88,11 +90,18 @@ def _cmd_assets_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_assets_status(args: argparse.Namespace) -> int:
+    from harness.errors import UserError
+
     folder = assets.assets_dir(args.assets)
-    found = assets.find_inception(args.assets, place=False)
+    try:
+        found, rejected = assets.find_inception(args.assets, place=False), None
+    except UserError as err:  # a file with the wrong sha256: said here, and an error when evaluating
+        found, rejected = None, err
     print(f"assets folder: {folder}{'' if folder.is_dir() else ' (missing)'}")
-    if found:
-        print(f"inception: {found} -> eval computes FID (metrics fid_cfg*, kid_cfg*)")
+    if rejected is not None:
+        print(f"inception: REJECTED -> eval stops with this error until it is fixed: {rejected}")
+    elif found:
+        print(f"inception: {found} (sha256 verified) -> eval computes FID (metrics fid_cfg*, kid_cfg*)")
     else:
         print(f"inception: missing -> eval computes a named stand-in (fd_<extractor>_cfg*), not FID; "
               f"{assets.missing_inception_hint(args.assets)}")

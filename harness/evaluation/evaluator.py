@@ -51,14 +51,8 @@ from harness.assets import find_inception, missing_inception_hint
 from harness.data.loader import make_loader
 from harness.errors import UserError
 from harness.evaluation.dataset import EvalData, LatentDecoder, to_uint8, warn_once
-from harness.evaluation.features import (
-    choose_extractor,
-    frechet_distance,
-    inception_extractor,
-    kernel_distance,
-    reference_stats,
-    standin_extractor,
-)
+from harness.evaluation.features import (choose_extractor, frechet_distance, inception_extractor, kernel_distance,
+                                         reference_stats, standin_extractor)
 from harness.evaluation.standin import alignment_counts
 from harness.trial.distributed import DistInfo, broadcast_object
 

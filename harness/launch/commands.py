@@ -11,17 +11,19 @@ import shlex
 import sys
 from pathlib import Path
 
+from harness.config import MAX_TRIALS
 from harness.launch import slurm
 from harness.launch.slurm import DEFAULT_SIGNAL_SECONDS
 from harness.options import add_set_option
 from harness.paths import study_paths
+from harness.tracking import redact_uri
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from harness.launch.sweep import run_sweep
 
     result = run_sweep(args.config, args.set, address=args.address, dry_run=args.dry_run,
-                       max_concurrent=args.max_concurrent, report=not args.no_report)
+                       max_concurrent=args.max_concurrent, report=not args.no_report, max_trials=args.max_trials)
     if result.get("stopped"):
         return 3  # stopped on request (stop file / Slurm warning signal): resumable
     return 1 if result.get("failed") else 0
@@ -35,6 +37,8 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the planned trials and start nothing")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster fits)")
     p.add_argument("--no-report", action="store_true", help="skip the scaling report at the end")
+    p.add_argument("--max-trials", type=int, default=MAX_TRIALS, metavar="N",
+                   help=f"refuse a grid of more than N trials, before expanding it (default {MAX_TRIALS:,})")
     add_set_option(p)
     p.set_defaults(func=_cmd_sweep)
 
@@ -65,7 +69,9 @@ def _cmd_stop_file(args: argparse.Namespace) -> int:
 def _cmd_paths(args: argparse.Namespace) -> int:
     p = _study_paths(args)
     for key, value in (("STUDY_NAME", p.name), ("STUDY_DIR", p.study_dir), ("STOP_FILE", p.stop_file),
-                       ("SLURM_DIR", p.slurm_dir), ("TRACKING_URI", p.tracking_uri), ("REPORT", p.report)):
+                       ("SLURM_DIR", p.slurm_dir), ("TRACKING_URI", p.tracking_uri),
+                       # what the job may print: the URI without credentials
+                       ("TRACKING_URI_SHOWN", redact_uri(p.tracking_uri)), ("REPORT", p.report)):
         print(f"{key}={shlex.quote(str(value))}")
     return 0
 

@@ -37,13 +37,18 @@ class DeepSpeedRendezvous(BackendConfig):
         return TrainingFramework.TORCH  # for Ray's run-state export, when that is turned on
 
 
-def _node_address_and_port() -> tuple[str, int]:
+def _node_address() -> str:
+    return ray.util.get_node_ip_address()
+
+
+def _free_port(address: str) -> int:
+    """A free port on `address` (rank 0's store will listen there, on that address only)."""
     import socket
 
-    address = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return address, s.getsockname()[1]
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
 
 
 def _publish(master_addr: str, master_port: int) -> None:
@@ -68,7 +73,11 @@ class _RendezvousBackend(Backend):
     share_cuda_visible_devices: bool = True  # as Ray's torch backend: local GPUs visible to all ranks
 
     def on_start(self, worker_group, backend_config: DeepSpeedRendezvous) -> None:
-        address, port = worker_group.execute_single(0, _node_address_and_port)
+        # The store listens on rank 0's node address, or on loopback when every worker is on that node
+        # (harness.trial.distributed binds it to MASTER_ADDR only: nothing else on the network sees it).
+        addresses = worker_group.execute(_node_address)
+        address = "127.0.0.1" if len(set(addresses)) == 1 else addresses[0]
+        port = worker_group.execute_single(0, _free_port, address)
         worker_group.execute(_publish, address, port)
 
     def on_shutdown(self, worker_group, backend_config: DeepSpeedRendezvous) -> None:

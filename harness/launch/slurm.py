@@ -31,6 +31,7 @@ from pathlib import Path
 from harness.config import expand_grid, load_study
 from harness.errors import UserError
 from harness.paths import StudyPaths, study_paths
+from harness.tracking import redact_uri
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "sweep.sbatch"
 SETTINGS_MARKER = "# @ditscale-submit-settings@"
@@ -308,8 +309,8 @@ def print_submitted(sub: Submission, job_id: str) -> None:
     print(f"  script:  {sub.script_path}")
     print(f"  log:     {log}")
     print(f"  trials:  {p.study_dir}/<trial_id>/ (checkpoints)")
-    print(f"  MLflow:  {p.tracking_uri}  (experiment {p.name!r})")
-    print(f"           mlflow ui --backend-store-uri {p.tracking_uri} --host 127.0.0.1 --port 5000")
+    print(f"  MLflow:  {redact_uri(p.tracking_uri)}  (experiment {p.name!r})")
+    print(f"           mlflow ui --backend-store-uri {redact_uri(p.tracking_uri)} --host 127.0.0.1 --port 5000")
     print(f"  report:  {p.report}  (written when the sweep ends)")
     print(f"  watch:   squeue -j {job_id}; tail -f {log}")
     print(f"  stop:    touch {p.stop_file}  (trials checkpoint; the job ends; resubmit to resume)")

@@ -1,342 +1,56 @@
-"""`ditscale sweep STUDY`: every grid point as a Ray Tune trial; each trial a Ray Train TorchTrainer
-whose workers run harness/trial/loop.py's loop on DeepSpeed.
+"""`ditscale sweep STUDY`: every grid point as a Ray Tune trial (harness/launch/tune_trial.py); each
+trial a Ray Train TorchTrainer whose workers run harness/trial/loop.py's loop on DeepSpeed.
 
-Ray Train V2: a TorchTrainer cannot be handed to Tune; the Tune trial is a function that builds and
-fits a TorchTrainer, and TuneReportCallback forwards the workers' metrics to Tune.
-
-Start-up: Ray Train starts a controller and fresh worker processes for every fit, and each worker
-then imports torch, DeepSpeed (which imports MLflow) and torch._dynamo — about 15 s per trial on a
-2-core machine, whatever the model. Single-worker trials (the common case for small scaling-study
-points) therefore run in Ray Train's local mode (ScalingConfig(num_workers=0)): the loop runs in the
-Tune trial's own process, which Tune reuses from trial to trial (reuse_actors) and which holds the
-worker's resources, so the second and later trials of a process start in well under a second. They
-report to Tune directly, and a failed one is retried by Tune (FailureConfig) and resumes from its
-trial folder's checkpoint. `resources.reuse_trial_process: false` turns this off; ZeRO-3 trials always
-get their own worker (see runs_in_process).
-
-Resume: trials whose MLflow run says `finished` are skipped; the others resume from the DeepSpeed
-checkpoint in their trial folder. Within one invocation, a worker failure restarts the workers
-(FailureConfig) and they reload the checkpoint named by `ray.train.get_checkpoint()` — a small
-pointer to the DeepSpeed checkpoint, so gigabytes are never copied into Ray's storage.
-
-Test knob: DITSCALE_FAULT_AT_STEP=k makes rank 0 of every trial raise once at step k (a marker file in
-the trial folder makes it once), to exercise recovery; `k:ID` limits it to trials whose id starts with ID.
+The driver: plan the study (budgets resolved, WSD trunks found; harness/launch/plan.py, branches.py),
+validate it, take the study's lock, join or start Ray (harness/launch/local_ray.py), open the sweep's
+MLflow parent run, run the trials that train alone and the trunks, then the branches, close the parent
+run and write the report. Trials whose MLflow run says `finished` (or `diverged`) are skipped; the
+others resume from the DeepSpeed checkpoint in their trial folder.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import tempfile
-import time
 from pathlib import Path
 
-from harness.config import TrialConfig, expand_grid, load_study
-from harness.errors import UserError
+from harness.config import MAX_TRIALS, TrialConfig, expand_grid, load_study
+from harness.launch.branches import Trunk, plan_branches, plan_compute
+from harness.launch.local_ray import max_concurrent_trials, start_ray, stop_ray
 from harness.launch.plan import plan_rows, print_plan
+from harness.launch.study_lock import study_lock
+from harness.launch.tune_trial import run_tune_trial, storage_probe, trial_resources
 from harness.paths import stop_file
-from harness.tracking import (
-    check_tracking_uri,
-    close_parent_run,
-    mark_failed,
-    open_parent_run,
-    open_trial_run,
-    resolve_tracking_uri,
-    sweep_state,
-)
-
-POINTER_FILE = "deepspeed_checkpoint.json"
-FAULT_ENV = "DITSCALE_FAULT_AT_STEP"
-
-
-# --- the worker side -----------------------------------------------------------------------------
-
-
-def _worker_loop(config: dict) -> None:
-    """Runs in every Ray Train worker: the same loop as `ditscale train`, with Ray reporting."""
-    entered = time.time()  # before the heavy imports (torch, DeepSpeed): start-up phase boundary
-    import logging
-
-    import ray.train
-
-    # Ray Train logs every report and checkpoint at INFO; the loop prints its own line per interval.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-
-    from harness.trial.loop import train_trial
-
-    trial = TrialConfig.model_validate(config["trial"])
-    in_process = config.get("in_process", False)
-    rank = 0 if in_process else ray.train.get_context().get_world_rank()
-    probe = Path(config["storage_probe"])
-    if not probe.is_file():
-        raise UserError(f"resources.storage: {trial.resources.storage} is not visible from worker node "
-                        f"{os.uname().nodename} (no {probe.name}); use a filesystem shared by all Ray nodes")
-
-    resume_from = None
-    checkpoint = None if in_process else ray.train.get_checkpoint()  # in-process: the trial folder's
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume_from = json.loads((Path(d) / POINTER_FILE).read_text())
-
-    def report(metrics: dict, ckpt_dir: Path | None) -> None:
-        fault_at, _, only = os.environ.get(FAULT_ENV, "").partition(":")
-        if (fault_at and rank == 0 and metrics.get("step") == float(fault_at)
-                and trial.trial_id.startswith(only)):
-            marker = ckpt_dir.parent.parent / "fault-injected" if ckpt_dir else None
-            if marker is not None and not marker.exists():
-                marker.touch()
-                raise RuntimeError(f"{FAULT_ENV}={fault_at}: injected worker failure")
-        if in_process:
-            # Ray Train's local mode keeps reports to itself: they go to Tune directly.
-            from ray import tune
-
-            tune.report(metrics)
-        elif ckpt_dir is not None and rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / POINTER_FILE).write_text(json.dumps({"root": str(ckpt_dir.parent),
-                                                                  "tag": ckpt_dir.name}))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
-
-    early = {**config.get("early_marks", {}), "ray_workers": entered - config["started_at"]}
-    with _process_group_scope(in_process):
-        result = train_trial(trial, parent_run_id=config.get("parent_run_id"), report=report,
-                             started_at=config["started_at"], resume_from=resume_from, early_marks=early,
-                             run_id=config.get("run_id"))
-    if result.status.startswith("failed"):
-        raise RuntimeError(f"trial {trial.trial_id} {result.status}")
-
-
-_TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-@contextlib.contextmanager
-def _process_group_scope(in_process: bool):
-    """In-process trials share their process with the trials after it: each leaves neither its
-    process group (destroyed through DeepSpeed, which also drops the groups it cached) nor the
-    torchrun variables (Ray's local mode would take them for a torchrun launch of its own)."""
-    if not in_process:
-        yield
-        return
-    saved = {k: os.environ.get(k) for k in _TORCHRUN_ENV}
-    try:
-        yield
-    finally:
-        import torch.distributed as tdist
-
-        if tdist.is_initialized():
-            import deepspeed.comm
-
-            deepspeed.comm.destroy_process_group()
-        import gc
-
-        import torch
-
-        gc.collect()  # the finished trial's engine, optimizer state and loaders
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _storage_probe(trial: TrialConfig, parent_run_id: str) -> Path:
-    """A file the driver writes into the study's storage folder; workers that cannot read it are on
-    a node that does not share the filesystem (the trial folders must be shared)."""
-    folder = Path(trial.resources.storage) / trial.name
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".sweep-{parent_run_id}"
-    probe.write_text(parent_run_id)
-    return probe
-
-
-_trials_in_this_process = 0
-
-
-def _trial_start_time() -> float:
-    """When this Tune trial began: its actor process's start for the first trial of the process,
-    else now (Tune reuses trial actors)."""
-    global _trials_in_this_process
-    _trials_in_this_process += 1
-    if _trials_in_this_process == 1:
-        try:
-            import psutil
-
-            return psutil.Process().create_time()
-        except Exception:  # psutil missing or /proc unreadable
-            pass
-    return time.time()
-
-
-# --- the Tune trial ------------------------------------------------------------------------------
-
-
-def runs_in_process(trial: TrialConfig) -> bool:
-    """Single-worker trials, unless turned off, and not ZeRO-3: DeepSpeed's stage-3 engine keeps
-    references (its parameter-partitioning context) that `engine.destroy()` does not release, so a
-    reused process would keep every finished ZeRO-3 trial's model (measured: ~130 MB per DiT-XS trial)."""
-    r = trial.resources
-    return r.workers_per_trial == 1 and r.reuse_trial_process and trial.train.zero_stage != 3
-
-
-def worker_resources(trial: TrialConfig) -> dict:
-    r = trial.resources
-    return {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
-
-
-def trial_resources(trial: TrialConfig) -> dict:
-    """What Tune reserves for the trial's own process: the worker's share when the trial trains in
-    it; otherwise nothing the workers need (Tune refuses an all-zero request: a token 1 MiB)."""
-    return worker_resources(trial) if runs_in_process(trial) else {"CPU": 0, "memory": 1024**2}
-
-
-def _tune_trial(config: dict, trials: dict | None = None) -> None:
-    """One Tune trial = one Ray Train run over the trial's workers."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from harness.launch.ray_backend import DeepSpeedRendezvous
-
-    started_at = _trial_start_time()
-    config = {**config, "trial": trials[config["trial_id"]]}  # the full config travels beside Tune's table
-    trial = TrialConfig.model_validate(config["trial"])
-    # The run is opened here, in the Tune trial's process (reused from trial to trial, MLflow already
-    # loaded) rather than in a fresh worker; found again by trial_id on a retry, never duplicated.
-    uri = resolve_tracking_uri(trial.tracking.uri)
-    run_id = open_trial_run(trial, uri, parent_run_id=config.get("parent_run_id"))
-    r = trial.resources
-    use_gpu = r.gpus_per_worker > 0
-    in_process = runs_in_process(trial)
-    trainer = TorchTrainer(
-        _worker_loop,
-        # The trial starts when Tune starts its actor process (the trial's own start-up included).
-        train_loop_config={**config, "started_at": started_at, "run_id": run_id, "in_process": in_process,
-                           "early_marks": {"tune_trial": time.time() - started_at}},
-        torch_config=DeepSpeedRendezvous(backend="nccl" if use_gpu else "gloo"),
-        # num_workers=0 is Ray Train's local mode: the loop runs here, in this (reused) process, which
-        # Tune gave the worker's resources (see trial_resources).
-        scaling_config=ray.train.ScalingConfig(num_workers=0 if in_process else r.workers_per_trial,
-                                               use_gpu=use_gpu, resources_per_worker=worker_resources(trial)),
-        run_config=ray.train.RunConfig(
-            name=f"{trial.name}-{trial.trial_id}",
-            storage_path=str(Path(r.storage).resolve() / "_ray"),
-            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
-    try:
-        trainer.fit()
-    except Exception as err:  # e.g. workers that never reached the loop (storage not shared)
-        mark_failed(uri, run_id, f"{type(err).__name__}: {err}")
-        raise
-
-
-# --- the driver ----------------------------------------------------------------------------------
-
-
-# Ray Train V2 starts several helper actors per trial, each a fresh Python process (about a second of
-# CPU apiece before it does anything). These switches drop the ones a ditscale trial does not use:
-# the preemption watcher (node draining on autoscaled clouds; Slurm preemption goes through the stop
-# file instead), the metrics callbacks (Prometheus export) and the per-trial working directory
-# (paths are absolute already). The controller polls its workers every 2 s by default; 0.2 s lets a
-# short trial start and end sooner.
-_RAY_TRAIN_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_METRICS_ENABLED": "0",
-    "RAY_CHDIR_TO_TRIAL_DIR": "0",
-}
-
-
-def _runtime_env() -> dict:
-    env = {k: os.environ.get(k, v) for k, v in _RAY_TRAIN_ENV.items()}
-    return {"env_vars": env}
-
-
-def _start_ray(address: str | None) -> bool:
-    """Join `address`, or start an embedded local Ray on 127.0.0.1. Returns True if we started it."""
-    for key, value in _runtime_env()["env_vars"].items():
-        os.environ.setdefault(key, value)  # the driver-side Tune/Train code reads them too
-    if not address:
-        # Ray resolves 127.0.0.1 to the machine's routable address unless it believes clusters are
-        # off (its laptop mode): that keeps the embedded Ray on the loopback interface.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-    import ray._private.ray_constants as ray_constants
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=_runtime_env())
-        return False
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
-             configure_logging=False, runtime_env=_runtime_env())
-    _prewarm_autoscaling_coordinator()
-    return True
-
-
-def _prewarm_autoscaling_coordinator() -> None:
-    """Each Train controller first sends its resource request to a cluster-wide coordinator actor and
-    waits up to 5 s for it; on a fresh cluster the first trial pays for that actor's process start
-    and times out. Creating it now overlaps its start with the first Tune trial's. (Private Ray API:
-    if it moves, the only loss is those seconds.)"""
-    try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
-
-        get_or_create_autoscaling_coordinator()
-    except Exception:
-        pass
-
-
-def _max_concurrent(trials: list[TrialConfig], requested: int | None) -> int:
-    import ray
-
-    if requested:
-        return requested
-    total = ray.cluster_resources()
-    fits = []
-    for trial in trials:
-        r = trial.resources
-        n = int(total.get("CPU", 0) // (r.cpus_per_worker * r.workers_per_trial))
-        if r.gpus_per_worker:
-            n = min(n, int(total.get("GPU", 0) // (r.gpus_per_worker * r.workers_per_trial)))
-        fits.append(n)
-    n = min(fits) if fits else 1
-    if n < 1:
-        t = trials[0].resources
-        raise UserError(
-            f"resources: a trial needs {t.workers_per_trial} workers x {t.cpus_per_worker} CPU"
-            f"{f' + {t.gpus_per_worker} GPU' if t.gpus_per_worker else ''}; the Ray cluster has {dict(total)}")
-    return n
+from harness.tracking import (check_tracking_uri, close_parent_run, concluded, open_parent_run, redact_uri,
+                              resolve_tracking_uri, sweep_state)
+from harness.trial.engine import check_deepspeed_configs
 
 
 def run_sweep(config_path: str, overrides: list[str] = (), address: str | None = None, dry_run: bool = False,
-              max_concurrent: int | None = None, report: bool = True) -> dict:
-    study = load_study(config_path, overrides)
-    trials = expand_grid(study)
+              max_concurrent: int | None = None, report: bool = True, max_trials: int | None = MAX_TRIALS) -> dict:
+    study = load_study(config_path, overrides, max_trials=max_trials)
+    trials = expand_grid(study, max_trials=max_trials)
     rows = plan_rows(trials)
+    trunks, _ = plan_branches(trials)
     print_plan(rows)
+    print_branch_plan(trunks, rows)
     if dry_run:
         return {"planned": len(trials), "ran": 0}
+    check_deepspeed_configs(trials)  # DeepSpeed's own config class, before anything starts
+    with study_lock(trials[0]):  # one sweep of a study at a time
+        return _sweep(study, trials, trunks, address, max_concurrent, report)
 
+
+def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str | None, max_concurrent: int | None,
+           report: bool) -> dict:
+    """run_sweep after validation, holding the study's lock."""
     uri = resolve_tracking_uri(study.tracking.uri)
     check_tracking_uri(uri)
-    for trial in trials:  # workers log where the driver looked (not into a database in their own folder)
-        trial.tracking.uri = uri
+    for trial in trials + [trunk.trial for trunk in trunks]:  # workers log where the driver looked
+        trial.tracking.uri = uri  # (not into a database in their own folder)
     state = sweep_state(uri, study.name, trials)
-    todo = [trial for trial in trials if state.get(trial.trial_id) != "finished"]
+    todo = [trial for trial in trials if not concluded(state.get(trial.trial_id, "new"))]
     skipped = len(trials) - len(todo)
     if skipped:
-        print(f"{skipped} of {len(trials)} trials already finished (MLflow says so): skipping them")
+        print(f"{skipped} of {len(trials)} trials already finished or diverged (MLflow says so): skipping them")
 
     stop = stop_file(trials[0])
     if stop.exists():
@@ -345,28 +59,38 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
     parent, statuses, final = None, {}, state
     if todo:  # nothing to train: no Ray, no parent run, nothing written but the report
         parent = open_parent_run(uri, study, trials)
-        probe = _storage_probe(trials[0], parent)
-        started_ray = False
+        probe, started_ray, error = None, False, None
         try:
-            started_ray = _start_ray(address)
-            statuses = _run_tune(study, todo, parent, probe, max_concurrent or study.resources.max_concurrent_trials)
+            probe = storage_probe(trials[0], parent)
+            started_ray = start_ray(address)
+            statuses = _run_phases(study, todo, trunks, uri, parent, probe,
+                                   max_concurrent or study.resources.max_concurrent_trials)
+        except Exception as err:  # the sweep itself failed: its parent run says so (Ctrl-C: KILLED, resumable)
+            error = f"{type(err).__name__}: {err}"
+            raise
         finally:
-            final = sweep_state(uri, study.name, trials)
-            close_parent_run(uri, parent, trials, final)
-            probe.unlink(missing_ok=True)
-            if started_ray:
-                import ray
-
-                ray.shutdown()
+            try:
+                final = sweep_state(uri, study.name, trials)
+                close_parent_run(uri, parent, trials, final, error=error)
+            except Exception as err:  # the store itself is failing: say so, keep the original error
+                print(f"could not close the sweep's MLflow run {parent}: {type(err).__name__}: {err}")
+                if error is None:
+                    raise
+            finally:
+                if probe is not None:
+                    probe.unlink(missing_ok=True)
+                if started_ray:
+                    stop_ray()
     else:
         print("nothing to train")
     report_path = None
     if report:
         report_path = _write_report(uri, study.name)
-    print(f"\nMLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   (experiment {study.name!r})")
+    print(f"\nMLflow: mlflow ui --backend-store-uri {redact_uri(uri)} --host 127.0.0.1 --port 5000   "
+          f"(experiment {study.name!r})")
     if report_path:
         print(f"Report: {report_path}")
-    unfinished = [tid for tid, s in final.items() if s != "finished"]
+    unfinished = [tid for tid, s in final.items() if not concluded(s)]
     stopped = stop.exists() and any(final.get(tid) == "killed" for tid in unfinished)
     if stopped:
         print(f"stopped on request ({stop}): run the same command again to resume")
@@ -375,17 +99,51 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
             "report": report_path}
 
 
-def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, max_concurrent: int | None) -> dict:
+def print_branch_plan(trunks: list[Trunk], rows: list[dict]) -> None:
+    """How many trunks serve how many branches, and what branching saves (training compute)."""
+    if not trunks:
+        return
+    per_image = {r["trial_id"]: r["train_gflops"] / r["images"] for r in rows}
+    for trunk in trunks:  # the trunk is its branches' model
+        per_image[trunk.trial.trial_id] = per_image[trunk.branches[0].trial_id]
+    branched, independent = plan_compute(trunks, [], lambda trial: per_image[trial.trial_id] * trial.train.batch_size)
+    branches = sum(len(trunk.branches) for trunk in trunks)
+    print(f"WSD branches: {len(trunks)} trunk(s) serve {branches} trials; their training compute "
+          f"{branched:.4g} GFLOPs branched vs {independent:.4g} GFLOPs trained independently "
+          f"({branched / independent:.0%}); train.branch: false trains them independently.")
+
+
+def _run_phases(study, todo: list[TrialConfig], trunks: list[Trunk], uri: str, parent_run_id: str, probe: Path,
+                max_concurrent: int | None) -> dict:
+    """First the trials that train alone and the trunks that unfinished branches need, then the
+    branches (each starts from its trunk's checkpoint; harness/launch/branches.py)."""
+    trunk_of = {b.trial_id: trunk.trial for trunk in trunks for b in trunk.branches}
+    branches = [t for t in todo if t.trial_id in trunk_of]
+    needed = {trunk_of[b.trial_id].trial_id: trunk_of[b.trial_id] for b in branches}
+    trunk_state = sweep_state(uri, study.name, list(needed.values()))
+    first = [t for t in todo if t.trial_id not in trunk_of]
+    first += [t for tid, t in needed.items() if not concluded(trunk_state[tid])]
+    roles = {tid: {"role": "trunk"} for tid in needed}
+    statuses = _run_tune(study, first, parent_run_id, probe, max_concurrent, "sweep", roles) if first else {}
+    if branches and not stop_file(study).exists():
+        links = {b.trial_id: {"trunk": trunk_of[b.trial_id].model_dump(mode="json")} for b in branches}
+        statuses |= _run_tune(study, branches, parent_run_id, probe, max_concurrent, "branches", links)
+    return statuses
+
+
+def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, max_concurrent: int | None,
+              phase: str = "sweep", links: dict | None = None) -> dict:
+    """One Tune experiment over `todo`. links {trial_id: {"role": "trunk"} | {"trunk": trunk config}}."""
     from ray import tune
 
-    concurrent = _max_concurrent(todo, max_concurrent)
+    concurrent = max_concurrent_trials(todo, max_concurrent)
     # Tune's table shows the search space: the trial id there, the whole trial config passed beside it.
     trials = {trial.trial_id: trial.model_dump(mode="json") for trial in todo}
     names = {trial.trial_id: f"{trial.model_name.replace('/', '_')}-{trial.trial_id[:6]}" for trial in todo}
     space = {"trial_id": tune.grid_search(list(trials)), "parent_run_id": parent_run_id,
              "storage_probe": str(probe)}
     by_id = {trial.trial_id: trial for trial in todo}
-    trainable = tune.with_resources(tune.with_parameters(_tune_trial, trials=trials),
+    trainable = tune.with_resources(tune.with_parameters(run_tune_trial, trials=trials, links=links or {}),
                                     lambda config: trial_resources(by_id[config["trial_id"]]))
     tuner = tune.Tuner(
         trainable,
@@ -394,7 +152,7 @@ def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, m
                                     trial_name_creator=lambda t: names[t.config["trial_id"]],
                                     trial_dirname_creator=lambda t: names[t.config["trial_id"]]),
         run_config=tune.RunConfig(
-            name=f"{study.name}-sweep",
+            name=f"{study.name}-{phase}",
             storage_path=str(Path(study.resources.storage).resolve() / "_ray"),
             failure_config=tune.FailureConfig(max_failures=study.resources.max_failures),
             verbose=1,

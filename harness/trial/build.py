@@ -15,16 +15,10 @@ import torch.nn as nn
 from harness.config import TrialConfig
 from harness.data.shards import manifest_beside, shard_urls
 from harness.errors import UserError
-from harness.trial.conditioning import (
-    CaptionDenoiser,
-    Conditioner,
-    TextGeometry,
-    build_word_encoder,
-    load_frozen_encoder,
-    sd3_text_geometry,
-    text_geometry,
-)
+from harness.trial.conditioning import (CaptionDenoiser, Conditioner, TextGeometry, build_word_encoder,
+                                        load_frozen_encoder, sd3_text_geometry, text_geometry)
 from models.flops import count_model
+from models.mup import apply_mup
 from models.objectives import build_objective
 from models.registry import build_model
 
@@ -91,11 +85,15 @@ def build_denoiser(trial: TrialConfig, info: DatasetInfo, device, frozen_encoder
         module = build_model(trial.model_name, input_size=d.image_size, in_channels=d.channels,
                              num_classes=info.num_classes, learn_sigma=m.learn_sigma,
                              class_dropout_prob=m.class_dropout_prob)
+        if m.parametrization == "mup":
+            apply_mup(module, m.mup_base_width)
         return module, Conditioner(trial, device)
     backbone = build_model(trial.model_name, input_size=d.image_size, in_channels=d.channels,
                            context_dim=info.text.context_dim, pooled_dim=info.text.pooled_dim,
                            attention=m.attention, qk_norm=m.qk_norm, learn_sigma=m.learn_sigma,
                            class_dropout_prob=m.class_dropout_prob)
+    if m.parametrization == "mup":
+        apply_mup(backbone, m.mup_base_width)
     if d.text_encoder == "builtin":
         words = build_word_encoder(trial)
         return CaptionDenoiser(backbone, words, m.class_dropout_prob), Conditioner(trial, device, word_encoder=words)

@@ -12,7 +12,9 @@ from harness.tracking import check_tracking_uri, resolve_tracking_uri
 
 def _cmd_train(args: argparse.Namespace) -> int:
     study = load_study(args.config, args.set)
-    trial = choose_trial(expand_grid(study), args.trial, "or run them all with `ditscale sweep`")
+    from harness.trial.budget import resolve_budgets  # torch: budgets count the model's FLOPs
+
+    trial = choose_trial(resolve_budgets(expand_grid(study)), args.trial, "or run them all with `ditscale sweep`")
     check_tracking_uri(resolve_tracking_uri(trial.tracking.uri))
     from harness.trial.loop import train_trial  # torch and DeepSpeed: only when a trial is trained
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from harness.config import TrialConfig
+from harness.checks import cooldown_steps
+from harness.config import StudyError, TrialConfig
+from models.mup import lr_multipliers
 
 
 def deepspeed_config(trial: TrialConfig, world_size: int) -> dict:
@@ -40,9 +43,13 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def lr_multiplier(trial: TrialConfig) -> Callable[[int], float]:
-    """Step -> factor on train.lr: constant, linear warm-up then constant, or warm-up then cosine to 0."""
+    """Step -> factor on train.lr: constant; linear warm-up then constant; warm-up then cosine to 0; or
+    warmup-stable-decay (WSD, Hagele et al. 2024, arXiv 2405.18392): warm-up, constant, then the last
+    cooldown steps fall to 0, linearly or as 1 - sqrt (their best shape)."""
     cfg = trial.train
     warmup = cfg.warmup_steps if cfg.schedule != "constant" else 0
+    cooldown = cooldown_steps(cfg)
+    decay_start = cfg.steps - cooldown
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -50,9 +57,27 @@ def lr_multiplier(trial: TrialConfig) -> Callable[[int], float]:
         if cfg.schedule == "cosine":
             progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
             return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cooldown and step >= decay_start:
+            progress = min(1.0, (step - decay_start) / cooldown)
+            return 1.0 - (math.sqrt(progress) if cfg.cooldown_shape == "1-sqrt" else progress)
         return 1.0
 
     return factor
+
+
+def param_groups(module: nn.Module, trial: TrialConfig) -> list[dict]:
+    """The optimizer's parameter groups: one under sp; under muP one per learning-rate multiplier
+    (models/mup.py), the multiplier-1 group first (its LR is the logged `lr`). Each group's `lr` is
+    train.lr x its multiplier; the LR schedule then scales every group alike."""
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if trial.model.parametrization != "mup":
+        return [{"params": [p for _, p in trainable]}]
+    factors = lr_multipliers(module, trial.model.mup_base_width)
+    groups: dict[float, list] = {}
+    for name, p in trainable:
+        groups.setdefault(factors[name], []).append(p)
+    order = sorted(groups, key=lambda f: (f != 1.0, -f))
+    return [{"params": groups[f], "lr": trial.train.lr * f, "lr_multiplier": f} for f in order]
 
 
 def build_engine(module: nn.Module, trial: TrialConfig, world_size: int):
@@ -62,11 +87,10 @@ def build_engine(module: nn.Module, trial: TrialConfig, world_size: int):
     cfg = trial.train
     if cfg.activation_checkpointing:
         checkpoint_blocks(module)
-    params = [p for p in module.parameters() if p.requires_grad]
     # DeepSpeed moves the module to the GPU in place, so the optimizer may be built before that.
     fused = torch.cuda.is_available() and trial.resources.gpus_per_worker > 0
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                  **({"fused": True} if fused else {}))
+    optimizer = torch.optim.AdamW(param_groups(module, trial), lr=cfg.lr, betas=cfg.betas,
+                                  weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(trial))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(trial, world_size),
@@ -100,3 +124,49 @@ def checkpoint_blocks(module: nn.Module) -> int:
     if not switched:
         raise ValueError(f"train.activation_checkpointing: {type(module).__name__} does not support it")
     return switched
+
+
+_DEEPSPEED_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedFP16Config": "fp16",
+                       "DeepSpeedBF16Config": "bf16"}
+
+
+def check_deepspeed_configs(trials: list[TrialConfig]) -> None:
+    """DeepSpeed's own config class over each trial's merged DeepSpeed config, before Ray starts: only
+    for trials with a raw `train.deepspeed` (the harness's own part is known good, and importing
+    DeepSpeed costs seconds). The batch keys are checked by harness.checks.check_deepspeed against the
+    real worker count; DeepSpeed, without a process group, would check them against one worker."""
+    raw = [trial for trial in trials if trial.train.deepspeed]
+    if not raw:
+        return
+    import logging
+
+    from pydantic import ValidationError
+
+    ds_logger = logging.getLogger("DeepSpeed")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.WARNING)
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        problems, seen = [], set()
+        for trial in raw:
+            config = deepspeed_config(trial, trial.resources.workers_per_trial)
+            config.update(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+            key = json.dumps(config, sort_keys=True, default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                DeepSpeedConfig(config)
+            except ValidationError as err:
+                section = _DEEPSPEED_SECTIONS.get(err.title, "")
+                for e in err.errors():
+                    loc = ".".join(str(p) for p in (section, *e["loc"]) if p != "")
+                    problems.append(f"train.deepspeed.{loc}: {e['msg']} (DeepSpeed)")
+            except Exception as err:  # DeepSpeed's assertions and DeepSpeedConfigError
+                text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                problems.append(f"train.deepspeed: {text} (DeepSpeed)")
+    finally:
+        ds_logger.setLevel(level)
+    if problems:
+        raise StudyError(problems)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 
 from harness.config import TrialConfig
 from harness.evaluation.evaluator import Evaluator
@@ -28,7 +29,7 @@ from harness.paths import checkpoint_root, stop_file
 from harness.tracking import RunLogger, open_trial_run, resolve_tracking_uri
 from harness.trial.batches import TrainBatches
 from harness.trial.build import build_trial
-from harness.trial.checkpoint import TrialState, resume, save_checkpoint
+from harness.trial.checkpoint import TrialState, came_from_trunk, prepare_checkpoint_root, resume, save_checkpoint
 from harness.trial.distributed import DistInfo, broadcast_object, setup_distributed
 from harness.trial.engine import build_engine
 from harness.trial.startup import StartupPhases
@@ -76,7 +77,7 @@ def train_trial(
     phases.mark("process_group")
     ckpt_root = checkpoint_root(trial)
     if dist.is_main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
+        prepare_checkpoint_root(ckpt_root)  # the trial folder and checkpoints/: mode 0700
 
     _seed_everything(trial.train.seed)  # identical initial weights on every rank
     built = build_trial(trial, dist.device)
@@ -89,6 +90,8 @@ def train_trial(
     evaluator = Evaluator(trial, built.info, built.conditioner, built.objective, dist)
 
     state = resume(engine, ema, dist, ckpt_root, resume_from)
+    if came_from_trunk(ckpt_root, state.step):
+        state.run_id = None  # the trunk's run: a branch logs into its own
     state.run_id = run_id or state.run_id
     if state.step == 0:
         _seed_everything(trial.train.seed * 1000 + dist.rank + 1)  # per-rank noise and timesteps
@@ -131,10 +134,12 @@ def train_trial(
 
 class ThroughputWindow:
     """Loss and speed over one log interval. The loss is summed on the device: reading it (`close`)
-    is the one host sync per interval."""
+    is the one host sync per interval, and its mean is taken over every rank, so all ranks log (and
+    judge divergence on) the same number."""
 
-    def __init__(self, device: torch.device):
-        self.loss_sum = torch.zeros((), device=device)
+    def __init__(self, dist: DistInfo):
+        self.dist = dist
+        self.loss_sum = torch.zeros((), device=dist.device)
         self.reset()
 
     def reset(self) -> None:
@@ -148,7 +153,10 @@ class ThroughputWindow:
 
     def close(self) -> dict:
         elapsed = time.perf_counter() - self.started
-        out = {"loss": (self.loss_sum / max(1, self.losses)).item(), "img_per_s": self.samples / elapsed,
+        total = torch.stack([self.loss_sum, torch.tensor(float(self.losses), device=self.loss_sum.device)])
+        if self.dist.world_size > 1:
+            tdist.all_reduce(total)
+        out = {"loss": (total[0] / total[1].clamp(min=1)).item(), "img_per_s": self.samples / elapsed,
                "data_wait_frac": self.data_wait / elapsed}
         self.reset()
         return out
@@ -167,13 +175,14 @@ class Trainer:
         self.state, self.phases, self.forward_gflops = state, phases, forward_gflops
         self.cfg = trial.train
         self.peak = peak_tflops(dist.device, self.cfg.precision)
-        self.window = ThroughputWindow(dist.device)
+        self.window = ThroughputWindow(dist)
         self.ckpt_root = checkpoint_root(trial)
         self.tag = f"[{trial.model_name} {trial.trial_id[:6]}]"
         self.last: dict = {}  # the newest value of every metric, for the caller
+        self.min_loss = math.inf  # running minimum of the logged loss, for train.divergence_factor
 
     def run(self, stops: StopRequests) -> str:
-        """Train to train.steps. Returns the status: finished | killed | failed: <reason>."""
+        """Train to train.steps. Returns the status: finished | killed | diverged: <why>."""
         cfg, state = self.cfg, self.state
         self.engine.train()
         if state.step >= cfg.steps and self.evaluator.due(state.step, final=True):
@@ -188,11 +197,12 @@ class Trainer:
             stopping = state.step % cfg.log_every == 0 and stops.agreed()
             final = state.step == cfg.steps
             logged = state.step % cfg.log_every == 0 or final or stopping
-            if logged and not self.log():
-                return f"failed: non-finite loss at step {state.step}"
+            if logged and (diverged := self.log()):
+                return diverged
             checkpoint = None
-            if state.step % cfg.checkpoint_every == 0 or final or stopping:
-                checkpoint = save_checkpoint(self.engine, self.ema, self.dist, self.ckpt_root, state)
+            if state.step % cfg.checkpoint_every == 0 or final or stopping or state.step in cfg.save_at:
+                checkpoint = save_checkpoint(self.engine, self.ema, self.dist, self.ckpt_root, state,
+                                             keep=cfg.keep_checkpoints, also_keep=cfg.save_at)
             evaluated = not stopping and self.evaluator.due(state.step, final=final)
             if evaluated:  # every rank: sampling is spread over them
                 eval_started = time.perf_counter()
@@ -229,8 +239,9 @@ class Trainer:
                 self.logger.log_metrics(self.phases.metrics(), self.state.step)
                 print(f"{self.tag} start-up {self.phases.summary()}", flush=True)
 
-    def log(self) -> bool:
-        """Close the throughput window and log it (rank 0). False when the loss is not finite."""
+    def log(self) -> str | None:
+        """Close the throughput window and log it (rank 0). Returns the `diverged: ...` status when the
+        loss is not finite or rose above train.divergence_factor x its running minimum, else None."""
         window, state = self.window.close(), self.state
         grad_norm = self.engine.get_global_grad_norm()
         tflops = achieved_tflops(window["img_per_s"], self.forward_gflops)
@@ -253,7 +264,17 @@ class Trainer:
             print(f"{self.tag} step {state.step}/{self.cfg.steps} loss {window['loss']:.4f} "
                   f"lr {metrics['lr']:.2e} {window['img_per_s']:.1f} img/s "
                   f"data-wait {100 * window['data_wait_frac']:.0f}%", flush=True)
-        return math.isfinite(window["loss"])
+        return self._divergence(window["loss"])
+
+    def _divergence(self, loss: float) -> str | None:
+        """Every rank decides alike: `loss` is the window's mean over all ranks."""
+        step, factor = self.state.step, self.cfg.divergence_factor
+        if not math.isfinite(loss):
+            return f"diverged: non-finite loss at step {step}"
+        if factor and loss > factor * self.min_loss:
+            return f"diverged: loss {loss:.4g} > {factor:g} x its running minimum {self.min_loss:.4g} at step {step}"
+        self.min_loss = min(self.min_loss, loss)
+        return None
 
     def evaluate(self) -> None:
         """The EMA weights evaluated (every rank takes part); logged by rank 0."""

@@ -1,0 +1,185 @@
+"""Cross-field rules of a trial, checked before anything starts: what pydantic's per-field checks in
+harness/config.py cannot see (the patch divides the image, the batch divides across workers, the
+schedule fits the steps, `train.deepspeed` makes sense, the shards exist). Each problem is one line
+that names the dotted field to change.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from harness.data.shards import shard_urls
+from models.registry import parse_model_name
+
+if TYPE_CHECKING:  # the schema imports these rules: only the names here
+    from harness.config import TrainConfig, TrialConfig
+
+DEFAULT_COOLDOWN = 0.2            # WSD: Hagele et al. 2024 found 10-20 % cooldowns match cosine
+MAX_IMAGE_SIZE = 65536            # data.image_size: anything larger is a typo, not a dataset
+
+
+def cooldown_steps(train: TrainConfig) -> int:
+    """The WSD cooldown of a trial with resolved steps (0 for the other schedules)."""
+    if train.schedule != "wsd":
+        return 0
+    if train.cooldown_steps is not None:
+        return train.cooldown_steps
+    return max(1, round((train.cooldown or DEFAULT_COOLDOWN) * train.steps))
+
+
+def check_schedule(train: TrainConfig) -> list[str]:
+    """Rules that need the step count (for budget trials: after it is resolved from train.flops)."""
+    problems = []
+    if train.schedule != "constant" and train.warmup_steps >= train.steps:
+        problems.append(f"train.warmup_steps: {train.warmup_steps} must be below train.steps ({train.steps})")
+    elif train.schedule == "wsd" and train.warmup_steps + cooldown_steps(train) > train.steps:
+        problems.append(f"train.cooldown_steps: warm-up ({train.warmup_steps}) + cooldown ({cooldown_steps(train)}) "
+                        f"exceed train.steps ({train.steps})")
+    return problems
+
+
+def _is_number(value) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_DS_OWNED = {  # DeepSpeed keys the harness sets from the study; DeepSpeed would ignore these silently
+    "optimizer": "ditscale hands DeepSpeed its own AdamW (train.lr, train.betas, train.weight_decay); remove it",
+    "scheduler": "ditscale hands DeepSpeed its own schedule (train.schedule, train.warmup_steps); remove it",
+}
+# section ("" = top level) -> key -> (kind, lowest value): kind "int" | "number" | "bool".
+_DS_FIELDS = {
+    "": {"train_batch_size": ("int", 1), "train_micro_batch_size_per_gpu": ("int", 1),
+         "gradient_accumulation_steps": ("int", 1), "gradient_clipping": ("number", 0),
+         "steps_per_print": ("int", 1), "gradient_predivide_factor": ("number", 0),
+         "prescale_gradients": ("bool", None), "wall_clock_breakdown": ("bool", None),
+         "zero_allow_untested_optimizer": ("bool", None), "zero_force_ds_cpu_optimizer": ("bool", None)},
+    "zero_optimization": {"stage": ("int", 0), "reduce_bucket_size": ("number", 0),
+                          "allgather_bucket_size": ("number", 0), "overlap_comm": ("bool", None),
+                          "contiguous_gradients": ("bool", None), "reduce_scatter": ("bool", None),
+                          "allgather_partitions": ("bool", None), "round_robin_gradients": ("bool", None),
+                          "stage3_prefetch_bucket_size": ("number", 0), "stage3_param_persistence_threshold": ("number", 0),
+                          "stage3_max_live_parameters": ("number", 0), "stage3_max_reuse_distance": ("number", 0),
+                          "stage3_gather_16bit_weights_on_model_save": ("bool", None), "sub_group_size": ("number", 1)},
+    "fp16": {"enabled": ("bool", None), "loss_scale": ("number", 0), "initial_scale_power": ("int", 0),
+             "loss_scale_window": ("int", 1), "hysteresis": ("int", 1), "min_loss_scale": ("number", 0)},
+    "bf16": {"enabled": ("bool", None)},
+}
+
+
+def _ds_value_problem(kind: str, low, value) -> str | None:
+    if kind == "bool":
+        return None if isinstance(value, bool) else f"{value!r} must be true or false"
+    if kind == "int" and not (_is_number(value) and float(value).is_integer()):
+        return f"{value!r} must be a whole number"
+    if kind == "number" and not _is_number(value):
+        return f"{value!r} must be a number"
+    if low is not None and value < low:
+        return f"{value!r} must be at least {low}"
+    return None
+
+
+def check_deepspeed(trial: TrialConfig) -> list[str]:
+    """`train.deepspeed` (merged last into the DeepSpeed config) checked without DeepSpeed: sections are
+    mappings, the known numeric and boolean fields have their types, ZeRO stage 0-3, one of fp16/bf16,
+    the batch keys agree with train.batch_size and the workers, and no optimizer/scheduler of its own.
+    One line per problem, naming `train.deepspeed.<key>`. (The sweep also runs DeepSpeed's own config
+    class over the merged config before Ray starts.)"""
+    raw, t, r = trial.train.deepspeed, trial.train, trial.resources
+    problems = [f"train.deepspeed.{key}: {why}" for key, why in _DS_OWNED.items() if key in raw]
+    for section, fields in _DS_FIELDS.items():
+        values = raw if not section else raw.get(section, {})
+        if not isinstance(values, dict):
+            problems.append(f"train.deepspeed.{section}: {values!r} must be a mapping")
+            continue
+        for key, (kind, low) in fields.items():
+            if key in values:
+                problem = _ds_value_problem(kind, low, values[key])
+                if problem:
+                    problems.append(f"train.deepspeed.{section + '.' if section else ''}{key}: {problem}")
+    zero = raw.get("zero_optimization", {})
+    if isinstance(zero, dict) and _is_number(zero.get("stage")) and zero["stage"] > 3:
+        problems.append(f"train.deepspeed.zero_optimization.stage: {zero['stage']!r} must be 0, 1, 2 or 3")
+    enabled = {}
+    for mode in ("fp16", "bf16"):
+        section = raw.get(mode, {})
+        if isinstance(section, dict) and isinstance(section.get("enabled"), bool):
+            enabled[mode] = section["enabled"]
+    if enabled.get("fp16") and enabled.get("bf16"):
+        problems.append("train.deepspeed.fp16.enabled: fp16 and bf16 cannot both be enabled")
+    for mode, on in enabled.items():
+        if on != (t.precision == mode):
+            problems.append(f"train.deepspeed.{mode}.enabled: {str(on).lower()} contradicts train.precision "
+                            f"({t.precision}); set train.precision instead")
+    batch = {k: raw[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+             if k in raw}
+    if batch and all(_is_number(v) and v >= 1 for v in batch.values()):
+        total = batch.get("train_batch_size", t.batch_size)
+        micro = batch.get("train_micro_batch_size_per_gpu", trial.micro_batch_size)
+        accumulation = batch.get("gradient_accumulation_steps", trial.grad_accumulation)
+        if total != t.batch_size:
+            problems.append(f"train.deepspeed.train_batch_size: {total} differs from train.batch_size "
+                            f"({t.batch_size}); set train.batch_size instead")
+        elif micro * accumulation * r.workers_per_trial != total:
+            key = ("gradient_accumulation_steps" if "gradient_accumulation_steps" in batch
+                   else "train_micro_batch_size_per_gpu")
+            problems.append(f"train.deepspeed.{key}: micro-batch {micro} x accumulation {accumulation} x "
+                            f"{r.workers_per_trial} workers is not train.batch_size ({total})")
+    return problems
+
+
+def check_trial(trial: TrialConfig, check_files: bool = True) -> list[str]:
+    """Cross-field rules that pydantic's per-field checks cannot see."""
+    problems = []
+    m, d, t, r = trial.model, trial.data, trial.train, trial.resources
+    try:
+        spec = parse_model_name(trial.model_name)
+    except ValueError as err:
+        return [f"model.size: {err}"]
+    if spec.hidden % spec.heads:
+        problems.append(f"model.size: hidden size {spec.hidden} is not divisible by {spec.heads} heads")
+    if d.image_size > MAX_IMAGE_SIZE:
+        problems.append(f"data.image_size: {d.image_size} is larger than {MAX_IMAGE_SIZE}")
+    elif d.image_size % m.patch:
+        problems.append(f"model.patch: {m.patch} does not divide data.image_size {d.image_size}")
+    if m.family == "dit" and d.conditioning == "text":
+        problems.append("data.conditioning: DiT is class-conditional; use model.family: mmdit for captions")
+    if m.family != "mmdit" and (m.attention != "joint" or m.qk_norm):
+        problems.append("model.attention: joint/split and qk_norm apply to model.family: mmdit only")
+    if d.flip and d.conditioning == "text":
+        problems.append("data.flip: flips would contradict captions that say left/right; use it with class labels")
+    if t.batch_size % r.workers_per_trial:
+        problems.append(f"train.batch_size: {t.batch_size} is not divisible by resources.workers_per_trial "
+                        f"({r.workers_per_trial})")
+    elif t.batch_size % (trial.micro_batch_size * r.workers_per_trial):
+        problems.append(f"train.batch_size: {t.batch_size} is not divisible by resources.workers_per_trial "
+                        f"({r.workers_per_trial}) x train.micro_batch_size ({trial.micro_batch_size})")
+    for i, beta in enumerate(t.betas):
+        if not 0 <= beta < 1:
+            problems.append(f"train.betas: betas[{i}] = {beta:g} must be in [0, 1)")
+    problems += check_deepspeed(trial)
+    samplers = ("ddpm", "ddim") if trial.objective.kind == "ddpm" else ("euler", "heun")
+    if trial.eval.sampler not in samplers + ("auto",):
+        problems.append(f"eval.sampler: {trial.eval.sampler} does not sample {trial.objective.kind}; "
+                        f"use {' or '.join(samplers)}")
+    if (t.steps is None) == (t.flops is None):
+        problems.append("train.steps / train.flops: give exactly one of them (a step count or a compute budget)")
+    if t.steps is not None:
+        problems += check_schedule(t)
+    if t.schedule == "wsd" and t.cooldown is not None and t.cooldown_steps is not None:
+        problems.append("train.cooldown / train.cooldown_steps: give one of them (a share of the steps or a count)")
+    if t.schedule != "wsd" and (t.cooldown is not None or t.cooldown_steps is not None):
+        problems.append(f"train.cooldown: only train.schedule: wsd has a cooldown (schedule is {t.schedule})")
+    if check_files:
+        for field in ("shards", "val_shards"):
+            pattern = getattr(d, field)
+            if not pattern:
+                continue
+            urls, missing = shard_urls(pattern)
+            if not urls:
+                problems.append(f"data.{field}: no file matches {pattern!r}")
+            elif missing:
+                problems.append(f"data.{field}: {len(missing)} of {len(urls) + len(missing)} shards are missing "
+                                f"(first: {missing[0]})")
+    return problems

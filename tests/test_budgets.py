@@ -1,0 +1,174 @@
+"""Compute-budgeted trials (train.flops), warmup-stable-decay schedules with cooldown branches from a
+shared trunk, and divergence: planning rules checked directly, the sweep on real Ray + DeepSpeed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.conftest import ditscale, tiny_study, write_study
+
+
+def _trials(digits_dir, tmp_path, grid=None, **train):
+    from harness.config import expand_grid, load_study
+
+    base = {"steps": None, **train} if "flops" in train else train
+    study = tiny_study(digits_dir, "budget", train=base, grid=grid or {},
+                       resources={"workers_per_trial": 1, "storage": str(tmp_path / "runs")})
+    study["train"] = {k: v for k, v in study["train"].items() if v is not None}
+    return expand_grid(load_study(write_study(tmp_path / "s.yaml", study)))
+
+
+def _per_step(trial) -> float:
+    """One optimizer step's training FLOPs, counted independently of the harness: 3 x forward x batch."""
+    from models.flops import count_model
+
+    forward = count_model(trial.model_name, input_size=16, in_channels=1, num_classes=10,
+                          learn_sigma=trial.model.learn_sigma).gflops * 1e9
+    return 3 * forward * trial.train.batch_size
+
+
+def test_budget_gives_steps_rounded_to_the_nearest_step(digits_dir, tmp_path):
+    from harness.trial.budget import resolve_budgets
+
+    trials = _trials(digits_dir, tmp_path, flops=1.0, grid={"train.flops": [7.3e11, 2.2e12], "model.size": ["XXS", "XS"]})
+    ids_before = [t.trial_id for t in trials]
+    resolve_budgets(trials)
+    for trial in trials:
+        assert trial.train.steps == round(trial.train.flops / _per_step(trial))
+        assert trial.train.steps >= 1
+    assert [t.trial_id for t in trials] == ids_before, "resolving the steps must not change a trial's identity"
+    xxs = [t for t in trials if t.model.size == "XXS"]
+    assert xxs[1].train.steps > xxs[0].train.steps
+    # an isoFLOP design: a bigger model gets fewer steps for the same budget
+    same_budget = sorted((t for t in trials if t.train.flops == 2.2e12), key=lambda t: t.model.size)
+    assert same_budget[0].train.steps != same_budget[1].train.steps
+
+
+def test_exactly_one_of_steps_and_flops(digits_dir, tmp_path):
+    from harness.config import StudyError
+
+    with pytest.raises(StudyError, match=r"train.steps / train.flops: give exactly one"):
+        _trials(digits_dir, tmp_path, steps=30, flops=1e12)
+    with pytest.raises(StudyError, match=r"train.steps / train.flops: give exactly one"):
+        _trials(digits_dir, tmp_path, steps=None)
+
+
+def test_budget_too_small_and_coinciding_budgets_name_the_field_and_trial(digits_dir, tmp_path):
+    from harness.config import StudyError
+    from harness.trial.budget import resolve_budgets
+
+    trials = _trials(digits_dir, tmp_path, flops=1.0)
+    with pytest.raises(StudyError, match=r"train.flops: 1 buys less than one step of DiT-XXS/4 .*trial 0"):
+        resolve_budgets(trials)
+    per_step = _per_step(_trials(digits_dir, tmp_path, steps=10)[0])
+    trials = _trials(digits_dir, tmp_path, flops=1.0, grid={"train.flops": [20 * per_step, 20.2 * per_step]})
+    with pytest.raises(StudyError, match=r"train.flops: .* both give 20 steps"):
+        resolve_budgets(trials)
+
+
+def test_wsd_schedule_warmup_stable_and_cooldown_shapes(digits_dir, tmp_path):
+    from harness.trial.engine import lr_multiplier
+
+    (trial,) = _trials(digits_dir, tmp_path, steps=100, schedule="wsd", warmup_steps=10, cooldown=0.2)
+    f = lr_multiplier(trial)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(50) == 1.0 and f(79) == 1.0  # stable until the last 20 steps
+    assert f(80) == pytest.approx(1.0) and f(85) == pytest.approx(1 - math.sqrt(5 / 20))
+    assert f(99) == pytest.approx(1 - math.sqrt(19 / 20))
+    (linear,) = _trials(digits_dir, tmp_path, steps=100, schedule="wsd", cooldown_steps=40, cooldown_shape="linear")
+    g = lr_multiplier(linear)
+    assert g(59) == 1.0 and g(70) == pytest.approx(0.75)
+
+
+def test_schedule_mistakes_are_reported_with_their_fields(digits_dir, tmp_path):
+    from harness.config import StudyError
+
+    with pytest.raises(StudyError, match=r"train.cooldown / train.cooldown_steps: give one"):
+        _trials(digits_dir, tmp_path, steps=100, schedule="wsd", cooldown=0.2, cooldown_steps=5)
+    with pytest.raises(StudyError, match=r"train.cooldown: only train.schedule: wsd"):
+        _trials(digits_dir, tmp_path, steps=100, cooldown=0.2)
+    with pytest.raises(StudyError, match=r"train.cooldown_steps: warm-up \(10\) \+ cooldown \(95\) exceed"):
+        _trials(digits_dir, tmp_path, steps=100, schedule="wsd", warmup_steps=10, cooldown_steps=95)
+
+
+def test_branch_plan_groups_trials_that_differ_only_in_length(digits_dir, tmp_path):
+    from harness.launch.branches import branch_point, plan_branches, plan_compute
+
+    trials = _trials(digits_dir, tmp_path, steps=40, schedule="wsd", warmup_steps=4, cooldown=0.25,
+                     grid={"train.steps": [40, 80, 120], "model.size": ["XXS", "XS"]})
+    trials.append(_trials(digits_dir, tmp_path, steps=60, schedule="wsd", branch=False)[0])
+    trunks, alone = plan_branches(trials)
+    assert len(trunks) == 2 and len(alone) == 1  # one trunk per model size; branch: false trains alone
+    for trunk in trunks:
+        assert [branch_point(b) for b in trunk.branches] == [30, 60, 90]
+        t = trunk.trial.train
+        assert (t.steps, t.schedule, t.warmup_steps, t.save_at, t.flops) == (90, "warmup", 4, [30, 60, 90], None)
+        assert {b.model.size for b in trunk.branches} == {trunk.trial.model.size}
+        assert trunk.trial.trial_id not in {b.trial_id for b in trunk.branches}
+    branched, independent = plan_compute(trunks, alone, lambda trial: 1.0)
+    # per size: trunk 90 + cooldowns 10 + 20 + 30 vs 40 + 80 + 120; plus the lone trial in both
+    assert (branched, independent) == (2 * 150 + 60, 2 * 240 + 60)
+
+
+def test_dry_run_prints_budgets_steps_images_and_the_branched_compute(digits_dir, tmp_path):
+    study = tiny_study(digits_dir, "isoflop-dry", train={"steps": None, "flops": 6e11, "schedule": "wsd",
+                                                         "cooldown": 0.2},
+                       grid={"train.flops": [6e11, 1.2e12, 2.4e12]})
+    study["train"].pop("steps")
+    out = ditscale("sweep", str(write_study(tmp_path / "s.yaml", study)), "--dry-run", cwd=tmp_path).stdout
+    assert "budget" in out and "img/param" in out and "6e+11" in out
+    assert "WSD branches: 1 trunk(s) serve 3 trials" in out and "trained independently" in out
+
+
+@pytest.mark.slow
+def test_branches_match_standalone_and_divergence_is_a_concluded_status(digits_dir, tmp_path):
+    """Two WSD lengths branched from one trunk on real Ray + DeepSpeed: each branch is its own MLflow
+    trial run (tag branch_of = the trunk), with the same params as a standalone trial, and ends at the
+    validation loss of the same trial trained standalone, within that trial's run-to-run noise."""
+    import mlflow
+
+    train = {"steps": 60, "schedule": "wsd", "warmup_steps": 5, "cooldown": 0.25, "lr": 2e-3, "log_every": 5,
+             "checkpoint_every": 1000}
+    ev = {"val_batches": 2, "batch_size": 64}
+    branched = tiny_study(digits_dir, "branches", train=train, eval=ev, grid={"train.steps": [40, 60]})
+    alone = tiny_study(digits_dir, "branches-alone", train={**train, "branch": False}, eval=ev,
+                       grid={"train.steps": [60], "train.seed": [0, 1]})
+    for study in (branched, alone):
+        ditscale("sweep", str(write_study(tmp_path / f"{study['name']}.yaml", study)), "--no-report",
+                 cwd=tmp_path, timeout=1500)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def runs(name):
+        exp = client.get_experiment_by_name(name)
+        return client.search_runs([exp.experiment_id], filter_string="tags.trial_id != ''")
+
+    got = runs("branches")
+    trunk = [r for r in got if r.data.tags.get("ditscale.role") == "trunk"]
+    branches = [r for r in got if "branch_of" in r.data.tags]
+    assert len(trunk) == 1 and len(branches) == 2 and len(got) == 3
+    assert {r.data.tags["branch_of"] for r in branches} == {trunk[0].data.tags["trial_id"]}
+    assert all(r.data.tags["ditscale.status"] == "finished" for r in got)
+    standalone = {int(r.data.params["train.seed"]): r for r in runs("branches-alone")}
+    assert set(branches[0].data.params) == set(standalone[0].data.params), "a branch has a standalone trial's params"
+    long_branch = next(r for r in branches if r.data.params["train.steps"] == "60")
+    assert long_branch.data.metrics["step"] == 60 and long_branch.data.metrics["samples_seen"] == 60 * 32
+    noise = abs(standalone[0].data.metrics["val_loss"] - standalone[1].data.metrics["val_loss"])
+    gap = abs(long_branch.data.metrics["val_loss"] - standalone[0].data.metrics["val_loss"])
+    print(f"\nval_loss: branch {long_branch.data.metrics['val_loss']:.4f}, standalone seed 0 "
+          f"{standalone[0].data.metrics['val_loss']:.4f}, seed 1 {standalone[1].data.metrics['val_loss']:.4f}; "
+          f"gap {gap:.4f}, run-to-run noise {noise:.4f}")
+    assert gap <= max(2 * noise, 0.02 * standalone[0].data.metrics["val_loss"]), (gap, noise)
+
+    # Divergence: a learning rate far too high stops the trial as diverged; the sweep goes on, and a
+    # second sweep does not train it again.
+    wild = tiny_study(digits_dir, "wild", train={"lr": 50.0, "divergence_factor": 2.0, "steps": 40},
+                      grid={"train.lr": [50.0, 1e-3]})
+    path = write_study(tmp_path / "wild.yaml", wild)
+    first = ditscale("sweep", str(path), "--no-report", cwd=tmp_path, timeout=900, check=False)
+    statuses = {r.data.params["train.lr"]: r.data.tags["ditscale.status"] for r in runs("wild")}
+    assert statuses["0.001"] == "finished" and statuses["50.0"].startswith("diverged"), statuses
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = ditscale("sweep", str(path), "--no-report", cwd=tmp_path, timeout=600)
+    assert "2 of 2 trials already finished or diverged" in again.stdout
