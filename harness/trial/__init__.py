@@ -1,3 +1,4 @@
-"""One trial: build the model from the study (build), the DeepSpeed engine (engine), the data stream
-(batches, conditioning), the loop with its checkpoints, stop requests and start-up timing (loop,
-checkpoint, stopping, startup), the process group (distributed), and `ditscale train` (commands)."""
+"""One trial: build the model from the study (build), a compute budget's step count (budget), the
+DeepSpeed engine with its LR schedule and muP groups (engine), the data stream (batches, conditioning),
+the loop with its checkpoints, stop requests and start-up timing (loop, checkpoint, stopping,
+startup), the process group (distributed), and `ditscale train` (commands)."""
