@@ -96,8 +96,8 @@ def test_single_worker_trials_train_in_the_reused_tune_process_and_recover(tmp_p
     out = proc.stdout + proc.stderr
     assert "injected worker failure" in out, "the fault knob did not fire"
     # The loop ran in Tune's trial processes (no Ray Train worker), and one process trained two trials.
-    starts = re.findall(r"\(_tune_trial pid=(\d+)\).*\[DiT-XXS/\d (\w{6})\] start-up", out)
-    assert "RayTrainWorker" not in out and len({tid for _, tid in starts}) == 3, starts
+    starts = re.findall(r"\(run_tune_trial pid=(\d+)\).*\[DiT-XXS/\d (\w{6})\] start-up", out)
+    assert "RayTrainWorker" not in out and len({tid for _, tid in starts}) == 3, (starts, out[-6000:])
     per_pid = {}
     for pid, tid in starts:
         per_pid.setdefault(pid, set()).add(tid)

@@ -156,7 +156,7 @@ def test_resumed_at_the_last_step_still_evaluates(tmp_path, digits_dir):
 _TWO_TRIALS_ONE_PROCESS = """
 import gc, sys
 from harness.config import expand_grid, load_study
-from harness.launch.sweep import _process_group_scope
+from harness.launch.tune_trial import _process_group_scope
 from harness.trial.loop import train_trial
 
 for trial in expand_grid(load_study(sys.argv[1])):
