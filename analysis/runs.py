@@ -29,7 +29,7 @@ import pandas as pd
 
 from harness.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_ID_TAG, resolve_tracking_uri
 from models.flops import training_gflops
-from models.registry import DIT_SIZES
+from models.registry import size_order
 
 TAG_COLUMNS = ("family", "size", "patch", "objective", "attention", "model")
 
@@ -42,8 +42,6 @@ _FD = re.compile(r"^(?:fid|fd_(?P<ext>.+?))(?:_cfg(?P<cfg>\d+(?:\.\d+)?))?$")
 # `forward_gflops`; the other names are read for runs logged by other tools.
 _PARAM_COUNT_KEYS = ("params", "n_params", "num_params", "model.params", "model.n_params", "param_count")
 _FORWARD_KEYS = ("forward_gflops", "model.forward_gflops", "gflops")
-
-DIT_SIZE_ORDER = tuple(DIT_SIZES)  # the presets, small to large (models.registry)
 
 
 def default_tracking_uri(uri: str | None = None) -> str:
@@ -195,12 +193,14 @@ def _arch(family: str, attention: str) -> str:
     return f"mmdit-{attention or 'joint'}" if family == "mmdit" else (family or "")
 
 
-def size_rank(size: str) -> float:
-    """Order of a size name: DiT's XXS < XS < S < B < L < XL, MM-DiT's dN by depth."""
-    if size in DIT_SIZE_ORDER:
-        return float(DIT_SIZE_ORDER.index(size))
-    m = re.fullmatch(r"d(\d+)", str(size))
-    return 100.0 + int(m.group(1)) if m else 1000.0
+def size_rank(size: str, family: str = "") -> float:
+    """Order of a size name within its family: by depth x width^2 (DiT's XXS < d3w96 < XS < S < B < L < XL,
+    MM-DiT's dN by depth); a name that does not parse sorts last."""
+    size = str(size)
+    if not family:
+        family = "mmdit" if re.fullmatch(r"d\d+", size) else "dit"
+    rank = size_order(family, size)
+    return rank if math.isfinite(rank) else math.inf
 
 
 def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | None = None,
@@ -279,7 +279,7 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
     df = df.drop(columns=[f"param:{k}" for k in param_keys])
     df = pd.concat([df, params[[c for c in params.columns if c not in df.columns]]], axis=1)
     df["label"] = df.apply(_label, axis=1)
-    df["size_rank"] = df["size"].map(size_rank)
+    df["size_rank"] = [size_rank(s, f) for s, f in zip(df["size"], df.get("family", pd.Series("", index=df.index)).fillna(""))]
     lead = ["trial_id", "run_id", "label", "status", "arch", "family", "size", "patch", "attention", "objective",
             "model", "forward_gflops", "params", "train_gflops", "samples_seen", "steps"]
     lead = [c for c in lead if c in df]

@@ -1,6 +1,7 @@
 """Model names -> constructed models.
 
-Names: `DiT-{XXS,XS,S,B,L,XL}/{patch}` (S/B/L/XL as in the DiT paper, the others CPU presets) and
+Names: `DiT-{XXS,XS,S,B,L,XL}/{patch}` (S/B/L/XL as in the DiT paper, the others CPU presets),
+`DiT-d{depth}w{width}/{patch}` (any DiT geometry, head width 32: small ladders for CPU studies) and
 `MMDiT-d{depth}/{patch}` (SD3's rule: hidden = 64 * depth, heads = depth; d2/d4 are CPU presets,
 d24 is SD3-medium's geometry, d38 the paper's 8 B model). `build_model(name, **kwargs)` passes keyword
 arguments to the model's constructor, so `build_model("DiT-XL/2", input_size=32, in_channels=4,
@@ -29,12 +30,18 @@ DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "XL": (28, 1152, 16),
 }
 DIT_PATCHES = (2, 4, 8)
+# DiT-d{depth}w{width}: any geometry, so a CPU study can have a ladder of 4+ sizes (e.g. d2w64 d3w96 d4w128
+# d6w192, about 3x parameters per rung). Head width 32 keeps several heads at these widths.
+DIT_GEOMETRY_HEAD_DIM = 32
 
 # MM-DiT sizes follow SD3's rule: hidden = 64 * depth, heads = depth (head width 64). Any depth parses;
 # these are the listed presets: d2/d4 for CPUs, d24 = SD3-medium's geometry, d38 = the paper's 8 B model.
 MMDIT_HEAD_DIM = 64
 MMDIT_DEPTHS = (2, 4, 8, 12, 16, 18, 24, 30, 38)
 MMDIT_PATCHES = (2, 4, 8)
+# DiT-d{depth}w{width}: any geometry, so a CPU study can have a ladder of 4+ sizes (e.g. d2w64 d3w96 d4w128
+# d6w192, about 3x parameters per rung). Head width 32 keeps several heads at these widths.
+DIT_GEOMETRY_HEAD_DIM = 32
 
 
 def mmdit_geometry(depth: int) -> tuple[int, int, int]:
@@ -56,6 +63,7 @@ class ModelSpec:
 
 
 _DIT_NAME = re.compile(r"^DiT-([A-Z]+)/(\d+)$")
+_DIT_GEOMETRY_NAME = re.compile(r"^DiT-d(\d+)w(\d+)/(\d+)$")
 _MMDIT_NAME = re.compile(r"^MMDiT-d(\d+)/(\d+)$")
 
 
@@ -79,6 +87,13 @@ def parse_model_name(name: str) -> ModelSpec:
             raise ValueError(f"patch size must be positive in {name!r}")
         depth, hidden, heads = DIT_SIZES[size]
         return ModelSpec(name, "dit", size, patch, depth, hidden, heads)
+    m = _DIT_GEOMETRY_NAME.match(name)
+    if m:
+        depth, width, patch = (int(g) for g in m.groups())
+        if depth < 1 or patch < 1 or width < DIT_GEOMETRY_HEAD_DIM or width % DIT_GEOMETRY_HEAD_DIM:
+            raise ValueError(f"{name!r}: depth and patch must be positive and the width a multiple of "
+                             f"{DIT_GEOMETRY_HEAD_DIM} (the head width), e.g. DiT-d4w128/2")
+        return ModelSpec(name, "dit", f"d{depth}w{width}", patch, depth, width, width // DIT_GEOMETRY_HEAD_DIM)
     m = _MMDIT_NAME.match(name)
     if m:
         depth, patch = int(m.group(1)), int(m.group(2))
@@ -86,8 +101,18 @@ def parse_model_name(name: str) -> ModelSpec:
             raise ValueError(f"depth and patch size must be positive in {name!r}")
         depth, hidden, heads = mmdit_geometry(depth)
         return ModelSpec(name, "mmdit", f"d{depth}", patch, depth, hidden, heads)
-    raise ValueError(f"unknown model name {name!r}; expected e.g. DiT-XL/2 (sizes {', '.join(DIT_SIZES)}) "
-                     f"or MMDiT-d24/2 (any depth d1, d2, ...)")
+    raise ValueError(f"unknown model name {name!r}; expected e.g. DiT-XL/2 (sizes {', '.join(DIT_SIZES)}), "
+                     f"DiT-d4w128/2 (any depth and width) or MMDiT-d24/2 (any depth d1, d2, ...)")
+
+
+def size_order(family: str, size: str) -> float:
+    """A number that orders a family's sizes small to large (depth x width^2, the block parameters'
+    scale); nan for a size that does not parse."""
+    try:
+        spec = parse_model_name(model_name(family, size, 2))
+    except ValueError:
+        return float("nan")
+    return float(spec.depth * spec.hidden**2)
 
 
 def list_presets() -> list[str]:

@@ -220,3 +220,21 @@ def test_sdpa_attention_matches_explicit_softmax():
     q, k, v = attn.qkv(x).reshape(2, 7, 3, 3, 8).permute(2, 0, 3, 1, 4)
     ref = attn.proj((F.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1) @ v).transpose(1, 2).reshape(2, 7, 24))
     torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_any_dit_geometry_parses_and_sizes_order_by_scale():
+    """`DiT-d{depth}w{width}/p`: the CPU ladders of the embedded studies (head width 32)."""
+    from analysis.runs import size_rank
+    from models.registry import parse_model_name
+
+    spec = parse_model_name("DiT-d3w96/2")
+    assert (spec.family, spec.size, spec.depth, spec.hidden, spec.heads, spec.patch) == ("dit", "d3w96", 3, 96, 3, 2)
+    model = build_model("DiT-d3w96/4", input_size=16, in_channels=3, num_classes=4)
+    assert (len(model.blocks), model.blocks[0].attn.qkv.in_features) == (3, 96)
+    for bad in ("DiT-d3w100/2", "DiT-d0w64/2", "DiT-d2w64/0", "DiT-d2w16/2"):
+        with pytest.raises(ValueError, match="multiple of 32|positive"):
+            parse_model_name(bad)
+    ladder = ["XXS", "d2w64", "d3w96", "d4w128", "XS", "d6w192", "S", "XL"]
+    ranks = [size_rank(s, "dit") for s in ladder]
+    assert ranks == sorted(ranks) and ranks[0] == ranks[1], ranks  # XXS is d2w64's geometry
+    assert size_rank("d3", "mmdit") < size_rank("d4", "mmdit") < size_rank("nonsense", "dit")

@@ -35,56 +35,45 @@ def _train(study: Path, cwd: Path, umask: int = 0o022):
         os.umask(old)
 
 
-# --- row: resume (0700 trial folders; an unreadable newest tag falls back) ---------------------------------
+# --- rows: resume (0700 trial folders; an unreadable newest tag falls back) and checkpoint pruning ---------
+# One real training run serves both rows (each `ditscale train` costs a DeepSpeed start-up).
 
 
 @pytest.mark.slow
-def test_trial_folders_are_private_and_a_corrupt_newest_checkpoint_falls_back(tmp_path, digits_dir):
+def test_private_folders_pruned_checkpoints_and_a_corrupt_newest_checkpoint_falls_back(tmp_path, digits_dir):
     name = "private"
     study = write_study(tmp_path / "s.yaml", tiny_study(
-        digits_dir, name, train={"steps": 20, "checkpoint_every": 10, "log_every": 5, "keep_checkpoints": 3}))
+        digits_dir, name, train={"steps": 40, "checkpoint_every": 10, "log_every": 5, "keep_checkpoints": 2}))
     # umask 0: without an explicit chmod every folder would come out 0777
     first = _train(study, tmp_path, umask=0)
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoints = next((tmp_path / "runs" / name).glob("*/checkpoints"))
     assert _mode(checkpoints.parent) == 0o700, f"trial folder is {oct(_mode(checkpoints.parent))}"
     assert _mode(checkpoints) == 0o700, f"checkpoints/ is {oct(_mode(checkpoints))}"
-    assert _tags(checkpoints) == ["step-00000010", "step-00000020"]
-    assert (checkpoints / "latest").read_text().strip() == "step-00000020"
+    # pruning: only the 2 newest of 10, 20, 30, 40 are kept, and no half-removed tag is left behind
+    assert _tags(checkpoints) == ["step-00000030", "step-00000040"]
+    assert (checkpoints / "latest").read_text().strip() == "step-00000040"
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]
 
     # The newest tag is damaged (a truncated copy, a full disk, a hand edit): resuming falls back to
-    # step 10, says so in one line naming the tag, and trains 11..20 again.
-    states = checkpoints / "step-00000020" / "mp_rank_00_model_states.pt"
+    # step 30, says so in one line naming the tag, and trains 31..40 again.
+    states = checkpoints / "step-00000040" / "mp_rank_00_model_states.pt"
     data = states.read_bytes()
     states.write_bytes(data[: len(data) // 2])
     second = _train(study, tmp_path)
     assert second.returncode == 0, f"resume failed:\n{second.stderr[-4000:]}"
     assert "Traceback" not in second.stderr
-    warnings = [line for line in (second.stdout + second.stderr).splitlines() if "step-00000020" in line
+    warnings = [line for line in (second.stdout + second.stderr).splitlines() if "step-00000040" in line
                 and "warning" in line.lower()]
     assert len(warnings) == 1, second.stderr[-3000:]
-    assert "step 15/20" in second.stdout and "finished at step 20" in second.stdout, second.stdout[-3000:]
-    assert len((checkpoints / "step-00000020" / "mp_rank_00_model_states.pt").read_bytes()) >= len(data) // 2 + 1
+    assert "step 35/40" in second.stdout and "finished at step 40" in second.stdout, second.stdout[-3000:]
+    assert len((checkpoints / "step-00000040" / "mp_rank_00_model_states.pt").read_bytes()) >= len(data) // 2 + 1
     assert _mode(checkpoints.parent) == 0o700 and _mode(checkpoints) == 0o700
 
 
-# --- row: checkpoint pruning ----------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_only_the_newest_checkpoints_are_kept(tmp_path, digits_dir):
-    name = "prune"
-    study = write_study(tmp_path / "s.yaml", tiny_study(
-        digits_dir, name, train={"steps": 40, "checkpoint_every": 10, "log_every": 10, "keep_checkpoints": 2}))
-    proc = _train(study, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    checkpoints = next((tmp_path / "runs" / name).glob("*/checkpoints"))
-    assert _tags(checkpoints) == ["step-00000030", "step-00000040"]
-    assert (checkpoints / "latest").read_text().strip() == "step-00000040"
-    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")], "no half-removed tag left behind"
-
-    # The rules on real folders: the tag `latest` names and the one being written are never removed,
-    # tags newer than the one written (a fallback resume left them) are not touched, branch points stay.
+def test_pruning_rules_on_real_folders(tmp_path):
+    """The tag `latest` names and the one being written are never removed, tags newer than the one
+    written (a fallback resume left them) are not touched, branch points stay."""
     from harness.trial.checkpoint import prune_checkpoints
 
     root = tmp_path / "rules"
