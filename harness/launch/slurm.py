@@ -320,10 +320,45 @@ def print_submitted(sub: Submission, job_id: str) -> None:
 # --- helpers the batch script calls --------------------------------------------------------------
 
 
+def _is_local_address(ip: str) -> bool:
+    """Whether `ip` is a non-loopback IPv4 address of this machine (one a socket can bind)."""
+    if ip.startswith("127."):
+        return False
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False
+
+
+def slurm_node_addr() -> str | None:
+    """This node's address as Slurm reaches it (`NodeAddr` of $SLURMD_NODENAME, resolved to IPv4), when
+    it is an address of this machine; else None. Slurm's controller and srun reach every node there,
+    so it works where no default route exists (isolated clusters, test hosts in network namespaces)."""
+    name = os.environ.get("SLURMD_NODENAME")
+    if not name or shutil.which("scontrol") is None:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "node", name], capture_output=True, text=True,
+                             timeout=15).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"\bNodeAddr=(\S+)", out)
+    if not m:
+        return None
+    try:
+        ip = socket.gethostbyname(m.group(1))
+    except OSError:
+        return None
+    return ip if _is_local_address(ip) else None
+
+
 def node_ip(toward: str | None = None) -> str:
     """The IPv4 address Ray should bind on this node: $DITSCALE_RAY_IFACE's address when set, else
     the source address of the route toward `toward` (the head node; default a public address: no
-    packet is sent), else what the host name resolves to."""
+    packet is sent), else Slurm's address for this node (a node without a default route), else what
+    the host name resolves to, else 127.0.0.1 (which only a one-node cluster can use)."""
     iface = os.environ.get("DITSCALE_RAY_IFACE")
     if iface:
         try:
@@ -336,12 +371,18 @@ def node_ip(toward: str | None = None) -> str:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect((toward or "8.8.8.8", 80))
             return s.getsockname()[0]
+    except OSError:  # no route there: e.g. no default route
+        pass
+    ip = slurm_node_addr()
+    if ip:
+        return ip
+    try:
+        ip = socket.gethostbyname(socket.gethostname())
+        if _is_local_address(ip):
+            return ip
     except OSError:
         pass
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
+    return "127.0.0.1"
 
 
 def wait_for_ray(address: str, nodes: int, timeout: float = 300.0, watch_pids=()) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ def train_trial(
         _seed_everything(trial.train.seed * 1000 + dist.rank + 1)  # per-rank noise and timesteps
     phases.mark("resume")
 
+    hostnames = _worker_hostnames()  # every rank takes part
     logger = None
     if dist.is_main:
         uri = resolve_tracking_uri(trial.tracking.uri)
@@ -106,6 +108,8 @@ def train_trial(
         # Model size as metrics, so analysis can fit loss against parameters and compute.
         logger.log_metrics({"params": float(built.info.params), "forward_gflops": built.info.forward_gflops},
                            state.step)
+        # A tag, not a param: a resumed trial may run on other hosts.
+        logger.set_tag("worker_hostnames", ",".join(hostnames))
     if run_id is None:
         state.run_id = broadcast_object(state.run_id)
     phases.mark("mlflow")
@@ -297,6 +301,16 @@ class Trainer:
     def _report(self, checkpoint: Path | None) -> None:
         if self.report is not None:
             self.report(dict(self.last), checkpoint)
+
+
+def _worker_hostnames() -> list[str]:
+    """Every rank's host name, in rank order (a collective: every rank calls it)."""
+    name = socket.gethostname()
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return [name]
+    names: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(names, name)
+    return names
 
 
 def _seed_everything(seed: int) -> None:

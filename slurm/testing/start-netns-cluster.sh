@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Start a multi-host Slurm cluster on one machine: N "hosts", each a Linux network namespace with its
+# own hostname (a UTS namespace), address and slurmd, on a bridge inside the machine.
+#
+#   slurm/testing/start-netns-cluster.sh [STATE_DIR]      (default: $DITSCALE_NETNS_DIR or /tmp/ditscale-netns)
+#   export SLURM_CONF=STATE_DIR/slurm.conf                  (printed at the end; srun/sbatch/squeue need it)
+#   srun -N3 hostname                                       (ditscale-h1, ditscale-h2, ditscale-h3)
+#   slurm/testing/stop-netns-cluster.sh [STATE_DIR]
+#
+# The layout (defaults; the variables change them, e.g. to run two such clusters side by side):
+#   bridge $NAME-br at $NET.1/24 in the machine's own namespace (the "login node": srun and sbatch
+#   run there); host i = namespace $NAME-hi, hostname $NAME-hi, address $NET.(10+i) on its eth0,
+#   a veth whose other end ($NAME-hi) is on the bridge; Slurm node hi (NodeAddr=$NET.(10+i)).
+#   DITSCALE_NETNS_HOSTS=3  DITSCALE_NETNS_NAME=ditscale  DITSCALE_NETNS_NET=198.18.0 (RFC 2544's
+#   benchmarking range: no real network uses it)  DITSCALE_NETNS_SLURMCTLD_PORT=16827
+#   DITSCALE_NETNS_SLURMD_PORT=16828  DITSCALE_SLURM_START_TIMEOUT=60
+# slurmctld runs on host 1; one munged (own key and socket in STATE_DIR) in the machine's namespace
+# serves every host. The machine's filesystem is every host's filesystem (the "shared filesystem").
+# Traffic stays on the bridge: no route leaves it (no default route, no NAT, no forwarding).
+#
+# Needs root, Debian's slurm-wlm and munge, iproute2 (ip) and util-linux (nsenter, unshare). Everything it
+# creates is recorded in STATE_DIR (namespaces and links in netns.record, daemons by pid file) and
+# stop-netns-cluster.sh removes exactly that. Idempotent: if this cluster already answers, it prints
+# SLURM_CONF and exits; a half-started one is stopped and started afresh.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+state=${1:-${DITSCALE_NETNS_DIR:-/tmp/ditscale-netns}}
+hosts=${DITSCALE_NETNS_HOSTS:-3}
+name=${DITSCALE_NETNS_NAME:-ditscale}
+net=${DITSCALE_NETNS_NET:-198.18.0}
+ctld_port=${DITSCALE_NETNS_SLURMCTLD_PORT:-16827}
+slurmd_port=${DITSCALE_NETNS_SLURMD_PORT:-16828}
+timeout=${DITSCALE_SLURM_START_TIMEOUT:-60}
+
+die() { echo "start-netns-cluster: $*" >&2; exit 1; }
+export PATH="$PATH:/usr/sbin:/sbin"   # munged, slurmctld, slurmd, ip
+
+for cmd in munged slurmctld slurmd sinfo scontrol ip nsenter unshare; do
+    command -v "$cmd" >/dev/null || die "$cmd not found; install Debian's slurm-wlm, munge, iproute2 and util-linux"
+done
+[ "$(id -u)" = 0 ] || die "network namespaces and slurmd need root; run this as root"
+case $hosts in ''|*[!0-9]*) die "DITSCALE_NETNS_HOSTS=$hosts: a number of hosts, 1 to 200" ;; esac
+[ "$hosts" -ge 1 ] && [ "$hosts" -le 200 ] || die "DITSCALE_NETNS_HOSTS=$hosts: a number of hosts, 1 to 200"
+[[ $net =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "DITSCALE_NETNS_NET=$net: the first three numbers of a /24, e.g. 198.18.0"
+[[ $name =~ ^[a-z][a-z0-9-]*$ ]] || die "DITSCALE_NETNS_NAME=$name: lower-case letters, digits and '-'"
+# Interface names have at most 15 characters; the longest is the veth end $name-hN on the bridge.
+[ $(( ${#name} + 2 + ${#hosts} )) -le 15 ] || die "DITSCALE_NETNS_NAME=$name is too long for interface names (at most $(( 13 - ${#hosts} )) characters)"
+
+mkdir -p "$state"
+state=$(cd "$state" && pwd)
+conf="$state/slurm.conf"
+record="$state/netns.record"
+export SLURM_CONF="$conf"
+bridge="$name-br"
+host_ns() { echo "$name-h$1"; }        # namespace, hostname and bridge-side veth of host $1
+host_ip() { echo "$net.$((10 + $1))"; }
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+up() {
+    alive "$state/munge/munged.pid" && alive "$state/slurmctld.pid" || return 1
+    local i
+    for i in $(seq 1 "$hosts"); do
+        alive "$state/slurmd-h$i.pid" && [ -e "/run/netns/$(host_ns "$i")" ] || return 1
+    done
+    [ "$(sinfo -h -N -o '%N %T' 2>/dev/null | grep -c ' idle$\| mixed$\| allocated$')" = "$hosts" ]
+}
+if [ -f "$conf" ] && up; then
+    echo "export SLURM_CONF=$conf"
+    exit 0
+fi
+# A half-started cluster from an earlier run: remove what it recorded, start afresh.
+"$here/stop-netns-cluster.sh" "$state" >/dev/null 2>&1 || true
+
+# --- nothing of someone else's in the way (this cluster's own leftovers are gone by now) ---------
+for i in $(seq 1 "$hosts"); do
+    ns=$(host_ns "$i")
+    [ ! -e "/run/netns/$ns" ] || die "network namespace $ns exists but $state did not create it: stop the cluster that did (stop-netns-cluster.sh ITS_STATE_DIR) or set DITSCALE_NETNS_NAME"
+    ! ip link show dev "$ns" >/dev/null 2>&1 || die "network interface $ns exists but $state did not create it; set DITSCALE_NETNS_NAME"
+done
+! ip link show dev "$bridge" >/dev/null 2>&1 || die "network interface $bridge exists but $state did not create it; set DITSCALE_NETNS_NAME"
+taken=$(ip -4 -o addr show | awk -v p="$net." 'index($4, p) == 1 {print $2 " " $4}')
+[ -z "$taken" ] || die "addresses in $net.0/24 are in use on this machine ($taken); set DITSCALE_NETNS_NET to a free /24 (e.g. 198.18.1)"
+
+t0=$(date +%s)
+mkdir -p "$state/munge" "$state/ctld"
+chmod 700 "$state/munge"
+# Each object is recorded before it is created (and only once we know the name was free), so
+# that stop-netns-cluster.sh removes it even when this script dies half-way.
+rec() { echo "$1 $2" >> "$record"; }
+
+# --- the network: a bridge in the machine's namespace, one veth per host --------------------------
+net_do() {
+    "$@" || die "'$*' failed (needs a kernel with bridge and veth support, and root in the machine's own namespace); stop-netns-cluster.sh $state removes what was made"
+}
+rec link "$bridge"
+net_do ip link add "$bridge" type bridge
+net_do ip addr add "$net.1/24" dev "$bridge"
+net_do ip link set "$bridge" up
+for i in $(seq 1 "$hosts"); do
+    ns=$(host_ns "$i")
+    rec netns "$ns"
+    net_do ip netns add "$ns"
+    rec link "$ns"   # the veth's end on the bridge (its peer is eth0 in the namespace)
+    net_do ip link add "$ns" type veth peer name eth0 netns "$ns"
+    net_do ip link set "$ns" master "$bridge"
+    net_do ip link set "$ns" up
+    net_do ip -n "$ns" link set lo up
+    net_do ip -n "$ns" addr add "$(host_ip "$i")/24" dev eth0
+    net_do ip -n "$ns" link set eth0 up
+done
+
+# --- munge: our own key and socket, in the machine's namespace (the socket is a file) ------------
+if [ ! -s "$state/munge/munge.key" ]; then
+    (umask 077 && dd if=/dev/urandom of="$state/munge/munge.key" bs=1024 count=1 status=none)
+fi
+chmod 400 "$state/munge/munge.key"
+munged --force --socket="$state/munge/munge.socket" --key-file="$state/munge/munge.key" \
+    --pid-file="$state/munge/munged.pid" --log-file="$state/munge/munged.log" \
+    --seed-file="$state/munge/munged.seed" || die "munged did not start; see $state/munge/munged.log"
+
+# --- slurm.conf from the template ----------------------------------------------------------------
+# The hardware line as slurmd sees it (every namespace sees the machine's CPUs), without NodeName
+# and RealMemory (memory is not a consumable resource here: CR_CPU).
+hw=$(slurmd -C | head -n 1 | sed -E -e 's/^NodeName=[^ ]+ //' -e 's/ RealMemory=[0-9]+//')
+case "$hw" in CPUs=*) ;; *) die "unexpected 'slurmd -C' output: $hw" ;; esac
+sed -e "s|@CTLD_HOST@|$(host_ns 1)|g" -e "s|@CTLD_ADDR@|$(host_ip 1)|g" -e "s|@STATE@|$state|g" \
+    -e "s|@CTLD_PORT@|$ctld_port|g" -e "s|@SLURMD_PORT@|$slurmd_port|g" -e "s|@USER@|$(id -un)|g" \
+    -e "s|@NODE_NAMES@|h[1-$hosts]|g" -e "s|@NODE_HOSTNAMES@|$name-h[1-$hosts]|g" \
+    -e "s|@NODE_ADDRS@|$net.[11-$((10 + hosts))]|g" -e "s|@NODE_HW@|$hw|g" \
+    -e "s|@FIRST_JOB_ID@|$(( $(date +%s) % 50000000 + 1000 ))|g" \
+    "$here/slurm-netns.conf.in" > "$conf"
+
+# --- daemons, each host's in its namespace with its own hostname -----------------------------------
+# `nsenter --net` joins the host's network namespace and nothing else (`ip netns exec` would also
+# remount /sys, hiding /sys/fs/cgroup, without which slurmd does not start); `unshare --uts` gives
+# the host its own hostname (slurmd finds its node by it, slurmctld checks it against SlurmctldHost).
+# The daemons fork into the background and keep both namespaces, and so does every job step they
+# start. -c: forget the jobs and node states of an earlier cluster in this folder.
+for i in $(seq 1 "$hosts"); do
+    ns=$(host_ns "$i")
+    mkdir -p "$state/slurmd-h$i"
+    # shellcheck disable=SC2016  # expanded by the host's sh: $0 hostname, $1 slurm.conf, $2 state, $3 node
+    script='hostname "$0" || exit 1; '
+    [ "$i" != 1 ] || script+='slurmctld -f "$1" -c || { echo "slurmctld did not start; see $2/slurmctld.log" >&2; exit 1; }; '
+    # shellcheck disable=SC2016
+    script+='slurmd -f "$1" || { echo "slurmd did not start on $0; see $2/slurmd-$3.log" >&2; exit 1; }'
+    nsenter --net="/run/netns/$ns" unshare --uts sh -c "$script" "$ns" "$conf" "$state" "h$i" || die "host $ns did not start"
+done
+
+# Wait until every node is idle (its slurmd registered with slurmctld over the bridge).
+deadline=$((t0 + timeout))
+until [ "$(sinfo -h -N -o '%T' 2>/dev/null | grep -cx 'idle')" = "$hosts" ]; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+        echo "start-netns-cluster: not all $hosts nodes became idle within ${timeout}s:" >&2
+        sinfo -N -l >&2 || true
+        tail -n 20 "$state/slurmctld.log" "$state"/slurmd-h*.log >&2 || true
+        exit 1
+    fi
+    sleep 0.5
+done
+echo "start-netns-cluster: $hosts hosts idle after $(( $(date +%s) - t0 ))s on bridge $bridge ($net.0/24; state in $state)" >&2
+echo "export SLURM_CONF=$conf"

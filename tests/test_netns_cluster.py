@@ -1,0 +1,149 @@
+"""Slurm across several hosts on one machine: each host a network namespace on a bridge.
+
+slurm/testing/start-netns-cluster.sh starts three hosts (own network stack, address and hostname;
+slurmctld on the first, a slurmd on each) and stop-netns-cluster.sh removes all of it. The fast test
+checks that a job step reaches three distinct hosts; the slow one runs a study with
+`ditscale slurm submit --nodes 3`: Ray's head on host 1, workers on hosts 2 and 3, and a two-worker
+trial whose Ray Train workers run on two hosts and train with DeepSpeed over gloo between them.
+
+Needs root, Slurm (Debian: slurm-wlm munge), iproute2 and network namespaces; without them the tests
+are skipped, unless DITSCALE_REQUIRE_SLURM=1 (CI sets it), which turns a missing piece into a failure.
+Each session uses its own namespace names and /24, so that two sessions on one machine never meet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, ditscale, tiny_study, write_study
+from tests.test_slurm import FINAL_STATES, Job, assert_one_finished_run_per_trial, job_info
+
+START = ROOT / "slurm" / "testing" / "start-netns-cluster.sh"
+STOP = ROOT / "slurm" / "testing" / "stop-netns-cluster.sh"
+HOSTS = 3
+SBIN = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"  # the daemons and ip live in sbin
+
+
+def _missing_piece() -> str | None:
+    missing = [c for c in ("slurmctld", "slurmd", "munged", "sbatch", "srun", "ip", "nsenter", "unshare")
+               if shutil.which(c, path=SBIN) is None]
+    if missing:
+        return (f"{', '.join(missing)} not found (Debian: apt-get install slurm-wlm munge iproute2 util-linux)")
+    if os.geteuid() != 0:
+        return "network namespaces and slurmd need root"
+    probe = subprocess.run(["unshare", "--net", "--uts", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create network namespaces here: {probe.stderr.strip()}"
+    return None
+
+
+def _free_net() -> str:
+    """A /24 of 198.18.0.0/15 that no interface of this machine uses (x.y.z: the script's DITSCALE_NETNS_NET)."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, env={"PATH": SBIN}).stdout
+    used = {ipaddress.ip_interface(f).network for f in re.findall(r"inet (\S+)", out)}
+    start = os.getpid() % 256
+    for k in range(256):
+        net = ipaddress.ip_network(f"198.18.{(start + k) % 256}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            return str(net.network_address).rsplit(".", 1)[0]
+    pytest.fail("no free /24 in 198.18.0.0/16 for the test hosts")
+
+
+@pytest.fixture(scope="module")
+def netns_cluster(tmp_path_factory):
+    """{"conf", "name", "net", "state"} of a running three-host cluster, stopped (and checked gone) at the end."""
+    problem = _missing_piece()
+    if problem:
+        if os.environ.get("DITSCALE_REQUIRE_SLURM") == "1":
+            pytest.fail(f"DITSCALE_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+    state = tmp_path_factory.mktemp("netns")
+    name = f"dsn{os.getpid() % 1000000}"  # namespaces, hostnames, bridge: dsnPID-h1.., dsnPID-br
+    net = _free_net()
+    env = {**os.environ, "PATH": SBIN, "DITSCALE_NETNS_HOSTS": str(HOSTS), "DITSCALE_NETNS_NAME": name,
+           "DITSCALE_NETNS_NET": net}
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([str(START), str(state)], capture_output=True, text=True, timeout=180, env=env)
+        assert proc.returncode == 0, f"the namespace cluster did not start:\n{proc.stdout}\n{proc.stderr}"
+        print(f"netns cluster {name} on {net}.0/24: up after {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        yield {"conf": str(state / "slurm.conf"), "name": name, "net": net, "state": state}
+    finally:  # also when the start failed half-way: it recorded what it created
+        subprocess.run([str(STOP), str(state)], capture_output=True, timeout=180, env=env)
+        left = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                            env=env).stdout.split() if ns.startswith(f"{name}-")]
+        bridge = subprocess.run(["ip", "link", "show", "dev", f"{name}-br"], capture_output=True, env=env)
+        assert not left and bridge.returncode != 0, f"stop-netns-cluster.sh left {left} / bridge {name}-br behind"
+
+
+def _slurm(cluster: dict, *args: str, timeout: float = 60) -> str:
+    proc = subprocess.run(list(args), env={**os.environ, "SLURM_CONF": cluster["conf"]}, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+def test_srun_reaches_three_hosts_with_their_own_hostnames(netns_cluster):
+    names = _slurm(netns_cluster, "srun", f"-N{HOSTS}", "--ntasks-per-node=1", "hostname").split()
+    assert sorted(names) == [f"{netns_cluster['name']}-h{i}" for i in range(1, HOSTS + 1)], names
+    # Each host's only route is its bridge subnet: nothing leaves the machine.
+    for i in range(1, HOSTS + 1):
+        routes = subprocess.run(["ip", "-n", f"{netns_cluster['name']}-h{i}", "route", "show"], capture_output=True,
+                                text=True, env={"PATH": SBIN}).stdout
+        assert "default" not in routes and f"{netns_cluster['net']}.0/24" in routes, routes
+
+
+def test_each_host_finds_its_own_bridge_address_for_ray(netns_cluster):
+    """The hosts have no default route: the address Ray binds (the head's, which the others join) comes
+    from Slurm's NodeAddr for the host, not loopback."""
+    out = _slurm(netns_cluster, "srun", f"-N{HOSTS}", "--ntasks-per-node=1", "bash", "-c",
+                 f'echo "$(hostname) $({shlex.quote(sys.executable)} -m harness.cli slurm node-ip)"')
+    found = dict(line.split() for line in out.splitlines())
+    assert found == {f"{netns_cluster['name']}-h{i}": f"{netns_cluster['net']}.{10 + i}" for i in range(1, HOSTS + 1)}
+
+
+@pytest.mark.slow
+def test_study_runs_across_three_hosts_with_a_two_host_trial(netns_cluster, digits_dir, tmp_path):
+    """Ray's head on host 1, workers on hosts 2 and 3; with one CPU per host, the two-worker trial's workers
+    need two hosts, and its gloo group spans them. Both trials run side by side (3 CPUs in all)."""
+    study = write_study(tmp_path / "study.yaml", tiny_study(
+        digits_dir, "netns-3hosts", train={"steps": 4, "log_every": 2, "checkpoint_every": 4},
+        resources={"cpus_per_worker": 1, "max_concurrent_trials": 2},
+        grid={"model.patch": [4, 8], "resources.workers_per_trial": [1, 2]},
+        exclude=[{"model.patch": 4, "resources.workers_per_trial": 2},
+                 {"model.patch": 8, "resources.workers_per_trial": 1}]))
+    t0 = time.monotonic()
+    proc = ditscale("slurm", "submit", str(study), "--nodes", str(HOSTS), "--cpus-per-task", "1", cwd=tmp_path,
+                    env={"SLURM_CONF": netns_cluster["conf"]})
+    job = Job(netns_cluster["conf"], re.search(r"Submitted job (\d+)", proc.stdout).group(1),
+              Path(re.search(r"log:\s+(\S+)", proc.stdout).group(1)))
+    try:
+        info = job.wait_done(timeout=600)
+    finally:
+        if job_info(job.conf, job.id).get("JobState") not in FINAL_STATES:
+            job.cancel()
+    elapsed = time.monotonic() - t0
+    if info["JobState"] != "COMPLETED":
+        job.fail("did not complete")
+    log = job.text()
+    assert f"Ray head on h1 at {netns_cluster['net']}.11:" in log, "the head is not on host 1's bridge address"
+    assert f"{HOSTS} node(s)" in log and "ditscale sweep exited with 0" in log
+
+    client, runs, trials = assert_one_finished_run_per_trial(study)
+    hosts = {r.data.tags["trial_id"]: r.data.tags["worker_hostnames"].split(",") for r in runs}
+    two = next(t.trial_id for t in trials if t.resources.workers_per_trial == 2)
+    assert len(hosts[two]) == 2 and len(set(hosts[two])) == 2, f"the 2-worker trial ran on {hosts[two]}"
+    assert all(h.startswith(f"{netns_cluster['name']}-h") for names in hosts.values() for h in names), hosts
+    assert (tmp_path / "reports" / "netns-3hosts" / "index.html").is_file()
+    assert not list(Path("/tmp").glob(f"ray-{job.id}-*")), "per-node Ray temp folders left behind"
+    print(f"job {job.id}: COMPLETED after {elapsed:.0f}s; workers per trial: {hosts}", file=sys.stderr)
