@@ -7,6 +7,9 @@
 - Params: the trial's flattened config (the same keys for every trial, so the UI can compare them).
   Tags: family, size, patch, objective, attention, model, trial_id, the git commit.
 - Only rank 0 talks to MLflow.
+- The experiment is tagged as a model-training one (`mlflow.experimentKind`), each trial's run gets its
+  shards as dataset inputs (harness/tracking_inputs.py) and the study file as its source;
+  harness/tracking_view.py makes the link that opens the study in MLflow 3's UI on its training runs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ STATUS_TAG = "ditscale.status"  # running | finished | diverged: <why> | failed:
 
 ROLE_TAG = "ditscale.role"       # "trunk": a WSD trunk the branches start from, not a result itself
 BRANCH_OF_TAG = "branch_of"      # on a branch: the trial id of its trunk
+
+# MLflow 3 sorts experiments into GenAI ones (traces, prompts) and model-training ones (runs, metrics).
+# The experiment's kind is its `mlflow.experimentKind` tag; "custom_model_development" is the
+# model-training kind (the values are the UI's ExperimentKind enum; MLflow's own demo sets
+# "genai_development" the same way, mlflow/demo/generators/traces.py).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+# The runs table's Source column: the base name of mlflow.source.name (here the study file).
+SOURCE_NAME_TAG, SOURCE_TYPE_TAG = "mlflow.source.name", "mlflow.source.type"
 
 
 def concluded(status: str) -> bool:
@@ -138,17 +150,20 @@ def safe_folder_name(name: str) -> str:
 
 
 def experiment_id(uri: str, name: str) -> str:
+    """The study's experiment, created as a model-training experiment. An existing one without a kind
+    (made before ditscale tagged them) gets it; a kind someone chose in the UI is left alone."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name)
-    except Exception:  # created concurrently by another trial: read it back
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        except Exception:  # created concurrently by another trial: read it back
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
 
 
 def find_trial_run(uri: str, exp_id: str, trial_id: str):
@@ -202,6 +217,7 @@ def open_trial_run(trial, uri: str, run_id: str | None = None, parent_run_id: st
     tags = trial_tags(trial) | (tags or {}) | {STATUS_TAG: "running", "mlflow.runName": _run_name(trial)}
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
+    tags |= _run_source(c, parent_run_id)
     run = c.create_run(exp_id, tags=tags)
     from mlflow.entities import Param
 
@@ -209,7 +225,34 @@ def open_trial_run(trial, uri: str, run_id: str | None = None, parent_run_id: st
     for i in range(0, len(params), 100):  # MLflow's batch limit
         c.log_batch(run.info.run_id, params=params[i:i + 100])
     c.log_text(run.info.run_id, _as_yaml(trial), "config.yaml")
+    from harness.tracking_inputs import log_dataset_inputs  # MLflow's dataset classes: only here
+
+    log_dataset_inputs(c, run.info.run_id, trial)
     return run.info.run_id
+
+
+_study_file: str | None = None
+
+
+def set_study_file(path: str) -> None:
+    """The study file this process trains (`ditscale train`): the source of the runs it opens."""
+    global _study_file
+    _study_file = str(Path(path).resolve())
+
+
+def _source_tags(path: str | None) -> dict[str, str]:
+    return {SOURCE_NAME_TAG: path, SOURCE_TYPE_TAG: "LOCAL"} if path else {}
+
+
+def _run_source(c, parent_run_id: str | None) -> dict[str, str]:
+    """A trial run's source tags: its sweep's (trials open their runs in other processes, on other
+    nodes, which know the trial's config but not the study file), else this process's study file."""
+    if parent_run_id:
+        try:
+            return _source_tags(c.get_run(parent_run_id).data.tags.get(SOURCE_NAME_TAG))
+        except Exception:  # the source is a label: never a reason to fail a trial
+            return {}
+    return _source_tags(_study_file)
 
 
 def mark_failed(uri: str, run_id: str, reason: str) -> None:
@@ -299,8 +342,9 @@ def sweep_state(uri: str, experiment: str, trials) -> dict[str, str]:
     return state
 
 
-def open_parent_run(uri: str, study, trials) -> str:
-    """One parent run per sweep invocation: the grid as params, the study file as an artifact."""
+def open_parent_run(uri: str, study, trials, source: str | None = None) -> str:
+    """One parent run per sweep invocation: the grid as params, the study file as an artifact and
+    (`source`, its path) as the run's source, which its trials' runs copy."""
     import json
     import time
 
@@ -317,6 +361,7 @@ def open_parent_run(uri: str, study, trials) -> str:
             return found[0].info.run_id
     run = c.create_run(exp_id, tags={SWEEP_TAG: "true", "mlflow.runName": f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
                                      **({SLURM_JOB_TAG: job} if job else {}),
+                                     **_source_tags(str(Path(source).resolve()) if source else None),
                                      **({"mlflow.source.git.commit": git_commit()} if git_commit() else {})})
     from mlflow.entities import Param
 

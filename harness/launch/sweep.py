@@ -21,6 +21,7 @@ from harness.launch.tune_trial import run_tune_trial, storage_probe, trial_resou
 from harness.paths import stop_file
 from harness.tracking import (check_tracking_uri, close_parent_run, concluded, open_parent_run, redact_uri,
                               resolve_tracking_uri, sweep_state)
+from harness.tracking_view import study_link
 from harness.trial.engine import check_deepspeed_configs
 
 
@@ -36,12 +37,12 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
         return {"planned": len(trials), "ran": 0}
     check_deepspeed_configs(trials)  # DeepSpeed's own config class, before anything starts
     with study_lock(trials[0]):  # one sweep of a study at a time
-        return _sweep(study, trials, trunks, address, max_concurrent, report)
+        return _sweep(study, trials, trunks, address, max_concurrent, report, source=config_path)
 
 
 def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str | None, max_concurrent: int | None,
-           report: bool) -> dict:
-    """run_sweep after validation, holding the study's lock."""
+           report: bool, source: str | None = None) -> dict:
+    """run_sweep after validation, holding the study's lock. `source`: the study file (the runs' source)."""
     uri = resolve_tracking_uri(study.tracking.uri)
     check_tracking_uri(uri)
     for trial in trials + [trunk.trial for trunk in trunks]:  # workers log where the driver looked
@@ -58,7 +59,7 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
         stop.unlink()
     parent, statuses, final = None, {}, state
     if todo:  # nothing to train: no Ray, no parent run, nothing written but the report
-        parent = open_parent_run(uri, study, trials)
+        parent = open_parent_run(uri, study, trials, source=source)
         probe, started_ray, error = None, False, None
         try:
             probe = storage_probe(trials[0], parent)
@@ -88,6 +89,9 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
         report_path = _write_report(uri, study.name)
     print(f"\nMLflow: mlflow ui --backend-store-uri {redact_uri(uri)} --host 127.0.0.1 --port 5000   "
           f"(experiment {study.name!r})")
+    link = study_link(uri, study.name, trials)  # saves the runs table's view of the study (tracking_view.py)
+    if link:
+        print(f"MLflow UI, the study's training runs: {link}")
     if report_path:
         print(f"Report: {report_path}")
     unfinished = [tid for tid, s in final.items() if not concluded(s)]

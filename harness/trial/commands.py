@@ -4,22 +4,32 @@ The handler imports the training loop (torch, DeepSpeed), so that `ditscale --he
 from __future__ import annotations
 
 import argparse
+import os
 
 from harness.config import expand_grid, load_study
 from harness.options import add_set_option, choose_trial
-from harness.tracking import check_tracking_uri, resolve_tracking_uri
+from harness.tracking import check_tracking_uri, resolve_tracking_uri, set_study_file
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     study = load_study(args.config, args.set)
     from harness.trial.budget import resolve_budgets  # torch: budgets count the model's FLOPs
 
-    trial = choose_trial(resolve_budgets(expand_grid(study)), args.trial, "or run them all with `ditscale sweep`")
-    check_tracking_uri(resolve_tracking_uri(trial.tracking.uri))
+    trials = resolve_budgets(expand_grid(study))
+    trial = choose_trial(trials, args.trial, "or run them all with `ditscale sweep`")
+    uri = resolve_tracking_uri(trial.tracking.uri)
+    check_tracking_uri(uri)
+    set_study_file(args.config)  # the runs table's Source column: the study file
     from harness.trial.loop import train_trial  # torch and DeepSpeed: only when a trial is trained
 
     result = train_trial(trial)
     print(f"trial {trial.trial_id}: {result.status} at step {result.step}; MLflow run {result.run_id}")
+    if result.run_id and os.environ.get("RANK", "0") == "0":  # only rank 0 talks to MLflow (torchrun sets RANK)
+        from harness.tracking_view import study_link
+
+        link = study_link(uri, trial.name, trials)  # saves the runs table's view of the study
+        if link:
+            print(f"MLflow UI, the study's training runs: {link}")
     return 0 if result.status in ("finished", "killed") else 1
 
 
