@@ -52,3 +52,20 @@ def test_dit_isoflop_resolves_its_budgets_and_shares_trunks():
     budgets = [5.0e16, 1.5e17, 3.0e17, 5.0e17, 1.5e18, 3.0e18]
     assert independent == pytest.approx(12 * sum(budgets), rel=1e-3)
     assert branched == pytest.approx(12 * (0.8 * max(budgets) + 0.2 * sum(budgets)), rel=1e-2)  # 64 %
+
+
+def test_embedded_studies_have_what_the_report_needs():
+    """smoke: 4 DiT sizes at each of 2 patches (a law from >= 4 sizes, and DiT's findings to check);
+    isoflop_smoke: >= 3 budgets x >= 4 sizes on WSD trunks with cooldown branches, muP."""
+    from harness.launch.branches import plan_branches
+    from harness.trial.budget import resolve_budgets
+
+    smoke = expand_grid(load_study(Path("experiments/smoke.yaml"), check_files=False))
+    assert {t.model.patch for t in smoke} == {2, 4}
+    for patch in (2, 4):
+        assert len({t.model.size for t in smoke if t.model.patch == patch}) >= 4
+    iso = resolve_budgets(expand_grid(load_study(Path("experiments/isoflop_smoke.yaml"), check_files=False)))
+    assert len({t.train.flops for t in iso}) >= 3 and len({t.model.size for t in iso}) >= 4
+    assert all(t.train.schedule == "wsd" and t.model.parametrization == "mup" for t in iso)
+    trunks, alone = plan_branches(iso)
+    assert len(trunks) == len({t.model.size for t in iso}) and not alone

@@ -306,6 +306,15 @@ def test_the_printed_link_opens_the_study_on_its_trials_in_chromium(tmp_path, di
                 "training": ("digits/train", _expected_digest(digits_dir, "train")),
                 "validation": ("digits/val", _expected_digest(digits_dir, "val"))}
             assert run.data.tags["mlflow.source.name"] == str(study.resolve())
+        # Logging through a tracking server (this test took over tests/test_train.py's server test):
+        # nothing goes to the default SQLite file; tags, params, the loss history and config.yaml arrive.
+        assert not (tmp_path / "mlflow.db").exists(), "nothing may be logged to the default SQLite file"
+        for run in runs:
+            tags = run.data.tags
+            assert (tags["family"], tags["size"], tags["objective"]) == ("dit", "XXS", "ddpm") and len(tags["trial_id"]) == 12
+            assert tags["patch"] == run.data.params["model.patch"] and run.data.params["train.batch_size"] == "32"
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [3, 6]
+            assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
         fd_keys = sorted({k for r in runs for k in r.data.metrics if FD_METRIC.match(k)})
         assert fd_keys, f"no FD metric logged: {sorted(runs[0].data.metrics)}"
         fd = fd_keys[0]

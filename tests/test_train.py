@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -195,45 +194,6 @@ def test_same_seed_same_loss_history(tmp_path, digits_dir):
         histories.append(_loss_history(client, runs[0].info.run_id))
     assert len(histories[0]) == 3
     assert histories[0] == histories[1]
-
-
-@pytest.mark.slow
-def test_http_tracking_server(tmp_path, digits_dir):
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not come up in 120 s")
-        study = write_study(tmp_path / "s.yaml", tiny_study(digits_dir, "served", train={"steps": 10},
-                                                            tracking={"uri": uri}))
-        ditscale("train", str(study), cwd=tmp_path)
-        client, runs = _runs(uri, "served")
-        assert len(runs) == 1
-        run = runs[0]
-        assert not (tmp_path / "mlflow.db").exists(), "nothing may be logged to the default SQLite file"
-        tags = run.data.tags
-        assert {tags["family"], tags["size"], tags["patch"], tags["objective"]} == {"dit", "XXS", "4", "ddpm"}
-        assert len(tags["trial_id"]) == 12
-        assert run.data.params["model.size"] == "XXS" and run.data.params["train.batch_size"] == "32"
-        assert [s for s, _ in _loss_history(client, run.info.run_id)] == [5, 10]
-        artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
-        assert "config.yaml" in artifacts
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path, digits_dir):

@@ -55,9 +55,19 @@ def test_private_folders_pruned_checkpoints_and_a_corrupt_newest_checkpoint_fall
     assert (checkpoints / "latest").read_text().strip() == "step-00000040"
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]
 
+    # The divergence rule's running minimum travels in the checkpoint (a resumed trial judges alike):
+    # it is the lowest loss logged up to the checkpoint's step.
+    import mlflow
+    import torch
+
+    states = checkpoints / "step-00000040" / "mp_rank_00_model_states.pt"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    logged = [m.value for m in client.get_metric_history(run.info.run_id, "loss") if m.step <= 40]
+    assert torch.load(states, weights_only=False, map_location="cpu")["min_loss"] == pytest.approx(min(logged))
+
     # The newest tag is damaged (a truncated copy, a full disk, a hand edit): resuming falls back to
     # step 30, says so in one line naming the tag, and trains 31..40 again.
-    states = checkpoints / "step-00000040" / "mp_rank_00_model_states.pt"
     data = states.read_bytes()
     states.write_bytes(data[: len(data) // 2])
     second = _train(study, tmp_path)

@@ -17,6 +17,7 @@ save, rank 0 keeps the newest `train.keep_checkpoints` tags (never the one just 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -47,6 +48,7 @@ class TrialState:
     samples_seen: int = 0
     run_id: str | None = None  # the trial's MLflow run
     resumes: int = 0           # how often the trial was resumed (seeds the data stream anew)
+    min_loss: float = math.inf  # running minimum of the logged loss (train.divergence_factor), kept across resumes
 
 
 def tag_for(step: int) -> str:
@@ -130,7 +132,7 @@ def save_checkpoint(engine, ema, dist: DistInfo, root: Path, state: TrialState, 
     rng = [None] * dist.world_size
     tdist.all_gather_object(rng, _rng_state())
     client = {"step": state.step, "samples_seen": state.samples_seen, "run_id": state.run_id,
-              "resumes": state.resumes, "rng": rng}
+              "resumes": state.resumes, "min_loss": state.min_loss, "rng": rng}
     # EMA first, then DeepSpeed: DeepSpeed writes `latest` last, so a crash in between never
     # leaves `latest` pointing at a checkpoint without its EMA.
     path = root / tag
@@ -203,7 +205,7 @@ def _load(engine, ema, dist: DistInfo, tag_dir: Path) -> TrialState:
     ema.load_state_dict(torch.load(tag_dir / EMA_FILE, weights_only=True, map_location="cpu"))
     _set_rng_state(client["rng"][dist.rank] if dist.rank < len(client["rng"]) else client["rng"][0])
     return TrialState(step=client["step"], samples_seen=client["samples_seen"], run_id=client.get("run_id"),
-                      resumes=client.get("resumes", 0) + 1)
+                      resumes=client.get("resumes", 0) + 1, min_loss=client.get("min_loss", math.inf))
 
 
 def resume(engine, ema, dist: DistInfo, root: Path, resume_from: dict | None) -> TrialState:

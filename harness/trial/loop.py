@@ -183,7 +183,6 @@ class Trainer:
         self.ckpt_root = checkpoint_root(trial)
         self.tag = f"[{trial.model_name} {trial.trial_id[:6]}]"
         self.last: dict = {}  # the newest value of every metric, for the caller
-        self.min_loss = math.inf  # running minimum of the logged loss, for train.divergence_factor
 
     def run(self, stops: StopRequests) -> str:
         """Train to train.steps. Returns the status: finished | killed | diverged: <why>."""
@@ -275,9 +274,10 @@ class Trainer:
         step, factor = self.state.step, self.cfg.divergence_factor
         if not math.isfinite(loss):
             return f"diverged: non-finite loss at step {step}"
-        if factor and loss > factor * self.min_loss:
-            return f"diverged: loss {loss:.4g} > {factor:g} x its running minimum {self.min_loss:.4g} at step {step}"
-        self.min_loss = min(self.min_loss, loss)
+        if factor and loss > factor * self.state.min_loss:
+            return (f"diverged: loss {loss:.4g} > {factor:g} x its running minimum {self.state.min_loss:.4g} "
+                    f"at step {step}")
+        self.state.min_loss = min(self.state.min_loss, loss)  # in the checkpoint: a resume keeps judging alike
         return None
 
     def evaluate(self) -> None:
