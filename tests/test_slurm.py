@@ -299,6 +299,7 @@ def _smoke_overrides(digits: Path) -> list[str]:
     """Shrink experiments/smoke.yaml to one short trial on the test shards."""
     raw = yaml.safe_load(SMOKE.read_text())
     sets = [f"data.shards={digits}/train-{{000000..000003}}.tar", f"data.val_shards={digits}/val-000000.tar",
+            "data.channels=1",
             "train.steps=20", "train.checkpoint_every=10", "train.log_every=5", "eval.fid_samples=0",
             "eval.val_batches=1", "eval.sampling_steps=5",
             "resources.workers_per_trial=1", "resources.cpus_per_worker=1", "resources.gpus_per_worker=0",
