@@ -33,7 +33,9 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run every trial of a study on Ray (the main command)")
     p.add_argument("config", help="study YAML file")
     p.add_argument("--address", default=None,
-                   help="join an existing Ray cluster (auto | HOST:PORT | ray://...); default: start a local one")
+                   help="join an existing Ray cluster (auto | HOST:PORT | ray://...); from a machine that is not "
+                        "one of its nodes, a Ray node with no CPUs is started here for the sweep. Every node must "
+                        "see the study's files at the same paths. Default: start a local Ray")
     p.add_argument("--dry-run", action="store_true", help="print the planned trials and start nothing")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster fits)")
     p.add_argument("--no-report", action="store_true", help="skip the scaling report at the end")
@@ -52,6 +54,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         args.config, args.set, nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
         partition=args.partition, time_limit=args.time, account=args.account, job_name=args.job_name,
         signal_seconds=args.signal_seconds, sbatch_args=args.sbatch_arg, template=args.script,
+        mlflow_server=args.mlflow_server, mlflow_auth=args.mlflow_auth,
     )
     if args.dry_run:
         sys.stdout.write(sub.script)
@@ -67,17 +70,31 @@ def _cmd_stop_file(args: argparse.Namespace) -> int:
 
 
 def _cmd_paths(args: argparse.Namespace) -> int:
-    p = _study_paths(args)
+    study = slurm.load(args.config, args.set, check_files=False)
+    p = study_paths(study)
     for key, value in (("STUDY_NAME", p.name), ("STUDY_DIR", p.study_dir), ("STOP_FILE", p.stop_file),
                        ("SLURM_DIR", p.slurm_dir), ("TRACKING_URI", p.tracking_uri),
                        # what the job may print: the URI without credentials
-                       ("TRACKING_URI_SHOWN", redact_uri(p.tracking_uri)), ("REPORT", p.report)):
+                       ("TRACKING_URI_SHOWN", redact_uri(p.tracking_uri)), ("REPORT", p.report),
+                       # --mlflow-server refuses a study that names its own store: as shown, never used
+                       ("STUDY_TRACKING_URI_SHOWN", redact_uri(study.tracking.uri) or "")):
         print(f"{key}={shlex.quote(str(value))}")
     return 0
 
 
 def _cmd_node_ip(args: argparse.Namespace) -> int:
     print(slurm.node_ip(args.toward))
+    return 0
+
+
+def _cmd_free_port(args: argparse.Namespace) -> int:
+    print(slurm.free_port(args.host))
+    return 0
+
+
+def _cmd_wait_mlflow(args: argparse.Namespace) -> int:
+    slurm.wait_for_mlflow(args.uri, args.timeout, args.watch_pid, auth=args.auth)
+    print(f"MLflow server at {args.uri}: up{' (basic auth)' if args.auth else ''}", flush=True)
     return 0
 
 
@@ -112,6 +129,12 @@ def add_slurm(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                    help="extra sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
     s.add_argument("--script", type=Path, default=None, help="batch script template (default slurm/sweep.sbatch)")
+    s.add_argument("--mlflow-server", action="store_true",
+                   help="run `mlflow server` on the head node for the job (store in ./mlflow-server/); "
+                        "every host and trial logs through it instead of to one SQLite file")
+    s.add_argument("--mlflow-auth", action="store_true",
+                   help="with --mlflow-server: MLflow's basic-auth app, admin = $MLFLOW_TRACKING_USERNAME / "
+                        "$MLFLOW_TRACKING_PASSWORD (exported before submitting; never written into the script)")
     s.add_argument("--dry-run", action="store_true", help="print the rendered script and submit nothing")
     add_set_option(s)
     s.set_defaults(func=_cmd_submit)
@@ -130,6 +153,17 @@ def add_slurm(sub: argparse._SubParsersAction) -> None:
     s = ss.add_parser("node-ip")
     s.add_argument("--toward", default=None, help="the head node's address (workers)")
     s.set_defaults(func=_cmd_node_ip)
+
+    s = ss.add_parser("free-port")
+    s.add_argument("host")
+    s.set_defaults(func=_cmd_free_port)
+
+    s = ss.add_parser("wait-mlflow")
+    s.add_argument("--uri", required=True)
+    s.add_argument("--timeout", type=float, default=180.0)
+    s.add_argument("--watch-pid", type=int, action="append", default=[])
+    s.add_argument("--auth", action="store_true", help="also check MLFLOW_TRACKING_USERNAME/PASSWORD")
+    s.set_defaults(func=_cmd_wait_mlflow)
 
     s = ss.add_parser("wait-ray")
     s.add_argument("--address", required=True)

@@ -1,6 +1,15 @@
 """Ray for a sweep: join a cluster (`--address`), or start an embedded local Ray on 127.0.0.1 with token
 authentication; the Ray Train switches every trial runs with; how many trials the cluster fits.
 
+Joining `--address HOST:PORT` from a machine that is not a node of that cluster (a login node): a Ray
+driver needs a Ray node (raylet, object store) on its own machine, which the cluster's nodes can reach.
+start_ray then starts one there for the sweep, with no CPUs and no GPUs (nothing is scheduled on it),
+on the address that routes toward the head, in a private temp folder, and stops it at the end. Where
+this machine already runs a node of that cluster (the Slurm job's driver, on the head node), the
+driver uses it. check_shared_files then asks every other node whether it sees the study's files at
+the same paths (storage, shards, assets, an SQLite store) and reaches an MLflow server, and fails in
+one line when not.
+
 Private Ray APIs used here (an upper bound on `ray` in pyproject.toml names them): ray._private.
 ray_constants.ENABLE_RAY_CLUSTER (the loopback-only embedded Ray), ray._raylet's auth-token cache
 reset, and ray.data's autoscaling coordinator (pre-warmed); each fails soft or is a one-line fix.
@@ -9,7 +18,11 @@ reset, and ray.data's autoscaling coordinator (pre-warmed); each fails soft or i
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from harness.config import TrialConfig
@@ -77,7 +90,8 @@ def _embedded_ray_auth() -> None:
 
 
 def stop_ray() -> None:
-    """Stop the embedded Ray; remove its token and restore the auth variables it replaced."""
+    """Stop the embedded Ray, or the node start_ray started to join a cluster; remove the embedded Ray's
+    token and restore the auth variables it replaced."""
     import shutil
 
     import ray
@@ -85,6 +99,7 @@ def stop_ray() -> None:
     try:
         ray.shutdown()
     finally:
+        _stop_joining_node()
         folder = _embedded_auth.pop("folder", None)
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
@@ -111,8 +126,17 @@ def start_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env())
-        return False
+        target = _gcs_target(address)
+        node_ip = _local_node(*target) if target else None
+        if target and node_ip is None:  # not a node of that cluster (a login node): become one for the sweep
+            node_ip = _start_joining_node(address, *target)
+        try:
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env(),
+                     **({"_node_ip_address": node_ip} if node_ip else {}))
+        except BaseException:
+            _stop_joining_node()
+            raise
+        return bool(_joining)
     ray_constants.ENABLE_RAY_CLUSTER = False
     _embedded_ray_auth()
     try:
@@ -160,3 +184,222 @@ def max_concurrent_trials(trials: list[TrialConfig], requested: int | None) -> i
             f"resources: a trial needs {t.workers_per_trial} workers x {t.cpus_per_worker} CPU"
             f"{f' + {t.gpus_per_worker} GPU' if t.gpus_per_worker else ''}; the Ray cluster has {dict(total)}")
     return n
+
+
+# --- joining a cluster from outside it -----------------------------------------------------------
+
+_joining: dict = {}  # the Ray node start_ray started on this machine to join a cluster: proc, folder
+
+
+def _gcs_target(address: str) -> tuple[str, int] | None:
+    """HOST:PORT (the GCS of a running cluster) as (IPv4 address, port); None for ray://, auto, ...
+    An unknown host name is a one-line error."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit() or not host:
+        return None
+    try:
+        return socket.gethostbyname(host), int(port)
+    except OSError:
+        raise UserError(f"--address {address}: cannot resolve {host!r}") from None
+
+
+def _bindable(ip: str) -> bool:
+    """Whether `ip` is an address of this machine (of this network namespace)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False
+
+
+def _local_node(gcs_ip: str, gcs_port: int) -> str | None:
+    """The address of a raylet of the cluster whose GCS is gcs_ip:gcs_port that runs on this machine,
+    or None. Ray looks for a local raylet by its command line among all processes; one that belongs to
+    the cluster but whose address is not ours (another network namespace, a container sharing the
+    process table) would take the driver, which then advertises an address it is not on."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = proc.info["cmdline"] or []
+        except (psutil.Error, OSError):
+            continue
+        if not cmd or os.path.basename(cmd[0]) != "raylet":
+            continue
+        flags = dict(arg[2:].split("=", 1) for arg in cmd[1:] if arg.startswith("--") and "=" in arg)
+        gcs, ip = flags.get("gcs-address", ""), flags.get("node_ip_address", "")
+        host, _, port = gcs.rpartition(":")
+        try:
+            same = port == str(gcs_port) and socket.gethostbyname(host) == gcs_ip
+        except OSError:
+            same = False
+        if same and ip and _bindable(ip):
+            return ip
+    return None
+
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).parent / "ray"
+    if beside.is_file():
+        return str(beside)
+    import shutil
+
+    found = shutil.which("ray")
+    if not found:
+        raise UserError("--address: the `ray` command is not installed beside this Python")
+    return found
+
+
+def _start_joining_node(address: str, gcs_ip: str, gcs_port: int, timeout: float = 120.0) -> str:
+    """Start a Ray node on this machine that joins the cluster at `address` with no CPUs and no GPUs (the
+    sweep's driver needs a node of its own); returns its address. `ray start --block` in its own
+    session: stop_ray ends it with SIGTERM (it stops its processes), then its process group."""
+    from harness.launch.slurm import node_ip
+
+    ip = node_ip(toward=gcs_ip)
+    if ip.startswith("127.") and not gcs_ip.startswith("127."):
+        raise UserError(f"--address {address}: this machine has no address toward {gcs_ip} but loopback; "
+                        "set DITSCALE_RAY_IFACE to the interface the Ray nodes reach")
+    folder = tempfile.mkdtemp(prefix="ditscale-ray-", dir=os.environ.get("RAY_TMPDIR") or None)  # 0700
+    log_path = Path(folder) / "ray-start.log"
+    cmd = [_ray_executable(), "start", "--block", f"--address={address}", f"--node-ip-address={ip}",
+           "--num-cpus=0", "--num-gpus=0", "--disable-usage-stats", f"--temp-dir={folder}"]
+    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    _joining.update(proc=proc, folder=folder)
+    print(f"joining the Ray cluster at {address} from {ip}: a Ray node with no CPUs for this sweep's driver "
+          f"(temp folder {folder})", flush=True)
+    deadline = time.monotonic() + timeout
+    while _local_node(gcs_ip, gcs_port) != ip:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+            why = lines[-1].strip() if lines else f"exit code {proc.returncode}"
+            _stop_joining_node()
+            what = "`ray start` exited" if proc.returncode is not None else f"no Ray node within {timeout:.0f}s"
+            raise UserError(f"--address {address}: cannot join that Ray cluster from {ip}: {what} ({why})")
+        time.sleep(0.5)
+    return ip
+
+
+def _stop_joining_node(timeout: float = 30.0) -> None:
+    import shutil
+    import signal
+
+    proc, folder = _joining.pop("proc", None), _joining.pop("folder", None)
+    if proc is not None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever of its session is left (raylet, agents): they are ours alone
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- what every node of a joined cluster must see --------------------------------------------------
+
+
+def _look(paths: dict, endpoints: dict, patience: float = 10.0) -> dict:
+    """Runs on a Ray node: which of `paths` it cannot see and which of `endpoints` it cannot reach. A
+    file the driver has just written may show up late on a network filesystem (NFS caches directory
+    entries, missing ones too): a missing path is looked for again, its folder listed, for `patience` s."""
+    missing = {label: path for label, path in paths.items() if not os.path.exists(path)}
+    deadline = time.monotonic() + patience
+    while missing and time.monotonic() < deadline:
+        time.sleep(2)
+        for label, path in list(missing.items()):
+            try:
+                os.listdir(os.path.dirname(path))  # revalidates the folder's entries
+            except OSError:
+                pass
+            if os.path.exists(path):
+                del missing[label]
+    for label, (host, port) in endpoints.items():
+        try:
+            with socket.create_connection((host, port), timeout=5):
+                pass
+        except OSError as err:
+            missing[label] = f"{host}:{port} ({err.strerror or err})"
+    return {"host": os.uname().nodename, "missing": missing}
+
+
+def _shared_paths(trial: TrialConfig, probe: Path) -> tuple[dict, dict]:
+    """{label: local path} and {label: (host, port)} that every Ray node must see / reach."""
+    from urllib.parse import urlsplit
+
+    from harness.data.shards import shard_urls
+
+    paths = {"resources.storage": str(Path(probe).resolve())}
+    for label, pattern in (("data.shards", trial.data.shards), ("data.val_shards", trial.data.val_shards)):
+        if pattern:
+            local = [u for u in shard_urls(pattern)[0] if os.path.isabs(u)]
+            if local:
+                paths[label] = local[0]
+    assets = trial.resources.assets or os.environ.get("DITSCALE_ASSETS")
+    if assets and os.path.isdir(assets):
+        paths["resources.assets"] = str(Path(assets).resolve())
+    endpoints = {}
+    uri = trial.tracking.uri or ""
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):]
+        if os.path.isfile(db):
+            paths["tracking.uri"] = db
+    elif uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        if parts.hostname:
+            endpoints["tracking.uri"] = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    return paths, endpoints
+
+
+def check_shared_files(trial: TrialConfig, probe: Path, timeout: float = 180.0) -> None:
+    """On a cluster joined with --address: every node but the driver's must see the study's files at
+    the same paths (a shared filesystem) and reach an MLflow server; else one line naming what and
+    where. A node that cannot run the check in time is named too."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from harness.tracking import redact_uri
+
+    mine = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != mine]
+    if not nodes:
+        return
+    paths, endpoints = _shared_paths(trial, probe)
+    look = ray.remote(num_cpus=0, max_retries=0)(_look)
+    refs = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(paths, endpoints): n for n in nodes}
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+    if pending:
+        late = ", ".join(refs[r]["NodeManagerAddress"] for r in pending)
+        raise UserError(f"--address: Ray node(s) {late} did not run a 0-CPU task within {timeout:.0f}s; "
+                        "is the cluster healthy?")
+    where: dict[str, list[str]] = {}  # label -> the nodes that miss it
+    for ref in ready:
+        node, answer = refs[ref], ray.get(ref)
+        for label in answer["missing"]:
+            where.setdefault(label, []).append(f"{node['NodeManagerAddress']} ({answer['host']})")
+    if not where:
+        return
+    shown = {**paths, "resources.storage": trial.resources.storage}  # the folder, not the probe file in it
+    problems = []
+    for label, nodes in where.items():
+        nodes = ", ".join(sorted(nodes))
+        if label in endpoints:
+            problems.append(f"{label} {redact_uri(trial.tracking.uri)} cannot be reached from Ray node(s) {nodes}")
+        else:
+            problems.append(f"{label} {shown[label]} is not visible on Ray node(s) {nodes}")
+    raise UserError("; ".join(problems) + ": every Ray node must see the study's files at the same paths (a shared "
+                    "filesystem; relative paths are resolved in the folder ditscale sweep runs in) and reach the "
+                    "tracking server")

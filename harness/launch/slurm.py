@@ -1,6 +1,7 @@
 """`ditscale slurm`: run a study across a Slurm allocation (the batch script is slurm/sweep.sbatch).
 
     ditscale slurm submit STUDY --nodes N --gpus-per-node G [--partition P] [--time T] [--dry-run]
+                                [--mlflow-server [--mlflow-auth]]
 
 renders slurm/sweep.sbatch with those options (the `#SBATCH` lines), saves the rendered script under
 `<resources.storage>/<study>/slurm/`, calls `sbatch`, and says where the log, the MLflow runs and the
@@ -8,6 +9,13 @@ report will be. The batch script starts Ray on every node of the allocation, run
 `ditscale sweep STUDY --address HEAD:PORT` and stops Ray; on Slurm's warning signal it asks the
 trials to checkpoint (the study's STOP file), waits for the sweep to exit 3 ("stopped, resumable")
 and requeues the job, which then resumes the study.
+
+`--mlflow-server`: the job also runs `mlflow server` on the head node (its address, a free port) for
+its lifetime, with the store in `<submit dir>/mlflow-server/` (mlflow.db, artifacts/), and every host
+and trial logs through it instead of writing to one SQLite file from many hosts. `--mlflow-auth`
+runs MLflow's basic-auth app: its admin is MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of the
+submitting environment, which the job inherits (sbatch's default --export=ALL) and the clients use
+too; they are never written into the batch script or printed.
 
 The batch script's helpers live here too: `node_ip` (the address Ray should use on this node) and
 `wait_for_ray` (block until N nodes have joined a Ray cluster); their commands, with `stop-file` and
@@ -36,6 +44,8 @@ from harness.tracking import redact_uri
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "sweep.sbatch"
 SETTINGS_MARKER = "# @ditscale-submit-settings@"
 DEFAULT_SIGNAL_SECONDS = 300
+MLFLOW_SERVER_DIR = "mlflow-server"   # <submit dir>/mlflow-server: the --mlflow-server store
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def load(config: str, overrides, check_files: bool = True):
@@ -217,12 +227,43 @@ class Submission:
     gpus_per_node: int
     cpus_per_task: int
     trials: int
+    mlflow_server: Path | None = None   # the --mlflow-server folder (mlflow.db, artifacts/)
+    mlflow_auth: bool = False
+
+
+def check_mlflow_server(study, mlflow_server: bool, mlflow_auth: bool, environ=None) -> None:
+    """The combinations `--mlflow-server` / `--mlflow-auth` refuse, each in one line, before sbatch."""
+    environ = os.environ if environ is None else environ
+    if mlflow_auth and not mlflow_server:
+        raise UserError("--mlflow-auth: only with --mlflow-server (it protects the job's own server); for a "
+                        "server of your own, set tracking.uri and export MLFLOW_TRACKING_USERNAME/PASSWORD")
+    if not mlflow_server:
+        return
+    if study.tracking.uri:
+        raise UserError(f"--mlflow-server: the study logs to tracking.uri={redact_uri(study.tracking.uri)}, but the "
+                        "job would log to its own server: drop --mlflow-server or --set tracking.uri=null")
+    if environ.get("MLFLOW_TRACKING_URI"):
+        raise UserError(f"--mlflow-server: MLFLOW_TRACKING_URI={redact_uri(environ['MLFLOW_TRACKING_URI'])} is set, "
+                        "but the job would log to its own server: unset it or drop --mlflow-server")
+    if not mlflow_auth:
+        return
+    missing = [k for k in MLFLOW_CREDENTIALS if not environ.get(k)]
+    if missing:
+        raise UserError(f"--mlflow-auth: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
+                        "export the credentials of the server's admin before submitting (the job inherits them "
+                        "from this environment; they are never written into the batch script)")
+    import importlib.util
+
+    if importlib.util.find_spec("flask_wtf") is None:
+        raise UserError("--mlflow-auth: MLflow's basic-auth app needs mlflow[auth] (Flask-WTF), which is not "
+                        "installed: pip install 'mlflow[auth]'")
 
 
 def prepare(config: str, overrides=(), *, nodes: int = 1, gpus_per_node: int = 0, cpus_per_task: int | None = None,
             partition: str | None = None, time_limit: str | None = None, account: str | None = None,
             job_name: str | None = None, signal_seconds: int = DEFAULT_SIGNAL_SECONDS,
-            sbatch_args=(), template: Path | None = None) -> Submission:
+            sbatch_args=(), template: Path | None = None, mlflow_server: bool = False,
+            mlflow_auth: bool = False) -> Submission:
     if nodes < 1:
         raise UserError("--nodes: at least 1")
     if gpus_per_node < 0:
@@ -232,6 +273,7 @@ def prepare(config: str, overrides=(), *, nodes: int = 1, gpus_per_node: int = 0
     if signal_seconds < 60:
         raise UserError("--signal-seconds: at least 60 (Slurm sends the warning signal with a 60 s resolution)")
     study = load(config, overrides)
+    check_mlflow_server(study, mlflow_server, mlflow_auth)
     trials = expand_grid(study)
     paths = study_paths(study)
     cpus = cpus_per_task or _cpus_per_node(trials, nodes, gpus_per_node, partition_cpus(partition))
@@ -257,7 +299,9 @@ def prepare(config: str, overrides=(), *, nodes: int = 1, gpus_per_node: int = 0
         options["time"] = time_limit
     chdir = check_value("--chdir (the submit directory)", str(Path.cwd()))
     output = _log_pattern(paths.slurm_dir)
-    _check_sql_store(paths.tracking_uri, Path(chdir))
+    server_dir = Path(chdir) / MLFLOW_SERVER_DIR if mlflow_server else None
+    if server_dir is None:  # the job's server has no folder path in its SQL (artifacts: mlflow-artifacts:/)
+        _check_sql_store(paths.tracking_uri, Path(chdir))
     options |= {
         "chdir": chdir,
         "output": output,
@@ -269,10 +313,14 @@ def prepare(config: str, overrides=(), *, nodes: int = 1, gpus_per_node: int = 0
     script = render_script(template.read_text(), options, settings)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     script_path = paths.slurm_dir / f"sweep-{stamp}.sbatch"
-    cmd = ["sbatch", "--parsable", *sbatch_args, str(script_path), str(Path(config).resolve())]
+    # The batch script's own options come before the study file (see its header).
+    own = ["--mlflow-server", str(server_dir)] if server_dir else []
+    own += ["--mlflow-auth"] if mlflow_auth else []
+    cmd = ["sbatch", "--parsable", *sbatch_args, str(script_path), *own, str(Path(config).resolve())]
     for text in overrides:
         cmd += ["--set", text]
-    return Submission(script, script_path, cmd, paths, nodes, gpus_per_node, cpus, len(trials))
+    return Submission(script, script_path, cmd, paths, nodes, gpus_per_node, cpus, len(trials),
+                      mlflow_server=server_dir, mlflow_auth=mlflow_auth)
 
 
 def submit(sub: Submission) -> str:
@@ -309,8 +357,16 @@ def print_submitted(sub: Submission, job_id: str) -> None:
     print(f"  script:  {sub.script_path}")
     print(f"  log:     {log}")
     print(f"  trials:  {p.study_dir}/<trial_id>/ (checkpoints)")
-    print(f"  MLflow:  {redact_uri(p.tracking_uri)}  (experiment {p.name!r})")
-    print(f"           mlflow ui --backend-store-uri {redact_uri(p.tracking_uri)} --host 127.0.0.1 --port 5000")
+    if sub.mlflow_server:
+        store = f"sqlite:///{sub.mlflow_server / 'mlflow.db'}"
+        auth = ", basic auth as $MLFLOW_TRACKING_USERNAME" if sub.mlflow_auth else ""
+        print(f"  MLflow:  a server on the head node while the job runs (its URI is in the log{auth}), "
+              f"store {store}  (experiment {p.name!r})")
+        print(f"           afterwards: mlflow ui --backend-store-uri {shlex.quote(store)} --artifacts-destination "
+              f"{shlex.quote(str(sub.mlflow_server / 'artifacts'))} --host 127.0.0.1 --port 5000")
+    else:
+        print(f"  MLflow:  {redact_uri(p.tracking_uri)}  (experiment {p.name!r})")
+        print(f"           mlflow ui --backend-store-uri {redact_uri(p.tracking_uri)} --host 127.0.0.1 --port 5000")
     print(f"  report:  {p.report}  (written when the sweep ends)")
     print(f"  watch:   squeue -j {job_id}; tail -f {log}")
     print(f"  stop:    touch {p.stop_file}  (trials checkpoint; the job ends; resubmit to resume)")
@@ -425,3 +481,56 @@ def wait_for_ray(address: str, nodes: int, timeout: float = 300.0, watch_pids=()
             time.sleep(1)
     finally:
         ray.shutdown()
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on `host` now (the kernel's choice), for the job's MLflow server."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_mlflow(uri: str, timeout: float = 180.0, watch_pids=(), auth: bool = False) -> None:
+    """Block until the MLflow server at `uri` answers /health; with `auth`, also check that it takes
+    MLFLOW_TRACKING_USERNAME/PASSWORD (a user store left by an earlier job may hold another password).
+    Fails early when one of `watch_pids` (the server) has exited."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in watch_pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                raise UserError(f"the MLflow server (pid {pid}) exited before it answered at {uri}; "
+                                "see its log") from None
+            except PermissionError:
+                pass
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+                if resp.status == 200:
+                    break
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise UserError(f"the MLflow server did not answer at {uri} within {timeout:.0f}s; see its log")
+        time.sleep(1)
+    if not auth:
+        return
+    user, password = (os.environ.get(k, "") for k in MLFLOW_CREDENTIALS)
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code == 401:
+            raise UserError(f"the MLflow server refuses MLFLOW_TRACKING_USERNAME={user!r} with this password "
+                            f"(HTTP {err.code}): its user store (auth.db beside the server's mlflow.db) was made by "
+                            "an earlier job with another password for that user; use that password or remove "
+                            "auth.db") from None
+        raise UserError(f"the MLflow server at {uri} answered HTTP {err.code} to an authenticated request") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise UserError(f"the MLflow server at {uri} stopped answering ({getattr(err, 'reason', err)})") from None

@@ -64,6 +64,10 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
         try:
             probe = storage_probe(trials[0], parent)
             started_ray = start_ray(address)
+            if address:  # other machines' nodes: do they see the study's files and reach the tracking server?
+                from harness.launch.local_ray import check_shared_files
+
+                check_shared_files(trials[0], probe)
             statuses = _run_phases(study, todo, trunks, uri, parent, probe,
                                    max_concurrent or study.resources.max_concurrent_trials)
         except Exception as err:  # the sweep itself failed: its parent run says so (Ctrl-C: KILLED, resumable)
