@@ -351,14 +351,18 @@ def open_parent_run(uri: str, study, trials, source: str | None = None) -> str:
     c = client(uri)
     exp_id = experiment_id(uri, study.name)
     job = os.environ.get("SLURM_JOB_ID")
+    reused = None
     if job:
         # A requeued Slurm job is the same sweep invocation continuing: reuse its parent run.
         found = c.search_runs([exp_id], filter_string=f"tags.`{SLURM_JOB_TAG}` = '{job}'", max_results=1)
         if found:
             from mlflow.entities import RunStatus
 
-            c.update_run(found[0].info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-            return found[0].info.run_id
+            reused = found[0].info.run_id
+            c.update_run(reused, status=RunStatus.to_string(RunStatus.RUNNING))
+    _end_orphaned_parents(c, exp_id, keep=reused)
+    if reused:
+        return reused
     run = c.create_run(exp_id, tags={SWEEP_TAG: "true", "mlflow.runName": f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
                                      **({SLURM_JOB_TAG: job} if job else {}),
                                      **_source_tags(str(Path(source).resolve()) if source else None),
@@ -369,6 +373,22 @@ def open_parent_run(uri: str, study, trials, source: str | None = None) -> str:
     c.log_batch(run.info.run_id, params=params)
     c.log_text(run.info.run_id, _as_yaml(study), "study.yaml")
     return run.info.run_id
+
+
+ORPHANED = ("killed: its sweep ended without closing it (the driver's host was lost, or the driver was killed); "
+            "a later sweep resumed the study")
+
+
+def _end_orphaned_parents(c, exp_id: str, keep: str | None) -> None:
+    """Sweep parent runs still RUNNING whose driver died without closing them (a lost host, SIGKILL):
+    the caller holds the study's lock, so no other sweep of the study is alive; they are ended as
+    KILLED, with the reason in their status tag, so that no run stays RUNNING forever."""
+    running = c.search_runs([exp_id], filter_string=f"tags.`{SWEEP_TAG}` = 'true' and attributes.status = 'RUNNING'",
+                            max_results=1000)
+    for run in running:
+        if run.info.run_id != keep:
+            c.set_tag(run.info.run_id, STATUS_TAG, ORPHANED)
+            c.set_terminated(run.info.run_id, "KILLED")
 
 
 def _redacted_grid(grid: dict) -> dict:

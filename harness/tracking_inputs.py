@@ -97,10 +97,24 @@ def dataset_inputs(trial) -> list:
 def log_dataset_inputs(client, run_id: str, trial) -> None:
     """Log the trial's dataset inputs on its run; a failure is reported in one line and training goes on
     (the inputs describe the run, they are not needed to train it)."""
+    import time
+
     try:
         inputs = dataset_inputs(trial)
-        if inputs:
-            client.log_inputs(run_id, datasets=inputs)
     except Exception as err:
         print(f"warning: the trial's datasets were not logged to MLflow run {run_id}: {type(err).__name__}: {err}",
               flush=True)
+        return
+    for attempt in range(4):
+        try:
+            if inputs:
+                client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as err:
+            # Trials of a study log the same datasets; two that insert one at the same moment collide on
+            # the store's unique (experiment, name, digest) and one fails. Once written, it is found: retry.
+            if attempt == 3:
+                print(f"warning: the trial's datasets were not logged to MLflow run {run_id}: "
+                      f"{type(err).__name__}: {err}", flush=True)
+                return
+            time.sleep(0.5 * (attempt + 1))

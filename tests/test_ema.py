@@ -224,6 +224,30 @@ print("ZERO3-EMA-OK")
 """
 
 
+
+@pytest.mark.parametrize("decay,steps,warmup", [(0.99, 300, False), (0.99, 300, True), (0.999, 2000, False),
+                                                 (0.999, 2000, True), (0.9, 5, True)])
+def test_the_initial_weights_share_the_sweep_warns_about_is_what_the_ema_keeps(decay, steps, warmup):
+    """harness.checks.ema_init_share (the sweep's warning) against the EMA itself: a weight that starts at 1
+    and is 0 after every step is left at exactly the initial weights' share."""
+    from types import SimpleNamespace
+
+    from harness.checks import ema_init_share
+
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, decay=decay, warmup=warmup)
+    with torch.no_grad():
+        model.weight.zero_()
+    for _ in range(steps):
+        ema.update(model)
+    kept = ema.shadow["weight"].double().item()
+    share = ema_init_share(SimpleNamespace(ema_decay=decay, steps=steps, ema_warmup=warmup))
+    assert share == pytest.approx(kept, rel=1e-4, abs=1e-30)
+    assert (share >= 0.01) == (not warmup and decay ** steps >= 0.01)
+
+
 @pytest.mark.slow
 def test_real_deepspeed_zero3_gathered_parameters(tmp_path):
     """The same contract against real ZeRO-3 partitioning (one gloo process), in a subprocess so that

@@ -82,6 +82,50 @@ def test_experiment_kind_sources_and_dataset_inputs(tmp_path, digits_dir):
     assert len(client.get_run(run_ids[0]).inputs.dataset_inputs) == 2
 
 
+
+_SAME_INSTANT = """
+import sys, time
+from mlflow import MlflowClient
+from harness.config import expand_grid, load_study
+from harness.tracking_inputs import dataset_inputs, log_dataset_inputs
+
+uri, study, at = sys.argv[1], sys.argv[2], float(sys.argv[3])
+c = MlflowClient(uri)
+trial = expand_grid(load_study(study))[0]
+dataset_inputs(trial)  # MLflow's dataset modules imported before the start line
+exp_id = c.get_experiment_by_name("race").experiment_id
+for k in range(4):  # each round: new datasets (another study's), inserted by every process at once
+    trial.data.shards = trial.data.shards.replace("{000000..", "{00000" + str(k) + "..")
+    run = c.create_run(exp_id)
+    while time.time() < at + k:
+        time.sleep(0.0005)
+    log_dataset_inputs(c, run.info.run_id, trial)
+    print(run.info.run_id)
+"""
+
+
+def test_trials_logging_the_same_datasets_at_once_all_get_them(tmp_path, digits_dir):
+    """Every trial of a study logs the same datasets; two inserting one at the same moment collide on the
+    store's unique (experiment, name, digest) (without the retry, about half of such calls failed)."""
+    import mlflow
+
+    study = write_study(tmp_path / "study.yaml", tiny_study(digits_dir, "race"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("race")
+    at = time.time() + 10  # after the imports of every process (a late one only weakens the test)
+    procs = [subprocess.Popen([sys.executable, "-c", _SAME_INSTANT, uri, str(study), str(at)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+             for _ in range(3)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert not any("warning: the trial's datasets were not logged" in out for out in outs), outs
+    client = mlflow.MlflowClient(uri)
+    run_ids = [line for out in outs for line in out.split() if re.fullmatch(r"[0-9a-f]{32}", line)]
+    assert len(run_ids) == 12, outs
+    for run_id in run_ids:
+        assert set(_inputs(client.get_run(run_id))) == {"training", "validation"}, run_id
+
+
 def test_shards_without_a_manifest_get_a_digest_of_their_urls(tmp_path, digits_dir, monkeypatch):
     import mlflow
 

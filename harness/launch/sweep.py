@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from harness.checks import ema_warnings
 from harness.config import MAX_TRIALS, TrialConfig, expand_grid, load_study
 from harness.launch.branches import Trunk, plan_branches, plan_compute
 from harness.launch.local_ray import max_concurrent_trials, start_ray, stop_ray
@@ -33,6 +34,8 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
     trunks, _ = plan_branches(trials)
     print_plan(rows)
     print_branch_plan(trunks, rows)
+    for line in ema_warnings(trials):
+        print(f"warning: {line}")
     if dry_run:
         return {"planned": len(trials), "ran": 0}
     check_deepspeed_configs(trials)  # DeepSpeed's own config class, before anything starts

@@ -1,0 +1,224 @@
+"""Issue 19: a host lost in the middle of a study, on the namespace cluster (tests/test_netns_cluster.py).
+
+`slurm/testing/netns-host.sh lose` kills every process of one host at once (its slurmd, the job steps
+and everything they started: Ray's raylet, its workers, the trials), as a machine losing power.
+
+1. A worker host (host 3) while a trial trains there, past a checkpoint: Ray declares the node dead,
+   Tune runs the trial again on the hosts left, and it resumes from its newest checkpoint. Slurm
+   declares the node DOWN while the job runs (SlurmdTimeout is 20 s on this cluster) and, with
+   `#SBATCH --no-kill`, the job goes on without it and completes.
+2. The head's host (host 1: Ray's head, the sweep's driver, the batch shell): the job cannot go on and
+   Slurm ends it when the node stops answering. A resubmission on the two hosts left resumes every
+   unfinished trial from its checkpoint; the lost sweep's parent run is closed KILLED.
+
+Both: each trial has exactly one MLflow run, FINISHED, and an interrupted trial trained again at most
+one checkpoint interval of steps (counted from the steps it logged: every step is logged).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, ditscale, tiny_study, write_study
+from tests.test_netns_cluster import SBIN, netns_cluster  # noqa: F401  (a fixture: the three-host cluster)
+from tests.test_slurm import FINAL_STATES, Job, assert_one_finished_run_per_trial, job_info
+
+HOST_SCRIPT = ROOT / "slurm" / "testing" / "netns-host.sh"
+EVERY = 10   # train.checkpoint_every
+STEPS = 60   # per trial; at batch 16 each trial trains for tens of seconds on this machine
+
+
+def _study(digits: Path, folder: Path, name: str, trials: int) -> Path:
+    folder.mkdir()
+    return write_study(folder / "study.yaml", tiny_study(
+        digits, name, train={"steps": STEPS, "batch_size": 16, "log_every": 1, "checkpoint_every": EVERY},
+        resources={"cpus_per_worker": 1, "max_concurrent_trials": 3},
+        grid={"train.seed": list(range(trials))}))
+
+
+def _submit(cluster: dict, study: Path, nodes: int) -> Job:
+    proc = ditscale("slurm", "submit", str(study), "--nodes", str(nodes), "--cpus-per-task", "1", cwd=study.parent,
+                    env={"SLURM_CONF": cluster["conf"]})
+    return Job(cluster["conf"], re.search(r"Submitted job (\d+)", proc.stdout).group(1),
+               Path(re.search(r"log:\s+(\S+)", proc.stdout).group(1)))
+
+
+def _host(cluster: dict, action: str, i: int) -> None:
+    proc = subprocess.run([str(HOST_SCRIPT), action, str(cluster["state"]), str(i)], capture_output=True, text=True,
+                          timeout=60, env={"PATH": SBIN})
+    assert proc.returncode == 0, f"netns-host.sh {action} {i}: {proc.stderr}"
+
+
+def _node_state(cluster: dict, node: str) -> str:
+    out = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], capture_output=True, text=True,
+                         env={"PATH": SBIN, "SLURM_CONF": cluster["conf"]}).stdout
+    return out.strip().lower()
+
+
+def _client(study: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{study.parent / 'mlflow.db'}")
+
+
+def _checkpoint_step(study: Path, name: str, trial_id: str) -> int:
+    latest = study.parent / "runs" / name / trial_id / "checkpoints" / "latest"
+    try:
+        return int(latest.read_text().strip().rsplit("-", 1)[-1])
+    except (OSError, ValueError):
+        return -1
+
+
+def _training_past_a_checkpoint(study: Path, name: str, host: str | None = None) -> dict:
+    """{trial_id: run} of the trials now training (on `host`, if given) that have a checkpoint and have
+    logged a step after it (so that losing them now loses steps)."""
+    c = _client(study)
+    try:
+        exp = c.get_experiment_by_name(name)
+    except Exception:  # the store is being created
+        return {}
+    if exp is None:
+        return {}
+    found = {}
+    for run in c.search_runs([exp.experiment_id], filter_string="tags.trial_id != '' and attributes.status = 'RUNNING'"):
+        tid = run.data.tags["trial_id"]
+        if host is not None and run.data.tags.get("worker_hostnames") != host:
+            continue
+        ckpt = _checkpoint_step(study, name, tid)
+        if ckpt >= EVERY and run.data.metrics.get("step", 0) > ckpt:
+            found[tid] = run
+    return found
+
+
+def _wait(what: str, job: Job, ready, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = ready()
+        if value:
+            return value
+        if job_info(job.conf, job.id).get("JobState") in FINAL_STATES:
+            job.fail(f"ended while waiting for {what}")
+        if time.monotonic() > deadline:
+            job.fail(f"no {what} within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def _restarts(client, run) -> tuple[list[int], list[int]]:
+    """(the steps at which the trial's processes started, from its startup_s metric; the steps it logged
+    more than once, i.e. trained again after a restart)."""
+    starts = sorted(m.step for m in client.get_metric_history(run.info.run_id, "startup_s"))
+    counts = Counter(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    return starts, sorted(step for step, n in counts.items() if n > 1)
+
+
+def _assert_resumed_within_one_interval(client, run, label: str) -> str:
+    starts, again = _restarts(client, run)
+    assert len(starts) >= 2, f"{label}: the trial never started again (startup_s at steps {starts})"
+    # It resumed from a checkpoint (not from step 1), and lost at most one checkpoint interval.
+    assert starts[-1] > EVERY and (starts[-1] - 1) % EVERY == 0, f"{label}: restarted at step {starts[-1]}"
+    assert len(again) <= EVERY and again == list(range(starts[-1], starts[-1] + len(again))), (
+        f"{label}: steps trained twice: {again} (checkpoint every {EVERY}, restarted at step {starts[-1]})")
+    return f"restarted at step {starts[-1]}, {len(again)} step(s) trained twice"
+
+
+@pytest.mark.slow
+def test_losing_a_worker_host_then_the_head_host(netns_cluster, digits_dir, tmp_path):
+    cluster, name = netns_cluster, netns_cluster["name"]
+    digits = digits_dir
+    notes = []
+
+    # --- 1. a worker host ------------------------------------------------------------------------
+    study = _study(digits, tmp_path / "worker", "hostloss-worker", trials=4)
+    t0 = time.monotonic()
+    job = _submit(cluster, study, 3)
+    try:
+        victims = _wait("a trial on host 3 past a checkpoint", job,
+                        lambda: _training_past_a_checkpoint(study, "hostloss-worker", f"{name}-h3"))
+        (victim, before), = victims.items()
+        _host(cluster, "lose", 3)
+        t_lost = time.monotonic()
+        down_while_running = None
+        while (state := job_info(job.conf, job.id).get("JobState")) not in FINAL_STATES:
+            if down_while_running is None and _node_state(cluster, "h3").startswith("down") and state == "RUNNING":
+                down_while_running = time.monotonic() - t_lost
+            if time.monotonic() - t_lost > 600:
+                job.fail("did not end within 600 s of losing host 3")
+            time.sleep(1)
+    finally:
+        if job_info(job.conf, job.id).get("JobState") not in FINAL_STATES:
+            job.cancel()
+    if state != "COMPLETED":
+        job.fail(f"ended {state} after host 3 was lost")
+    assert down_while_running is not None, "Slurm never declared h3 DOWN while the job ran (--no-kill unproven)"
+    log = job.text()
+    assert "nodes lost during the job: 3 allocated, 2 left" in log, log[-3000:]
+    client, runs, _ = assert_one_finished_run_per_trial(study)
+    run = next(r for r in runs if r.data.tags["trial_id"] == victim)
+    assert f"{name}-h3" not in run.data.tags["worker_hostnames"], "the lost trial did not move to another host"
+    notes.append(f"worker host lost at step {int(before.data.metrics['step'])} of trial {victim[:8]}: "
+                 f"{_assert_resumed_within_one_interval(client, run, victim)} on {run.data.tags['worker_hostnames']}; "
+                 f"h3 DOWN {down_while_running:.0f}s after the loss, job COMPLETED {time.monotonic() - t_lost:.0f}s "
+                 f"after it ({time.monotonic() - t0:.0f}s in all)")
+
+    # Host 3 comes back (repaired): its slurmd registers and the node is usable again.
+    _host(cluster, "return", 3)
+    deadline = time.monotonic() + 60
+    while _node_state(cluster, "h3") != "idle":
+        assert time.monotonic() < deadline, f"h3 did not return to service: {_node_state(cluster, 'h3')}"
+        time.sleep(1)
+
+    # --- 2. the head's host ----------------------------------------------------------------------
+    study = _study(digits, tmp_path / "head", "hostloss-head", trials=3)
+    t0 = time.monotonic()
+    job = _submit(cluster, study, 3)
+    try:
+        _wait("every trial past a checkpoint", job,
+              lambda: len(_training_past_a_checkpoint(study, "hostloss-head")) == 3)
+        _host(cluster, "lose", 1)
+        t_lost = time.monotonic()
+        # Slurm ends the job when h1 stops answering (NODE_FAIL); with --requeue it may queue it again,
+        # where it waits for three nodes: the user resubmits on what is left instead.
+        info = job.wait_for("the job to end", lambda i: i.get("JobState") in FINAL_STATES | {"PENDING"},
+                            timeout=300, poll=1)
+    finally:
+        if job_info(job.conf, job.id).get("JobState") not in FINAL_STATES:
+            job.cancel()
+    ended = info["JobState"]
+    assert _node_state(cluster, "h1").startswith("down"), _node_state(cluster, "h1")
+    t_ended = time.monotonic()
+    c = _client(study)
+    exp = c.get_experiment_by_name("hostloss-head")
+    unfinished = [r for r in c.search_runs([exp.experiment_id], filter_string="tags.trial_id != ''")
+                  if r.data.tags.get("ditscale.status") != "finished"]
+    assert unfinished, "every trial finished before the head was lost: nothing to resume"
+
+    job2 = _submit(cluster, study, 2)
+    try:
+        info = job2.wait_done(timeout=600)
+    finally:
+        if job_info(job2.conf, job2.id).get("JobState") not in FINAL_STATES:
+            job2.cancel()
+    if info["JobState"] != "COMPLETED":
+        job2.fail("the resubmission did not complete")
+    client, runs, _ = assert_one_finished_run_per_trial(study)
+    by_id = {r.data.tags["trial_id"]: r for r in runs}
+    resumed = [_assert_resumed_within_one_interval(client, by_id[r.data.tags["trial_id"]], r.data.tags["trial_id"])
+               for r in unfinished]
+    assert all(h.startswith(f"{name}-h") and h != f"{name}-h1"
+               for r in unfinished for h in by_id[r.data.tags["trial_id"]].data.tags["worker_hostnames"].split(","))
+    parents = client.search_runs([runs[0].info.experiment_id], filter_string="tags.`ditscale.sweep` = 'true'",
+                                 order_by=["attributes.start_time ASC"])
+    assert [p.info.status for p in parents] == ["KILLED", "FINISHED"], [p.info.status for p in parents]
+    assert parents[0].data.tags["ditscale.status"].startswith("killed: its sweep ended without closing it")
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} <= {p.info.run_id for p in parents}
+    notes.append(f"head host lost: job {job.id} {ended} {t_ended - t_lost:.0f}s later; resubmission {job2.id} on 2 "
+                 f"hosts resumed {len(unfinished)} trial(s) ({'; '.join(resumed)}), COMPLETED "
+                 f"{time.monotonic() - t_ended:.0f}s after the first job ended ({time.monotonic() - t0:.0f}s in all)")
+    print("\n".join(notes), file=sys.stderr)
