@@ -12,6 +12,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=slurm/testing/common.sh
+. "$here/common.sh"
 state=${1:-${DITSCALE_SLURM_DIR:-/tmp/ditscale-slurm}}
 ctld_port=${DITSCALE_SLURMCTLD_PORT:-16817}
 slurmd_port=${DITSCALE_SLURMD_PORT:-16818}
@@ -40,17 +42,10 @@ fi
 "$here/stop-local-cluster.sh" "$state" >/dev/null 2>&1 || true
 
 t0=$(date +%s)
-mkdir -p "$state/munge" "$state/ctld" "$state/slurmd"
-chmod 700 "$state/munge"
+mkdir -p "$state/ctld" "$state/slurmd"
 
 # --- munge: our own key and socket --------------------------------------------------------------
-if [ ! -s "$state/munge/munge.key" ]; then
-    (umask 077 && dd if=/dev/urandom of="$state/munge/munge.key" bs=1024 count=1 status=none)
-fi
-chmod 400 "$state/munge/munge.key"
-munged --force --socket="$state/munge/munge.socket" --key-file="$state/munge/munge.key" \
-    --pid-file="$state/munge/munged.pid" --log-file="$state/munge/munged.log" \
-    --seed-file="$state/munge/munged.seed" || die "munged did not start; see $state/munge/munged.log"
+start_munged || die "munged did not start; see $state/munge/munged.log"
 
 # --- slurm.conf from the template ----------------------------------------------------------------
 host=$(hostname -s)

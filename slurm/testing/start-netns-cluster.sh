@@ -11,11 +11,12 @@
 #   bridge $NAME-br at $NET.1/24 in the machine's own namespace (the "login node": srun and sbatch
 #   run there); host i = namespace $NAME-hi, hostname $NAME-hi, address $NET.(10+i) on its eth0,
 #   a veth whose other end ($NAME-hi) is on the bridge; Slurm node hi (NodeAddr=$NET.(10+i)).
+#   The controller is a machine of its own, as on a real cluster: namespace and hostname $NAME-ctl at
+#   $NET.10, running slurmctld only, so that losing any compute host (netns-host.sh) leaves Slurm up.
 #   DITSCALE_NETNS_HOSTS=3  DITSCALE_NETNS_NAME=ditscale  DITSCALE_NETNS_NET=198.18.0 (RFC 2544's
 #   benchmarking range: no real network uses it)  DITSCALE_NETNS_SLURMCTLD_PORT=16827
 #   DITSCALE_NETNS_SLURMD_PORT=16828  DITSCALE_SLURM_START_TIMEOUT=60
-# slurmctld runs on host 1; one munged (own key and socket in STATE_DIR) in the machine's namespace
-# serves every host. The machine's filesystem is every host's filesystem (the "shared filesystem").
+# One munged (own key and socket in STATE_DIR) in the machine's namespace serves every host. The machine's filesystem is every host's filesystem (the "shared filesystem").
 # Traffic stays on the bridge: no route leaves it (no default route, no NAT, no forwarding).
 #
 # Needs root, Debian's slurm-wlm and munge, iproute2 (ip) and util-linux (nsenter, unshare). Everything it
@@ -44,8 +45,9 @@ case $hosts in ''|*[!0-9]*) die "DITSCALE_NETNS_HOSTS=$hosts: a number of hosts,
 [ "$hosts" -ge 1 ] && [ "$hosts" -le 200 ] || die "DITSCALE_NETNS_HOSTS=$hosts: a number of hosts, 1 to 200"
 [[ $net =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "DITSCALE_NETNS_NET=$net: the first three numbers of a /24, e.g. 198.18.0"
 [[ $name =~ ^[a-z][a-z0-9-]*$ ]] || die "DITSCALE_NETNS_NAME=$name: lower-case letters, digits and '-'"
-# Interface names have at most 15 characters; the longest is the veth end $name-hN on the bridge.
-[ $(( ${#name} + 2 + ${#hosts} )) -le 15 ] || die "DITSCALE_NETNS_NAME=$name is too long for interface names (at most $(( 13 - ${#hosts} )) characters)"
+# Interface names have at most 15 characters; the longest is a veth end on the bridge, $name-hN or $name-ctl.
+longest=$(( 2 + ${#hosts} > 4 ? 2 + ${#hosts} : 4 ))
+[ $(( ${#name} + longest )) -le 15 ] || die "DITSCALE_NETNS_NAME=$name is too long for interface names (at most $(( 15 - longest )) characters)"
 
 mkdir -p "$state"
 state=$(cd "$state" && pwd)
@@ -55,10 +57,14 @@ export SLURM_CONF="$conf"
 bridge="$name-br"
 host_ns() { echo "$name-h$1"; }        # namespace, hostname and bridge-side veth of host $1
 host_ip() { echo "$net.$((10 + $1))"; }
+ctl_ns=$name-ctl                       # the controller's namespace, hostname and veth (address $net.10)
+ctl_ip=$net.10
+# shellcheck source=slurm/testing/common.sh
+. "$here/common.sh"
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 up() {
-    alive "$state/munge/munged.pid" && alive "$state/slurmctld.pid" || return 1
+    alive "$state/munge/munged.pid" && alive "$state/slurmctld.pid" && [ -e "/run/netns/$ctl_ns" ] || return 1
     local i
     for i in $(seq 1 "$hosts"); do
         alive "$state/slurmd-h$i.pid" && [ -e "/run/netns/$(host_ns "$i")" ] || return 1
@@ -73,8 +79,7 @@ fi
 "$here/stop-netns-cluster.sh" "$state" >/dev/null 2>&1 || true
 
 # --- nothing of someone else's in the way (this cluster's own leftovers are gone by now) ---------
-for i in $(seq 1 "$hosts"); do
-    ns=$(host_ns "$i")
+for ns in "$ctl_ns" $(for i in $(seq 1 "$hosts"); do host_ns "$i"; done); do
     [ ! -e "/run/netns/$ns" ] || die "network namespace $ns exists but $state did not create it: stop the cluster that did (stop-netns-cluster.sh ITS_STATE_DIR) or set DITSCALE_NETNS_NAME"
     ! ip link show dev "$ns" >/dev/null 2>&1 || die "network interface $ns exists but $state did not create it; set DITSCALE_NETNS_NAME"
 done
@@ -83,8 +88,7 @@ taken=$(ip -4 -o addr show | awk -v p="$net." 'index($4, p) == 1 {print $2 " " $
 [ -z "$taken" ] || die "addresses in $net.0/24 are in use on this machine ($taken); set DITSCALE_NETNS_NET to a free /24 (e.g. 198.18.1)"
 
 t0=$(date +%s)
-mkdir -p "$state/munge" "$state/ctld"
-chmod 700 "$state/munge"
+mkdir -p "$state/ctld"
 # Each object is recorded before it is created (and only once we know the name was free), so
 # that stop-netns-cluster.sh removes it even when this script dies half-way.
 rec() { echo "$1 $2" >> "$record"; }
@@ -97,34 +101,31 @@ rec link "$bridge"
 net_do ip link add "$bridge" type bridge
 net_do ip addr add "$net.1/24" dev "$bridge"
 net_do ip link set "$bridge" up
-for i in $(seq 1 "$hosts"); do
-    ns=$(host_ns "$i")
-    rec netns "$ns"
-    net_do ip netns add "$ns"
-    rec link "$ns"   # the veth's end on the bridge (its peer is eth0 in the namespace)
-    net_do ip link add "$ns" type veth peer name eth0 netns "$ns"
-    net_do ip link set "$ns" master "$bridge"
-    net_do ip link set "$ns" up
-    net_do ip -n "$ns" link set lo up
-    net_do ip -n "$ns" addr add "$(host_ip "$i")/24" dev eth0
-    net_do ip -n "$ns" link set eth0 up
-done
+add_host() {  # namespace, address
+    rec netns "$1"
+    net_do ip netns add "$1"
+    rec link "$1"   # the veth's end on the bridge (its peer is eth0 in the namespace)
+    net_do ip link add "$1" type veth peer name eth0 netns "$1"
+    net_do ip link set "$1" master "$bridge"
+    net_do ip link set "$1" up
+    net_do ip -n "$1" link set lo up
+    net_do ip -n "$1" addr add "$2/24" dev eth0
+    net_do ip -n "$1" link set eth0 up
+}
+add_host "$ctl_ns" "$ctl_ip"
+for i in $(seq 1 "$hosts"); do add_host "$(host_ns "$i")" "$(host_ip "$i")"; done
+# What netns-host.sh (losing and bringing back a host) needs to know.
+printf 'NAME=%s\nHOSTS=%s\n' "$name" "$hosts" > "$state/netns.env"
 
 # --- munge: our own key and socket, in the machine's namespace (the socket is a file) ------------
-if [ ! -s "$state/munge/munge.key" ]; then
-    (umask 077 && dd if=/dev/urandom of="$state/munge/munge.key" bs=1024 count=1 status=none)
-fi
-chmod 400 "$state/munge/munge.key"
-munged --force --socket="$state/munge/munge.socket" --key-file="$state/munge/munge.key" \
-    --pid-file="$state/munge/munged.pid" --log-file="$state/munge/munged.log" \
-    --seed-file="$state/munge/munged.seed" || die "munged did not start; see $state/munge/munged.log"
+start_munged || die "munged did not start; see $state/munge/munged.log"
 
 # --- slurm.conf from the template ----------------------------------------------------------------
 # The hardware line as slurmd sees it (every namespace sees the machine's CPUs), without NodeName
 # and RealMemory (memory is not a consumable resource here: CR_CPU).
 hw=$(slurmd -C | head -n 1 | sed -E -e 's/^NodeName=[^ ]+ //' -e 's/ RealMemory=[0-9]+//')
 case "$hw" in CPUs=*) ;; *) die "unexpected 'slurmd -C' output: $hw" ;; esac
-sed -e "s|@CTLD_HOST@|$(host_ns 1)|g" -e "s|@CTLD_ADDR@|$(host_ip 1)|g" -e "s|@STATE@|$state|g" \
+sed -e "s|@CTLD_HOST@|$ctl_ns|g" -e "s|@CTLD_ADDR@|$ctl_ip|g" -e "s|@STATE@|$state|g" \
     -e "s|@CTLD_PORT@|$ctld_port|g" -e "s|@SLURMD_PORT@|$slurmd_port|g" -e "s|@USER@|$(id -un)|g" \
     -e "s|@NODE_NAMES@|h[1-$hosts]|g" -e "s|@NODE_HOSTNAMES@|$name-h[1-$hosts]|g" \
     -e "s|@NODE_ADDRS@|$net.[11-$((10 + hosts))]|g" -e "s|@NODE_HW@|$hw|g" \
@@ -137,15 +138,15 @@ sed -e "s|@CTLD_HOST@|$(host_ns 1)|g" -e "s|@CTLD_ADDR@|$(host_ip 1)|g" -e "s|@S
 # the host its own hostname (slurmd finds its node by it, slurmctld checks it against SlurmctldHost).
 # The daemons fork into the background and keep both namespaces, and so does every job step they
 # start. -c: forget the jobs and node states of an earlier cluster in this folder.
+# shellcheck disable=SC2016  # expanded by the controller's sh: $0 hostname, $1 slurm.conf
+nsenter --net="/run/netns/$ctl_ns" unshare --uts sh -c 'hostname "$0" && slurmctld -f "$1" -c' "$ctl_ns" "$conf" \
+    || die "slurmctld did not start; see $state/slurmctld.log"
 for i in $(seq 1 "$hosts"); do
     ns=$(host_ns "$i")
     mkdir -p "$state/slurmd-h$i"
-    # shellcheck disable=SC2016  # expanded by the host's sh: $0 hostname, $1 slurm.conf, $2 state, $3 node
-    script='hostname "$0" || exit 1; '
-    [ "$i" != 1 ] || script+='slurmctld -f "$1" -c || { echo "slurmctld did not start; see $2/slurmctld.log" >&2; exit 1; }; '
-    # shellcheck disable=SC2016
-    script+='slurmd -f "$1" || { echo "slurmd did not start on $0; see $2/slurmd-$3.log" >&2; exit 1; }'
-    nsenter --net="/run/netns/$ns" unshare --uts sh -c "$script" "$ns" "$conf" "$state" "h$i" || die "host $ns did not start"
+    # shellcheck disable=SC2016  # $0 hostname, $1 slurm.conf (netns-host.sh return starts it the same way)
+    nsenter --net="/run/netns/$ns" unshare --uts sh -c 'hostname "$0" && slurmd -f "$1"' "$ns" "$conf" \
+        || die "slurmd did not start on $ns; see $state/slurmd-h$i.log"
 done
 
 # Wait until every node is idle (its slurmd registered with slurmctld over the bridge).

@@ -8,34 +8,15 @@ state=${1:-${DITSCALE_SLURM_DIR:-/tmp/ditscale-slurm}}
 [ -d "$state" ] || exit 0
 state=$(cd "$state" && pwd)
 export SLURM_CONF="$state/slurm.conf"
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=slurm/testing/common.sh
+. "$here/common.sh"
 
-if [ -f "$SLURM_CONF" ] && scontrol ping >/dev/null 2>&1; then
-    jobs=$(squeue -h -o '%i' 2>/dev/null || true)
-    if [ -n "$jobs" ]; then
-        # shellcheck disable=SC2086
-        scancel $jobs 2>/dev/null || true
-        for _ in $(seq 1 30); do
-            [ -z "$(squeue -h -o '%i' 2>/dev/null)" ] && break
-            sleep 1
-        done
-    fi
-fi
-
-stop_pid() {  # pid file, name
-    [ -f "$1" ] || return 0
-    local pid
-    pid=$(cat "$1")
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 20); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.5
-        done
-        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
-    fi
-    rm -f "$1"
-}
-stop_pid "$state/slurmd.pid" slurmd
-stop_pid "$state/slurmctld.pid" slurmctld
-stop_pid "$state/munge/munged.pid" munged
+cancel_jobs
+# The daemons whose pid files are in STATE_DIR: slurmd, slurmctld, munged.
+for f in "$state/slurmd.pid" "$state/slurmctld.pid" "$state/munge/munged.pid"; do
+    pid=$(pid_in "$f")
+    if [ -n "$pid" ]; then stop_pids "$pid"; fi
+    rm -f "$f"
+done
 exit 0

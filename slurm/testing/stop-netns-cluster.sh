@@ -5,6 +5,9 @@
 # pid, and the namespaces and links listed in STATE_DIR/netns.record are deleted.
 set -uo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=slurm/testing/common.sh
+. "$here/common.sh"
 
 state=${1:-${DITSCALE_NETNS_DIR:-/tmp/ditscale-netns}}
 [ -d "$state" ] || exit 0
@@ -12,37 +15,13 @@ state=$(cd "$state" && pwd)
 export SLURM_CONF="$state/slurm.conf"
 record="$state/netns.record"
 
-if [ -f "$SLURM_CONF" ] && [ -f "$state/slurmctld.pid" ] && kill -0 "$(cat "$state/slurmctld.pid")" 2>/dev/null \
-        && scontrol ping >/dev/null 2>&1; then
-    jobs=$(squeue -h -o '%i' 2>/dev/null || true)
-    if [ -n "$jobs" ]; then
-        # shellcheck disable=SC2086
-        scancel $jobs 2>/dev/null || true
-        for _ in $(seq 1 30); do
-            [ -z "$(squeue -h -o '%i' 2>/dev/null)" ] && break
-            sleep 1
-        done
-    fi
-fi
+if [ -n "$(pid_in "$state/slurmctld.pid")" ]; then cancel_jobs; fi
 
-stop_pids() {  # pids...: SIGTERM, up to 10 s to exit, then SIGKILL
-    [ $# -gt 0 ] || return 0
-    kill -TERM "$@" 2>/dev/null || true
-    local pid left
-    for _ in $(seq 1 20); do
-        left=0
-        for pid in "$@"; do kill -0 "$pid" 2>/dev/null && left=1; done
-        [ "$left" = 0 ] && return 0
-        sleep 0.5
-    done
-    kill -KILL "$@" 2>/dev/null || true
-}
 # The daemons, all at once (each takes a second or two to exit): slurmd's, slurmctld, munged.
 daemons=()
 for f in "$state"/slurmd-*.pid "$state/slurmctld.pid" "$state/munge/munged.pid"; do
-    [ -f "$f" ] || continue
-    pid=$(cat "$f")
-    case $pid in ''|*[!0-9]*) ;; *) kill -0 "$pid" 2>/dev/null && daemons+=("$pid") ;; esac
+    pid=$(pid_in "$f")
+    if [ -n "$pid" ]; then daemons+=("$pid"); fi
 done
 stop_pids "${daemons[@]}"
 rm -f "$state"/slurmd-*.pid "$state/slurmctld.pid" "$state/munge/munged.pid"
@@ -67,5 +46,5 @@ for ns in "${namespaces[@]}"; do
     [ -e "/run/netns/$ns" ] || continue
     ip netns delete "$ns" || echo "stop-netns-cluster: cannot delete namespace $ns" >&2
 done
-rm -f "$record"
+rm -f "$record" "$state/netns.env"
 exit 0
