@@ -126,6 +126,31 @@ def test_trials_logging_the_same_datasets_at_once_all_get_them(tmp_path, digits_
         assert set(_inputs(client.get_run(run_id))) == {"training", "validation"}, run_id
 
 
+
+def test_a_sweep_closes_the_parent_runs_a_lost_driver_left_running(tmp_path, digits_dir, monkeypatch):
+    """A driver killed with its host leaves its sweep's parent run RUNNING; the next sweep of the study
+    (which holds the study's lock, so no other sweep is alive) ends it as KILLED, saying why. A requeued
+    Slurm job's own parent run is reused instead."""
+    import mlflow
+
+    from harness.config import expand_grid, load_study
+    from harness.tracking import open_parent_run
+
+    path = write_study(tmp_path / "study.yaml", tiny_study(digits_dir, "orphans"))
+    study = load_study(path)
+    trials = expand_grid(study)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    lost = open_parent_run(uri, study, trials)               # job 101's driver, then its host is lost
+    assert open_parent_run(uri, study, trials) == lost       # job 101 requeued: the same sweep, reused
+    monkeypatch.setenv("SLURM_JOB_ID", "102")
+    new = open_parent_run(uri, study, trials)                # a resubmission
+    client = mlflow.MlflowClient(uri)
+    old = client.get_run(lost)
+    assert old.info.status == "KILLED" and old.data.tags["ditscale.status"].startswith("killed: its sweep ended")
+    assert client.get_run(new).info.status == "RUNNING"
+
+
 def test_shards_without_a_manifest_get_a_digest_of_their_urls(tmp_path, digits_dir, monkeypatch):
     import mlflow
 

@@ -1,7 +1,7 @@
 """Slurm across several hosts on one machine: each host a network namespace on a bridge.
 
 slurm/testing/start-netns-cluster.sh starts three hosts (own network stack, address and hostname;
-slurmctld on the first, a slurmd on each) and stop-netns-cluster.sh removes all of it. The fast test
+slurmctld on a controller namespace of its own, a slurmd on each) and stop-netns-cluster.sh removes all of it. The fast test
 checks that a job step reaches three distinct hosts; the slow one runs a study with
 `ditscale slurm submit --nodes 3`: Ray's head on host 1, workers on hosts 2 and 3, and a two-worker
 trial whose Ray Train workers run on two hosts and train with DeepSpeed over gloo between them.
@@ -86,6 +86,24 @@ def netns_cluster(tmp_path_factory):
         assert not left and bridge.returncode != 0, f"stop-netns-cluster.sh left {left} / bridge {name}-br behind"
 
 
+def submitted(cluster: dict, proc) -> Job:
+    """The Job that `ditscale slurm submit` (its finished process) says it submitted to `cluster`."""
+    return Job(cluster["conf"], re.search(r"Submitted job (\d+)", proc.stdout).group(1),
+               Path(re.search(r"log:\s+(\S+)", proc.stdout).group(1)))
+
+
+def run_to_completion(job: Job, timeout: float) -> dict:
+    """Wait for the job's end (cancelling it if the wait fails); fails the test unless it COMPLETED."""
+    try:
+        info = job.wait_done(timeout=timeout)
+    finally:
+        if job_info(job.conf, job.id).get("JobState") not in FINAL_STATES:
+            job.cancel()
+    if info["JobState"] != "COMPLETED":
+        job.fail("did not complete")
+    return info
+
+
 def _slurm(cluster: dict, *args: str, timeout: float = 60) -> str:
     proc = subprocess.run(list(args), env={**os.environ, "SLURM_CONF": cluster["conf"]}, capture_output=True,
                           text=True, timeout=timeout)
@@ -125,16 +143,9 @@ def test_study_runs_across_three_hosts_with_a_two_host_trial(netns_cluster, digi
     t0 = time.monotonic()
     proc = ditscale("slurm", "submit", str(study), "--nodes", str(HOSTS), "--cpus-per-task", "1", cwd=tmp_path,
                     env={"SLURM_CONF": netns_cluster["conf"]})
-    job = Job(netns_cluster["conf"], re.search(r"Submitted job (\d+)", proc.stdout).group(1),
-              Path(re.search(r"log:\s+(\S+)", proc.stdout).group(1)))
-    try:
-        info = job.wait_done(timeout=600)
-    finally:
-        if job_info(job.conf, job.id).get("JobState") not in FINAL_STATES:
-            job.cancel()
+    job = submitted(netns_cluster, proc)
+    run_to_completion(job, timeout=600)
     elapsed = time.monotonic() - t0
-    if info["JobState"] != "COMPLETED":
-        job.fail("did not complete")
     log = job.text()
     assert f"Ray head on h1 at {netns_cluster['net']}.11:" in log, "the head is not on host 1's bridge address"
     assert f"{HOSTS} node(s)" in log and "ditscale sweep exited with 0" in log

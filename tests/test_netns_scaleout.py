@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_study, write_study
-from tests.test_netns_cluster import netns_cluster  # noqa: F401  (a fixture: the three-host cluster)
-from tests.test_slurm import FINAL_STATES, SBATCH, Job, job_info
+from tests.test_netns_cluster import netns_cluster, run_to_completion, submitted  # noqa: F401  (netns_cluster: a fixture)
+from tests.test_slurm import SBATCH
 
 _CLEAN_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_MODE",
               "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "DITSCALE_RAY_AUTH")
@@ -307,16 +307,9 @@ def test_a_study_logs_through_the_jobs_mlflow_server_with_basic_auth(netns_clust
     proc = _run("slurm", "submit", str(scale_study), "--nodes", "2", "--cpus-per-task", "1", "--mlflow-server",
                 "--mlflow-auth", cwd=folder, env=env)
     assert proc.returncode == 0, proc.stderr
-    job = Job(netns_cluster["conf"], re.search(r"Submitted job (\d+)", proc.stdout).group(1),
-              Path(re.search(r"log:\s+(\S+)", proc.stdout).group(1)))
-    try:
-        info = job.wait_done(timeout=400)
-    finally:
-        if job_info(job.conf, job.id).get("JobState") not in FINAL_STATES:
-            job.cancel()
+    job = submitted(netns_cluster, proc)
+    run_to_completion(job, timeout=400)
     elapsed = time.monotonic() - t0
-    if info["JobState"] != "COMPLETED":
-        job.fail("did not complete")
     log = job.text()
     server = folder.resolve() / "mlflow-server"
     uri = re.search(r"MLflow server starting at (http://\S+)", log).group(1)

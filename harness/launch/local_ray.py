@@ -203,22 +203,14 @@ def _gcs_target(address: str) -> tuple[str, int] | None:
         raise UserError(f"--address {address}: cannot resolve {host!r}") from None
 
 
-def _bindable(ip: str) -> bool:
-    """Whether `ip` is an address of this machine (of this network namespace)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind((ip, 0))
-        return True
-    except OSError:
-        return False
-
-
 def _local_node(gcs_ip: str, gcs_port: int) -> str | None:
     """The address of a raylet of the cluster whose GCS is gcs_ip:gcs_port that runs on this machine,
     or None. Ray looks for a local raylet by its command line among all processes; one that belongs to
     the cluster but whose address is not ours (another network namespace, a container sharing the
     process table) would take the driver, which then advertises an address it is not on."""
     import psutil
+
+    from harness.launch.slurm import bindable
 
     for proc in psutil.process_iter(["cmdline"]):
         try:
@@ -234,7 +226,7 @@ def _local_node(gcs_ip: str, gcs_port: int) -> str | None:
             same = port == str(gcs_port) and socket.gethostbyname(host) == gcs_ip
         except OSError:
             same = False
-        if same and ip and _bindable(ip):
+        if same and ip and bindable(ip):
             return ip
     return None
 

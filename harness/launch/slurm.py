@@ -376,16 +376,19 @@ def print_submitted(sub: Submission, job_id: str) -> None:
 # --- helpers the batch script calls --------------------------------------------------------------
 
 
-def _is_local_address(ip: str) -> bool:
-    """Whether `ip` is a non-loopback IPv4 address of this machine (one a socket can bind)."""
-    if ip.startswith("127."):
-        return False
+def bindable(ip: str) -> bool:
+    """Whether `ip` is an address of this machine (of this network namespace): a socket can bind it."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind((ip, 0))
         return True
     except OSError:
         return False
+
+
+def _is_local_address(ip: str) -> bool:
+    """Whether `ip` is a non-loopback IPv4 address of this machine."""
+    return not ip.startswith("127.") and bindable(ip)
 
 
 def slurm_node_addr() -> str | None:
