@@ -109,9 +109,13 @@ def test_ctrl_c_during_overwrite_leaves_the_old_dataset_intact(tmp_path):
     _pack_small(out, val_fraction=0.1)
     old = _snapshot(out)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    # Ctrl-C in a terminal: SIGINT with its default action. A test run started in the background by a
+    # non-interactive shell (`pytest ... &`) inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt (the pack would run on): give the child the terminal's disposition.
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "data", "pack", "shapes", str(out),
                              "--image-size", "8", "--count", "1000000", "--shard-size", "40", "--overwrite"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_new_shard(tmp_path, out, old, proc)
         proc.send_signal(signal.SIGINT)

@@ -34,7 +34,7 @@ from tests.test_slurm import FINAL_STATES, Job, assert_one_finished_run_per_tria
 
 HOST_SCRIPT = ROOT / "slurm" / "testing" / "netns-host.sh"
 EVERY = 10   # train.checkpoint_every
-STEPS = 40   # per trial; at batch 16 each trial trains for 10-30 s on this machine
+STEPS = 60   # per trial; at batch 16 each trial trains for 15-40 s on this machine
 
 
 def _study(digits: Path, folder: Path, name: str, trials: int) -> Path:
@@ -173,8 +173,8 @@ def test_losing_a_worker_host_then_the_head_host(netns_cluster, digits_dir, tmp_
     t0 = time.monotonic()
     job = _submit(cluster, study, 2)
     try:
-        _wait("both trials past a checkpoint", job,
-              lambda: len(_training_past_a_checkpoint(study, "hostloss-head")) == 2)
+        # (Start-ups differ by tens of seconds under load: one trial may be far ahead of the other.)
+        _wait("a trial past a checkpoint", job, lambda: _training_past_a_checkpoint(study, "hostloss-head"))
         head = re.search(r"Ray head on h(\d)", job.text()).group(1)
         _host(cluster, "lose", int(head))
         t_lost = time.monotonic()
@@ -192,15 +192,24 @@ def test_losing_a_worker_host_then_the_head_host(netns_cluster, digits_dir, tmp_
     log = job.text()
     assert "is gone (its node was lost); requeueing job" in log and "(restart 1)" in log, log[-4000:]
     client, runs, _ = assert_one_finished_run_per_trial(study)
-    resumed = [_assert_resumed_within_one_interval(client, r, r.data.tags["trial_id"]) for r in runs
-               if len(client.get_metric_history(r.info.run_id, "startup_s")) > 1]
-    assert resumed, "no trial was resumed after the head was lost"
+    resumed, from_scratch = [], []
+    for r in runs:
+        starts, again = _restarts(client, r)
+        if len(starts) < 2:
+            continue  # it finished before the head was lost
+        if starts[-1] == 1:  # lost before its first checkpoint: trained again from the start, as it must
+            assert max(again, default=0) < EVERY, (r.data.tags["trial_id"], starts, again)
+            from_scratch.append(r.data.tags["trial_id"])
+        else:
+            resumed.append(_assert_resumed_within_one_interval(client, r, r.data.tags["trial_id"]))
+    assert resumed, "no trial was resumed from a checkpoint after the head was lost"
     assert all(h.startswith(f"{name}-h") and h != f"{name}-h{head}"
                for r in runs for h in r.data.tags["worker_hostnames"].split(","))
     # One job, requeued: the same sweep invocation, one parent run, FINISHED.
     parents = client.search_runs([runs[0].info.experiment_id], filter_string="tags.`ditscale.sweep` = 'true'")
     assert [p.info.status for p in parents] == ["FINISHED"], [p.info.status for p in parents]
     notes.append(f"head host h{head} lost: job {job.id} requeued {t_requeued - t_lost:.0f}s later, resumed "
-                 f"{len(resumed)} trial(s) ({'; '.join(resumed)}), COMPLETED {time.monotonic() - t_requeued:.0f}s after "
+                 f"{len(resumed)} trial(s) ({'; '.join(resumed)}), {len(from_scratch)} without a checkpoint yet "
+                 f"started again, COMPLETED {time.monotonic() - t_requeued:.0f}s after "
                  f"the requeue ({time.monotonic() - t0:.0f}s in all)")
     print("\n".join(notes), file=sys.stderr)
