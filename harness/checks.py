@@ -50,22 +50,16 @@ def ema_init_share(train: TrainConfig) -> float:
 
 def ema_warnings(trials: list[TrialConfig]) -> list[str]:
     """One line per distinct (decay, steps, warm-up) whose EMA keeps >= 1 % of the initial weights."""
-    seen: dict[tuple, int] = {}
+    seen: dict[tuple, list] = {}  # (decay, steps, warm-up) -> [share kept, trials]
     for trial in trials:
         t = trial.train
-        if ema_init_share(t) >= EMA_INIT_WARN:
-            key = (t.ema_decay, t.steps, t.ema_warmup)
-            seen[key] = seen.get(key, 0) + 1
+        share = ema_init_share(t)
+        if share >= EMA_INIT_WARN:
+            seen.setdefault((t.ema_decay, t.steps, t.ema_warmup), [share, 0])[1] += 1
     return [f"train.ema_decay: {d} over {steps} steps{' with warm-up' if warm else ''} leaves "
-            f"{ema_init_share(_train_like(d, steps, warm)):.1%} of the random initial weights in the EMA that is "
-            f"evaluated ({n} trial{'s' if n > 1 else ''}); set train.ema_warmup: true or a smaller train.ema_decay"
-            for (d, steps, warm), n in seen.items()]
-
-
-def _train_like(decay: float, steps: int, warmup: bool):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(ema_decay=decay, steps=steps, ema_warmup=warmup)
+            f"{share:.1%} of the random initial weights in the EMA that is evaluated "
+            f"({n} trial{'s' if n > 1 else ''}); set train.ema_warmup: true or a smaller train.ema_decay"
+            for (d, steps, warm), (share, n) in seen.items()]
 
 
 def check_schedule(train: TrainConfig) -> list[str]:

@@ -99,13 +99,17 @@ def log_dataset_inputs(client, run_id: str, trial) -> None:
     (the inputs describe the run, they are not needed to train it)."""
     import time
 
-    try:
-        inputs = dataset_inputs(trial)
-    except Exception as err:
+    def warn(err: Exception) -> None:
         print(f"warning: the trial's datasets were not logged to MLflow run {run_id}: {type(err).__name__}: {err}",
               flush=True)
+
+    try:
+        inputs = dataset_inputs(trial)
+    except Exception as err:  # the shards cannot be described: retrying would not change that
+        warn(err)
         return
-    for attempt in range(4):
+    attempts = 4
+    for attempt in range(attempts):
         try:
             if inputs:
                 client.log_inputs(run_id, datasets=inputs)
@@ -113,8 +117,7 @@ def log_dataset_inputs(client, run_id: str, trial) -> None:
         except Exception as err:
             # Trials of a study log the same datasets; two that insert one at the same moment collide on
             # the store's unique (experiment, name, digest) and one fails. Once written, it is found: retry.
-            if attempt == 3:
-                print(f"warning: the trial's datasets were not logged to MLflow run {run_id}: "
-                      f"{type(err).__name__}: {err}", flush=True)
+            if attempt == attempts - 1:
+                warn(err)
                 return
             time.sleep(0.5 * (attempt + 1))

@@ -192,7 +192,7 @@ def test_default_tracking_uri(monkeypatch, tmp_path):
     assert runs.default_tracking_uri("sqlite:///rel.db") == f"sqlite:///{tmp_path / 'rel.db'}"
 
 
-# --- scaling.py ---------------------------------------------------------------------------------
+# --- scaling/ ---------------------------------------------------------------------------------
 
 def test_power_law_recovered_from_mlflow_runs(law_sweep):
     uri, exp, _ = law_sweep

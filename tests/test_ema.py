@@ -197,9 +197,14 @@ def test_partitioned_weights_without_gather_are_an_error():
 
 
 _REAL_ZERO3 = """
+import os
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch, deepspeed
 from models.ema import EMA
 
+# As harness.trial.distributed does on CPU: no JIT build of DeepSpeed's shared-memory all-reduce op
+# (minutes on 2 cores; gloo is enough for one process).
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 deepspeed.init_distributed(dist_backend="gloo")
 with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3}, "train_batch_size": 1}):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))

@@ -1,10 +1,12 @@
 """Slurm across several hosts on one machine: each host a network namespace on a bridge.
 
 slurm/testing/start-netns-cluster.sh starts three hosts (own network stack, address and hostname;
-slurmctld on a controller namespace of its own, a slurmd on each) and stop-netns-cluster.sh removes all of it. The fast test
-checks that a job step reaches three distinct hosts; the slow one runs a study with
-`ditscale slurm submit --nodes 3`: Ray's head on host 1, workers on hosts 2 and 3, and a two-worker
-trial whose Ray Train workers run on two hosts and train with DeepSpeed over gloo between them.
+slurmctld on a controller namespace of its own, a slurmd on each) and stop-netns-cluster.sh removes all of it. The fast tests
+here check that a job step reaches three distinct hosts, each with its own address for Ray. The studies
+that run on the cluster are in test_netns_scaleout.py (`ditscale slurm submit --nodes 3` with the job's
+MLflow server: Ray's head on host 1, workers on hosts 2 and 3, a two-worker trial whose Ray Train workers
+run on two hosts and train with DeepSpeed over gloo between them; a sweep joining from outside) and
+test_netns_hostloss.py (a worker host, then the head's host, lost mid-study).
 
 Needs root, Slurm (Debian: slurm-wlm munge), iproute2 and network namespaces; without them the tests
 are skipped, unless DITSCALE_REQUIRE_SLURM=1 (CI sets it), which turns a missing piece into a failure.
@@ -21,12 +23,11 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, ditscale, tiny_study, write_study
-from tests.test_slurm import FINAL_STATES, Job, assert_one_finished_run_per_trial, job_info
+from tests.conftest import ROOT
+from tests.test_slurm import FINAL_STATES, Job, job_info, slurm, submitted_job
 
 START = ROOT / "slurm" / "testing" / "start-netns-cluster.sh"
 STOP = ROOT / "slurm" / "testing" / "stop-netns-cluster.sh"
@@ -88,8 +89,7 @@ def netns_cluster(tmp_path_factory):
 
 def submitted(cluster: dict, proc) -> Job:
     """The Job that `ditscale slurm submit` (its finished process) says it submitted to `cluster`."""
-    return Job(cluster["conf"], re.search(r"Submitted job (\d+)", proc.stdout).group(1),
-               Path(re.search(r"log:\s+(\S+)", proc.stdout).group(1)))
+    return submitted_job(cluster["conf"], proc.stdout)
 
 
 def run_to_completion(job: Job, timeout: float) -> dict:
@@ -104,15 +104,8 @@ def run_to_completion(job: Job, timeout: float) -> dict:
     return info
 
 
-def _slurm(cluster: dict, *args: str, timeout: float = 60) -> str:
-    proc = subprocess.run(list(args), env={**os.environ, "SLURM_CONF": cluster["conf"]}, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr}"
-    return proc.stdout
-
-
 def test_srun_reaches_three_hosts_with_their_own_hostnames(netns_cluster):
-    names = _slurm(netns_cluster, "srun", f"-N{HOSTS}", "--ntasks-per-node=1", "hostname").split()
+    names = slurm(netns_cluster["conf"], "srun", f"-N{HOSTS}", "--ntasks-per-node=1", "hostname").stdout.split()
     assert sorted(names) == [f"{netns_cluster['name']}-h{i}" for i in range(1, HOSTS + 1)], names
     # Each host's only route is its bridge subnet: nothing leaves the machine.
     for i in range(1, HOSTS + 1):
@@ -124,37 +117,7 @@ def test_srun_reaches_three_hosts_with_their_own_hostnames(netns_cluster):
 def test_each_host_finds_its_own_bridge_address_for_ray(netns_cluster):
     """The hosts have no default route: the address Ray binds (the head's, which the others join) comes
     from Slurm's NodeAddr for the host, not loopback."""
-    out = _slurm(netns_cluster, "srun", f"-N{HOSTS}", "--ntasks-per-node=1", "bash", "-c",
-                 f'echo "$(hostname) $({shlex.quote(sys.executable)} -m harness.cli slurm node-ip)"')
+    out = slurm(netns_cluster["conf"], "srun", f"-N{HOSTS}", "--ntasks-per-node=1", "bash", "-c",
+                f'echo "$(hostname) $({shlex.quote(sys.executable)} -m harness.cli slurm node-ip)"').stdout
     found = dict(line.split() for line in out.splitlines())
     assert found == {f"{netns_cluster['name']}-h{i}": f"{netns_cluster['net']}.{10 + i}" for i in range(1, HOSTS + 1)}
-
-
-@pytest.mark.slow
-def test_study_runs_across_three_hosts_with_a_two_host_trial(netns_cluster, digits_dir, tmp_path):
-    """Ray's head on host 1, workers on hosts 2 and 3; with one CPU per host, the two-worker trial's workers
-    need two hosts, and its gloo group spans them. Both trials run side by side (3 CPUs in all)."""
-    study = write_study(tmp_path / "study.yaml", tiny_study(
-        digits_dir, "netns-3hosts", train={"steps": 4, "log_every": 2, "checkpoint_every": 4},
-        resources={"cpus_per_worker": 1, "max_concurrent_trials": 2},
-        grid={"model.patch": [4, 8], "resources.workers_per_trial": [1, 2]},
-        exclude=[{"model.patch": 4, "resources.workers_per_trial": 2},
-                 {"model.patch": 8, "resources.workers_per_trial": 1}]))
-    t0 = time.monotonic()
-    proc = ditscale("slurm", "submit", str(study), "--nodes", str(HOSTS), "--cpus-per-task", "1", cwd=tmp_path,
-                    env={"SLURM_CONF": netns_cluster["conf"]})
-    job = submitted(netns_cluster, proc)
-    run_to_completion(job, timeout=600)
-    elapsed = time.monotonic() - t0
-    log = job.text()
-    assert f"Ray head on h1 at {netns_cluster['net']}.11:" in log, "the head is not on host 1's bridge address"
-    assert f"{HOSTS} node(s)" in log and "ditscale sweep exited with 0" in log
-
-    client, runs, trials = assert_one_finished_run_per_trial(study)
-    hosts = {r.data.tags["trial_id"]: r.data.tags["worker_hostnames"].split(",") for r in runs}
-    two = next(t.trial_id for t in trials if t.resources.workers_per_trial == 2)
-    assert len(hosts[two]) == 2 and len(set(hosts[two])) == 2, f"the 2-worker trial ran on {hosts[two]}"
-    assert all(h.startswith(f"{netns_cluster['name']}-h") for names in hosts.values() for h in names), hosts
-    assert (tmp_path / "reports" / "netns-3hosts" / "index.html").is_file()
-    assert not list(Path("/tmp").glob(f"ray-{job.id}-*")), "per-node Ray temp folders left behind"
-    print(f"job {job.id}: COMPLETED after {elapsed:.0f}s; workers per trial: {hosts}", file=sys.stderr)

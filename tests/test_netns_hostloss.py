@@ -30,7 +30,7 @@ import pytest
 
 from tests.conftest import ROOT, ditscale, tiny_study, write_study
 from tests.test_netns_cluster import SBIN, netns_cluster, submitted  # noqa: F401  (netns_cluster: a fixture)
-from tests.test_slurm import FINAL_STATES, Job, assert_one_finished_run_per_trial, job_info
+from tests.test_slurm import FINAL_STATES, Job, assert_one_finished_run_per_trial, job_info, slurm
 
 HOST_SCRIPT = ROOT / "slurm" / "testing" / "netns-host.sh"
 EVERY = 10   # train.checkpoint_every
@@ -57,12 +57,6 @@ def _host(cluster: dict, action: str, i: int) -> None:
     proc = subprocess.run([str(HOST_SCRIPT), action, str(cluster["state"]), str(i)], capture_output=True, text=True,
                           timeout=60, env={"PATH": SBIN})
     assert proc.returncode == 0, f"netns-host.sh {action} {i}: {proc.stderr}"
-
-
-def _node_state(cluster: dict, node: str) -> str:
-    out = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], capture_output=True, text=True,
-                         env={"PATH": SBIN, "SLURM_CONF": cluster["conf"]}).stdout
-    return out.strip().lower()
 
 
 def _client(study: Path):
@@ -132,7 +126,7 @@ def _assert_resumed_within_one_interval(client, run, label: str) -> str:
 
 
 @pytest.mark.slow
-def test_losing_a_worker_host_then_the_head_host(netns_cluster, digits_dir, tmp_path):
+def test_losing_a_worker_host_then_the_head_host(netns_cluster, digits_dir, tmp_path):  # noqa: F811
     cluster, name = netns_cluster, netns_cluster["name"]
     digits = digits_dir
     notes = []
@@ -188,7 +182,8 @@ def test_losing_a_worker_host_then_the_head_host(netns_cluster, digits_dir, tmp_
             job.cancel()
     if info["JobState"] != "COMPLETED":
         job.fail("the requeued job did not complete")
-    assert _node_state(cluster, f"h{head}").startswith("down"), _node_state(cluster, f"h{head}")
+    head_state = slurm(cluster["conf"], "sinfo", "-h", "-N", "-n", f"h{head}", "-o", "%T").stdout.strip().lower()
+    assert head_state.startswith("down"), head_state
     log = job.text()
     assert "is gone (its node was lost); requeueing job" in log and "(restart 1)" in log, log[-4000:]
     client, runs, _ = assert_one_finished_run_per_trial(study)

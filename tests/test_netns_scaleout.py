@@ -5,7 +5,8 @@
   are refused (one line, before sbatch), and the real slurm/sweep.sbatch run with stand-ins (a fake
   `mlflow` that records how it was started): the admin's password reaches the server's environment
   only, never its command line, a file or the log, and the server is stopped at the end. Slow test:
-  a real job with `--mlflow-server --mlflow-auth` across two hosts of the namespace cluster.
+  a real job with `--mlflow-server --mlflow-auth` across the three hosts of the namespace cluster,
+  one of its trials on two hosts (issue 19 items 2 and 4 in one job).
 - `ditscale sweep STUDY --address HEAD:PORT` from outside the cluster (the machine's own namespace,
   playing a login node) against Ray on the namespace hosts: the sweep starts a 0-CPU Ray node of its
   own to drive from, trains on the hosts, and refuses in one line a resources.storage the hosts do
@@ -82,11 +83,18 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def _study(digits: Path, folder: Path) -> Path:
-    """Two one-CPU trials of four steps."""
+def _study(digits: Path, folder: Path, two_host_trial: bool = False) -> Path:
+    """Two one-CPU trials of four steps; with `two_host_trial`, the second has two workers (with one CPU
+    per host, they need two hosts, and its gloo group spans them)."""
+    grid, exclude, resources = {"model.patch": [4, 8]}, [], {"cpus_per_worker": 1}
+    if two_host_trial:
+        grid["resources.workers_per_trial"] = [1, 2]
+        resources["max_concurrent_trials"] = 2
+        exclude = [{"model.patch": 4, "resources.workers_per_trial": 2},
+                   {"model.patch": 8, "resources.workers_per_trial": 1}]
     return write_study(folder / "study.yaml", tiny_study(
         digits, "scaleout", train={"steps": 4, "log_every": 2, "checkpoint_every": 4},
-        resources={"cpus_per_worker": 1}, grid={"model.patch": [4, 8]}))
+        resources=resources, grid=grid, exclude=exclude))
 
 
 @pytest.fixture(scope="module")
@@ -291,30 +299,37 @@ def test_what_the_nodes_of_a_joined_cluster_are_asked(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_study_logs_through_the_jobs_mlflow_server_with_basic_auth(netns_cluster, digits_dir, tmp_path):  # noqa: F811
-    """Two hosts, two trials side by side (one CPU each): the head runs the server, every trial logs to
-    it with the submitter's credentials; afterwards the server is gone and its store holds one FINISHED
-    run per trial; the password is in no file of the submit folder and in no output."""
+def test_a_study_across_three_hosts_logs_through_the_jobs_mlflow_server_with_basic_auth(
+        netns_cluster, digits_dir, tmp_path):  # noqa: F811
+    """`ditscale slurm submit --nodes 3 --mlflow-server --mlflow-auth`: Ray's head (and the server) on
+    host 1, workers on hosts 2 and 3, each joined by its own bridge address; two trials side by side, one
+    of them with two workers on two hosts training with DeepSpeed over gloo between them. Every trial
+    logs to the server with the submitter's credentials; afterwards the server is gone and its store
+    holds one FINISHED run per trial; the report is built as on one node; the password is in no file of
+    the submit folder and in no output; no Ray temp folder is left on any host."""
     from mlflow.tracking import MlflowClient
 
     from harness.config import expand_grid, load_study
 
-    scale_study = _study(digits_dir, tmp_path)
+    scale_study = _study(digits_dir, tmp_path, two_host_trial=True)
     folder = scale_study.parent
     password = "pw-" + secrets.token_hex(12)
     env = _env(SLURM_CONF=netns_cluster["conf"], MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=password)
     t0 = time.monotonic()
-    proc = _run("slurm", "submit", str(scale_study), "--nodes", "2", "--cpus-per-task", "1", "--mlflow-server",
+    proc = _run("slurm", "submit", str(scale_study), "--nodes", "3", "--cpus-per-task", "1", "--mlflow-server",
                 "--mlflow-auth", cwd=folder, env=env)
     assert proc.returncode == 0, proc.stderr
     job = submitted(netns_cluster, proc)
-    run_to_completion(job, timeout=400)
+    run_to_completion(job, timeout=500)
     elapsed = time.monotonic() - t0
     log = job.text()
+    net = netns_cluster["net"]
+    assert f"Ray head on h1 at {net}.11:" in log, "the head is not on host 1's bridge address"
+    assert "3 node(s)" in log and "ditscale sweep exited with 0" in log
     server = folder.resolve() / "mlflow-server"
     uri = re.search(r"MLflow server starting at (http://\S+)", log).group(1)
-    assert uri.startswith(f"http://{netns_cluster['net']}.11:"), uri  # the head host's address
-    assert "ditscale sweep exited with 0" in log and "MLflow server stopped" in log
+    assert uri.startswith(f"http://{net}.11:"), uri  # the head host's address
+    assert "MLflow server stopped" in log
     assert not _processes_mentioning(str(server)), "an MLflow server process outlived the job"
 
     cwd = os.getcwd()
@@ -328,15 +343,19 @@ def test_a_study_logs_through_the_jobs_mlflow_server_with_basic_auth(netns_clust
     runs = client.search_runs([exp.experiment_id], filter_string="tags.trial_id != ''")
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t.trial_id for t in trials), "duplicates or missing"
     assert all(r.info.status == "FINISHED" and r.data.metrics.get("loss") is not None for r in runs)
-    hosts = {h for r in runs for h in r.data.tags["worker_hostnames"].split(",")}
-    assert len(hosts) == 2, f"the trials ran on {hosts}, not on both hosts"
+    hosts = {r.data.tags["trial_id"]: r.data.tags["worker_hostnames"].split(",") for r in runs}
+    two = next(t.trial_id for t in trials if t.resources.workers_per_trial == 2)
+    assert len(hosts[two]) == 2 and len(set(hosts[two])) == 2, f"the 2-worker trial ran on {hosts[two]}"
+    assert all(h.startswith(f"{netns_cluster['name']}-h") for names in hosts.values() for h in names), hosts
     assert not (folder / "mlflow.db").exists(), "something logged to the default SQLite store"
+    assert (folder / "reports" / "scaleout" / "index.html").is_file(), "no report at the end of the job"
+    assert not list(Path("/tmp").glob(f"ray-{job.id}-*")), "per-node Ray temp folders left behind"
 
     assert password not in proc.stdout + proc.stderr + log
     leaks = [p for p in _files_containing(folder, password) if not p.endswith("auth.db")]
     assert not leaks, f"the password was written to {leaks}"
     assert password.encode() not in (server / "auth.db").read_bytes()  # a hash, not the password
-    print(f"job {job.id}: COMPLETED after {elapsed:.0f}s through {uri}", file=sys.stderr)
+    print(f"job {job.id}: COMPLETED after {elapsed:.0f}s through {uri}; workers per trial: {hosts}", file=sys.stderr)
 
 
 # --- joining a Ray cluster on the hosts from outside them ---------------------------------------------

@@ -245,6 +245,14 @@ class Job:
         slurm(self.conf, "scancel", self.id, check=False)
 
 
+def submitted_job(conf: str, submit_output: str) -> Job:
+    """The Job that `ditscale slurm submit`'s output says it submitted (its log path may hold spaces)."""
+    job_id = re.search(r"^Submitted job (\d+)", submit_output, re.MULTILINE)
+    log = re.search(r"^  log:\s+(.+)$", submit_output, re.MULTILINE)
+    assert job_id and log, submit_output
+    return Job(conf, job_id.group(1), Path(log.group(1)))
+
+
 @pytest.fixture
 def submit(slurm_cluster):
     """submit(study_path, *options) -> Job, through `ditscale slurm submit`; cancels leftovers."""
@@ -253,12 +261,8 @@ def submit(slurm_cluster):
     def run(study: Path, *options: str) -> Job:
         proc = ditscale("slurm", "submit", str(study), "--nodes", "1", *options, cwd=study.parent,
                         env={"SLURM_CONF": slurm_cluster})
-        m = re.search(r"Submitted job (\d+)", proc.stdout)
-        assert m, proc.stdout
-        log = Path(re.search(r"log:\s+(\S+)", proc.stdout).group(1))
-        job = Job(slurm_cluster, m.group(1), log)
-        jobs.append(job)
-        return job
+        jobs.append(submitted_job(slurm_cluster, proc.stdout))
+        return jobs[-1]
 
     yield run
     for job in jobs:
@@ -311,12 +315,15 @@ def _smoke_overrides(digits: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_submit_runs_the_study_to_completed_with_its_runs_in_mlflow(submit, digits_dir, tmp_path):
+    """From a submit folder whose name has a space and a quote (the batch script quotes every path)."""
+    folder = tmp_path / "my study's dir"
+    folder.mkdir()
     if SMOKE.is_file():  # the acceptance study, shrunk to one short trial on the test shards
-        study = tmp_path / "smoke.yaml"
+        study = folder / "smoke.yaml"
         shutil.copy(SMOKE, study)
         overrides = _smoke_overrides(digits_dir)
     else:
-        study = write_study(tmp_path / "study.yaml", tiny_study(digits_dir, "slurm-submit", train={"steps": 20}))
+        study = write_study(folder / "study.yaml", tiny_study(digits_dir, "slurm-submit", train={"steps": 20}))
         overrides = []
     t0 = time.monotonic()
     job = submit(study, *(a for o in overrides for a in ("--set", o)))

@@ -5,7 +5,8 @@ file that cannot be planted.
   `--account` used to end the `#SBATCH` line and run the rest as a shell command, and sbatch then
   ignored every `#SBATCH` line after it), in one line naming the option, before sbatch runs; values
   are quoted the way sbatch reads `#SBATCH` lines, so a submit directory with spaces and quotes is
-  submitted and runs on the real local Slurm cluster, and one that cannot work fails in one line.
+  submitted and runs on the real local Slurm cluster (a probe job here; a whole study from a folder
+  named "my study's dir" in tests/test_slurm.py), and one that cannot work fails in one line.
 - slurm/sweep.sbatch creates its Ray token file exclusively, never through a symlink, mode 600 and
   owned by the user, or stops with one line: run for real (bash, the real script) with stand-ins
   for srun/ray/scontrol/ditscale and a planted symlink, a planted 0644 file and another user's file.
@@ -27,13 +28,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ditscale, tiny_study, write_study
-from tests.test_slurm import (
-    FINAL_STATES,
+from tests.test_slurm import (  # noqa: F401  (fixtures: the real one-node cluster, and submit(study, *options) -> Job)
     SBATCH,
-    Job,
-    assert_one_finished_run_per_trial,
-    job_info,
-    slurm_cluster,  # noqa: F401  (a fixture: the real one-node cluster)
+    slurm_cluster,
+    submit,
 )
 
 PROBE = """#!/bin/bash
@@ -49,26 +47,6 @@ echo "NAME=$SLURM_JOB_NAME"
 def hard_study(digits_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("slurm-hardening")
     return write_study(folder / "study.yaml", tiny_study(digits_dir, "slurm-hardening", train={"steps": 10}))
-
-
-@pytest.fixture
-def submit(slurm_cluster):  # noqa: F811  (the imported fixture)
-    """As tests/test_slurm.py's `submit`, for folders whose names have spaces: submit(study, *options) -> Job."""
-    jobs = []
-
-    def run(study: Path, *options: str) -> Job:
-        proc = ditscale("slurm", "submit", str(study), "--nodes", "1", *options, cwd=study.parent,
-                        env={"SLURM_CONF": slurm_cluster})
-        job_id = re.search(r"^Submitted job (\d+)", proc.stdout, re.MULTILINE)
-        log = re.search(r"^  log:\s+(.+)$", proc.stdout, re.MULTILINE)
-        assert job_id and log, proc.stdout
-        jobs.append(Job(slurm_cluster, job_id.group(1), Path(log.group(1))))
-        return jobs[-1]
-
-    yield run
-    for job in jobs:
-        if job_info(job.conf, job.id).get("JobState") not in FINAL_STATES:
-            job.cancel()
 
 
 def _fake_sbatch(folder: Path) -> tuple[dict, Path]:
@@ -158,7 +136,7 @@ def test_a_submit_directory_mlflow_cannot_start_in_fails_in_one_line_before_sbat
     assert not called.exists()
 
 
-def test_a_submit_directory_with_spaces_quotes_and_hash_runs_on_slurm(submit, hard_study, tmp_path):
+def test_a_submit_directory_with_spaces_quotes_and_hash_runs_on_slurm(submit, hard_study, tmp_path):  # noqa: F811
     """The real sbatch reads the quoted lines: the job runs in that directory, logs where `submit`
     says, under the job name given, and the #SBATCH lines after the quoted ones still count."""
     folder = tmp_path / "sub dir \"q\" #1 50%"
@@ -176,21 +154,6 @@ def test_a_submit_directory_with_spaces_quotes_and_hash_runs_on_slurm(submit, ha
     assert f"PWD={folder.resolve()}" in log.splitlines(), log
     assert "NAME=probe 'job' #2" in log.splitlines(), log
     assert (info["Requeue"], info["TimeLimit"]) == ("1", "00:05:00"), info  # rendered after the quoted lines
-
-
-@pytest.mark.slow
-def test_the_batch_script_runs_a_study_from_a_directory_with_a_space_and_a_quote(submit, hard_study, tmp_path):
-    folder = tmp_path / "my study's dir"
-    folder.mkdir()
-    study = folder / "study.yaml"
-    study.write_text(hard_study.read_text())
-    job = submit(study, "--cpus-per-task", "2")
-    info = job.wait_done(timeout=600)
-    if info["JobState"] != "COMPLETED":
-        job.fail("did not complete")
-    assert "ditscale sweep exited with 0" in job.text()
-    assert_one_finished_run_per_trial(study)
-    assert not list(folder.glob("runs/*/slurm/.ray-token-*"))
 
 
 # --- row: the per-job Ray token file -----------------------------------------------------------------
