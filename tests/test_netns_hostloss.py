@@ -46,10 +46,11 @@ def _study(digits: Path, folder: Path, name: str, trials: int) -> Path:
 
 
 def _submit(cluster: dict, study: Path, nodes: int) -> Job:
-    # A worker's Ray gives its lost head 20 s instead of Ray's 60 (gcs_rpc_server_reconnect_timeout_s),
-    # through the job's environment, to keep the test short.
+    # A worker's Ray gives its lost head 10 s instead of Ray's 60 (gcs_rpc_server_reconnect_timeout_s),
+    # through the job's environment: the worker must requeue the job before Slurm declares the head node
+    # DOWN (20 s here, SlurmdTimeout; 300 s by default) and kills the workers' step with it.
     proc = ditscale("slurm", "submit", str(study), "--nodes", str(nodes), "--cpus-per-task", "1", cwd=study.parent,
-                    env={"SLURM_CONF": cluster["conf"], "RAY_gcs_rpc_server_reconnect_timeout_s": "20"})
+                    env={"SLURM_CONF": cluster["conf"], "RAY_gcs_rpc_server_reconnect_timeout_s": "10"})
     return submitted(cluster, proc)
 
 
