@@ -320,7 +320,7 @@ def test_a_study_across_three_hosts_logs_through_the_jobs_mlflow_server_with_bas
                 "--mlflow-auth", cwd=folder, env=env)
     assert proc.returncode == 0, proc.stderr
     job = submitted(netns_cluster, proc)
-    run_to_completion(job, timeout=500)
+    run_to_completion(job, timeout=600)
     elapsed = time.monotonic() - t0
     log = job.text()
     net = netns_cluster["net"]
