@@ -203,7 +203,9 @@ def _analyse(rep: _Report, histories: pd.DataFrame, out: Path, bootstrap: int, s
         notes.append(f"every fit leaves out {len(rep.excluded)} trial(s) (diverged, failed or unfinished): "
                      + "; ".join(f"{x['label']} [{x['trial_id']}]: {x['reason']}" for x in rep.excluded))
     fd_col = f"final_{fd['key']}" if fd is not None and f"final_{fd['key']}" in trials else None
-    rep.findings = study.dit_findings(fit_trials, y_col, fd_col, fd_label)
+    se_col = "final_se_val_loss" if y_col == "final_val_loss" and "final_se_val_loss" in trials else None
+    samples = runs.load_val_samples(rep.uri, fit_trials) if se_col else {}
+    rep.findings = study.dit_findings(fit_trials, y_col, fd_col, fd_label, se_col=se_col, samples=samples)
     # different experiments (another patch, objective, ...) at one x are never pooled as repeats
     distinct = [c for c in study.group_axes(fit_trials) if c != "arch"] + [
         c for c in study.varying_axes(fit_trials) if c in ("train.steps", study.BUDGET_KEY, study.LR_KEY)]
@@ -337,6 +339,7 @@ def _jsonable(v):
 def _summary(trials: pd.DataFrame) -> pd.DataFrame:
     cols = ["label", "objective", "status", "forward_gflops", "params", "steps", "train_gflops"]
     metric_cols = [c for c in trials.columns if c.startswith(("final_val_loss", "best_val_loss"))]
+    metric_cols += ["final_se_val_loss"] if "final_se_val_loss" in trials else []
     metric_cols += ["loss_tail"] if "loss_tail" in trials else []
     metric_cols += [c for c in trials.columns if c.startswith(("final_fid", "final_fd_", "final_kid"))]
     cols = [c for c in cols + metric_cols + ["trial_id"] if c in trials]
@@ -377,8 +380,25 @@ def _with_ci(v, ci) -> str:
     return f"{_fmt(v)} {_ci(ci)}" if ci else _fmt(v)
 
 
+UNRESOLVED_TEXT = "not resolved (within noise)"
+
+
 def _held(v) -> str:
+    if v == study.UNRESOLVED:
+        return UNRESOLVED_TEXT
     return "held" if v is True else "did not hold" if v is False else "not testable"
+
+
+_NOISE_TEST = (
+    "The loss findings test each step (one size up, one patch size down) against the measured noise: a step "
+    f"counts as better or worse only when its gap Δ exceeds {study.Z_NOISE:g}σ. σ is measured on the "
+    "validation set every trial scores (the same images, timesteps and noise): the standard error of the two "
+    "configurations' per-sample loss differences (paired; the collapsed-strata estimate over the timestep "
+    "strata), or, for runs without per-sample losses, √(se_a² + se_b²) of their se_val_loss (unpaired, "
+    "conservative); plus the variance of each configuration's train.seed replicates / k. A finding held when "
+    "every step is better, did not hold when a step is worse, and is not resolved (within noise) otherwise. "
+    "Without replicates σ says nothing of training-seed noise: add train.seed to the grid to measure it. "
+    "Trials with no noise estimate at all are compared strictly, as the evidence then says.")
 
 
 def _sections(rep: _Report) -> list[tuple]:
@@ -401,6 +421,8 @@ def _sections(rep: _Report) -> list[tuple]:
     b.append(("h3", "Findings"))
     if findings:
         b.append(("table", ["finding", "result", "evidence"], findings, 1))
+        if any(f["finding"] in (study.SIZE_FINDING, study.PATCH_FINDING) for f in rep.findings):
+            b.append(("p", _NOISE_TEST, False))
     else:
         b.append(("p", "No finding could be tested (see the fits not claimed).", False))
 
@@ -537,7 +559,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.6em 0}th,td{border:1px so
 text-align:left;vertical-align:top}th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
 .warn{color:#9a3a00}.meta{color:#555;font-size:.9em}figure{margin:1.2em 0}figure img{max-width:100%;
 border:1px solid #eee}figcaption{color:#444;font-size:.9em}code{background:#f3f3f3;padding:0 .25em}
-.scroll{overflow-x:auto}
+.scroll{overflow-x:auto}.unresolved{color:#5a5a5a;font-style:italic}
 """
 
 
@@ -547,8 +569,12 @@ def _html_table(head: list[str], rows: list[list[str]], warn_col: int | None = N
     for r in rows:
         cells = []
         for i, v in enumerate(r):
-            cls = " class='warn'" if warn_col is not None and i == warn_col and (
-                str(v).startswith("⚠") or str(v) == "did not hold") else ""
+            cls = ""
+            if warn_col is not None and i == warn_col:
+                if str(v).startswith("⚠") or str(v) == "did not hold":
+                    cls = " class='warn'"
+                elif str(v) == UNRESOLVED_TEXT:  # neither held nor refuted: neutral, not a warning
+                    cls = " class='unresolved'"
             cells.append(f"<td{cls}>{e(str(v))}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table></div>")

@@ -6,18 +6,22 @@ What is read (the layout harness/tracking.py and harness/trial/loop.py write):
   run), and the trial's flattened config as params with dotted keys (`model.size`, `train.batch_size`);
 - metrics per log interval with step = training step: loss, lr, grad_norm, img_per_s, tflops, mfu,
   data_wait_frac, corrupt_samples, samples_seen, train_gflops (cumulative training compute in
-  multiply-adds, 3 × forward × images seen), startup_s; evaluation adds val_loss, fid / fd_<extractor>
-  (optionally per CFG scale: fid_cfg1.5, fd_lenet_cfg1.5) and kid.
+  multiply-adds, 3 × forward × images seen), startup_s; evaluation adds val_loss, se_val_loss (the
+  standard error of val_loss over validation draws: a noise level, not a loss), fid / fd_<extractor>
+  (optionally per CFG scale: fid_cfg1.5, fd_lenet_cfg1.5) and kid; and per evaluation the artifact
+  val_losses/step-<step>.json, an MLflow table of the per-sample validation losses (sample, t, loss).
 
 A trial that ran several times (re-runs, several sweeps) is one row: the newest run of its trial_id.
 No torch here: from harness/ and models/ only the torch-free contract modules are imported — the
-MLflow conventions (harness.tracking), the preset sizes (models.registry) and the compute rule
-(models.flops) — so that each rule has one home.
+MLflow conventions (harness.tracking), the preset sizes (models.registry), the compute rule
+(models.flops) and the evaluator's noise estimator (harness.evaluation.noise) — so that each rule has
+one home.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -27,13 +31,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.evaluation.noise import VAL_LOSSES_DIR
 from harness.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_ID_TAG, resolve_tracking_uri
 from models.flops import training_gflops
 from models.registry import size_order
 
+log = logging.getLogger("analysis")
+
 TAG_COLUMNS = ("family", "size", "patch", "objective", "attention", "model")
 
-# Metrics where lower is better: their best value over the run is kept beside the final one.
+# Metrics where lower is better: their best value over the run is kept beside the final one. Both
+# patterns are anchored, so se_val_loss (val_loss's standard error) is in neither: it is a noise level,
+# never a loss to minimise or plot (it reaches the trials as final_se_val_loss only).
 LOWER_IS_BETTER = re.compile(r"^(loss|val_loss.*|fid.*|fd_.*|kid.*)$")
 # Metrics the report needs histories of (quality over training, and compute to put them on an axis).
 HISTORY_KEYS = re.compile(r"^(loss|val_loss.*|fid.*|fd_.*|kid.*|kd_.*|train_gflops|samples_seen)$")
@@ -189,6 +198,30 @@ def load_histories(tracking_uri: str | None, experiment: str, parent_run_id: str
     return df.sort_values(["run_id", "key", "step", "timestamp"], kind="stable").reset_index(drop=True)
 
 
+def load_val_samples(tracking_uri: str | None, trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """trial_id -> its final evaluation's per-sample validation losses (columns sample, t, loss), for
+    the trials whose run has them (runs logged before they existed, or without val shards, do not)."""
+    c = client(tracking_uri)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="ditscale-val-") as tmp:
+        for run_id, trial_id in zip(trials["run_id"], trials["trial_id"]):
+            try:
+                files = [f.path for f in c.list_artifacts(run_id, VAL_LOSSES_DIR) if f.path.endswith(".json")]
+            except Exception as err:  # an unreachable artifact store: the findings fall back to each run's se
+                log.warning("per-sample validation losses of run %s not readable (%s): its gaps are judged "
+                            "by its se_val_loss instead", run_id, err)
+                continue
+            if not files:
+                continue
+            path = c.download_artifacts(run_id, max(files), tmp)  # step-%08d: the newest sorts last
+            with open(path) as f:
+                table = json.load(f)
+            df = pd.DataFrame(table.get("data", []), columns=table.get("columns"))
+            if {"sample", "t", "loss"} <= set(df.columns):
+                out[str(trial_id)] = df.sort_values("sample", kind="stable").reset_index(drop=True)
+    return out
+
+
 def _arch(family: str, attention: str) -> str:
     return f"mmdit-{attention or 'joint'}" if family == "mmdit" else (family or "")
 
@@ -213,7 +246,7 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
     GFLOPs of one image, multiply-adds: logged value, else train_gflops / samples_seen / 3, else
     NaN), params (parameter count when logged, else NaN), train_gflops (training compute at the end,
     multiply-adds), samples_seen, steps (last logged step); final_<metric> for every metric and
-    best_<metric> (minimum over the run) for loss, val_loss*, fid*, fd_*, kid*; loss_tail (mean
+    best_<metric> (minimum over the run) for loss, val_loss*, fid*, fd_*, kid* (not se_val_loss); loss_tail (mean
     training loss over the last 10 % of its logs, a less noisy final loss); then every config param
     under its dotted key (numbers as numbers).
     histories: the output of load_histories, when already loaded (for best_* and loss_tail).

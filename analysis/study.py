@@ -6,7 +6,8 @@
   average them or resample them together, and their spread is the noise level.
 - Which trials may share one law: never trials that differ in another axis of the grid (patch,
   objective, attention, batch size ...): `analysis_groups` splits by every such axis.
-- What the study found about DiT's qualitative claims (`dit_findings`).
+- What the study found about DiT's qualitative claims (`dit_findings`), each gap tested against the
+  measured noise: the validation-draw standard error and the replicates' spread.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import math
 
 import numpy as np
 import pandas as pd
+
+from harness.evaluation.noise import stratified_standard_error  # numpy only: the evaluator's estimator
 
 SEED_KEYS = ("train.seed",)
 BUDGET_KEY = "train.flops"  # a trial defined by a training-compute budget (the companion budget trials)
@@ -163,46 +166,150 @@ def spearman(x, y) -> float:
     return float(x[ok].rank().corr(y[ok].rank()))
 
 
-def dit_findings(trials: pd.DataFrame, loss_col: str | None, fd_col: str | None, fd_name: str = "FD") -> list[dict]:
+Z_NOISE = 2.0  # a step between two configurations counts when its gap exceeds this many combined standard errors
+UNRESOLVED = "unresolved"  # a finding's `held` when some steps are within the noise and none goes the wrong way
+SIZE_FINDING = "bigger is better at fixed patch size"
+PATCH_FINDING = "a smaller patch is better at fixed model size"
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3g}".replace("-", "−")
+
+
+def dit_findings(trials: pd.DataFrame, loss_col: str | None, fd_col: str | None, fd_name: str = "FD",
+                 se_col: str | None = None, samples: dict | None = None) -> list[dict]:
     """DiT's qualitative findings (Peebles & Xie 2023), checked on this study's finished trials:
     bigger is better at fixed patch; a smaller patch is better at fixed size; the Fréchet distance
-    falls with training compute (Spearman ≤ −0.8). Each: {finding, held (True/False/None), evidence}.
-    Comparisons are made between trials that share every other axis (and replicate means)."""
+    falls with training compute (Spearman ≤ −0.8). Each: {finding, held, evidence}, held one of True,
+    False, UNRESOLVED ("unresolved": a truthy string, compare with `is True`) or None (not testable).
+    Comparisons are made between trials that share every other axis (and replicate means).
+
+    The loss findings test every step of their sequence (sizes small → large at fixed patch, patches
+    large → small at fixed size) against the measured noise σ of the step's gap (`_gap_sigma`): paired
+    per-sample validation losses (`samples`, trial_id -> the evaluator's val_losses table) when every
+    trial of both configurations has them, else each trial's validation-draw standard error (`se_col`,
+    the evaluator's se_val_loss, averaged over a configuration's replicates and combined as
+    independent: conservative), plus the replicates' variance of the mean s²/k (trials differing only
+    in train.seed). A step is better / worse when the loss falls / rises by more than Z_NOISE · σ, else
+    within noise. A finding held when every step is better, did not hold when any step is worse, and
+    is UNRESOLVED otherwise. A step with no noise estimate on a side is compared strictly (it must
+    fall), as are all steps of trials without per-sample losses, se and replicates."""
     out = []
     if loss_col is None or trials.empty or loss_col not in trials:
         return out
     t = trials.copy()
     t["_loss"] = pd.to_numeric(t[loss_col], errors="coerce")
+    t["_se"] = pd.to_numeric(t[se_col], errors="coerce") if se_col and se_col in t else np.nan
     fixed = [c for c in varying_axes(t) if c not in ("model.size", "model.patch", "train.seed", "model.family",
                                                           "model.attention") and not _derived_from_size(t, c)]
 
     def compare(by: str, within: list[str], name: str):
-        comps, held = [], True
+        comps, verdicts, kinds, replicates, untested = [], [], set(), set(), 0
         for key, g in t.groupby(["arch"] + within + fixed, dropna=False, sort=True):
-            m = g.groupby(by)["_loss"].mean()
-            if len(m) < 2:
+            cells = g.groupby(by).agg(mean=("_loss", "mean"), sd=("_loss", "std"), k=("_loss", "count"),
+                                      se=("_se", "mean"))
+            if len(cells) < 2:
                 continue
             # sizes small -> large, patches large -> small: the loss must fall along the sequence
             order = (g.groupby(by)["size_rank"].first() if by == "size"
-                     else -pd.Series(m.index.astype(float), index=m.index))
-            m = m.loc[order.sort_values(kind="stable").index]
-            seq = m.to_numpy(float)
-            ok = bool(np.all(np.diff(seq) < 0))
-            held &= ok
+                     else -pd.Series(cells.index.astype(float), index=cells.index))
+            cells = cells.loc[order.sort_values(kind="stable").index]
+            cells["rep_var"] = np.where(cells["k"] >= 2, cells["sd"] ** 2 / cells["k"], np.nan)
+            replicates |= {int(k) for k in cells["k"] if k >= 2}
+            ids = {v: list(g.loc[g[by] == v, "trial_id"]) for v in cells.index}
             key = key if isinstance(key, tuple) else (key,)
             what = ", ".join([str(key[0])] + [f"{c} {v}" for c, v in zip(within, key[1:1 + len(within)])])
-            comps.append(f"{what}: " + " → ".join(f"{by} {v}: {x:.4g}" for v, x in zip(m.index, seq))
-                         + ("" if ok else " (not monotone)"))
-        if comps:
-            out.append({"finding": name, "held": held, "evidence": f"{loss_col}, " + "; ".join(comps)})
-        else:
+            text = f"{what}: {by} {cells.index[0]}: {cells['mean'].iloc[0]:.4g}"
+            for i in range(1, len(cells)):
+                a, b = cells.index[i - 1], cells.index[i]
+                gap = cells["mean"].iloc[i] - cells["mean"].iloc[i - 1]
+                sigma, kind = _gap_sigma(cells.loc[a], cells.loc[b], ids[a], ids[b], samples or {})
+                if math.isfinite(sigma):
+                    band = Z_NOISE * sigma
+                    verdict = "better" if gap < -band else "worse" if gap > band else "within noise"
+                    detail = f"Δ {_signed(gap)}, {Z_NOISE:g}σ {band:.3g}"
+                    kinds |= {kind} - {None}
+                else:  # no noise estimate on one side: the loss must fall, as before noise was measured
+                    verdict = "better" if gap < 0 else "worse"
+                    detail = f"Δ {_signed(gap)}"
+                    untested += 1
+                verdicts.append(verdict)
+                mark = "" if verdict == "better" else f": {verdict}"
+                text += f" → {by} {b}: {cells['mean'].iloc[i]:.4g} ({detail}{mark})"
+            comps.append(text)
+        if not comps:
             out.append({"finding": name, "held": None, "evidence": f"no two finished trials differ only in {by}"})
+            return
+        held = False if "worse" in verdicts else True if all(v == "better" for v in verdicts) else UNRESOLVED
+        noise = " + ".join([_NOISE_KINDS[k] for k in sorted(kinds)]
+                           + ([f"replicate spread over {_seed_counts(replicates)} seeds"] if replicates else []))
+        if not noise:
+            noise = "no noise estimate: gaps not tested against noise"
+        else:
+            noise = f"gaps tested against {Z_NOISE:g}σ of the noise ({noise})" + (
+                f"; {untested} step(s) without a noise estimate compared strictly" if untested else "")
+        out.append({"finding": name, "held": held, "evidence": f"{loss_col}, " + "; ".join(comps) + f"; {noise}"})
 
-    compare("size", ["patch"], "bigger is better at fixed patch size")
-    compare("patch", ["size"], "a smaller patch is better at fixed model size")
+    compare("size", ["patch"], SIZE_FINDING)
+    compare("patch", ["size"], PATCH_FINDING)
     if fd_col and fd_col in t and t[fd_col].notna().sum() >= 3:
         rho = spearman(t["train_gflops"], t[fd_col])
+        evidence = f"Spearman({fd_col}, train_gflops) = {rho:.3f} over {int(t[fd_col].notna().sum())} trials"
         out.append({"finding": f"{fd_name} falls with training compute (Spearman ≤ −0.8)",
                     "held": bool(rho <= -0.8) if math.isfinite(rho) else None,
-                    "evidence": f"Spearman({fd_col}, train_gflops) = {rho:.3f} over {int(t[fd_col].notna().sum())} trials"})
+                    "evidence": evidence + _fd_ties(t, fd_col)})
     return out
+
+
+def _fd_ties(t: pd.DataFrame, fd_col: str) -> str:
+    """How much of the FD ranking the sampling noise could reorder: the pairs of trials whose FDs differ
+    by less than Z_NOISE · √(σ_i² + σ_j²), σ the evaluator's se_<fd> (the FD's spread over sampling
+    draws). Empty when the runs did not log it."""
+    se_col = "final_se_" + fd_col.removeprefix("final_")
+    if se_col not in t:
+        return ""
+    d = t[[fd_col, se_col]].apply(pd.to_numeric, errors="coerce").dropna()
+    if len(d) < 2:
+        return ""
+    fd, se = d[fd_col].to_numpy(), d[se_col].to_numpy()
+    i, j = np.triu_indices(len(d), k=1)
+    ties = int((np.abs(fd[i] - fd[j]) < Z_NOISE * np.hypot(se[i], se[j])).sum())
+    return (f"; the FD's spread over sampling draws: σ {np.min(se):.3g}–{np.max(se):.3g} (median {np.median(se):.3g}); "
+            f"{ties} of {len(i)} pairs of trials differ by less than {Z_NOISE:g}σ (their order is noise)")
+
+
+_NOISE_KINDS = {"paired": "paired per-sample validation losses",
+                "unpaired": "each trial's validation-draw SE, unpaired: conservative"}
+
+
+def _gap_sigma(a: pd.Series, b: pd.Series, ids_a: list, ids_b: list, samples: dict) -> tuple[float, str | None]:
+    """(σ of the loss gap between configurations a and b, how it was measured).
+
+    Paired when every trial of both has its per-sample validation losses (`samples`: trial_id ->
+    DataFrame of sample, t, loss) on the same samples: the trials scored the same images at the same t
+    with the same noise, so the gap's validation noise is the standard error of the per-sample
+    differences (the replicate means' difference, sample by sample), by the collapsed-strata estimator
+    — common random numbers (e.g. Glasserman, Monte Carlo Methods in Financial Engineering, 2003, §4.2)
+    cancel what the two trials' losses share. Else unpaired: √(se_a² + se_b²), conservative. Either
+    way the replicates' variance of the mean (s²/k, training-seed noise) is added. NaN: no noise
+    estimate (neither per-sample losses, se nor replicates)."""
+    rep = float(np.nan_to_num(a["rep_var"]) + np.nan_to_num(b["rep_var"]))
+    tables = [samples.get(i) for i in ids_a + ids_b]
+    if tables and all(x is not None and len(x) > 1 for x in tables) and all(
+            np.array_equal(x["sample"].to_numpy(), tables[0]["sample"].to_numpy())
+            and np.allclose(x["t"].to_numpy(), tables[0]["t"].to_numpy()) for x in tables):
+        mean_a = np.mean([samples[i]["loss"].to_numpy(float) for i in ids_a], axis=0)
+        mean_b = np.mean([samples[i]["loss"].to_numpy(float) for i in ids_b], axis=0)
+        se = stratified_standard_error(tables[0]["t"].to_numpy(float), mean_b - mean_a)
+        if math.isfinite(se):
+            return math.sqrt(se**2 + rep), "paired"
+    se_a, se_b = a["se"], b["se"]
+    if not ((np.isfinite(se_a) or np.isfinite(a["rep_var"])) and (np.isfinite(se_b) or np.isfinite(b["rep_var"]))):
+        return math.nan, None  # a side without any noise estimate: compared strictly
+    sigma = math.sqrt(float(np.nan_to_num(se_a) ** 2 + np.nan_to_num(se_b) ** 2) + rep)
+    return sigma, ("unpaired" if np.isfinite(se_a) or np.isfinite(se_b) else None)
+
+
+def _seed_counts(ks: set[int]) -> str:
+    """{3} -> "3"; {2, 3} -> "2–3" (replicates per configuration)."""
+    return str(min(ks)) if min(ks) == max(ks) else f"{min(ks)}–{max(ks)}"

@@ -33,6 +33,7 @@ _ADDED_LATER = {  # section -> field -> the value that means "as before the fiel
     "train": {"flops": None, "cooldown": None, "cooldown_steps": None, "cooldown_shape": "1-sqrt",
               "divergence_factor": None, "save_at": []},
     "model": {"parametrization": "sp", "mup_base_width": 256},
+    "eval": {"fd_spread_draws": 10},
 }
 
 
@@ -129,6 +130,8 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     every: int | None = Field(None, gt=0, description="evaluate every N steps (and always at the end)")
     fid_samples: int = Field(10000, ge=0)
+    fd_spread_draws: int = Field(10, ge=0, description=(
+        "half-samples for the FID's / FD's spread over sampling draws (logged as se_<metric>; 0: not measured)"))
     sampler: Literal["auto", "ddpm", "ddim", "euler", "heun"] = Field(
         "auto", description="auto: ddpm for objective ddpm, euler for rectified_flow")
     sampling_steps: int = Field(250, gt=0)

@@ -307,6 +307,14 @@ class RunLogger:
         """A PIL image or uint8 array (e.g. a sample grid) as a PNG artifact of the run."""
         self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
+    def log_evaluation_artifacts(self, artifacts: dict) -> None:
+        """An evaluation's artifacts: images as PNGs, tables ({column: list}) as MLflow tables (JSON)."""
+        for name, item in artifacts.items():
+            if isinstance(item, dict):
+                self.client.log_table(self.run_id, data=item, artifact_file=name)
+            else:
+                self.log_image(item, name)
+
 
 def _start_system_metrics(uri: str, run_id: str):
     """CPU/GPU/memory sampling into the run, through MLflow's own monitor (needs psutil)."""

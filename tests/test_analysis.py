@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -48,12 +50,13 @@ def _client(uri):
 
 def log_synthetic_sweep(uri: str, experiment: str, configs: list[dict], loss_fn, fd_fn=None, n_logs: int = 6,
                         n_evals: int = 3, seed: int = 0, params_metric: bool = False,
-                        artifact_root: Path | None = None) -> dict:
+                        artifact_root: Path | None = None, se_fn=None) -> dict:
     """Log one sweep: a parent run and one child run per config, the way the harness does.
 
     configs: dicts with family, size, patch, attention, objective, steps, gflops (forward, per image)
     and optionally params. loss_fn(cfg, step, compute, rng) -> loss; fd_fn likewise for the stand-in
-    Fréchet distance (fd_lenet, per CFG scale). Returns {"parent": run_id, "runs": {trial_id: run_id}}."""
+    Fréchet distance (fd_lenet, per CFG scale), se_fn for val_loss's standard error (se_val_loss).
+    Returns {"parent": run_id, "runs": {trial_id: run_id}}."""
     from mlflow.entities import Metric, Param
 
     c = _client(uri)
@@ -95,6 +98,8 @@ def log_synthetic_sweep(uri: str, experiment: str, configs: list[dict], loss_fn,
                  "train_gflops": compute, "step": float(step)}
             if step in evals:
                 m["val_loss"] = loss_fn(cfg, step, compute, rng)
+                if se_fn is not None:
+                    m["se_val_loss"] = se_fn(cfg, step, compute, rng)
                 if fd_fn is not None:
                     for cfg_scale in (1.0, 1.5):
                         m[f"fd_lenet_cfg{cfg_scale}"] = fd_fn(cfg, step, compute, rng) / cfg_scale
@@ -350,6 +355,185 @@ def test_report_without_evaluation_or_second_architecture(store, tmp_path):
     assert "single architecture" in md and not (index.parent / "dit_vs_mmdit.png").exists()
 
 
+# --- DiT's findings: gaps tested against the measured noise -------------------------------------------
+
+def _findings_trials(losses: dict, se: float | dict | None = None) -> pd.DataFrame:
+    """A finished-trials table as analysis.runs.load_trials gives it, for study.dit_findings.
+    losses: {(size, patch): final val_loss, or a list of them — one trial per train.seed};
+    se: every trial's se_val_loss, or {(size, patch): se}, or None (not logged: old runs)."""
+    rows = []
+    for (size, patch), values in losses.items():
+        for seed, loss in enumerate(values if isinstance(values, list) else [values]):
+            row = {"trial_id": f"{size}-{patch}-{seed}", "arch": "dit", "family": "dit", "size": size, "patch": patch,
+                   "size_rank": runs.size_rank(size, "dit"), "train_gflops": 1.0, "model.size": size,
+                   "model.patch": patch, "train.seed": seed, "final_val_loss": loss}
+            s = se.get((size, patch)) if isinstance(se, dict) else se
+            if se is not None:
+                row["final_se_val_loss"] = np.nan if s is None else s
+            rows.append(row)
+    t = pd.DataFrame(rows)
+    t.attrs["config_keys"] = ["model.size", "model.patch", "train.seed"]
+    return t
+
+
+def _findings(trials: pd.DataFrame) -> dict:
+    from analysis import study
+
+    se_col = "final_se_val_loss" if "final_se_val_loss" in trials else None
+    found = study.dit_findings(trials, "final_val_loss", None, se_col=se_col)
+    return {f["finding"]: f for f in found}
+
+
+def test_findings_held_unresolved_and_did_not_hold_against_the_validation_se():
+    from analysis import study
+
+    # se 0.001 for every trial: 2σ of a gap = 2 · √2 · 0.001 = 0.00283
+    f = _findings(_findings_trials({("d1w64", 4): 0.200, ("d2w64", 4): 0.190, ("d3w96", 4): 0.170,
+                                    ("d1w64", 2): 0.1995, ("d2w64", 2): 0.180, ("d3w96", 2): 0.150}, se=0.001))
+    size, patch = f[study.SIZE_FINDING], f[study.PATCH_FINDING]
+    assert size["held"] is True
+    assert ("dit, patch 4: size d1w64: 0.2 → size d2w64: 0.19 (Δ −0.01, 2σ 0.00283) → size d3w96: 0.17 "
+            "(Δ −0.02, 2σ 0.00283)") in size["evidence"]
+    assert size["evidence"].endswith("gaps tested against 2σ of the noise (each trial's validation-draw SE, unpaired: conservative)")
+    # patch 4 -> 2 at d1w64 falls by 0.0005, far inside 2σ: not resolved, although it fell
+    assert patch["held"] == study.UNRESOLVED and patch["held"] is not True
+    assert "dit, size d1w64: patch 4: 0.2 → patch 2: 0.1995 (Δ −0.0005, 2σ 0.00283: within noise)" in patch["evidence"]
+    assert "dit, size d3w96: patch 4: 0.17 → patch 2: 0.15 (Δ −0.02, 2σ 0.00283)" in patch["evidence"]
+
+    # a rise beyond 2σ: did not hold; a rise inside it is not a reversal, only unresolved
+    worse = _findings(_findings_trials({("d1w64", 4): 0.200, ("d2w64", 4): 0.205, ("d3w96", 4): 0.170}, se=0.001))
+    assert worse[study.SIZE_FINDING]["held"] is False
+    assert "size d2w64: 0.205 (Δ +0.005, 2σ 0.00283: worse)" in worse[study.SIZE_FINDING]["evidence"]
+    inside = _findings(_findings_trials({("d1w64", 4): 0.200, ("d2w64", 4): 0.201, ("d3w96", 4): 0.170}, se=0.001))
+    assert inside[study.SIZE_FINDING]["held"] == study.UNRESOLVED
+    assert "(Δ +0.001, 2σ 0.00283: within noise)" in inside[study.SIZE_FINDING]["evidence"]
+    # one configuration alone per size: nothing to compare across patches
+    assert worse[study.PATCH_FINDING]["held"] is None
+
+
+def test_findings_without_a_noise_estimate_compare_strictly_and_say_so():
+    from analysis import study
+
+    old = _findings(_findings_trials({("d1w64", 4): 0.200, ("d2w64", 4): 0.1995, ("d3w96", 4): 0.170}))
+    assert old[study.SIZE_FINDING]["held"] is True  # every step fell; no noise to test it against
+    assert "size d2w64: 0.1995 (Δ −0.0005) → size d3w96: 0.17 (Δ −0.0295)" in old[study.SIZE_FINDING]["evidence"]
+    assert old[study.SIZE_FINDING]["evidence"].endswith("no noise estimate: gaps not tested against noise")
+    rose = _findings(_findings_trials({("d1w64", 4): 0.200, ("d2w64", 4): 0.2005, ("d3w96", 4): 0.170}))
+    assert rose[study.SIZE_FINDING]["held"] is False and "(Δ +0.0005: worse)" in rose[study.SIZE_FINDING]["evidence"]
+
+    # se logged for some trials only: the steps that lack it on one side are compared strictly, and counted
+    mixed = _findings(_findings_trials({("d1w64", 4): 0.200, ("d2w64", 4): 0.1995, ("d3w96", 4): 0.170},
+                                       se={("d1w64", 4): 0.001, ("d2w64", 4): 0.001}))
+    ev = mixed[study.SIZE_FINDING]["evidence"]
+    assert mixed[study.SIZE_FINDING]["held"] == study.UNRESOLVED
+    assert "(Δ −0.0005, 2σ 0.00283: within noise)" in ev and "size d3w96: 0.17 (Δ −0.0295)" in ev
+    assert ev.endswith("(each trial's validation-draw SE, unpaired: conservative); 1 step(s) without a noise estimate compared strictly")
+
+
+def test_findings_count_the_replicate_spread_in_the_noise():
+    """Three train.seed replicates per configuration, losses m − 0.003, m, m + 0.003: SD 0.003, so the
+    replicates add 0.003² / 3 = 3e-6 to a configuration's variance."""
+    from analysis import study
+
+    def reps(m):
+        return [m - 0.003, m, m + 0.003]
+
+    # replicates alone (old runs without se): σ_gap = √(2 · 3e-6) = 0.00245, 2σ 0.0049
+    only = _findings(_findings_trials({("d1w64", 4): reps(0.2), ("d2w64", 4): reps(0.19)}))
+    assert only[study.SIZE_FINDING]["held"] is True
+    assert "size d1w64: 0.2 → size d2w64: 0.19 (Δ −0.01, 2σ 0.0049)" in only[study.SIZE_FINDING]["evidence"]
+    assert only[study.SIZE_FINDING]["evidence"].endswith("(replicate spread over 3 seeds)")
+
+    # a gap of 0.005 clears 2σ of the validation SE alone (0.00283) ...
+    single = _findings(_findings_trials({("d1w64", 4): 0.2, ("d2w64", 4): 0.195}, se=0.001))
+    assert single[study.SIZE_FINDING]["held"] is True
+    # ... but not once the seeds' spread is added: σ² = 0.001² + 3e-6 = 4e-6 each, 2σ = 2 · √8e-6 = 0.00566
+    both = _findings(_findings_trials({("d1w64", 4): reps(0.2), ("d2w64", 4): reps(0.195)}, se=0.001))
+    ev = both[study.SIZE_FINDING]["evidence"]
+    assert both[study.SIZE_FINDING]["held"] == study.UNRESOLVED
+    assert "size d2w64: 0.195 (Δ −0.005, 2σ 0.00566: within noise)" in ev
+    assert ev.endswith("(each trial's validation-draw SE, unpaired: conservative + replicate spread over 3 seeds)")
+
+
+def test_findings_pair_the_per_sample_losses_when_every_trial_has_them():
+    """Every trial scored the same 256 samples: a steep common trend over t (the images' and the
+    timesteps' difficulty, shared) plus each configuration's offset plus small per-sample noise (sd
+    0.002). Each trial's se (0.01) hides a 0.005 gap; the paired differences resolve it."""
+    from analysis import study
+
+    rng = np.random.default_rng(0)
+    n = 256
+    t = (np.arange(n) + 0.5) / n
+    shared = 0.5 - 0.4 * t + 0.05 * rng.standard_normal(n)  # what every trial shares
+    means = {("d1w64", 4): 0.200, ("d2w64", 4): 0.195, ("d3w96", 4): 0.1948}
+    trials = _findings_trials(means, se=0.01)
+    samples = {}
+    for row in trials.itertuples():
+        loss = shared - shared.mean() + row.final_val_loss + 0.002 * rng.standard_normal(n)
+        samples[row.trial_id] = pd.DataFrame({"sample": np.arange(n), "t": t, "loss": loss})
+    unpaired = {f["finding"]: f for f in study.dit_findings(trials, "final_val_loss", None, se_col="final_se_val_loss")}
+    assert unpaired[study.SIZE_FINDING]["held"] == study.UNRESOLVED  # 2σ = 2 · √2 · 0.01 = 0.028 > 0.005
+    found = {f["finding"]: f for f in study.dit_findings(trials, "final_val_loss", None, se_col="final_se_val_loss",
+                                                           samples=samples)}
+    ev = found[study.SIZE_FINDING]["evidence"]
+    # paired: σ of the per-sample difference's mean ≈ √2 · 0.002 / √256 = 0.00018, 2σ ≈ 0.0004
+    first = re.search(r"size d2w64: [0-9.]+ \(Δ −0\.00[0-9]+, 2σ ([0-9.e-]+)\)", ev)
+    assert first and 0.0002 < float(first.group(1)) < 0.0008, ev
+    # the 0.0002 step d2w64 -> d3w96 stays inside even the paired noise
+    assert found[study.SIZE_FINDING]["held"] == study.UNRESOLVED and ": within noise)" in ev
+    assert ev.endswith("(paired per-sample validation losses)")
+    # a trial whose table scored other samples (another eval.seed) cannot be paired: back to its se
+    shifted = dict(samples)
+    shifted["d3w96-4-0"] = samples["d3w96-4-0"].assign(t=np.roll(t, 1))
+    mixed = study.dit_findings(trials, "final_val_loss", None, se_col="final_se_val_loss", samples=shifted)
+    ev = mixed[0]["evidence"]
+    assert "(paired per-sample validation losses + each trial's validation-draw SE, unpaired: conservative)" in ev
+
+
+def test_fd_finding_says_how_much_of_its_ranking_is_sampling_noise():
+    from analysis import study
+
+    trials = _findings_trials({("d1w64", 4): 0.2, ("d2w64", 4): 0.19, ("d3w96", 4): 0.17, ("d4w128", 4): 0.15})
+    trials["train_gflops"] = [1.0, 2.0, 4.0, 8.0]
+    trials["final_fd_x_cfg1.0"] = [2000.0, 1990.0, 1500.0, 1000.0]
+    plain = study.dit_findings(trials, "final_val_loss", "final_fd_x_cfg1.0")[-1]
+    assert plain["held"] is True and plain["evidence"].endswith("= -1.000 over 4 trials")
+    # σ 10 each: 2σ of a pair = 28.3; only 2000 vs 1990 is closer than that
+    trials["final_se_fd_x_cfg1.0"] = [10.0, 10.0, 10.0, 10.0]
+    found = study.dit_findings(trials, "final_val_loss", "final_fd_x_cfg1.0")[-1]
+    assert found["held"] is True
+    assert found["evidence"].endswith("the FD's spread over sampling draws: σ 10–10 (median 10); 1 of 6 pairs of "
+                                      "trials differ by less than 2σ (their order is noise)")
+
+
+def test_report_shows_the_unresolved_state_and_the_new_metric_is_not_a_loss(store, tmp_path):
+    """A sweep that logs se_val_loss: the metric reaches the trials (final value only), is never taken
+    for a loss, and a patch gap inside the noise is reported as not resolved."""
+    from analysis.report import UNRESOLVED_TEXT
+
+    loss = {("S", 4): 0.300, ("B", 4): 0.250, ("L", 4): 0.200, ("XL", 4): 0.170,
+            ("S", 2): 0.2995, ("B", 2): 0.230, ("L", 2): 0.180, ("XL", 2): 0.150}
+    cfgs = [{"family": "dit", "size": s, "patch": p, "steps": 400, "gflops": DIT_GFLOPS[(s, p)],
+             "params": DIT_PARAMS_M[s] * 1e6} for s, p in loss]
+    log_synthetic_sweep(store["uri"], "noise-study", cfgs, lambda c, *_: loss[(c["size"], c["patch"])], n_logs=3,
+                        n_evals=1, params_metric=True, se_fn=lambda *_: 0.002)
+    for key in ("se_val_loss", "final_se_val_loss"):
+        assert not runs.LOWER_IS_BETTER.match(key) and not runs.HISTORY_KEYS.match(key), key
+    trials = runs.load_trials(store["uri"], "noise-study")
+    assert (trials["final_se_val_loss"] == 0.002).all()
+    assert "best_se_val_loss" not in trials and "best_val_loss" in trials
+
+    index = check_report(store["uri"], "noise-study", tmp_path / "noise", bootstrap=50)
+    html, md = index.read_text(), (index.parent / "report.md").read_text()
+    assert "validation loss (final)" in md  # the y-axis is still val_loss, not its standard error
+    assert f"<td class='unresolved'>{UNRESOLVED_TEXT}</td>" in html
+    assert f"| a smaller patch is better at fixed model size | {UNRESOLVED_TEXT} |" in md
+    assert "| bigger is better at fixed patch size | held |" in md
+    assert "(Δ −0.0005, 2σ 0.00566: within noise)" in md  # 2 · √2 · 0.002
+    assert "exceeds 2σ" in md and "exceeds 2σ" in html
+    assert "final_se_val_loss" in pd.read_csv(index.parent / "trials.csv")
+
+
 # --- the HTML in a real browser -------------------------------------------------------------------
 
 def _chromium() -> str | None:
@@ -503,12 +687,13 @@ def _keep_artifacts_file(path: Path) -> None:
 
 
 # the torch-free contract modules analysis may import from harness/ and models/ (one home per rule)
-CONTRACT_MODULES = {"harness", "harness.errors", "harness.tracking", "models", "models.registry", "models.flops"}
+CONTRACT_MODULES = {"harness", "harness.errors", "harness.tracking", "harness.evaluation", "harness.evaluation.noise",
+                    "models", "models.registry", "models.flops"}
 
 
 def test_analysis_imports_no_torch_and_only_the_contract_modules():
     """analysis loads no torch, and from harness/ and models/ only the torch-free contract modules:
-    the MLflow conventions, the preset sizes and the compute rule."""
+    the MLflow conventions, the preset sizes, the compute rule and the evaluator's noise estimator."""
     code = ("import sys, json, analysis.runs, analysis.scaling, analysis.plots, analysis.report, analysis.study; "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'harness', 'models'))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -516,7 +701,7 @@ def test_analysis_imports_no_torch_and_only_the_contract_modules():
     loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert not {m for m in loaded if m.split(".")[0] == "torch"}, sorted(loaded)
     assert loaded <= CONTRACT_MODULES, f"analysis imports more than the contract: {sorted(loaded - CONTRACT_MODULES)}"
-    assert {"harness.tracking", "models.registry", "models.flops"} <= loaded  # the rules are imported, not copied
+    assert {"harness.tracking", "harness.evaluation.noise", "models.registry", "models.flops"} <= loaded  # imported, not copied
 
 
 def test_history_keys_include_fid_kid_and_their_stand_ins():

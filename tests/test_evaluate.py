@@ -8,8 +8,10 @@ file, and the FID code paths run with the stand-in extractors through clean-fid'
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
+import math
 import multiprocessing
 import os
 from pathlib import Path
@@ -200,8 +202,10 @@ def test_standin_metrics_are_never_named_fid(digits_dir, tmp_path, lenet, caplog
         again, _ = evaluator.run(model, step=8)
         _evaluator(trial)[0].run(model, step=9)
     assert torch.equal(rng, torch.get_rng_state()), "evaluation must leave the training RNG alone"
-    assert set(metrics) == {"val_loss", "val_mse", "fd_lenet_cfg1.0", "kd_lenet_cfg1.0", "fd_lenet_cfg3.0",
-                            "kd_lenet_cfg3.0", "eval_seconds"}
+    assert set(metrics) == {"val_loss", "se_val_loss", "val_mse", "fd_lenet_cfg1.0", "kd_lenet_cfg1.0",
+                            "fd_lenet_cfg3.0", "kd_lenet_cfg3.0", "se_fd_lenet_cfg1.0", "se_fd_lenet_cfg3.0",
+                            "eval_seconds"}
+    assert 0 < metrics["se_fd_lenet_cfg1.0"] < metrics["fd_lenet_cfg1.0"]
     assert not [k for k in metrics if k.startswith(("fid", "kid"))]
     warnings = [r.getMessage() for r in caplog.records if "Inception" in r.getMessage()]
     assert len(warnings) == 1, "one clear warning per process"
@@ -211,7 +215,13 @@ def test_standin_metrics_are_never_named_fid(digits_dir, tmp_path, lenet, caplog
            {k: v for k, v in metrics.items() if k != "eval_seconds"}
     assert metrics["fd_lenet_cfg1.0"] > 0 and metrics["fd_lenet_cfg1.0"] != metrics["fd_lenet_cfg3.0"]
     assert 0 < metrics["val_mse"] < 2 and np.isfinite(metrics["val_loss"])
-    assert sorted(images) == ["samples/step-00000007_cfg1.0.png", "samples/step-00000007_cfg3.0.png"]
+    assert sorted(images) == ["samples/step-00000007_cfg1.0.png", "samples/step-00000007_cfg3.0.png",
+                              "val_losses/step-00000007.json"]
+    # the per-sample table the report pairs trials with: every validation sample once, in order, and
+    # its mean is the val_loss itself
+    table = images["val_losses/step-00000007.json"]
+    assert table["sample"] == list(range(len(table["loss"]))) and len(set(table["t"])) == len(table["t"])
+    assert np.mean(table["loss"]) == pytest.approx(metrics["val_loss"], rel=1e-9)
     grid = images["samples/step-00000007_cfg1.0.png"]
     assert grid.size == (8 * 18 + 2, 4 * 18 + 2)  # the first batch's 32 samples, 8 per row
 
@@ -242,6 +252,171 @@ def test_validation_loss_is_fixed_and_tells_models_apart(digits_dir, tmp_path):
         for p in model.parameters():
             p.mul_(0.5)
     assert first.run(model, 2)[0]["val_loss"] != a
+
+
+# --- the standard error of val_loss --------------------------------------------------------------------------
+
+
+def test_stratified_standard_error_is_the_noise_not_the_trend_over_t():
+    """loss = f(t) + iid noise of sd 0.05 at n stratified timesteps: the collapsed-strata estimate
+    matches sd/√n (the true standard error of the mean) although f spans 3.0 over t, where the naive
+    std/√n counts the trend as noise."""
+    from harness.evaluation.noise import stratified_standard_error
+
+    rng = np.random.default_rng(0)
+    n, sd = 256, 0.05
+    t = (np.arange(n) + 0.5) / n
+    trend = 0.2 + 3.0 * t ** 2
+    means, estimates, naive = [], [], []
+    for _ in range(400):
+        loss = trend + sd * rng.standard_normal(n)
+        perm = rng.permutation(n)  # the evaluator's samples come in any order (a permutation, ranks)
+        means.append(loss.mean())
+        estimates.append(stratified_standard_error(t[perm], loss[perm]))
+        naive.append(loss.std(ddof=1) / np.sqrt(n))
+    truth = sd / np.sqrt(n)
+    print(f"\ntrue SE {truth:.5f}; observed SD of the mean {np.std(means, ddof=1):.5f}; collapsed strata "
+          f"{np.mean(estimates):.5f} (single draws {np.min(estimates):.5f}-{np.max(estimates):.5f}); "
+          f"naive {np.mean(naive):.5f}")
+    # the trend adds Σ_pairs (Δf)² / n² ≈ 6 / n³ to the variance: +1.8 % on the SE here (measured +1.6 %)
+    assert np.mean(estimates) == pytest.approx(truth, rel=0.04)
+    assert np.all(np.abs(np.array(estimates) / truth - 1) < 0.3)  # one draw: 128 pairs, ±6 % (1 sd)
+    assert np.std(means, ddof=1) == pytest.approx(truth, rel=0.15)  # the truth is what the means do
+    assert np.mean(naive) > 10 * truth  # what the estimator is for
+
+    # the order of the samples does not matter, even with ties in t (DDPM's integer timesteps)
+    tied = np.repeat(np.arange(8.0), 4)
+    loss = rng.standard_normal(32)
+    perm = rng.permutation(32)
+    assert stratified_standard_error(tied, loss) == stratified_standard_error(tied[perm], loss[perm])
+    assert np.isnan(stratified_standard_error([0.5], [1.0]))
+
+
+@pytest.mark.parametrize("n", [3, 5, 9])
+def test_stratified_standard_error_odd_sample_out_is_unbiased(n):
+    """With an odd count the last three strata form one group (k/(k−1)·Σ(l − l̄)²): unbiased for equal
+    stratum means. Pairing the odd sample again would be biased up (at n = 3 by +33 %), dropping it
+    down (−33 %)."""
+    from harness.evaluation.noise import stratified_standard_error
+
+    rng = np.random.default_rng(n)
+    t = np.arange(n, dtype=float)
+    var = [stratified_standard_error(t, rng.standard_normal(n)) ** 2 for _ in range(20000)]
+    assert np.mean(var) == pytest.approx(1.0 / n, rel=0.04)
+
+
+def test_fd_spread_predicts_the_spread_of_the_fd_over_fresh_samples():
+    """Gaussian features (d = 32, N = 256) against a fixed reference: the half-sample estimate of one
+    draw's FD spread matches the FD's SD over 30 fresh draws. Measured: mean estimate / SD = 0.99
+    (single estimates 0.76-1.26); at d = 144, N = 512 the ratio was 1.3 (and 1.6 for a bootstrap)."""
+    from harness.evaluation.features import frechet_distance, frechet_distance_spread
+
+    rng = np.random.default_rng(0)
+    d, n = 32, 256
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    ref = rng.normal(size=(20000, d)) @ mix
+    mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    shifted = mix + 0.3 * rng.normal(size=(d, d)) / np.sqrt(d)
+
+    def draw():
+        return rng.normal(size=(n, d)) @ shifted + 0.2
+
+    fresh_sd = np.std([frechet_distance(draw(), mu, sigma) for _ in range(30)], ddof=1)
+    estimates = [frechet_distance_spread(draw(), mu, sigma, draws=20, seed=s) for s in range(6)]
+    print(f"\nFD over 30 fresh draws: SD {fresh_sd:.4f}; half-sample estimates {np.round(estimates, 4)}")
+    assert 0.7 < np.mean(estimates) / fresh_sd < 2.0
+    assert np.isnan(frechet_distance_spread(draw()[:3], mu, sigma)) and np.isnan(frechet_distance_spread(draw(), mu, sigma, draws=1))
+
+
+@pytest.fixture(scope="module")
+def shapes_val_draws(tmp_path_factory) -> Path:
+    """shapes at 16 px with 8 held-out shards of 256 images: 8 independent draws of validation images."""
+    from harness.data import pack_dataset
+
+    out = tmp_path_factory.mktemp("shapes16") / "shapes"
+    pack_dataset("shapes", str(out), image_size=16, count=2560, val_fraction=0.8, shard_size=256, progress=False)
+    return out
+
+
+def test_se_val_loss_predicts_the_spread_of_val_loss_over_validation_draws(shapes_val_draws, tmp_path):
+    """A real DiT (d1w64/4, 40 AdamW steps on shapes, so its loss falls steeply with t) evaluated on 8
+    validation draws — other held-out images (another val shard) and other noise and timestep assignment
+    (another eval.seed): the spread of val_loss over the draws is what se_val_loss claims to be.
+    Measured: SD over the 8 draws 0.0067, mean se_val_loss 0.0063 (ratio 0.93; 0.89 and 1.00 with 60
+    and 150 training steps). Redrawing only eval.seed on the same 256 images moves val_loss less (SD
+    0.0024, ratio 2.6; 4.7 after 150 steps): every image is used once whatever the seed, so the images'
+    own difficulty does not change — se_val_loss covers a fresh draw of images as well."""
+    from harness.config import TrialConfig
+    from harness.data import make_loader
+    from harness.evaluation.evaluator import Evaluator
+    from harness.evaluation.noise import stratified_standard_error
+    from harness.trial.build import build_denoiser, build_objective_for, dataset_info
+    from harness.trial.distributed import DistInfo
+
+    data = shapes_val_draws
+
+    def trial(seed: int, shard: int):
+        return TrialConfig.model_validate(tiny_study(
+            data, "se", data={"shards": str(data / "train-{000000..000001}.tar"),
+                              "val_shards": str(data / f"val-{shard:06d}.tar"), "image_size": 16, "channels": 3},
+            model={"family": "dit", "size": "d1w64", "patch": 4}, objective={"kind": "rectified_flow"},
+            eval={"val_batches": 4, "batch_size": 64, "seed": seed, "fid_samples": 0},
+            resources={"storage": str(tmp_path / "runs")}))
+
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    info = dataset_info(trial(0, 0))
+    torch.manual_seed(0)
+    model, conditioner = build_denoiser(trial(0, 0), info, dist.device)
+    objective = build_objective_for(trial(0, 0))
+    batches = list(zip(range(16), make_loader(trial(0, 0).data.shards, 32, resampled=False, shuffle=0,
+                                              conditioning="class", num_workers=0)))
+
+    def train(net, steps):
+        opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+        for step in steps:
+            batch = batches[step % len(batches)][1]
+            loss = objective.loss(net, batch["x"], conditioner.from_batch(batch))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+
+    train(model, range(40))
+
+    def spread(draws):
+        found = [Evaluator(trial(seed, shard), info, conditioner, objective, dist).run(model, 1)[0]
+                 for seed, shard in draws]
+        vals, ses = np.array([m["val_loss"] for m in found]), np.array([m["se_val_loss"] for m in found])
+        return vals.std(ddof=1), ses
+
+    full_sd, ses = spread([(k, k) for k in range(8)])
+    seed_sd, seed_ses = spread([(k, 0) for k in range(8)])
+    print(f"\nval_loss over 8 draws of images and noise: SD {full_sd:.5f}; se_val_loss {ses.mean():.5f} "
+          f"({ses.min():.5f}-{ses.max():.5f}); over 8 eval.seed on the same images: SD {seed_sd:.5f}")
+    # An SD from 8 draws is itself uncertain by about ±27 % (1 sd): a factor of 2 either way.
+    assert 0.5 < ses.mean() / full_sd < 2.0
+    assert ses.max() / ses.min() < 1.5  # each evaluation's own estimate, not just their mean
+    assert seed_ses.mean() > seed_sd  # the fixed images' difficulty is in the SE, not in the seed spread
+
+    # The gap between two models scored on the same draw: its spread over the draws is what the paired
+    # standard error of the per-sample differences (the report's test, analysis.study) claims, and far
+    # below the two se_val_loss combined (which count what the models share: the images' difficulty).
+    other = copy.deepcopy(model).train()
+    train(other, range(40, 60))
+    gaps, paired, unpaired = [], [], []
+    for k in range(8):
+        evaluator = Evaluator(trial(k, k), info, conditioner, objective, dist)
+        (ma, art_a), (mb, art_b) = evaluator.run(model, 1), evaluator.run(other, 1)
+        a, b = art_a["val_losses/step-00000001.json"], art_b["val_losses/step-00000001.json"]
+        assert a["t"] == b["t"] and a["sample"] == b["sample"]  # the same samples: pairs line up
+        gaps.append(mb["val_loss"] - ma["val_loss"])
+        paired.append(stratified_standard_error(np.array(a["t"]), np.array(b["loss"]) - np.array(a["loss"])))
+        unpaired.append(math.hypot(ma["se_val_loss"], mb["se_val_loss"]))
+    gap_sd = np.std(gaps, ddof=1)
+    print(f"gap over the 8 draws: mean {np.mean(gaps):.5f} SD {gap_sd:.5f}; paired SE {np.mean(paired):.5f}; "
+          f"unpaired {np.mean(unpaired):.5f}")
+    assert 0.5 < np.mean(paired) / gap_sd < 2.0
+    assert np.mean(unpaired) > 1.5 * np.mean(paired)
 
 
 # --- shapes: the detector and prompt alignment --------------------------------------------------------------
@@ -381,7 +556,8 @@ def _rank_main(rank: int, world: int, port: int, digits: str, tmp: str, out: str
         evaluator.dist = evaluator.dist.__class__(rank, world, 0, torch.device("cpu"))
         metrics, images = evaluator.run(model, step=3)
         if rank == 0:
-            Path(out).write_text(json.dumps({"metrics": metrics, "images": sorted(images)}))
+            Path(out).write_text(json.dumps({"metrics": metrics, "images": sorted(images),
+                                             "table": images["val_losses/step-00000003.json"]}))
     finally:
         tdist.destroy_process_group()
 
@@ -400,6 +576,9 @@ def test_two_ranks_give_the_numbers_of_one(digits_dir, tmp_path, lenet):
     mp.spawn(_rank_main, args=(2, free_port(), str(digits_dir), str(tmp_path), str(out)), nprocs=2, join=True)
     two = json.loads(out.read_text())
     assert two["images"] == sorted(images)
+    table = images["val_losses/step-00000003.json"]  # the per-sample losses, gathered from both ranks in order
+    assert two["table"]["sample"] == table["sample"] and two["table"]["t"] == pytest.approx(table["t"])
+    assert two["table"]["loss"] == pytest.approx(table["loss"], rel=1e-9)
     for key, value in alone.items():
         if key != "eval_seconds":
             assert two["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
@@ -423,7 +602,7 @@ def test_training_evaluates_every_n_steps_under_zero3_on_two_ranks(digits_dir, t
     assert proc.stdout.count("eval at step") == 2
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("evaltrain").experiment_id])
-    for key in ("val_loss", "fd_lenet_cfg1.0", "kd_lenet_cfg2.0"):
+    for key in ("val_loss", "se_val_loss", "fd_lenet_cfg1.0", "kd_lenet_cfg2.0"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [10, 20], key
     assert not any(k.startswith(("fid", "kid")) for k in run.data.metrics)
     assert len(client.list_artifacts(run.info.run_id, "samples")) == 4
@@ -465,7 +644,7 @@ def test_latent_datasets_are_decoded_with_their_vae(tmp_path):
     evaluator, model = _evaluator(trial)
     metrics, images = evaluator.run(model, step=1)
     assert {"fd_lenet_cfg1.0", "kd_lenet_cfg1.0", "val_loss"} <= set(metrics)
-    (grid,) = images.values()
+    grid = images["samples/step-00000001_cfg1.0.png"]
     assert grid.size == (8 * 18 + 2, 2 * 18 + 2), "grid tiles are decoded 16 px images, not 8 px latents"
 
 
@@ -553,5 +732,5 @@ def test_present_inception_gives_metrics_named_fid(digits_dir, tmp_path, monkeyp
     trial = _trial(digits_dir, tmp_path, cfg_scale=[1.5], fid_samples=40, val_batches=0, reference_samples=100)
     evaluator, model = _evaluator(trial)
     metrics, images = evaluator.run(model, step=2)
-    assert {"fid_cfg1.5", "kid_cfg1.5", "eval_seconds"} == set(metrics)
+    assert {"fid_cfg1.5", "kid_cfg1.5", "se_fid_cfg1.5", "eval_seconds"} == set(metrics)
     assert evaluator.reference["path"].name.startswith("fid_stats_inception-clean_train_16px_n100_")

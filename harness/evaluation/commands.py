@@ -45,12 +45,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                                   eval_overrides=eval_sets)
     if args.json:
         print(json.dumps({"trial_id": trial.trial_id, "run_id": run_id, "metrics": metrics,
-                          "images": sorted(images)}, indent=2))
+                          "artifacts": sorted(images)}, indent=2))
     else:
         for key in sorted(metrics):
             print(f"{key:28s} {metrics[key]:.6g}")
         if run_id:
-            print(f"logged to MLflow run {run_id} ({len(images)} sample grid(s))")
+            grids = sum(1 for name in images if name.endswith(".png"))
+            tables = len(images) - grids
+            print(f"logged to MLflow run {run_id} ({grids} sample grid(s)"
+                  + (", the per-sample validation losses)" if tables else ")"))
     return 0
 
 

@@ -14,16 +14,27 @@ What `run` measures (metrics are valid on rank 0):
                            the training distribution, assigned by a fixed permutation) and with fixed
                            noise (seeded per sample). Deterministic, so it is comparable across
                            trials and evaluations; the default y-axis of the scaling fits.
+    se_val_loss            the standard error of val_loss: its spread over redraws of the validation
+                           images and noise, by the collapsed-strata estimator (one sample per timestep
+                           stratum; `stratified_standard_error`). It covers a fresh draw of images, so
+                           it exceeds the spread over eval.seed alone (same images, each used once):
+                           0.0063 vs 0.0024 in tests/test_evaluate.py. Named so that analysis/runs.py
+                           never takes it for a loss (its regexes match val_loss*, not se_*).
     fid_cfg<s>, kid_cfg<s> clean-fid's FID / KID of eval.fid_samples images sampled with the EMA
                            weights, eval.sampler, eval.sampling_steps and CFG scale s, decoded with
                            the dataset's VAE when the data are latents, against the dataset's cached
                            reference statistics (harness/evaluation/features.py). Without Inception weights:
                            fd_<stand-in>_cfg<s>, kd_<stand-in>_cfg<s> — never fid.
+    se_fid_cfg<s>, se_fd_… the FID's / FD's spread over sampling draws (eval.fd_spread_draws random
+                           halves of the samples: `frechet_distance_spread`), the noise the report
+                           compares FD gaps with.
     prompt_alignment_cfg<s> captioned `shapes` only: the fraction of samples whose detected colours,
                            shapes and positions match their caption.
     eval_seconds           wall time of the evaluation.
 
-Images: one 8 x 8 sample grid per CFG scale, as {"samples/step-00001000_cfg1.5.png": PIL image}.
+Artifacts: one 8 x 8 sample grid per CFG scale, as {"samples/step-00001000_cfg1.5.png": PIL image}, and
+the per-sample validation losses as a table {"val_losses/step-00001000.json": {sample, t, loss}} (the
+report pairs two trials' losses sample by sample to judge their gap: `harness.evaluation.noise`).
 
 Sampling is spread over the trial's workers: the samples are cut into batches of eval.batch_size,
 batch k goes to rank k mod world_size, and its noise and conditions depend on k alone (class labels
@@ -51,8 +62,10 @@ from harness.assets import find_inception, missing_inception_hint
 from harness.data.loader import make_loader
 from harness.errors import UserError
 from harness.evaluation.dataset import EvalData, LatentDecoder, to_uint8, warn_once
-from harness.evaluation.features import (choose_extractor, frechet_distance, inception_extractor, kernel_distance,
+from harness.evaluation.features import (choose_extractor, frechet_distance, frechet_distance_spread,
+                                         inception_extractor, kernel_distance,
                                          reference_stats, standin_extractor)
+from harness.evaluation.noise import VAL_LOSSES_DIR, stratified_standard_error
 from harness.evaluation.standin import alignment_counts
 from harness.trial.distributed import DistInfo, broadcast_object
 
@@ -107,7 +120,8 @@ class Evaluator:
     # -- the evaluation -----------------------------------------------------------------------------
     def run(self, model: torch.nn.Module, step: int) -> tuple[dict[str, float], dict]:
         """Collective: every rank calls it with the EMA weights in `model` (in eval mode). Returns
-        (metrics, {artifact file: PIL image}), complete on rank 0. The global RNGs are left untouched."""
+        (metrics, {artifact file: PIL image, or a table as {column: list}}), complete on rank 0. The
+        global RNGs are left untouched."""
         started = time.perf_counter()
         device = self.dist.device
         metrics: dict[str, float] = {}
@@ -115,11 +129,14 @@ class Evaluator:
         cuda = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             if self.wants_val:
-                metrics.update(self._validation_loss(model))
+                val, table = self._validation_loss(model)
+                metrics.update(val)
             if self.wants_fid:
                 self._prepare()
                 m, images = self._sample_metrics(model, step)
                 metrics.update(m)
+        if self.wants_val and table is not None:
+            images[val_losses_file(step)] = table
         metrics["eval_seconds"] = time.perf_counter() - started
         return metrics, images
 
@@ -188,7 +205,7 @@ class Evaluator:
         for index, batch in enumerate(batches):
             n = len(batch["x"])
             if index % self.dist.world_size == self.dist.rank:
-                own.append((batch, t_all[start:start + n], self._val_noise(batch, start)))
+                own.append((batch, t_all[start:start + n], self._val_noise(batch, start), start))
             start += n
         if total == 0:
             warn_once("empty-val", f"data.val_shards: {d.val_shards} holds no readable samples; no val_loss")
@@ -196,7 +213,7 @@ class Evaluator:
         self._val_rounds = math.ceil(len(batches) / self.dist.world_size)
         # ZeRO-3 filler for a rank with fewer batches than the others (possibly none)
         first = batches[0] if batches else None
-        self._val_filler = (first, t_all[:len(first["x"])], self._val_noise(first, 0)) if first else None
+        self._val_filler = (first, t_all[:len(first["x"])], self._val_noise(first, 0), 0) if first else None
         return own
 
     def _val_noise(self, batch: dict, start: int) -> torch.Tensor:
@@ -205,24 +222,41 @@ class Evaluator:
             torch.randn(batch["x"].shape[1:], generator=torch.Generator().manual_seed(self.e.seed * 1_000_003 + j))
             for j in range(start, start + len(batch["x"]))])
 
-    def _validation_loss(self, model) -> dict[str, float]:
+    def _validation_loss(self, model) -> tuple[dict[str, float], dict | None]:
+        """(val_loss, val_mse, se_val_loss; the per-sample table {sample, t, loss} on rank 0)."""
         device = self.dist.device
         own = self._validation_set()
         work: list = list(own)
         if _partitioned(model):
             work += [None] * (self._val_rounds - len(own))  # ZeRO-3: every rank runs as many forwards
         sums = torch.zeros(3, dtype=torch.float64, device=device)
+        per_sample = []  # (sample index, t, loss) of this rank's samples
         for item in work:
-            batch, t, noise = item if item is not None else self._val_filler
+            batch, t, noise, start = item if item is not None else self._val_filler
             terms = self.objective.loss_terms(model, batch["x"].to(device), self.conditioner.from_batch(batch),
                                               t=t.to(device), noise=noise.to(device))
-            if item is not None:
+            if item is not None:  # a ZeRO-3 filler batch is not part of the validation set
                 sums += torch.stack([terms["loss"].double().sum(), terms["mse"].double().sum(),
                                      torch.tensor(float(len(t)), dtype=torch.float64, device=device)])
+                index = np.arange(start, start + len(t), dtype=np.float64)
+                per_sample.append(np.stack([index, t.double().cpu().numpy(),
+                                            terms["loss"].double().cpu().numpy()], axis=1))
         sums = self._all_reduce(sums)
+        gathered = self._gather(per_sample)
         if sums[2] == 0:
-            return {}
-        return {"val_loss": float(sums[0] / sums[2]), "val_mse": float(sums[1] / sums[2])}
+            return {}, None
+        metrics = {"val_loss": float(sums[0] / sums[2]), "val_mse": float(sums[1] / sums[2])}
+        if not (self.dist.is_main and gathered):
+            return metrics, None
+        rows = np.concatenate(gathered)
+        rows = rows[np.argsort(rows[:, 0], kind="stable")]
+        se = stratified_standard_error(rows[:, 1], rows[:, 2])
+        if math.isfinite(se):
+            metrics["se_val_loss"] = se
+        # Every trial scores the same samples (same images, t and noise): the report pairs two trials'
+        # per-sample losses to judge their gap, which is far less noisy than their two se's combined.
+        table = {"sample": rows[:, 0].astype(int).tolist(), "t": rows[:, 1].tolist(), "loss": rows[:, 2].tolist()}
+        return metrics, table
 
     # -- sampling -----------------------------------------------------------------------------------
     def _prompt_pool(self) -> dict:
@@ -308,8 +342,12 @@ class Evaluator:
             suffix = cfg_suffix(scale)
             if self.extractor is not None:
                 all_feats = np.concatenate([f for _, f in sorted(gathered, key=lambda kf: kf[0])])
-                metrics[self.extractor.metric("fd") + suffix] = frechet_distance(
-                    all_feats, self.reference["mu"], self.reference["sigma"])
+                fd_key = self.extractor.metric("fd") + suffix
+                metrics[fd_key] = frechet_distance(all_feats, self.reference["mu"], self.reference["sigma"])
+                spread = frechet_distance_spread(all_feats, self.reference["mu"], self.reference["sigma"],
+                                                 draws=e.fd_spread_draws, seed=e.seed)
+                if math.isfinite(spread):
+                    metrics["se_" + fd_key] = spread
                 metrics[self.extractor.metric("kd") + suffix] = kernel_distance(all_feats, self.reference["feats"],
                                                                                 seed=e.seed)
             if counts[1] > 0:
@@ -333,6 +371,11 @@ class Evaluator:
         out = [None] * self.dist.world_size if self.dist.is_main else None
         tdist.gather_object(items, out, dst=0)
         return [item for part in out for item in part] if self.dist.is_main else []
+
+
+def val_losses_file(step: int) -> str:
+    """The artifact holding an evaluation's per-sample validation losses (an MLflow table)."""
+    return f"{VAL_LOSSES_DIR}/step-{step:08d}.json"
 
 
 def image_grid(images: np.ndarray, columns: int = 8, padding: int = 2):

@@ -59,6 +59,5 @@ def log_evaluation(trial, metrics: dict, images: dict, step: int) -> str:
         logger = RunLogger(uri, run_id)
         logger.set_tag(STATUS_TAG, "evaluated")  # not trained here: a later sweep resumes it from the checkpoint
     logger.log_metrics(metrics, step)
-    for name, image in images.items():
-        logger.log_image(image, name)
+    logger.log_evaluation_artifacts(images)
     return run_id

@@ -292,8 +292,7 @@ class Trainer:
         self.last.update(metrics)
         if self.logger is not None:
             self.logger.log_metrics(metrics, self.state.step)
-            for name, image in images.items():
-                self.logger.log_image(image, name)
+            self.logger.log_evaluation_artifacts(images)
             shown = {k: v for k, v in metrics.items() if k.startswith(("val_loss", "fid", "fd_"))}
             print(f"{self.tag} eval at step {self.state.step}: " + " ".join(f"{k} {v:.4g}" for k, v in shown.items())
                   + f" ({metrics['eval_seconds']:.0f} s)", flush=True)
