@@ -9,7 +9,7 @@ What is read (the layout harness/tracking.py and harness/trial/loop.py write):
   multiply-adds, 3 × forward × images seen), startup_s; evaluation adds val_loss, se_val_loss (the
   standard error of val_loss over validation draws: a noise level, not a loss), fid / fd_<extractor>
   (optionally per CFG scale: fid_cfg1.5, fd_lenet_cfg1.5) and kid; and per evaluation the artifact
-  val_losses/step-<step>.json, an MLflow table of the per-sample validation losses (sample, t, loss).
+  val_losses/step-<step>.json, the per-sample validation losses ({"sample": [...], "t": [...], "loss": [...]}).
 
 A trial that ran several times (re-runs, several sweeps) is one row: the newest run of its trial_id.
 No torch here: from harness/ and models/ only the torch-free contract modules are imported — the
@@ -199,26 +199,28 @@ def load_histories(tracking_uri: str | None, experiment: str, parent_run_id: str
 
 
 def load_val_samples(tracking_uri: str | None, trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """trial_id -> its final evaluation's per-sample validation losses (columns sample, t, loss), for
-    the trials whose run has them (runs logged before they existed, or without val shards, do not)."""
+    """trial_id -> its final evaluation's per-sample validation losses (columns sample, t, loss; sample
+    0 .. n-1 once each), for the trials whose run has them (runs logged before they existed, or without
+    val shards, do not). A file that cannot be read or is malformed is skipped with a warning: the
+    findings then judge that trial's gaps by its se_val_loss."""
     c = client(tracking_uri)
     out = {}
     with tempfile.TemporaryDirectory(prefix="ditscale-val-") as tmp:
         for run_id, trial_id in zip(trials["run_id"], trials["trial_id"]):
             try:
                 files = [f.path for f in c.list_artifacts(run_id, VAL_LOSSES_DIR) if f.path.endswith(".json")]
-            except Exception as err:  # an unreachable artifact store: the findings fall back to each run's se
-                log.warning("per-sample validation losses of run %s not readable (%s): its gaps are judged "
-                            "by its se_val_loss instead", run_id, err)
+                if not files:
+                    continue
+                path = c.download_artifacts(run_id, max(files), tmp)  # step-%08d: the newest sorts last
+                with open(path) as f:
+                    df = pd.DataFrame(json.load(f))[["sample", "t", "loss"]].sort_values("sample", kind="stable")
+                if not np.array_equal(df["sample"].to_numpy(), np.arange(len(df))):
+                    raise ValueError("its samples are not 0 .. n-1, once each")
+            except Exception as err:  # an unreachable artifact store, a malformed file: fall back to se
+                log.warning("per-sample validation losses of run %s not used (%s: %s): its gaps are judged "
+                            "by its se_val_loss instead", run_id, type(err).__name__, err)
                 continue
-            if not files:
-                continue
-            path = c.download_artifacts(run_id, max(files), tmp)  # step-%08d: the newest sorts last
-            with open(path) as f:
-                table = json.load(f)
-            df = pd.DataFrame(table.get("data", []), columns=table.get("columns"))
-            if {"sample", "t", "loss"} <= set(df.columns):
-                out[str(trial_id)] = df.sort_values("sample", kind="stable").reset_index(drop=True)
+            out[str(trial_id)] = df.reset_index(drop=True)
     return out
 
 

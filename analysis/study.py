@@ -242,7 +242,7 @@ def dit_findings(trials: pd.DataFrame, loss_col: str | None, fd_col: str | None,
             return
         held = False if "worse" in verdicts else True if all(v == "better" for v in verdicts) else UNRESOLVED
         noise = " + ".join([_NOISE_KINDS[k] for k in sorted(kinds)]
-                           + ([f"replicate spread over {_seed_counts(replicates)} seeds"] if replicates else []))
+                           + ([f"replicate spread where a configuration has {_seed_counts(replicates)} seeds"] if replicates else []))
         if not noise:
             noise = "no noise estimate: gaps not tested against noise"
         else:
@@ -275,7 +275,7 @@ def _fd_ties(t: pd.DataFrame, fd_col: str) -> str:
     i, j = np.triu_indices(len(d), k=1)
     ties = int((np.abs(fd[i] - fd[j]) < Z_NOISE * np.hypot(se[i], se[j])).sum())
     return (f"; the FD's spread over sampling draws: σ {np.min(se):.3g}–{np.max(se):.3g} (median {np.median(se):.3g}); "
-            f"{ties} of {len(i)} pairs of trials differ by less than {Z_NOISE:g}σ (their order is noise)")
+            f"{ties} of {len(i)} pairs of trials differ by less than {Z_NOISE:g}σ (their order is not resolved)")
 
 
 _NOISE_KINDS = {"paired": "paired per-sample validation losses",

@@ -308,10 +308,13 @@ class RunLogger:
         self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
     def log_evaluation_artifacts(self, artifacts: dict) -> None:
-        """An evaluation's artifacts: images as PNGs, tables ({column: list}) as MLflow tables (JSON)."""
+        """An evaluation's artifacts: images as PNGs, tables ({column: list}) as JSON files. Not MLflow's
+        log_table: it appends to an existing file (a second evaluation at the same step, after a resume
+        or `ditscale eval`, would double every row) and lists each table in a run tag that overflows
+        MLflow's tag length after ~130 evaluations."""
         for name, item in artifacts.items():
             if isinstance(item, dict):
-                self.client.log_table(self.run_id, data=item, artifact_file=name)
+                self.client.log_dict(self.run_id, item, name)
             else:
                 self.log_image(item, name)
 

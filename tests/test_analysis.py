@@ -442,7 +442,7 @@ def test_findings_count_the_replicate_spread_in_the_noise():
     only = _findings(_findings_trials({("d1w64", 4): reps(0.2), ("d2w64", 4): reps(0.19)}))
     assert only[study.SIZE_FINDING]["held"] is True
     assert "size d1w64: 0.2 → size d2w64: 0.19 (Δ −0.01, 2σ 0.0049)" in only[study.SIZE_FINDING]["evidence"]
-    assert only[study.SIZE_FINDING]["evidence"].endswith("(replicate spread over 3 seeds)")
+    assert only[study.SIZE_FINDING]["evidence"].endswith("(replicate spread where a configuration has 3 seeds)")
 
     # a gap of 0.005 clears 2σ of the validation SE alone (0.00283) ...
     single = _findings(_findings_trials({("d1w64", 4): 0.2, ("d2w64", 4): 0.195}, se=0.001))
@@ -452,7 +452,7 @@ def test_findings_count_the_replicate_spread_in_the_noise():
     ev = both[study.SIZE_FINDING]["evidence"]
     assert both[study.SIZE_FINDING]["held"] == study.UNRESOLVED
     assert "size d2w64: 0.195 (Δ −0.005, 2σ 0.00566: within noise)" in ev
-    assert ev.endswith("(each trial's validation-draw SE, unpaired: conservative + replicate spread over 3 seeds)")
+    assert ev.endswith("(each trial's validation-draw SE, unpaired: conservative + replicate spread where a configuration has 3 seeds)")
 
 
 def test_findings_pair_the_per_sample_losses_when_every_trial_has_them():
@@ -503,7 +503,7 @@ def test_fd_finding_says_how_much_of_its_ranking_is_sampling_noise():
     found = study.dit_findings(trials, "final_val_loss", "final_fd_x_cfg1.0")[-1]
     assert found["held"] is True
     assert found["evidence"].endswith("the FD's spread over sampling draws: σ 10–10 (median 10); 1 of 6 pairs of "
-                                      "trials differ by less than 2σ (their order is noise)")
+                                      "trials differ by less than 2σ (their order is not resolved)")
 
 
 def test_report_shows_the_unresolved_state_and_the_new_metric_is_not_a_loss(store, tmp_path):

@@ -14,8 +14,9 @@ from tests.conftest import ditscale, tiny_study, write_study
 
 
 def _study(digits, name):
+    # a validation loss (one batch: the second worker has none to score) for the report's patch finding
     return {**tiny_study(digits, name, train={"steps": 20, "log_every": 5, "checkpoint_every": 10},
-                         resources={"workers_per_trial": 2}),
+                         resources={"workers_per_trial": 2}, eval={"val_batches": 1, "batch_size": 32}),
             "grid": {"model.patch": [2, 4], "train.lr": [1.0e-3, 3.0e-4]}}
 
 
@@ -67,7 +68,12 @@ def test_grid_on_local_ray_with_fault_recovery_and_resume(tmp_path, digits_dir):
     # The report of this small real sweep renders with its figures (issue 9's check, reused).
     from tests.test_analysis import check_report
 
-    check_report(uri, name, tmp_path / "report", parent_run_id=parents[0].info.run_id)
+    index = check_report(uri, name, tmp_path / "report", parent_run_id=parents[0].info.run_id)
+    # patch 4 vs 2 at lr 1e-3, judged from the trials' per-sample validation losses (gathered from both
+    # workers, logged as artifacts, read back and paired)
+    md = (index.parent / "report.md").read_text()
+    finding = next(line for line in md.splitlines() if line.startswith("| a smaller patch is better"))
+    assert "2σ" in finding and "(paired per-sample validation losses)" in finding, finding
 
     # Re-running a finished study trains nothing, starts no Ray and opens no run.
     t0 = time.time()

@@ -45,7 +45,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                                   eval_overrides=eval_sets)
     if args.json:
         print(json.dumps({"trial_id": trial.trial_id, "run_id": run_id, "metrics": metrics,
-                          "artifacts": sorted(images)}, indent=2))
+                          "images": sorted(k for k in images if k.endswith(".png")),
+                          "tables": sorted(k for k in images if not k.endswith(".png"))}, indent=2))
     else:
         for key in sorted(metrics):
             print(f"{key:28s} {metrics[key]:.6g}")

@@ -374,7 +374,7 @@ class Evaluator:
 
 
 def val_losses_file(step: int) -> str:
-    """The artifact holding an evaluation's per-sample validation losses (an MLflow table)."""
+    """The artifact holding an evaluation's per-sample validation losses (a JSON file of {column: list})."""
     return f"{VAL_LOSSES_DIR}/step-{step:08d}.json"
 
 

@@ -275,19 +275,27 @@ def frechet_distance_spread(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np
                             seed: int = 0) -> float:
     """How far the Fréchet distance of these N samples would move with a fresh draw of N samples (the
     reference statistics fixed, as they are between trials): the standard deviation of the FD over
-    `draws` random halves of the samples, drawn without replacement. A half's FD varies about twice as
-    much as an N-sample FD (variance ∝ 1/N), and drawing it from these N samples (finite-population
-    correction 1 − 1/2) halves that again: the half-sample SD estimates the N-sample SD (half-sampling,
-    McCarthy 1969; subsampling, Politis, Romano & Wolf 1999). Measured on Gaussian features against the
-    SD over fresh draws: 0.99x at d = 32, N = 256 (tests/test_evaluate.py), 1.3x at d = 144, N = 512,
-    where bootstrap resamples (with replacement) gave 1.6x. The FD of N samples is a random quantity (Chong & Forsyth 2020,
-    "Effectively Unbiased FID and Inception Score", CVPR); the report compares FD gaps with this
-    spread. NaN for fewer than 2 draws or 4 samples."""
-    n = len(feats)
-    if draws < 2 or n < 4:
+    `draws` random halves of the samples, drawn without replacement. For a statistic whose variance
+    goes as 1/N, a half varies twice as much as the whole, and drawing it from these N samples
+    (finite-population correction 1 − 1/2) halves that again, so the half-sample SD estimates the
+    N-sample SD (half-sampling, McCarthy 1969; subsampling, Politis, Romano & Wolf 1999). The FD is not
+    a mean and its variance falls a little faster than 1/N in high dimension, so the estimate runs high:
+    conservative. Measured on Gaussian features against the SD over fresh draws: 0.99x at d = 32,
+    N = 256 (tests/test_evaluate.py), 1.3x at d = 144, N = 512, where bootstrap resamples (with
+    replacement) gave 1.6x. The FD of N samples is a random quantity (Chong & Forsyth 2020, "Effectively
+    Unbiased FID and Inception Score", CVPR); the report compares FD gaps with this spread.
+
+    Cost: `draws` more FDs (with Inception each a 2048 × 2048 matrix square root, about a second on a
+    CPU) per CFG scale and evaluation. NaN for fewer than 2 draws, and when a half has no more samples
+    than features (its covariance is singular, its FD undefined) or an FD fails."""
+    n, dim = feats.shape if feats.ndim == 2 else (len(feats), 1)
+    if draws < 2 or n // 2 <= dim:
         return math.nan
     rng = np.random.default_rng(seed)
-    values = [frechet_distance(feats[rng.permutation(n)[: n // 2]], ref_mu, ref_sigma) for _ in range(draws)]
+    try:
+        values = [frechet_distance(feats[rng.permutation(n)[: n // 2]], ref_mu, ref_sigma) for _ in range(draws)]
+    except ValueError:  # clean-fid: "Imaginary component" of a near-singular product
+        return math.nan
     return float(np.std(values, ddof=1))
 
 
