@@ -23,9 +23,17 @@ Relative to the base width b (m = w / b), with Adam:
     output   zero (adaLN-Zero)            lr / m
     vector   as sp                        lr
 
-and attention logits are scaled by 1/d instead of 1/sqrt(d) (as 8/d: unchanged for the 64-wide heads
-of every DiT and SD3 preset). At w = b the model and its learning rates are sp's. sp itself, the
-official model, is never touched by this module.
+Attention: Yang et al.'s 1/d logit scale (instead of sp's 1/sqrt(d), d the head width) is for heads
+that widen with the width: once q and k are correlated, their d-wide dot product grows as d, not sqrt(d)
+(Yang et al. 2022, section 4 and table 3, take d -> infinity). Where the width grows by adding heads of
+a fixed width, d never changes, and sp's 1/sqrt(d) is a constant that does not depend on the width: muP
+needs no change there. The registry's ladders grow that way (DiT-d{D}w{W}: 32-wide heads at every width;
+MMDiT-d{D}: 64; the DiT paper's S/B/L: 64), so by default the attention stays sp's. For a family whose
+heads widen, give the base model's head width d_b: the scale is sqrt(d_b) / d, sp's 1/sqrt(d) at the
+base width, falling as 1/d beyond it.
+
+At w = b the model and its learning rates are sp's, bit for bit (tests/test_mup.py checks every preset
+geometry). sp itself, the official model, is never touched by this module.
 """
 
 from __future__ import annotations
@@ -43,7 +51,6 @@ OUTPUT_WEIGHT = "final_layer.linear.weight"
 FIXED_STD_HIDDEN = ("t_embedder.mlp.2.weight", "y_embedder.mlp.2.weight")
 # ... and these xavier-uniform, whose variance 2 / (fan_in + w) shrinks with w: muP keeps width b's.
 XAVIER_INPUT = ("x_embedder.proj.weight", "context_embedder.weight")
-HEAD_DIM_AT_SP = 64  # head width at which the muP attention scale equals sp's
 
 
 def find_backbone(module: nn.Module) -> tuple[str, nn.Module]:
@@ -82,11 +89,32 @@ def lr_multipliers(module: nn.Module, base_width: int) -> dict[str, float]:
             for name, role in parameter_roles(module).items()}
 
 
-def apply_mup(module: nn.Module, base_width: int) -> None:
+def apply_mup(module: nn.Module, base_width: int, base_head_dim: int | None = None) -> None:
     """Turn a freshly initialised sp model into its muP counterpart (in place): rescale the
-    initialisations that depend on the width the wrong way, and set every attention's scale."""
+    initialisations that depend on the width the wrong way, and set the attention's logit scale.
+
+    `base_head_dim`: the head width of the base-width model, for a family whose heads widen with the
+    width (e.g. a fixed number of heads: base_width // heads). None: heads of a fixed width, whose
+    count grows (every registry preset): the attention stays sp's."""
     _, backbone = find_backbone(module)
     m = width_of(backbone) / base_width
+    if m != 1.0:  # at the base width every factor below is 1: skip them so that sp stays bit-for-bit
+        _rescale_inits(backbone, m)
+    for attention in backbone.modules():
+        if hasattr(attention, "num_heads") and hasattr(attention, "scale"):
+            attention.scale = attention_scale(attention.head_dim, base_head_dim)
+
+
+def attention_scale(head_dim: int, base_head_dim: int | None) -> float | None:
+    """The muP logit scale for `head_dim`-wide heads: None (SDPA's own 1/sqrt(head_dim), exactly sp's)
+    where the head is as wide as at the base width, else sqrt(base_head_dim) / head_dim (Yang et al.
+    2022's 1/d, anchored so that it equals sp's 1/sqrt(d) at the base width)."""
+    if base_head_dim is None or base_head_dim == head_dim:
+        return None
+    return math.sqrt(base_head_dim) / head_dim
+
+
+def _rescale_inits(backbone: nn.Module, m: float) -> None:
     params = dict(backbone.named_parameters())
     for name in FIXED_STD_HIDDEN:
         if name in params:
@@ -97,7 +125,3 @@ def apply_mup(module: nn.Module, base_width: int) -> None:
             fan_out, fan_in = weight.shape[0], weight[0].numel()
             # xavier's variance 2 / (fan_in + fan_out) at width w -> the one at width b
             weight.mul_(math.sqrt((fan_in + fan_out) / (fan_in + fan_out / m)))
-    for attention in backbone.modules():
-        if hasattr(attention, "num_heads") and hasattr(attention, "scale"):
-            head_dim = attention.head_dim
-            attention.scale = math.sqrt(HEAD_DIM_AT_SP) / head_dim

@@ -77,14 +77,91 @@ def test_coordinate_check_flat_under_mup_growing_under_sp(tmp_path):
         assert sp[512][layer] / sp[64][layer] > 3, f"sp: {layer} should grow with width: {[sp[w][layer] for w in WIDTHS]}"
 
 
-def test_mup_at_its_base_width_is_sp():
-    """At w = base (64-wide heads) muP changes nothing: same weights, learning rates x1, same outputs."""
-    sp, mup = _dit(128, "sp"), _dit(128, "mup", base=128)
-    for (name, a), (_, b) in zip(sp.state_dict().items(), mup.state_dict().items()):
-        assert torch.equal(a, b), name
-    assert set(lr_multipliers(mup, 128).values()) == {1.0}
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 500]), torch.tensor([1, 2])
-    torch.testing.assert_close(sp(x, t, y), mup(x, t, y), rtol=1e-6, atol=1e-6)
+def _geometry(name: str, depth: int | None = None, **kwargs) -> torch.nn.Module:
+    """The preset's width and heads (what muP depends on) at `depth` blocks (default the preset's)."""
+    from models.dit import DiT
+    from models.mmdit import MMDiT
+    from models.registry import parse_model_name
+
+    spec = parse_model_name(name)
+    cls, extra = (DiT, {"num_classes": 10}) if spec.family == "dit" else (MMDiT, {"context_dim": 24, "pooled_dim": 16})
+    return cls(input_size=8, patch_size=spec.patch, in_channels=4, hidden_size=spec.hidden, depth=depth or spec.depth,
+               num_heads=spec.heads, **extra, **kwargs)
+
+
+def _sp_and_mup_at_base(name: str, depth: int | None = None, **kwargs):
+    torch.manual_seed(0)
+    sp = _geometry(name, depth, **kwargs)
+    torch.manual_seed(0)
+    mup = _geometry(name, depth, **kwargs)
+    apply_mup(mup, mup.x_embedder.proj.weight.shape[0])
+    return sp.eval(), mup.eval()  # eval: no random label dropout to tell them apart
+
+
+# Every geometry a study can name: the registry's presets, and the DiT-d{D}w{W} ladders of experiments/.
+LADDER = [f"DiT-{s}/4" for s in ("d1w32", "d1w64", "d2w64", "d2w96", "d3w96", "d4w128", "d6w192")]
+MMDIT_VARIANTS = ({"attention": "joint"}, {"attention": "split"}, {"attention": "joint", "qk_norm": "rms_norm"})
+
+
+def test_mup_at_its_base_width_is_sp_for_every_preset():
+    """At w = base muP is sp for every preset geometry (DiT-XL/2 and MMDiT-d38/2 included, built
+    without memory on the meta device; two blocks, as every block is alike, and one patch size, as the
+    patch changes only the input layer's fan-in): the same attention scale in every module, LRs x1."""
+    from models.registry import list_presets
+
+    geometries = {name.split("/")[0]: name for name in list_presets() + LADDER}.values()
+    for name in geometries:
+        for variant in (MMDIT_VARIANTS if name.startswith("MMDiT") else ({},)):
+            with torch.device("meta"):
+                sp, mup = _sp_and_mup_at_base(name, depth=2, **variant)
+            scales = [(n, getattr(m, "scale", None)) for n, m in sp.named_modules() if hasattr(m, "head_dim")]
+            assert scales and scales == [(n, getattr(m, "scale", None)) for n, m in mup.named_modules()
+                                         if hasattr(m, "head_dim")], (name, variant)
+            assert set(lr_multipliers(mup, sp.x_embedder.proj.weight.shape[0]).values()) == {1.0}, name
+
+
+# Real weights and outputs for the small geometries, each head width of the table (32, 64 and XL's 72,
+# at one block), each family and MM-DiT attention variant; the larger ones differ only in width.
+FORWARD_GEOMETRIES = ["DiT-XXS/2", "DiT-XS/2", "DiT-S/2", "DiT-XL/2"] + LADDER + ["MMDiT-d2/2", "MMDiT-d4/2"]
+
+
+@pytest.mark.parametrize("name", FORWARD_GEOMETRIES)
+def test_mup_at_its_base_width_gives_sp_outputs_bit_for_bit(name):
+    """Same seed, base width: identical weights, and identical outputs (torch.equal) once every weight
+    is random (at initialisation adaLN-Zero makes both outputs 0, which would hide the attention)."""
+    depth = 1 if name == "DiT-XL/2" else 2
+    for variant in (MMDIT_VARIANTS if name.startswith("MMDiT") else ({},)):
+        sp, mup = _sp_and_mup_at_base(name, depth, **variant)
+        for (key, a), (_, b) in zip(sp.state_dict().items(), mup.state_dict().items()):
+            assert torch.equal(a, b), (name, key)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for (_, a), (_, b) in zip(sp.named_parameters(), mup.named_parameters()):
+                a.copy_(torch.randn(a.shape, generator=g) * 0.1)
+                b.copy_(a)
+        x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([3.0, 500.0, 999.0])
+        if name.startswith("MMDiT"):
+            cond = {"context": torch.randn(3, 5, 24, generator=g), "pooled": torch.randn(3, 16, generator=g),
+                    "context_mask": torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] + [False] * 4])}
+            out_sp, out_mup = sp(x, t, **cond), mup(x, t, **cond)
+        else:
+            y = torch.tensor([1, 2, 10])
+            out_sp, out_mup = sp(x, t, y), mup(x, t, y)
+        assert out_sp.abs().max() > 0.01, name  # the comparison sees the attention
+        assert torch.equal(out_sp, out_mup), (name, variant, (out_sp - out_mup).abs().max().item())
+
+
+def test_widening_heads_scale_as_one_over_d_from_sp_at_the_base():
+    """Heads of a fixed count widen with the width: sp's 1/sqrt(d) at the base width, 1/d beyond
+    (sqrt(d_b) / d); fixed-width heads keep sp's scale at every width."""
+    from models.mup import attention_scale
+
+    assert attention_scale(32, None) is None and attention_scale(32, 32) is None
+    assert attention_scale(64, 32) == pytest.approx(32**0.5 / 64) and attention_scale(128, 32) == pytest.approx(32**0.5 / 128)
+    for width, expected in ((64, None), (256, 32**0.5 / 128)):
+        model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=width, depth=2, num_heads=2, num_classes=10)
+        apply_mup(model, 64, base_head_dim=32)
+        assert all(b.attn.scale == (pytest.approx(expected) if expected else None) for b in model.blocks), width
 
 
 def test_every_parameter_has_its_role():
@@ -103,8 +180,8 @@ def test_every_parameter_has_its_role():
     assert roles["blocks.0.context_block.attn.qkv.weight"] == "hidden"
     factors = lr_multipliers(mmdit, 64)  # d2: width 128 = 2 x 64
     assert factors["blocks.1.x_block.mlp.fc1.weight"] == 0.5 and factors["context_embedder.weight"] == 1.0
-    apply_mup(mmdit, 64)
-    assert all(b.x_block.attn.scale == 8 / 64 for b in mmdit.blocks)
+    apply_mup(mmdit, 64)  # 64-wide heads, more of them as MM-DiT widens: sp's attention scale
+    assert all(b.x_block.attn.scale is None for b in mmdit.blocks)
 
 
 _RANKS_SCRIPT = """
