@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from harness.evaluation.noise import VAL_LOSSES_DIR
-from harness.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_ID_TAG, resolve_tracking_uri
+from harness.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_ID_TAG, redact, resolve_tracking_uri
 from models.flops import training_gflops
 from models.registry import size_order
 
@@ -199,29 +199,54 @@ def load_histories(tracking_uri: str | None, experiment: str, parent_run_id: str
 
 
 def load_val_samples(tracking_uri: str | None, trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """trial_id -> its final evaluation's per-sample validation losses (columns sample, t, loss; sample
-    0 .. n-1 once each), for the trials whose run has them (runs logged before they existed, or without
-    val shards, do not). A file that cannot be read or is malformed is skipped with a warning: the
-    findings then judge that trial's gaps by its se_val_loss."""
+    """trial_id -> its final evaluation's per-sample validation losses (columns sample: int, t and loss:
+    float; sample 0 .. n-1 once each), for the trials whose run has them (runs logged before they
+    existed, or without val shards, do not). A file that cannot be read or is malformed (e.g. a string or
+    a nested list in `t` or `loss`) is skipped with a warning naming the run and the file: the findings
+    then judge that trial's gaps by its se_val_loss, and the rest of the analysis goes on."""
     c = client(tracking_uri)
     out = {}
     with tempfile.TemporaryDirectory(prefix="ditscale-val-") as tmp:
         for run_id, trial_id in zip(trials["run_id"], trials["trial_id"]):
+            name = VAL_LOSSES_DIR
             try:
                 files = [f.path for f in c.list_artifacts(run_id, VAL_LOSSES_DIR) if f.path.endswith(".json")]
                 if not files:
                     continue
-                path = c.download_artifacts(run_id, max(files), tmp)  # step-%08d: the newest sorts last
-                with open(path) as f:
-                    df = pd.DataFrame(json.load(f))[["sample", "t", "loss"]].sort_values("sample", kind="stable")
-                if not np.array_equal(df["sample"].to_numpy(), np.arange(len(df))):
-                    raise ValueError("its samples are not 0 .. n-1, once each")
+                name = max(files)  # step-%08d: the newest sorts last
+                with open(c.download_artifacts(run_id, name, tmp)) as f:
+                    df = val_samples_table(json.load(f))
             except Exception as err:  # an unreachable artifact store, a malformed file: fall back to se
-                log.warning("per-sample validation losses of run %s not used (%s: %s): its gaps are judged "
-                            "by its se_val_loss instead", run_id, type(err).__name__, err)
+                log.warning("per-sample validation losses of run %s (trial %s), file %s, not used (%s: %s): its "
+                            "gaps are judged by its se_val_loss instead", run_id, trial_id, name,
+                            type(err).__name__, str(err)[:200])
                 continue
-            out[str(trial_id)] = df.reset_index(drop=True)
+            out[str(trial_id)] = df
     return out
+
+
+def val_samples_table(data) -> pd.DataFrame:
+    """The evaluator's per-sample table ({"sample": [...], "t": [...], "loss": [...]}, equal lengths) ->
+    a DataFrame of int sample, float t and loss, sorted by sample; ValueError unless every entry is a
+    plain finite number (bools, strings and nested lists are refused: pandas would keep them as objects,
+    and the paired-gap arithmetic would stop the analysis on them) and the samples are 0 .. n-1 once."""
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("sample", "t", "loss")):
+        raise ValueError("not a mapping of the lists sample, t and loss")
+    columns = {}
+    for key in ("sample", "t", "loss"):
+        values = data[key]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            bad = next(v for v in values if not isinstance(v, (int, float)) or isinstance(v, bool))
+            raise ValueError(f"{key} holds {type(bad).__name__} {str(bad)[:40]!r}, not a number")
+        columns[key] = np.asarray(values, dtype=float)
+        if not np.isfinite(columns[key]).all():
+            raise ValueError(f"{key} holds a value that is not finite")
+    if not len(columns["sample"]) == len(columns["t"]) == len(columns["loss"]):
+        raise ValueError("sample, t and loss differ in length")
+    df = pd.DataFrame(columns).sort_values("sample", kind="stable").reset_index(drop=True)
+    if not np.array_equal(df["sample"].to_numpy(), np.arange(len(df))):
+        raise ValueError("its samples are not 0 .. n-1, once each")
+    return df.astype({"sample": int})
 
 
 def _arch(family: str, attention: str) -> str:
@@ -266,7 +291,8 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
             attention = ""
         row = {
             "run_id": r.info.run_id, "trial_id": tags.get(TRIAL_ID_TAG), "run_name": tags.get("mlflow.runName", ""),
-            "status": tags.get(STATUS_TAG) or (r.info.status or "").lower(), "mlflow_status": r.info.status,
+            # redact: a tag written before ditscale redacted them may hold a tracking URI's password
+            "status": redact(tags.get(STATUS_TAG) or (r.info.status or "").lower()), "mlflow_status": r.info.status,
             "start_time": pd.to_datetime(r.info.start_time, unit="ms", utc=True) if r.info.start_time else pd.NaT,
             "end_time": pd.to_datetime(r.info.end_time, unit="ms", utc=True) if r.info.end_time else pd.NaT,
             "parent_run_id": tags.get(PARENT_TAG),

@@ -295,7 +295,7 @@ def _gap_sigma(a: pd.Series, b: pd.Series, ids_a: list, ids_b: list, samples: di
     estimate (neither per-sample losses, se nor replicates)."""
     rep = float(np.nan_to_num(a["rep_var"]) + np.nan_to_num(b["rep_var"]))
     tables = [samples.get(i) for i in ids_a + ids_b]
-    if tables and all(x is not None and len(x) > 1 for x in tables) and all(
+    if tables and all(_numeric_table(x) for x in tables) and all(
             np.array_equal(x["sample"].to_numpy(), tables[0]["sample"].to_numpy())
             and np.allclose(x["t"].to_numpy(), tables[0]["t"].to_numpy()) for x in tables):
         mean_a = np.mean([samples[i]["loss"].to_numpy(float) for i in ids_a], axis=0)
@@ -308,6 +308,15 @@ def _gap_sigma(a: pd.Series, b: pd.Series, ids_a: list, ids_b: list, samples: di
         return math.nan, None  # a side without any noise estimate: compared strictly
     sigma = math.sqrt(float(np.nan_to_num(se_a) ** 2 + np.nan_to_num(se_b) ** 2) + rep)
     return sigma, ("unpaired" if np.isfinite(se_a) or np.isfinite(se_b) else None)
+
+
+def _numeric_table(x) -> bool:
+    """A per-sample table the paired gap can use: sample, t and loss numeric (runs.load_val_samples
+    refuses malformed files; a table handed in some other way with e.g. a string or a nested list in t
+    or loss means unpaired, not an analysis stopped by a TypeError)."""
+    return (isinstance(x, pd.DataFrame) and len(x) > 1 and {"sample", "t", "loss"} <= set(x.columns)
+            and all(pd.api.types.is_numeric_dtype(x[c]) and not pd.api.types.is_bool_dtype(x[c])
+                    for c in ("sample", "t", "loss")))
 
 
 def _seed_counts(ks: set[int]) -> str:

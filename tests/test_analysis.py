@@ -711,3 +711,47 @@ def test_history_keys_include_fid_kid_and_their_stand_ins():
         assert HISTORY_KEYS.match(key), key
     for key in ("lr", "grad_norm", "img_per_s", "startup_s"):
         assert not HISTORY_KEYS.match(key), key
+
+
+# --- malformed per-sample validation losses ------------------------------------------------------
+
+def test_one_malformed_per_sample_loss_file_is_skipped_with_a_warning(store, tmp_path, caplog):
+    """Real MLflow (SQLite + file artifacts): four trials, each with its per-sample validation losses;
+    one file has a string in `t`, one a nested list in `loss`. Each is skipped with a warning naming its
+    run and file; the good tables are used (the loss finding is still judged, paired where possible),
+    and the report has its findings and fits."""
+    import logging
+
+    loss = {("S", 4): 0.300, ("B", 4): 0.250, ("L", 4): 0.200, ("XL", 4): 0.170}
+    cfgs = [{"family": "dit", "size": s, "patch": p, "steps": 400, "gflops": DIT_GFLOPS[(s, p)],
+             "params": DIT_PARAMS_M[s] * 1e6} for s, p in loss]
+    info = log_synthetic_sweep(store["uri"], "malformed-samples", cfgs, lambda c, *_: loss[(c["size"], c["patch"])],
+                               n_logs=3, n_evals=1, params_metric=True, se_fn=lambda *_: 0.002,
+                               artifact_root=store["root"])
+    c, n = _client(store["uri"]), 64
+    good = {"sample": list(range(n)), "t": [(i + 0.5) / n for i in range(n)], "loss": [0.2] * n}
+    run_ids = list(info["runs"].values())
+    bad = {run_ids[1]: {**good, "t": ["0.5"] + good["t"][1:]},            # a string in t
+           run_ids[2]: {**good, "loss": [[0.2, 0.3]] + good["loss"][1:]}}  # a nested list in loss
+    for run_id in run_ids:
+        c.log_dict(run_id, bad.get(run_id, good), "val_losses/step-00000400.json")
+    trials = runs.load_trials(store["uri"], "malformed-samples")
+    with caplog.at_level(logging.WARNING, logger="analysis"):
+        samples = runs.load_val_samples(store["uri"], trials)
+    by_run = dict(zip(trials["run_id"], trials["trial_id"]))
+    assert set(samples) == {by_run[r] for r in run_ids if r not in bad}
+    assert all(samples[t]["t"].dtype == float and samples[t]["loss"].dtype == float for t in samples)
+    for run_id in bad:
+        assert any(run_id in r.getMessage() and "val_losses/step-00000400.json" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+    # the findings' noise helper never sees the malformed tables, even when handed them directly
+    from analysis import study
+
+    raw = {by_run[r]: pd.DataFrame(bad.get(r, good)) for r in run_ids}
+    found = {f["finding"]: f for f in study.dit_findings(trials, "final_val_loss", None,
+                                                           se_col="final_se_val_loss", samples=raw)}
+    assert found[study.SIZE_FINDING]["held"] is True
+
+    index = check_report(store["uri"], "malformed-samples", tmp_path / "malformed", bootstrap=50)
+    md = (index.parent / "report.md").read_text()
+    assert "| bigger is better at fixed patch size | held |" in md
