@@ -23,11 +23,12 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_slurm import FINAL_STATES, Job, job_info, slurm, submitted_job
+from tests.test_slurm import FINAL_STATES, Job, cluster_exports, job_info, slurm, submitted_job
 
 START = ROOT / "slurm" / "testing" / "start-netns-cluster.sh"
 STOP = ROOT / "slurm" / "testing" / "stop-netns-cluster.sh"
@@ -61,30 +62,40 @@ def _free_net() -> str:
 
 
 @pytest.fixture(scope="module")
-def netns_cluster(tmp_path_factory):
+def netns_cluster():
     """{"conf", "name", "net", "state"} of a running three-host cluster, stopped (and checked gone) at the end."""
     problem = _missing_piece()
     if problem:
         if os.environ.get("DITSCALE_REQUIRE_SLURM") == "1":
             pytest.fail(f"DITSCALE_REQUIRE_SLURM=1 but {problem}")
         pytest.skip(problem)
-    state = tmp_path_factory.mktemp("netns")
     name = f"dsn{os.getpid() % 1000000}"  # namespaces, hostnames, bridge: dsnPID-h1.., dsnPID-br
     net = _free_net()
-    env = {**os.environ, "PATH": SBIN, "DITSCALE_NETNS_HOSTS": str(HOSTS), "DITSCALE_NETNS_NAME": name,
-           "DITSCALE_NETNS_NET": net}
+    env = {**{k: v for k, v in os.environ.items() if k != "DITSCALE_NETNS_STATE"}, "PATH": SBIN,
+           "DITSCALE_NETNS_HOSTS": str(HOSTS), "DITSCALE_NETNS_NAME": name, "DITSCALE_NETNS_NET": net}
     t0 = time.monotonic()
+    state = None  # the private folder the start script makes and prints first
     try:
-        proc = subprocess.run([str(START), str(state)], capture_output=True, text=True, timeout=180, env=env)
-        assert proc.returncode == 0, f"the namespace cluster did not start:\n{proc.stdout}\n{proc.stderr}"
+        try:
+            proc = subprocess.run([str(START)], capture_output=True, text=True, timeout=180, env=env)
+            out, err, rc = proc.stdout, proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as timeout:
+            out, err, rc = timeout.stdout or "", timeout.stderr or "", "timeout"
+            out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x for x in (out, err))
+        exported = cluster_exports(out)
+        state = Path(exported["DITSCALE_NETNS_STATE"]) if "DITSCALE_NETNS_STATE" in exported else None
+        assert rc == 0, f"the namespace cluster did not start ({rc}):\n{out}\n{err}"
         print(f"netns cluster {name} on {net}.0/24: up after {time.monotonic() - t0:.1f}s", file=sys.stderr)
-        yield {"conf": str(state / "slurm.conf"), "name": name, "net": net, "state": state}
+        yield {"conf": exported["SLURM_CONF"], "name": name, "net": net, "state": state}
     finally:  # also when the start failed half-way: it recorded what it created
-        subprocess.run([str(STOP), str(state)], capture_output=True, timeout=180, env=env)
+        if state is not None:
+            subprocess.run([str(STOP), str(state)], capture_output=True, timeout=180, env=env)
         left = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                                             env=env).stdout.split() if ns.startswith(f"{name}-")]
         bridge = subprocess.run(["ip", "link", "show", "dev", f"{name}-br"], capture_output=True, env=env)
         assert not left and bridge.returncode != 0, f"stop-netns-cluster.sh left {left} / bridge {name}-br behind"
+        if state is not None:
+            shutil.rmtree(state, ignore_errors=True)
 
 
 def submitted(cluster: dict, proc) -> Job:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -190,17 +191,30 @@ def slurm_cluster():
         if os.environ.get("DITSCALE_REQUIRE_SLURM") == "1":
             pytest.fail(f"DITSCALE_REQUIRE_SLURM=1 but {problem}")
         pytest.skip(problem)
-    state = os.environ.get("DITSCALE_SLURM_DIR", "/tmp/ditscale-slurm")
+    # DITSCALE_SLURM_STATE: a cluster the start script made earlier (its folder), reused and left running.
+    state = os.environ.get("DITSCALE_SLURM_STATE", "")
     conf = Path(state) / "slurm.conf"
-    already = conf.is_file() and subprocess.run(["scontrol", "ping"], env={**os.environ, "SLURM_CONF": str(conf)},
-                                                capture_output=True).returncode == 0
+    already = bool(state) and conf.is_file() and subprocess.run(
+        ["scontrol", "ping"], env={**os.environ, "SLURM_CONF": str(conf)}, capture_output=True).returncode == 0
     t0 = time.monotonic()
-    proc = subprocess.run([str(START), state], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"the test cluster did not start:\n{proc.stdout}\n{proc.stderr}"
-    print(f"slurm test cluster in {state}: up after {time.monotonic() - t0:.1f}s", file=sys.stderr)
-    yield str(conf)
-    if not already:
-        subprocess.run([str(STOP), state], capture_output=True, timeout=120)
+    proc = subprocess.run([str(START), *([state] if state else [])], capture_output=True, text=True, timeout=180)
+    exported = cluster_exports(proc.stdout)
+    state = exported.get("DITSCALE_SLURM_STATE", state)
+    try:
+        assert proc.returncode == 0, f"the test cluster did not start:\n{proc.stdout}\n{proc.stderr}"
+        print(f"slurm test cluster in {state}: up after {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        yield exported["SLURM_CONF"]
+    finally:
+        if not already and state:
+            subprocess.run([str(STOP), state], capture_output=True, timeout=120)
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def cluster_exports(stdout: str) -> dict:
+    """The `export NAME=VALUE` lines a start script printed (values quoted for the shell): its state
+    folder (DITSCALE_SLURM_STATE / DITSCALE_NETNS_STATE, printed first, so also by a failed start) and,
+    once the cluster is up, SLURM_CONF."""
+    return {name: shlex.split(value)[0] for name, value in re.findall(r"^export (\w+)=(.+)$", stdout, re.MULTILINE)}
 
 
 def slurm(conf: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -12,12 +12,15 @@
 #   --tracking sqlite   every trial writes to <out>/mlflow.db directly (the shared-filesystem default)
 #   --tracking server   `--mlflow-server`: the job's MLflow server on the head host, store <out>/mlflow-server/
 #   --cpus C            CPUs per host for Ray (trials run 1 CPU each: HOSTS x C side by side)
-#   --out DIR           the submit folder (default /tmp/ditscale-load-<tracking>-<time>); kept afterwards
+#   --out DIR           the submit folder (default: a new private folder, mktemp -d
+#                       /tmp/ditscale-load-<tracking>-XXXXXX); kept afterwards
 #
-# The cluster: slurm/testing/start-netns-cluster.sh $DITSCALE_NETNS_DIR (default /tmp/ditscale-load-netns;
-# DITSCALE_NETNS_NAME/NET/HOSTS as for that script, defaults here dsload / 198.18.250 / --hosts) is
-# started if it is not up, and left running for the next measurement; stop it with
-# slurm/testing/stop-netns-cluster.sh /tmp/ditscale-load-netns. Needs root (see that script).
+# The cluster: slurm/testing/start-netns-cluster.sh $DITSCALE_NETNS_STATE (a state folder that script
+# made; when unset, a new cluster with a new folder; DITSCALE_NETNS_NAME/NET/HOSTS as for that script,
+# defaults here dsload / 198.18.250 / --hosts) is started if it is not up, and left running for the next
+# measurement: the script prints the `export DITSCALE_NETNS_STATE=...` that reuses it and the
+# stop-netns-cluster.sh command that stops it. The digits shards are packed into the submit folder
+# unless DITSCALE_LOAD_DATA names a folder of them. Needs root (see that script).
 #
 # Examples (issue 19, items 4 and 6):
 #   slurm/testing/load-study.sh --trials 6 --steps 30 --log-every 1 --tracking sqlite
@@ -26,7 +29,6 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/../.." && pwd)
 trials=50 steps=5 log_every=5 tracking=sqlite hosts=3 cpus=2 out=""
 while [ $# -gt 0 ]; do
     case $1 in
@@ -43,16 +45,18 @@ done
 case $tracking in sqlite|server) ;; *) echo "load-study: --tracking sqlite|server" >&2; exit 2 ;; esac
 command -v ditscale >/dev/null || { echo "load-study: activate ditscale's virtualenv first" >&2; exit 2; }
 
-export DITSCALE_NETNS_DIR=${DITSCALE_NETNS_DIR:-/tmp/ditscale-load-netns}
 export DITSCALE_NETNS_NAME=${DITSCALE_NETNS_NAME:-dsload} DITSCALE_NETNS_NET=${DITSCALE_NETNS_NET:-198.18.250}
 export DITSCALE_NETNS_HOSTS=${DITSCALE_NETNS_HOSTS:-$hosts}
-eval "$("$here/start-netns-cluster.sh" "$DITSCALE_NETNS_DIR")"   # export SLURM_CONF=...
+# export DITSCALE_NETNS_STATE=... and SLURM_CONF=..., both printf %q-quoted by the start script
+eval "$("$here/start-netns-cluster.sh" "${DITSCALE_NETNS_STATE:-}")"
+echo "cluster: export DITSCALE_NETNS_STATE=$DITSCALE_NETNS_STATE (reuse it); stop: $here/stop-netns-cluster.sh $DITSCALE_NETNS_STATE"
 
-out=${out:-/tmp/ditscale-load-$tracking-$(date +%Y%m%d-%H%M%S)}
+# A predictable folder in /tmp could be made first by another user, and this runs as root.
+if [ -z "$out" ]; then out=$(mktemp -d "/tmp/ditscale-load-$tracking-XXXXXX"); fi
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$out"
-data=${DITSCALE_LOAD_DATA:-/tmp/ditscale-load-digits}
+data=${DITSCALE_LOAD_DATA:-$out/digits}
 [ -f "$data/dataset.json" ] || ditscale data pack digits "$data" --image-size 16 --shard-size 500 >/dev/null
 
 seeds=$(seq -s, 0 $((trials - 1)))
@@ -118,7 +122,7 @@ export PYTHONPATH="$out/hook${PYTHONPATH:+:$PYTHONPATH}" DITSCALE_LOGTIME_DIR="$
 unset MLFLOW_TRACKING_URI
 
 server=()
-[ "$tracking" = server ] && server=(--mlflow-server)
+[ "$tracking" = server ] && server=(--mlflow-server --mlflow-insecure)   # the test cluster's private network
 t0=$(date +%s.%N)
 sub=$(ditscale slurm submit study.yaml --nodes "$hosts" --cpus-per-task "$cpus" "${server[@]}")
 echo "$sub" | head -2

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Start a one-node Slurm cluster on localhost (munged + slurmctld + slurmd) for ditscale's tests.
 #
-#   slurm/testing/start-local-cluster.sh [STATE_DIR]      (default: $DITSCALE_SLURM_DIR or /tmp/ditscale-slurm)
-#   export SLURM_CONF=STATE_DIR/slurm.conf                  (printed at the end; sbatch/squeue/scontrol need it)
-#   slurm/testing/stop-local-cluster.sh [STATE_DIR]
+#   eval "$(slurm/testing/start-local-cluster.sh)"      prints (and so exports) DITSCALE_SLURM_STATE, the
+#                                                       new state folder, and SLURM_CONF=STATE/slurm.conf
+#                                                       (sbatch/squeue/scontrol need it)
+#   slurm/testing/stop-local-cluster.sh [STATE]         (default: $DITSCALE_SLURM_STATE)
 #
-# Needs root and Debian's packages: apt-get install -y slurm-wlm munge. Everything lives in STATE_DIR:
-# its own munge key and socket, its own ports ($DITSCALE_SLURMCTLD_PORT, default 16817;
+# Needs root and Debian's packages: apt-get install -y slurm-wlm munge. Everything lives in the state
+# folder: its own munge key and socket, its own ports ($DITSCALE_SLURMCTLD_PORT, default 16817;
 # $DITSCALE_SLURMD_PORT, default 16818), state and spool folders and logs, so a system Slurm or
-# munged is left alone. Idempotent: if this cluster already answers, it prints SLURM_CONF and exits.
+# munged is left alone. The folder is made fresh (mktemp -d under $TMPDIR or /tmp: mode 0700, owned by
+# the caller, with a marker file); given one (start-local-cluster.sh STATE, or DITSCALE_SLURM_STATE),
+# the script uses it only if it made it (common.sh: state_open), and then is idempotent: if that cluster
+# already answers, it prints the two lines and exits; a half-started one is stopped and started afresh.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=slurm/testing/common.sh
 . "$here/common.sh"
-state=${1:-${DITSCALE_SLURM_DIR:-/tmp/ditscale-slurm}}
 ctld_port=${DITSCALE_SLURMCTLD_PORT:-16817}
 slurmd_port=${DITSCALE_SLURMD_PORT:-16818}
 timeout=${DITSCALE_SLURM_START_TIMEOUT:-60}
@@ -27,19 +30,24 @@ for cmd in munged slurmctld slurmd sinfo scontrol; do
 done
 [ "$(id -u)" = 0 ] || die "slurmd must run as root (it starts jobs as their users); run this as root"
 
-mkdir -p "$state"
-state=$(cd "$state" && pwd)
+state=$(state_arg start-local-cluster slurm "${1:-}") || exit 1
 conf="$state/slurm.conf"
-export SLURM_CONF="$conf"
-
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-
-if alive "$state/slurmctld.pid" && alive "$state/slurmd.pid" && scontrol ping >/dev/null 2>&1; then
-    echo "export SLURM_CONF=$conf"
-    exit 0
+if [ -n "$state" ]; then
+    export SLURM_CONF="$conf"
+    if running slurmctld && running slurmd && scontrol ping >/dev/null 2>&1; then
+        printf 'export DITSCALE_SLURM_STATE=%q\nexport SLURM_CONF=%q\n' "$state" "$conf"
+        exit 0
+    fi
+    # A half-started cluster from an earlier run: stop what is left, start afresh.
+    "$here/stop-local-cluster.sh" "$state" >/dev/null 2>&1 || true
+else
+    state=$(state_new slurm) || die "cannot create a state folder in ${TMPDIR:-/tmp}"
+    conf="$state/slurm.conf"
+    export SLURM_CONF="$conf"
 fi
-# A half-started cluster from an earlier run: stop what is left, start afresh.
-"$here/stop-local-cluster.sh" "$state" >/dev/null 2>&1 || true
+# The folder first (quoted for the shell), so that a caller can stop what was started even when the
+# start fails half-way; SLURM_CONF once the cluster is up.
+printf 'export DITSCALE_SLURM_STATE=%q\n' "$state"
 
 t0=$(date +%s)
 mkdir -p "$state/ctld" "$state/slurmd"
@@ -61,8 +69,12 @@ sed -e "s|@HOST@|$host|g" -e "s|@STATE@|$state|g" -e "s|@CTLD_PORT@|$ctld_port|g
 # --- daemons -------------------------------------------------------------------------------------
 # -c: forget the jobs and node states of an earlier cluster in this folder (FirstJobId, from the
 # clock, keeps job ids, and so per-job file names, from repeating across restarts).
-slurmctld -f "$conf" -c || die "slurmctld did not start; see $state/slurmctld.log"
-slurmd -f "$conf" || die "slurmd did not start; see $state/slurmd.log"
+# Each daemon's pid (and start time) is recorded as soon as it writes its pid file: the stop script
+# signals only those processes.
+rm -f "$state/slurmctld.pid" "$state/slurmd.pid"
+slurmctld -f "$conf" -c && record_daemon slurmctld "$state/slurmctld.pid" \
+    || die "slurmctld did not start; see $state/slurmctld.log"
+slurmd -f "$conf" && record_daemon slurmd "$state/slurmd.pid" || die "slurmd did not start; see $state/slurmd.log"
 
 # Wait until the node is idle (slurmd registered with slurmctld).
 deadline=$((t0 + timeout))
@@ -80,4 +92,4 @@ until sinfo -h -N -o '%T' 2>/dev/null | grep -qx 'idle'; do
     sleep 1
 done
 echo "start-local-cluster: node $host idle after $(( $(date +%s) - t0 ))s (state in $state)" >&2
-echo "export SLURM_CONF=$conf"
+printf 'export SLURM_CONF=%q\n' "$conf"
