@@ -8,7 +8,10 @@ multiply-adds, training compute = 3 × forward × images).
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -40,9 +43,30 @@ def _skip(notes: list[str] | None, what: str, why: str) -> None:
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
     plt.close(fig)
+    return write_file(path, buf.getvalue())
+
+
+def write_file(path: Path, data: str | bytes) -> Path:
+    """Write a report file without following a link planted at its name (`--out` may be a shared or
+    foreign folder): written to a new temporary file beside it (O_EXCL: never an existing one), then
+    renamed over the name, which replaces a symlink itself, never its target."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.chmod(tmp, 0o644)  # a report is for reading: mkstemp's 0600 would hide it from others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
 
 
 def _grid(n: int, width: float = 4.2, height: float = 3.2, max_cols: int = 3):

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import budget_laws, plots, runs, scaling, study
-from analysis.plots import COMPUTE_LABEL, FORWARD_LABEL, PARAMS_LABEL
+from analysis.plots import COMPUTE_LABEL, FORWARD_LABEL, PARAMS_LABEL, write_file
 from harness.tracking import redact_uri, safe_folder_name
 
 ARTIFACT_DIR = "report"
@@ -96,10 +96,10 @@ def build_report(tracking_uri: str | None, experiment: str, parent_run_id: str |
                          (f" for the sweep {parent_run_id}" if parent_run_id else ""))
 
     _write_tables(rep, out)
-    (out / "fits.json").write_text(json.dumps(_jsonable(rep.fits + budget_laws.fits_json_rows(rep)), indent=1))
-    (out / "report.md").write_text(_markdown(rep))
+    write_file(out / "fits.json", json.dumps(_jsonable(rep.fits + budget_laws.fits_json_rows(rep)), indent=1))
+    write_file(out / "report.md", _markdown(rep))
     index = out / "index.html"
-    index.write_text(_html(rep))
+    write_file(index, _html(rep))
     _write_manifest(out, rep)
     if log_to_mlflow and log_parent:
         _log_artifacts(uri, log_parent, out, rep)
@@ -150,6 +150,20 @@ def _loss_choice(trials: pd.DataFrame, histories: pd.DataFrame) -> tuple[str | N
     if "loss_tail" in trials and trials["loss_tail"].notna().any():
         return "loss_tail", "loss", "training loss (mean of the last 10 % of logs; no val_loss logged)"
     return None, "loss", "training loss"
+
+
+def _mixed_detectors(trials: pd.DataFrame, fd_col: str | None) -> str | None:
+    """The refusal, when the trials' FDs come from different detectors (the run tag ditscale.detector:
+    a stand-in trained on another machine has other weights, so its FD has another scale), else None.
+    Runs logged before the tag existed ("") are not counted as a detector of their own."""
+    if fd_col is None or "detector" not in trials:
+        return None
+    used = trials.loc[pd.to_numeric(trials[fd_col], errors="coerce").notna(), "detector"]
+    found = sorted({str(d) for d in used.dropna() if str(d)})
+    if len(found) < 2:
+        return None
+    return (f"{fd_col}: not ranked or fitted — its values come from {len(found)} different detectors "
+            f"({', '.join(found)}), whose Fréchet distances have different scales; compare runs of one detector")
 
 
 def _analyse(rep: _Report, histories: pd.DataFrame, out: Path, bootstrap: int, seed: int,
@@ -203,9 +217,16 @@ def _analyse(rep: _Report, histories: pd.DataFrame, out: Path, bootstrap: int, s
         notes.append(f"every fit leaves out {len(rep.excluded)} trial(s) (diverged, failed or unfinished): "
                      + "; ".join(f"{x['label']} [{x['trial_id']}]: {x['reason']}" for x in rep.excluded))
     fd_col = f"final_{fd['key']}" if fd is not None and f"final_{fd['key']}" in trials else None
+    mixed = _mixed_detectors(fit_trials, fd_col)
+    if mixed:
+        fd_col, fd = None, None
     se_col = "final_se_val_loss" if y_col == "final_val_loss" and "final_se_val_loss" in trials else None
     samples = runs.load_val_samples(rep.uri, fit_trials) if se_col else {}
     rep.findings = study.dit_findings(fit_trials, y_col, fd_col, fd_label, se_col=se_col, samples=samples)
+    if mixed:
+        rep.findings.append({"finding": f"{fd_label} falls with training compute", "held": None,
+                             "evidence": mixed})
+        notes.append(mixed)
     # different experiments (another patch, objective, ...) at one x are never pooled as repeats
     distinct = [c for c in study.group_axes(fit_trials) if c != "arch"] + [
         c for c in study.varying_axes(fit_trials) if c in ("train.steps", study.BUDGET_KEY, study.LR_KEY)]
@@ -316,9 +337,9 @@ def _write_tables(rep: _Report, out: Path) -> None:
     for c in t.columns:  # parquet needs one type per column: mixed objects become strings
         if t[c].dtype == object:
             t[c] = t[c].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
-    t.to_csv(out / "trials.csv", index=False)
+    write_file(out / "trials.csv", t.to_csv(index=False))
     try:
-        t.to_parquet(out / "trials.parquet", index=False)
+        write_file(out / "trials.parquet", t.to_parquet(index=False))
     except ImportError as err:
         (out / "trials.parquet").unlink(missing_ok=True)
         rep.notes.append(f"trials.parquet: not written — {err}")
@@ -359,8 +380,15 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _md_text(s) -> str:
+    """Text from runs (names, params, tags, errors) made inert in Markdown: renderers pass raw HTML
+    through, so a `<script>` in a run name would run where report.md is shown (GitHub strips it, many
+    viewers and static-site generators do not). &, < and > become entities."""
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
-    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    esc = lambda s: _md_text(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
     return "\n".join(lines)
@@ -528,25 +556,26 @@ def _sections(rep: _Report) -> list[tuple]:
 
 def _markdown(rep: _Report) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    md = [f"# Scaling report: {rep.study}", "",
-          f"Generated {now} from MLflow `{redact_uri(rep.uri)}`, experiment `{rep.study}`"
+    e = _md_text
+    md = [f"# Scaling report: {e(rep.study)}", "",
+          f"Generated {now} from MLflow `{e(redact_uri(rep.uri))}`, experiment `{e(rep.study)}`"
           + (f", sweep parent run `{rep.parent_run_id}`" if rep.parent_run_id else "") + f"; {len(rep.trials)} trials.",
           ""]
     for blk in _sections(rep):
         kind = blk[0]
         if kind == "h2":
-            md += [f"## {blk[1]}", ""]
+            md += [f"## {e(blk[1])}", ""]
         elif kind == "h3":
-            md += [f"### {blk[1]}", ""]
+            md += [f"### {e(blk[1])}", ""]
         elif kind == "p":
-            md += [f"**{blk[1]}**" if blk[2] else blk[1], ""]
+            md += [f"**{e(blk[1])}**" if blk[2] else e(blk[1]), ""]
         elif kind == "ul":
-            md += [f"- {x}" for x in blk[1]] + [""]
+            md += [f"- {e(x)}" for x in blk[1]] + [""]
         elif kind == "table":
             md += [_md_table(blk[1], blk[2]), ""]
         elif kind == "figure":
             f = blk[1]
-            md += [f"#### {f.title}", "", f"![{f.title}]({f.file})", "", f"*{f.caption}*", ""]
+            md += [f"#### {e(f.title)}", "", f"![{e(f.title)}]({f.file})", "", f"*{e(f.caption)}*", ""]
     md += ["Full table: [trials.csv](trials.csv), [trials.parquet](trials.parquet); fits: [fits.json](fits.json).", ""]
     return "\n".join(md)
 
@@ -645,8 +674,8 @@ def _remove_previous_report(out: Path) -> None:
 
 def _write_manifest(out: Path, rep: _Report) -> None:
     names = [f for f in FILES if (out / f).is_file()] + [f.file for f in rep.figures if (out / f.file).is_file()]
-    (out / MANIFEST).write_text(json.dumps({"written_by": "ditscale report", "experiment": rep.study,
-                                            "files": sorted(set(names))}, indent=1) + "\n")
+    write_file(out / MANIFEST, json.dumps({"written_by": "ditscale report", "experiment": rep.study,
+                                           "files": sorted(set(names))}, indent=1) + "\n")
 
 
 def report_files(index: Path) -> list[Path]:

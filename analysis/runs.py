@@ -37,6 +37,8 @@ from models.flops import training_gflops
 from models.registry import size_order
 
 log = logging.getLogger("analysis")
+# harness.evaluation.features.DETECTOR_TAG (a torch module, so not imported here; tests check they agree)
+DETECTOR_TAG = "ditscale.detector"
 
 TAG_COLUMNS = ("family", "size", "patch", "objective", "attention", "model")
 
@@ -300,6 +302,7 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
             "patch": tags.get("patch") or params.get("model.patch", ""),
             "attention": attention, "objective": tags.get("objective") or params.get("objective.kind", ""),
             "model": tags.get("model", ""),
+            "detector": tags.get(DETECTOR_TAG, ""),  # the FD's feature network and weights; "" before it was logged
         }
         row["arch"] = _arch(family, attention)
         samples, train_gflops = metrics.get("samples_seen", math.nan), metrics.get("train_gflops", math.nan)

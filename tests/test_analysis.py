@@ -755,3 +755,63 @@ def test_one_malformed_per_sample_loss_file_is_skipped_with_a_warning(store, tmp
     index = check_report(store["uri"], "malformed-samples", tmp_path / "malformed", bootstrap=50)
     md = (index.parent / "report.md").read_text()
     assert "| bigger is better at fixed patch size | held |" in md
+
+
+# --- FDs of different detectors; the report's files and text ------------------------------------
+
+def _small_fd_sweep(store, experiment: str) -> dict:
+    sizes = ("S", "B", "L", "XL")
+    cfgs = [{"family": "dit", "size": s, "patch": 4, "steps": 400, "gflops": DIT_GFLOPS[(s, 4)],
+             "params": DIT_PARAMS_M[s] * 1e6} for s in sizes]
+    loss = {"S": 0.3, "B": 0.25, "L": 0.2, "XL": 0.17}
+    return log_synthetic_sweep(store["uri"], experiment, cfgs, lambda c, *_: loss[c["size"]],
+                               lambda c, *_: 100.0 * loss[c["size"]], n_logs=3, n_evals=1, params_metric=True)
+
+
+def test_report_refuses_to_rank_or_fit_fds_of_different_detectors(store, tmp_path):
+    """Two trials' FDs from one stand-in's weights, two from another's (ditscale.detector differs, as
+    when the stand-in was trained on two machines): the FD finding says it refuses, no FD law is
+    fitted; with one detector for all it ranks them."""
+    from harness.evaluation.features import DETECTOR_TAG
+
+    assert runs.DETECTOR_TAG == DETECTOR_TAG
+    info = _small_fd_sweep(store, "two-detectors")
+    c = _client(store["uri"])
+    for i, run_id in enumerate(info["runs"].values()):
+        c.set_tag(run_id, DETECTOR_TAG, "lenet@aaaaaaaaaa" if i % 2 else "lenet@bbbbbbbbbb")
+    trials = runs.load_trials(store["uri"], "two-detectors")
+    assert sorted(set(trials["detector"])) == ["lenet@aaaaaaaaaa", "lenet@bbbbbbbbbb"]
+    index = check_report(store["uri"], "two-detectors", tmp_path / "two", bootstrap=50)
+    md = (index.parent / "report.md").read_text()
+    fd_row = next(line for line in md.splitlines() if line.startswith("| fd_lenet") and "training compute" in line)
+    assert "not ranked or fitted" in fd_row and "2 different detectors (lenet@aaaaaaaaaa, lenet@bbbbbbbbbb)" in fd_row
+    assert "Spearman" not in fd_row
+    fits = json.loads((index.parent / "fits.json").read_text())
+    assert not any("fd_lenet" in json.dumps(f.get("y", "")) for f in fits), fits
+
+    for run_id in info["runs"].values():
+        c.set_tag(run_id, DETECTOR_TAG, "lenet@aaaaaaaaaa")
+    index = check_report(store["uri"], "two-detectors", tmp_path / "one", bootstrap=50)
+    md = (index.parent / "report.md").read_text()
+    assert "not ranked or fitted" not in md and "Spearman(final_fd_lenet" in md
+
+
+def test_report_replaces_planted_links_and_escapes_html_in_markdown(store, tmp_path):
+    """--out holds index.html (and a figure's name) as symlinks to someone else's files: the report
+    replaces the links and never writes into their targets. A run's model tag holding <script> comes
+    out inert in report.md (and in index.html, as before)."""
+    info = _small_fd_sweep(store, "hostile")
+    c = _client(store["uri"])
+    c.set_tag(next(iter(info["runs"].values())), "model", "DiT-S/4<script>alert(1)</script>")
+    out = tmp_path / "out"
+    out.mkdir()
+    victims = {name: tmp_path / f"victim-{name}" for name in ("index.html", "report.md", "loss_vs_steps_by_size.png")}
+    for name, victim in victims.items():
+        victim.write_text("not yours")
+        (out / name).symlink_to(victim)
+    index = check_report(store["uri"], "hostile", out, bootstrap=50)
+    assert all(v.read_text() == "not yours" for v in victims.values())
+    assert not any((out / name).is_symlink() for name in victims)
+    md = (out / "report.md").read_text()
+    assert "<script" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+    assert "<script" not in index.read_text()
