@@ -21,6 +21,7 @@ from harness.data.commands import add_data
 from harness.errors import UserError
 from harness.evaluation.commands import add_assets, add_eval
 from harness.launch.commands import add_slurm, add_sweep
+from harness.tracking import redact
 from harness.trial.commands import add_train
 
 
@@ -61,9 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as err:
-        for line in str(err).splitlines():
+        for line in redact(str(err)).splitlines():
             print(f"ditscale {args.command}: error: {line}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug or a failing service: its traceback, with no credential in it
+        import traceback
+
+        sys.stderr.write(redact("".join(traceback.format_exception(err))))
+        return 1
 
 
 if __name__ == "__main__":

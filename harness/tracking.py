@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -87,30 +88,91 @@ def redact_uri(uri: str | None) -> str | None:
     return f"{scheme}://{authority}{tail}"
 
 
+# MLflow's credential variables (mlflow/environment_variables.py): basic auth, a bearer token, or the name
+# of an auth plugin / client certificate. CREDENTIAL_VARS travel to the trials' workers
+# (harness/launch/local_ray.py); the values of SECRET_VARS are never shown (redact).
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                   "MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_AWS_SIGV4", "MLFLOW_TRACKING_INSECURE_TLS",
+                   "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+SECRET_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+_SHORTEST_SECRET = 4   # a shorter value would blank out ordinary words; it is no secret worth the name either
+_secrets: set[str] = set()  # passwords taken out of tracking URIs by this process (take_credentials)
+URL_RE = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
+
+
+def redact(text) -> str:
+    """`text` (an error message, a status tag, a traceback) as it may be shown or stored: every URL in it
+    through redact_uri (user-info -> `***@`, secret query parameters -> `***`), and every known secret
+    (the values of MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN, passwords taken out of tracking
+    URIs, raw and percent-encoded) -> `***`. The one filter for everything ditscale writes or prints
+    about a failure: MLflow puts the request URL into its errors ("API request to http://u:pw@... failed")."""
+    from urllib.parse import quote
+
+    text = URL_RE.sub(lambda m: redact_uri(m.group()), str(text))
+    known = {os.environ.get(k, "") for k in SECRET_VARS} | _secrets
+    for secret in sorted(known, key=len, reverse=True):  # longest first: a secret inside another goes with it
+        if len(secret) >= _SHORTEST_SECRET:
+            text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
+    return text
+
+
+def take_credentials(uri: str) -> str:
+    """`uri` without its user-info; a user name and password found there go to MLflow's own variables
+    (MLFLOW_TRACKING_USERNAME / PASSWORD of this process), which every MLflow client reads — the
+    REST store and the artifact repositories (mlflow/utils/rest_utils.py, MlflowHostCreds). So the URL
+    MLflow builds requests from, and puts into its error messages, holds no secret, and neither does
+    anything derived from the URI (trial configs, Ray Tune's config, status tags). The URI's
+    credentials win over variables already set, as they did before (requests' URL auth replaced
+    MLflow's Authorization header). Ray workers get them from this environment (local_ray.runtime_env)."""
+    bare, credentials = split_credentials(uri)
+    os.environ.update(credentials)
+    return bare
+
+
+def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """An HTTP(S) `uri` without its user-info, and that user-info as MLflow's variables
+    ({MLFLOW_TRACKING_USERNAME: ..., MLFLOW_TRACKING_PASSWORD: ...}, percent-decoded; {} when none).
+    The password is remembered for redact."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return uri, {}
+    from urllib.parse import unquote
+
+    scheme, rest = uri.split("://", 1)
+    # The last `@` before any query, as redact_uri reads it: a password with an unescaped `/` is still one.
+    at = rest[:min([i for i in (rest.find("?"), rest.find("#")) if i >= 0], default=len(rest))].rfind("@")
+    user, colon, password = rest[:max(at, 0)].partition(":")
+    if at < 0 or "/" in user:  # no user-info (an `@` in the path)
+        return uri, {}
+    credentials = {"MLFLOW_TRACKING_USERNAME": unquote(user)} if user else {}
+    if colon:
+        credentials["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+        _secrets.update({unquote(password), password} - {""})
+    return f"{scheme}://{rest[at + 1:]}", credentials
+
+
 def resolve_tracking_uri(configured: str | None = None) -> str:
+    """The store to log to, as the URI to use everywhere: an HTTP URI's credentials are taken out into
+    MLflow's variables (take_credentials), so that no config, tag or message built from it holds them."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # Relative SQLite paths would point somewhere else inside each Ray worker: anchor them here.
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    return uri
+    return take_credentials(uri)
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail early, in one line, when an HTTP tracking server cannot be reached."""
     if not uri.startswith(("http://", "https://")):
         return
-    from urllib.parse import unquote, urlsplit, urlunsplit
+    import base64
 
-    parts = urlsplit(uri)
-    request = urllib.request.Request(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/")
-                                     + "/health")  # urllib takes no user-info in the URL; it goes in a header
-    if parts.username is not None:
-        import base64
-
-        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-        request.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
+    bare = take_credentials(uri)
+    request = urllib.request.Request(bare.rstrip("/") + "/health")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:  # as MLflow sends them (rest_utils.http_request)
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             if resp.status == 200:
@@ -120,11 +182,12 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         problem = f"HTTP {err.code}"
     except (urllib.error.URLError, OSError) as err:
         problem = str(getattr(err, "reason", err))
-    raise UserError(f"tracking.uri: cannot reach the MLflow server at {redact_uri(uri)} ({problem}); "
+    raise UserError(f"tracking.uri: cannot reach the MLflow server at {redact_uri(bare)} ({redact(problem)}); "
                     "start it or fix the URI")
 
 
 def client(uri: str):
+    uri = take_credentials(uri)
     if redact_uri(uri) != uri:
         # MLflow prints "View run ... at: <tracking URI>/#/..." when a run ends: not with credentials in it.
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
@@ -259,7 +322,7 @@ def mark_failed(uri: str, run_id: str, reason: str) -> None:
     """FAILED with `reason`, unless the trial's own loop already recorded how it ended."""
     c = client(uri)
     if c.get_run(run_id).data.tags.get(STATUS_TAG, "running") == "running":
-        c.set_tag(run_id, STATUS_TAG, f"failed: {reason}"[:5000])
+        c.set_tag(run_id, STATUS_TAG, redact(f"failed: {reason}")[:5000])
         c.set_terminated(run_id, "FAILED")
 
 
@@ -289,7 +352,7 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self.client.set_tag(self.run_id, key, redact(value) if key == STATUS_TAG else value)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, path, artifact_path)
@@ -326,7 +389,7 @@ def _start_system_metrics(uri: str, run_id: str):
     except ImportError:
         return None
     monitor = SystemMetricsMonitor(run_id, sampling_interval=10, samples_before_logging=1, resume_logging=True,
-                                   tracking_uri=uri)
+                                   tracking_uri=take_credentials(uri))
     monitor.start()
     return monitor
 
@@ -418,7 +481,7 @@ def close_parent_run(uri: str, run_id: str, trials, state: dict[str, str], error
     itself failed): FAILED, with the reason in its ditscale.status tag, whatever the trials say."""
     if error is not None:
         c = client(uri)
-        c.set_tag(run_id, STATUS_TAG, f"failed: {error}"[:5000])
+        c.set_tag(run_id, STATUS_TAG, redact(f"failed: {error}")[:5000])
         try:
             _log_trial_table(c, run_id, trials, state)
         finally:

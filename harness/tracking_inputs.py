@@ -78,6 +78,8 @@ def dataset_inputs(trial) -> list:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
+    from harness.tracking import redact
+
     inputs = []
     for field, split, context in _ROLES:
         pattern = getattr(trial.data, field)
@@ -85,7 +87,8 @@ def dataset_inputs(trial) -> list:
             continue
         info = describe_split(pattern, split)
         # MetaDataset: a dataset known by its metadata only (MLflow's class for data it does not load).
-        meta = MetaDataset(_source(info["source"]), name=info["name"], digest=info["digest"]).to_dict()
+        # redact: a shard URL's user-info (https://user:token@host/...) is no dataset source to keep.
+        meta = MetaDataset(_source(redact(info["source"])), name=info["name"], digest=info["digest"]).to_dict()
         profile = {"num_shards": info["shards"]} | ({"num_rows": info["samples"]} if info["samples"] is not None else {})
         entity = Dataset(name=meta["name"], digest=meta["digest"], source_type=meta["source_type"],
                          source=meta["source"], schema=meta.get("schema"), profile=json.dumps(profile))
@@ -99,9 +102,11 @@ def log_dataset_inputs(client, run_id: str, trial) -> None:
     (the inputs describe the run, they are not needed to train it)."""
     import time
 
+    from harness.tracking import redact
+
     def warn(err: Exception) -> None:
-        print(f"warning: the trial's datasets were not logged to MLflow run {run_id}: {type(err).__name__}: {err}",
-              flush=True)
+        print(redact(f"warning: the trial's datasets were not logged to MLflow run {run_id}: {type(err).__name__}: "
+                     f"{err}"), flush=True)
 
     try:
         inputs = dataset_inputs(trial)

@@ -80,7 +80,7 @@ def ui_url(uri: str, exp_id: str, view: str | None = VIEW_KEY) -> str:
 def study_link(uri: str, name: str, trials) -> str | None:
     """Save the study's view and return the link to it; None when the store cannot be reached or the
     study has no experiment. Never fails the command that prints it."""
-    from harness.tracking import EXPERIMENT_KIND_TAG, TRAINING_KIND, client
+    from harness.tracking import EXPERIMENT_KIND_TAG, TRAINING_KIND, client, redact
 
     try:
         c = client(uri)
@@ -94,5 +94,5 @@ def study_link(uri: str, name: str, trials) -> str | None:
         except Exception:  # e.g. a read-only store: the plain link still opens the runs
             return ui_url(uri, exp.experiment_id, view=None)
     except Exception as err:
-        print(f"warning: no MLflow UI link ({type(err).__name__}: {err})")
+        print(redact(f"warning: no MLflow UI link ({type(err).__name__}: {err})"))
         return None

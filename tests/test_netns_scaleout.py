@@ -241,7 +241,14 @@ def test_the_job_refuses_auth_without_credentials_or_a_study_with_its_own_store(
                           capture_output=True, text=True, timeout=60, env=env, check=False)
     assert proc.returncode == 2 and "tracking.uri=http://***@tracker:5000" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "a" / "record").exists() and not (tmp_path / "b" / "record").exists()
+    # Neither --mlflow-auth nor --mlflow-insecure: no open server (issue 26).
+    (tmp_path / "c").mkdir()
+    env = _stub_job(tmp_path / "c")
+    proc = subprocess.run(["bash", str(SBATCH), "--mlflow-server", "srv", "study.yaml"], cwd=tmp_path / "c",
+                          capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert proc.returncode == 2 and "--mlflow-insecure" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not any((tmp_path / x / "record").exists() for x in "abc")
 
 
 def test_waiting_for_the_server_names_a_refused_password_without_showing_it(monkeypatch):

@@ -2,8 +2,8 @@
 
 - the process group's store listens only where the group needs it (never on all interfaces; none for one process);
 - the embedded local Ray takes a fresh token per sweep and refuses a client without it;
-- tracking-URI credentials are used to connect and never written or printed (a real `mlflow server
-  --app-name basic-auth`);
+- MLflow credentials are used to connect, reach the workers of a cluster joined with --address, and are
+  never written or printed (a real `mlflow server --app-name basic-auth`);
 - a study name is capped up front, and a sweep that fails after its parent run opened marks it FAILED;
 - a grid larger than --max-trials is refused before it is expanded;
 - two sweeps of one study never run at once;
@@ -235,13 +235,50 @@ def _files_containing(folder: Path, secret: str, skip: set[Path]) -> list[str]:
             and needle in p.read_bytes()]
 
 
+def _ray_head(temp_dir: Path, env: dict) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` in `env` (a cluster started elsewhere, as --address joins one), in its
+    own session; stop it with _stop_ray_head. Returns it and its address. On this machine's routable
+    address (a Ray started by `ray start` on Linux replaces 127.0.0.1 with it), so `env` should hold a
+    Ray auth token."""
+    from harness.launch.local_ray import _local_node
+    from harness.launch.slurm import node_ip
+
+    ip, port = node_ip(), _free_port()
+    log_path = temp_dir / "head.log"
+    with log_path.open("wb") as log:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--node-ip-address={ip}",
+             f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+             f"--temp-dir={temp_dir}"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + 180
+    while _local_node(ip, port) != ip:  # the sweep's driver finds the head's raylet the same way
+        assert head.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.5)
+    return head, f"{ip}:{port}"
+
+
+def _stop_ray_head(head: subprocess.Popen) -> None:
+    head.terminate()
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)  # what `ray start` left (its agents): this session is ours alone
+    except ProcessLookupError:
+        pass
+    head.wait(timeout=10)
+
+
 @pytest.mark.slow
 def test_tracking_credentials_connect_but_are_never_written_or_printed(tmp_path, digits_dir):
-    """A real `mlflow server --app-name basic-auth`: a request without credentials is refused (401); with
-    `http://user:pw@host` in tracking.uri a sweep logs through it, and the password is in no param,
-    artifact, file or output line. (A sweep with the credentials in the environment, MLflow's own
-    MLFLOW_TRACKING_USERNAME/PASSWORD, logs through such a server in
-    test_netns_scaleout.py's three-host job.)"""
+    """A real `mlflow server --app-name basic-auth`: a request without credentials is refused (401). A
+    sweep with MLflow's MLFLOW_TRACKING_USERNAME/PASSWORD in its environment joins (`--address`) a Ray
+    cluster started without them (issue 26: its trials got 401): the sweep hands them to the cluster's
+    workers, its trial finishes, and the password is in no param, tag, artifact, file, Ray log
+    (Ray's runtime-env agent logs a job's env_vars) or output line. A tracking URI with the credentials
+    in it (`http://user:pw@host`) reads the study back for `ditscale report`, again without a trace.
+    (URI credentials in a sweep become these variables first: test_credentials.py.)"""
     import importlib.util
 
     assert importlib.util.find_spec("flask_wtf"), "MLflow's basic-auth app needs mlflow[auth] (Flask-WTF)"
@@ -249,31 +286,37 @@ def test_tracking_credentials_connect_but_are_never_written_or_printed(tmp_path,
     server_dir = Path(tempfile.mkdtemp(prefix="mlf-"))
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt-"))  # short: Ray's socket paths have a length limit
     server, port = _start_mlflow_auth_server(server_dir, password)
+    head = None
     try:
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1",
                                    timeout=10)
         assert refused.value.code == 401
 
-        # Credentials in the URI: they connect, and nothing keeps them.
-        uri = f"http://admin:{password}@127.0.0.1:{port}"
-        study = write_study(tmp_path / "uri.yaml", _small(digits_dir, "authuri", tracking={"uri": uri}))
-        proc = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", str(study)], cwd=tmp_path,
-                              env=_env(RAY_TMPDIR=str(ray_tmp)), text=True, capture_output=True, timeout=900,
-                              check=False)
+        token = ray_tmp / "token"  # the cluster's Ray token (a private folder, 0700)
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        head, address = _ray_head(ray_tmp, _env(**ray_auth))  # no MLflow credentials there
+        study = write_study(tmp_path / "uri.yaml", _small(digits_dir, "authuri",
+                                                          tracking={"uri": f"http://127.0.0.1:{port}"}))
+        proc = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", str(study), "--address", address],
+                              cwd=tmp_path, text=True, capture_output=True, timeout=900, check=False,
+                              env=_env(RAY_TMPDIR=str(ray_tmp), **ray_auth,
+                                       MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password))
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         assert password not in proc.stdout and password not in proc.stderr, "the password was printed"
-        assert f"http://***@127.0.0.1:{port}" in proc.stdout  # the printed `mlflow ui` line, redacted
 
         import mlflow
 
+        uri = f"http://admin:{password}@127.0.0.1:{port}"
         client = mlflow.MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("authuri").experiment_id])
         trials = [r for r in runs if r.data.tags.get("trial_id")]
-        assert len(trials) == 1 and trials[0].data.tags["ditscale.status"] == "finished"
+        assert len(trials) == 1 and trials[0].data.tags["ditscale.status"] == "finished", \
+            [r.data.tags.get("ditscale.status") for r in trials]
         assert trials[0].data.metrics.get("loss") is not None
-        params = trials[0].data.params
-        assert params["tracking.uri"] == f"http://***@127.0.0.1:{port}"
+        assert trials[0].data.params["tracking.uri"] == f"http://127.0.0.1:{port}"
         assert all(password not in v for r in runs for v in [*r.data.params.values(), *r.data.tags.values()])
         downloads = Path(tempfile.mkdtemp(prefix="dl-"))
         for run in runs:
@@ -281,7 +324,13 @@ def test_tracking_credentials_connect_but_are_never_written_or_printed(tmp_path,
         assert list(downloads.rglob("config.yaml")) and list(downloads.rglob("study.yaml"))
         leaks = _files_containing(downloads, password, set())
         shutil.rmtree(downloads, ignore_errors=True)
-        assert list((tmp_path / "reports").rglob("trials.csv")), "no report was written"
+
+        report = subprocess.run([sys.executable, "-m", "harness.cli", "report", "--experiment", "authuri",
+                                 "--tracking-uri", uri, "--out", str(tmp_path / "uri-report")], cwd=tmp_path,
+                                text=True, capture_output=True, timeout=300, check=False, env=_env())
+        assert report.returncode == 0, report.stderr[-3000:]
+        assert password not in report.stdout + report.stderr, "the password was printed"
+        assert list((tmp_path / "reports").rglob("trials.csv")) and (tmp_path / "uri-report" / "trials.csv").is_file()
         skip = {tmp_path / "uri.yaml"}  # the study file itself, written by this test
         leaks += (_files_containing(tmp_path, password, skip) + _files_containing(ray_tmp, password, set())
                   + _files_containing(server_dir / "artifacts", password, set()))
@@ -289,6 +338,8 @@ def test_tracking_credentials_connect_but_are_never_written_or_printed(tmp_path,
         leaks += [str(p) for p in server_dir.glob("store.db*") if password.encode() in p.read_bytes()]
         assert not leaks, f"the password was written to {leaks}"
     finally:
+        if head is not None:
+            _stop_ray_head(head)
         os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=20)

@@ -54,11 +54,13 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         args.config, args.set, nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
         partition=args.partition, time_limit=args.time, account=args.account, job_name=args.job_name,
         signal_seconds=args.signal_seconds, sbatch_args=args.sbatch_arg, template=args.script,
-        mlflow_server=args.mlflow_server, mlflow_auth=args.mlflow_auth,
+        mlflow_server=args.mlflow_server, mlflow_auth=args.mlflow_auth, mlflow_insecure=args.mlflow_insecure,
     )
     if args.dry_run:
         sys.stdout.write(sub.script)
         print(f"\n# would be saved as {sub.script_path} and submitted with:\n# " + shlex.join(sub.sbatch))
+        if sub.env:
+            print(f"# and {', '.join(sorted(sub.env))} (from --set's tracking URI) in sbatch's environment")
         return 0
     slurm.print_submitted(sub, slurm.submit(sub))
     return 0
@@ -131,10 +133,15 @@ def add_slurm(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--script", type=Path, default=None, help="batch script template (default slurm/sweep.sbatch)")
     s.add_argument("--mlflow-server", action="store_true",
                    help="run `mlflow server` on the head node for the job (store in ./mlflow-server/); "
-                        "every host and trial logs through it instead of to one SQLite file")
+                        "every host and trial logs through it instead of to one SQLite file. Needs "
+                        "--mlflow-auth or --mlflow-insecure: it listens on the head node's cluster address")
     s.add_argument("--mlflow-auth", action="store_true",
                    help="with --mlflow-server: MLflow's basic-auth app, admin = $MLFLOW_TRACKING_USERNAME / "
                         "$MLFLOW_TRACKING_PASSWORD (exported before submitting; never written into the script)")
+    s.add_argument("--mlflow-insecure", action="store_true",
+                   help="with --mlflow-server: run it without authentication, open to anyone who reaches the "
+                        "head node (reads, writes, artifact uploads). Not the default: a server left open "
+                        "unannounced for a whole job is a hole; say so only on a private network")
     s.add_argument("--dry-run", action="store_true", help="print the rendered script and submit nothing")
     add_set_option(s)
     s.set_defaults(func=_cmd_submit)

@@ -28,7 +28,6 @@ from pathlib import Path
 from harness.config import TrialConfig
 from harness.errors import UserError
 
-
 # Ray Train V2 starts several helper actors per trial, each a fresh Python process (about a second of
 # CPU apiece before it does anything). These switches drop the ones a ditscale trial does not use:
 # the preemption watcher (node draining on autoscaled clouds; Slurm preemption goes through the stop
@@ -44,8 +43,30 @@ _RAY_TRAIN_ENV = {
 
 
 def runtime_env() -> dict:
+    """The sweep's Ray job environment: the Ray Train switches as env_vars, and MLflow's credential
+    variables of this process (harness.tracking.CREDENTIAL_VARS, those taken out of a tracking URI
+    included) through a worker setup hook. A cluster joined with --address was started from another
+    environment: without them every trial's MLflow requests are refused (HTTP 401) while the driver's
+    parent run opens. Not as env_vars: Ray's runtime-env agent logs a job's env_vars, values and all, at
+    INFO level into <ray temp>/session_*/logs/runtime_env_agent.log on every node (a 0644 file;
+    seen with Ray 2.60). A worker_process_setup_hook is pickled into the GCS and logged by its key
+    only (ray/_private/runtime_env/setup_hook.py); Ray merges it into every task's and actor's runtime
+    env, Tune's and Train's included, and runs it when a worker process starts."""
+    from harness.tracking import CREDENTIAL_VARS
+
     env = {k: os.environ.get(k, v) for k, v in _RAY_TRAIN_ENV.items()}
-    return {"env_vars": env}
+    credentials = {k: os.environ[k] for k in CREDENTIAL_VARS if os.environ.get(k)}
+    return {"env_vars": env, **({"worker_process_setup_hook": _credentials_hook(credentials)} if credentials else {})}
+
+
+def _credentials_hook(values: dict[str, str]):
+    """A function that sets `values` in the environment of the worker process that runs it (a closure:
+    cloudpickle carries `values` with it; Ray wants a function with a name, not a partial)."""
+
+    def set_mlflow_credentials() -> None:
+        os.environ.update(values)
+
+    return set_mlflow_credentials
 
 
 RAY_AUTH_ENV = "DITSCALE_RAY_AUTH"  # token (default) | disabled: the embedded local Ray's authentication

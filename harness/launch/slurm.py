@@ -1,7 +1,7 @@
 """`ditscale slurm`: run a study across a Slurm allocation (the batch script is slurm/sweep.sbatch).
 
     ditscale slurm submit STUDY --nodes N --gpus-per-node G [--partition P] [--time T] [--dry-run]
-                                [--mlflow-server [--mlflow-auth]]
+                                [--mlflow-server (--mlflow-auth | --mlflow-insecure)]
 
 renders slurm/sweep.sbatch with those options (the `#SBATCH` lines), saves the rendered script under
 `<resources.storage>/<study>/slurm/`, calls `sbatch`, and says where the log, the MLflow runs and the
@@ -15,7 +15,13 @@ its lifetime, with the store in `<submit dir>/mlflow-server/` (mlflow.db, artifa
 and trial logs through it instead of writing to one SQLite file from many hosts. `--mlflow-auth`
 runs MLflow's basic-auth app: its admin is MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of the
 submitting environment, which the job inherits (sbatch's default --export=ALL) and the clients use
-too; they are never written into the batch script or printed.
+too; they are never written into the batch script or printed. A server without auth would take
+anyone's reads, writes and artifact uploads on the head node's cluster address for the whole job:
+`--mlflow-server` alone is refused, and `--mlflow-insecure` asks for that open server by name.
+
+Credentials in a `--set` override (`tracking.uri=http://user:pw@host`) never reach sbatch's command
+line (`scontrol show job`, the job log, --dry-run): the URI goes there without its user-info, which
+goes to the job as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in sbatch's environment.
 
 The batch script's helpers live here too: `node_ip` (the address Ray should use on this node) and
 `wait_for_ray` (block until N nodes have joined a Ray cluster); their commands, with `stop-file` and
@@ -39,7 +45,7 @@ from pathlib import Path
 from harness.config import expand_grid, load_study
 from harness.errors import UserError
 from harness.paths import StudyPaths, study_paths
-from harness.tracking import redact_uri
+from harness.tracking import URL_RE, redact_uri, split_credentials
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "sweep.sbatch"
 SETTINGS_MARKER = "# @ditscale-submit-settings@"
@@ -229,14 +235,23 @@ class Submission:
     trials: int
     mlflow_server: Path | None = None   # the --mlflow-server folder (mlflow.db, artifacts/)
     mlflow_auth: bool = False
+    env: dict[str, str] | None = None   # added to sbatch's environment: credentials taken out of --set
 
 
-def check_mlflow_server(study, mlflow_server: bool, mlflow_auth: bool, environ=None) -> None:
-    """The combinations `--mlflow-server` / `--mlflow-auth` refuse, each in one line, before sbatch."""
+def check_mlflow_server(study, mlflow_server: bool, mlflow_auth: bool, environ=None,
+                        mlflow_insecure: bool = False) -> None:
+    """The combinations `--mlflow-server` / `--mlflow-auth` / `--mlflow-insecure` refuse, each in one line,
+    before sbatch. The job's server listens on the head node's cluster address: without auth anyone who
+    reaches it reads, writes and uploads artifacts, so it needs --mlflow-auth or, said out loud,
+    --mlflow-insecure (not auth by default: that needs credentials exported and mlflow[auth] installed,
+    which a refusal names better than a job that fails on the head node)."""
     environ = os.environ if environ is None else environ
-    if mlflow_auth and not mlflow_server:
-        raise UserError("--mlflow-auth: only with --mlflow-server (it protects the job's own server); for a "
-                        "server of your own, set tracking.uri and export MLFLOW_TRACKING_USERNAME/PASSWORD")
+    for flag, given in (("--mlflow-auth", mlflow_auth), ("--mlflow-insecure", mlflow_insecure)):
+        if given and not mlflow_server:
+            raise UserError(f"{flag}: only with --mlflow-server (it concerns the job's own server); for a "
+                            "server of your own, set tracking.uri and export MLFLOW_TRACKING_USERNAME/PASSWORD")
+    if mlflow_auth and mlflow_insecure:
+        raise UserError("--mlflow-insecure: not with --mlflow-auth; choose one")
     if not mlflow_server:
         return
     if study.tracking.uri:
@@ -245,6 +260,10 @@ def check_mlflow_server(study, mlflow_server: bool, mlflow_auth: bool, environ=N
     if environ.get("MLFLOW_TRACKING_URI"):
         raise UserError(f"--mlflow-server: MLFLOW_TRACKING_URI={redact_uri(environ['MLFLOW_TRACKING_URI'])} is set, "
                         "but the job would log to its own server: unset it or drop --mlflow-server")
+    if not (mlflow_auth or mlflow_insecure):
+        raise UserError("--mlflow-server: the job's MLflow server would be open to anyone who reaches the head "
+                        "node (reads, writes, artifact uploads) for the whole job: add --mlflow-auth (export "
+                        "MLFLOW_TRACKING_USERNAME/PASSWORD first) or, on a private network, --mlflow-insecure")
     if not mlflow_auth:
         return
     missing = [k for k in MLFLOW_CREDENTIALS if not environ.get(k)]
@@ -263,7 +282,7 @@ def prepare(config: str, overrides=(), *, nodes: int = 1, gpus_per_node: int = 0
             partition: str | None = None, time_limit: str | None = None, account: str | None = None,
             job_name: str | None = None, signal_seconds: int = DEFAULT_SIGNAL_SECONDS,
             sbatch_args=(), template: Path | None = None, mlflow_server: bool = False,
-            mlflow_auth: bool = False) -> Submission:
+            mlflow_auth: bool = False, mlflow_insecure: bool = False) -> Submission:
     if nodes < 1:
         raise UserError("--nodes: at least 1")
     if gpus_per_node < 0:
@@ -273,7 +292,9 @@ def prepare(config: str, overrides=(), *, nodes: int = 1, gpus_per_node: int = 0
     if signal_seconds < 60:
         raise UserError("--signal-seconds: at least 60 (Slurm sends the warning signal with a 60 s resolution)")
     study = load(config, overrides)
-    check_mlflow_server(study, mlflow_server, mlflow_auth)
+    check_mlflow_server(study, mlflow_server, mlflow_auth, mlflow_insecure=mlflow_insecure)
+    overrides, credentials = _take_set_credentials(overrides)
+    _check_export(sbatch_args, credentials, mlflow_auth)
     trials = expand_grid(study)
     paths = study_paths(study)
     cpus = cpus_per_task or _cpus_per_node(trials, nodes, gpus_per_node, partition_cpus(partition))
@@ -316,11 +337,42 @@ def prepare(config: str, overrides=(), *, nodes: int = 1, gpus_per_node: int = 0
     # The batch script's own options come before the study file (see its header).
     own = ["--mlflow-server", str(server_dir)] if server_dir else []
     own += ["--mlflow-auth"] if mlflow_auth else []
+    own += ["--mlflow-insecure"] if mlflow_insecure else []
     cmd = ["sbatch", "--parsable", *sbatch_args, str(script_path), *own, str(Path(config).resolve())]
     for text in overrides:
         cmd += ["--set", text]
     return Submission(script, script_path, cmd, paths, nodes, gpus_per_node, cpus, len(trials),
-                      mlflow_server=server_dir, mlflow_auth=mlflow_auth)
+                      mlflow_server=server_dir, mlflow_auth=mlflow_auth, env=credentials)
+
+
+def _take_set_credentials(overrides) -> tuple[list[str], dict[str, str]]:
+    """The --set overrides with the user-info of every HTTP URL in them taken out, and those credentials
+    as MLflow's variables for the job's environment (sbatch's argv is readable by every user of the
+    cluster: `scontrol show job`, `ps`). Two different credentials cannot both go there: one line."""
+    found: dict[str, str] = {}
+
+    def bare(match) -> str:
+        uri, credentials = split_credentials(match.group())
+        for key, value in credentials.items():
+            if found.setdefault(key, value) != value:
+                raise UserError("--set: two different credentials in tracking URIs; the job's environment holds "
+                                "one MLFLOW_TRACKING_USERNAME/PASSWORD: export them and drop them from the URIs")
+        return uri
+
+    return [URL_RE.sub(bare, text) for text in overrides], found
+
+
+def _check_export(sbatch_args, credentials: dict, mlflow_auth: bool) -> None:
+    """The job gets credentials from sbatch's environment (its default --export=ALL): an --export that
+    leaves them out would start a job whose every MLflow request is refused. One line instead."""
+    needed = [*credentials] or (["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"] if mlflow_auth else [])
+    for arg in sbatch_args:
+        if needed and arg.startswith("--export"):
+            names = arg.partition("=")[2].split(",")
+            missing = [k for k in needed if "ALL" not in names and k not in names]
+            if missing:
+                raise UserError(f"--sbatch-arg={arg}: the job needs {', '.join(missing)} from this environment; "
+                                "add them to --export (names only) or use --export=ALL")
 
 
 def submit(sub: Submission) -> str:
@@ -337,7 +389,7 @@ def submit(sub: Submission) -> str:
     path.write_text(sub.script)
     sub.sbatch[sub.sbatch.index(str(sub.script_path))] = str(path)
     sub.script_path = path
-    out = subprocess.run(sub.sbatch, capture_output=True, text=True)
+    out = subprocess.run(sub.sbatch, capture_output=True, text=True, check=False, env={**os.environ, **(sub.env or {})})
     if out.returncode != 0:
         msg = (out.stderr or out.stdout).strip().splitlines()
         raise UserError("sbatch failed: " + ("; ".join(msg) or f"exit code {out.returncode}")
@@ -359,7 +411,8 @@ def print_submitted(sub: Submission, job_id: str) -> None:
     print(f"  trials:  {p.study_dir}/<trial_id>/ (checkpoints)")
     if sub.mlflow_server:
         store = f"sqlite:///{sub.mlflow_server / 'mlflow.db'}"
-        auth = ", basic auth as $MLFLOW_TRACKING_USERNAME" if sub.mlflow_auth else ""
+        auth = (", basic auth as $MLFLOW_TRACKING_USERNAME" if sub.mlflow_auth
+                else "; OPEN: no authentication (--mlflow-insecure)")
         print(f"  MLflow:  a server on the head node while the job runs (its URI is in the log{auth}), "
               f"store {store}  (experiment {p.name!r})")
         print(f"           afterwards: mlflow ui --backend-store-uri {shlex.quote(store)} --artifacts-destination "
