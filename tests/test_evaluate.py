@@ -754,3 +754,57 @@ def test_present_inception_gives_metrics_named_fid(digits_dir, tmp_path, monkeyp
     # no se_fid: halves of 40 samples in 2048 dimensions have a singular covariance
     assert {"fid_cfg1.5", "kid_cfg1.5", "eval_seconds"} == set(metrics)
     assert evaluator.reference["path"].name.startswith("fid_stats_inception-clean_train_16px_n100_")
+
+
+# --- the stand-in detector: the same weights on every machine ---------------------------------------
+
+_STANDIN_SCRIPT = """
+import numpy as np, torch
+from harness.evaluation.standin import VERSION, state_digest, train_standin
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (400, 16, 16, 3), dtype=np.uint8)
+labels = torch.from_numpy(rng.integers(0, 4, 400))
+net, _ = train_standin("lenet", images, labels, {"num_classes": 4, "image_size": 16}, steps=40)
+state = {"name": net.name, "version": VERSION, "config": net.config, "state_dict": net.state_dict()}
+print("DIGEST", state_digest(state))
+"""
+
+
+def test_standin_training_gives_the_same_weights_whatever_the_threads_and_isa(tmp_path):
+    """This process and a child that differs as another machine would: 1 thread instead of this one's,
+    ATen's portable kernels instead of its widest (AVX-512 where the CPU has it), oneDNN capped at
+    AVX2 — the stand-in's weights, and so the detector identity (ditscale.detector) every FD carries,
+    are the same bit for bit."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = tmp_path / "train.py"
+    script.write_text(_STANDIN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    child = next(ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("DIGEST"))
+    threads, here = torch.get_num_threads(), {}
+    torch.set_num_threads(2)
+    try:
+        exec(compile(_STANDIN_SCRIPT.replace('print("DIGEST", state_digest(state))', "out['digest'] = state_digest(state)"),
+                     "train.py", "exec"), {"out": here})
+    finally:
+        torch.set_num_threads(threads)
+    assert here["digest"] == child
+
+
+def test_fd_metrics_carry_the_detector_identity():
+    from harness.evaluation.features import standin_extractor
+    from harness.evaluation.standin import VERSION, LeNet, state_digest
+
+    torch.manual_seed(0)
+    net = LeNet(num_classes=4, image_size=16)
+    state = {"name": "lenet", "version": VERSION, "config": net.config, "state_dict": net.state_dict()}
+    extractor = standin_extractor(state, "cpu")
+    assert extractor.identity == f"lenet@{state_digest(state)}" and extractor.metric("fd") == "fd_lenet"
+    assert len(state_digest(state)) == 10

@@ -62,7 +62,7 @@ from harness.assets import find_inception, missing_inception_hint
 from harness.data.loader import make_loader
 from harness.errors import UserError
 from harness.evaluation.dataset import EvalData, LatentDecoder, to_uint8, warn_once
-from harness.evaluation.features import (choose_extractor, frechet_distance, frechet_distance_spread,
+from harness.evaluation.features import (DETECTOR_TAG, choose_extractor, frechet_distance, frechet_distance_spread,
                                          inception_extractor, kernel_distance,
                                          reference_stats, standin_extractor)
 from harness.evaluation.noise import VAL_LOSSES_DIR, stratified_standard_error
@@ -139,6 +139,10 @@ class Evaluator:
             images[val_losses_file(step)] = table
         metrics["eval_seconds"] = time.perf_counter() - started
         return metrics, images
+
+    def tags(self) -> dict[str, str]:
+        """Run tags for what was evaluated: the FD's detector (features.DETECTOR_TAG), once prepared."""
+        return {DETECTOR_TAG: self.extractor.identity} if self.extractor is not None else {}
 
     # -- preparation: feature extractor, reference statistics, VAE ------------------------------------
     def _prepare(self) -> None:

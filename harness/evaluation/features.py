@@ -42,6 +42,7 @@ from harness.files import atomic_write
 log = logging.getLogger("harness.evaluation")
 
 EXTRACTORS = ("auto", "inception", "lenet", "shapesdet")
+DETECTOR_TAG = "ditscale.detector"  # the run tag naming the FD's feature network (Extractor.identity)
 REFERENCE_LIMIT = 50_000  # the most reference images read when eval.reference_samples is not set
 STANDIN_TRAIN_LIMIT = 20_000
 # --- extractors ------------------------------------------------------------------------------------
@@ -68,6 +69,14 @@ class Extractor:
     @property
     def is_inception(self) -> bool:
         return self.name == "inception"
+
+    @property
+    def identity(self) -> str:
+        """What the FD's scale depends on, logged with every FD as the run tag `ditscale.detector`:
+        `inception@clean` (clean-fid's fixed TorchScript weights), or `<stand-in>@<sha256 of its
+        weights, 10 hex>` — two runs' fd_<name> are comparable only when this is equal (the report
+        refuses to rank or fit FDs of different detectors together)."""
+        return "inception@clean" if self.is_inception else self.key.replace(f"{self.name}-", f"{self.name}@", 1)
 
     def metric(self, kind: str = "fd") -> str:
         """fid / kid for Inception; fd_<name> / kd_<name> for a stand-in (never fid)."""

@@ -166,10 +166,30 @@ def build_standin(name: str, config: dict) -> nn.Module:
     return STANDINS[name](**config)
 
 
+# The numeric environment the stand-in is trained in, so that its weights (and every FD measured in its
+# features) are the same on every x86-64 machine with AVX2: ATen's kernels at AVX2's width whatever the
+# CPU has (AVX2 and AVX-512 kernels sum in other orders: measured, 500 steps trained with each end in
+# different weights; "default", portable to CPUs without AVX2, was 2x slower), MKL's conditional
+# numerical reproducibility (its results independent of the CPU's ISA), one thread. oneDNN and NNPACK,
+# which pick kernels by ISA and cache size at run time, are switched off in _pinned_main.
+PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1",
+              "MKL_NUM_THREADS": "1"}
+
+
 def train_standin(name: str, images: np.ndarray, targets: torch.Tensor, config: dict, *, steps: int | None = None,
-                  batch_size: int = 32, seed: int = 0, device="cpu", holdout: int = 256) -> tuple[nn.Module, dict]:
+                  batch_size: int = 32, seed: int = 0, device="cpu", holdout: int = 256,
+                  pinned: bool = True) -> tuple[nn.Module, dict]:
     """Train a stand-in on uint8 [N, H, W, 3] images. The global RNG is left as it was (the network
-    starts from its own seed). Returns (network in eval mode, {"accuracy" on held-out images, ...})."""
+    starts from its own seed). Returns (network in eval mode on `device`, {"accuracy" on held-out
+    images, ...}).
+
+    pinned (default): trained on the CPU in a child process with PINNED_ENV (ATen's CPU kernels are
+    chosen once per process, so only a fresh process can pin them), deterministic algorithms, fixed
+    seeds and data order: the same weights, bit for bit, whatever the machine's ISA and thread count
+    (tests/test_evaluate.py). pinned=False trains here, faster, reproducible only on this machine."""
+    if pinned:
+        net, meta = _train_pinned(name, images, targets, config, steps, batch_size, seed, holdout)
+        return net.to(device).eval(), meta
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)  # tiny convolutions: threads only contend with the trials beside them
@@ -178,6 +198,45 @@ def train_standin(name: str, images: np.ndarray, targets: torch.Tensor, config: 
             return _train(name, images, targets, config, steps, batch_size, seed, device, holdout)
     finally:
         torch.set_num_threads(threads)
+
+
+def _train_pinned(name, images, targets, config, steps, batch_size, seed, holdout) -> tuple[nn.Module, dict]:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    root = str(Path(__file__).resolve().parents[2])  # the checkout: the child imports this same code
+    with tempfile.TemporaryDirectory(prefix="ditscale-standin-") as tmp:
+        job = {"name": name, "config": config, "steps": steps, "batch_size": batch_size, "seed": seed,
+               "holdout": holdout}
+        np.save(Path(tmp) / "images.npy", np.ascontiguousarray(images))
+        torch.save(targets.cpu(), Path(tmp) / "targets.pt")
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        env = {**os.environ, **PINNED_ENV,
+               "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+        proc = subprocess.run([sys.executable, "-m", "harness.evaluation.standin", tmp], env=env, cwd=root,
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"training the {name} stand-in failed (exit {proc.returncode}): "
+                               f"{proc.stderr.strip()[-2000:]}")
+        state = load_standin_state(Path(tmp) / "standin.pt")
+    return standin_from_state(state), state["meta"]
+
+
+def _pinned_main(folder: str) -> None:
+    """The child of _train_pinned: train with ISA-dependent backends off and deterministic algorithms."""
+    torch.backends.mkldnn.enabled = False
+    torch.backends.nnpack.set_flags(False)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    job = json.loads((Path(folder) / "job.json").read_text())
+    images = np.load(Path(folder) / "images.npy")
+    targets = torch.load(Path(folder) / "targets.pt", weights_only=True)
+    with torch.enable_grad():
+        net, meta = _train(job["name"], images, targets, job["config"], job["steps"], job["batch_size"], job["seed"],
+                           "cpu", job["holdout"])
+    save_standin(net, Path(folder) / "standin.pt", {**meta, "pinned": PINNED_ENV})
 
 
 def _train(name, images, targets, config, steps, batch_size, seed, device, holdout):
@@ -285,3 +344,9 @@ def alignment_counts(detector: ShapesDetector, images: torch.Tensor, captions: l
         total += 1
         matched += caption_matches(parsed, objects)
     return matched, total
+
+
+if __name__ == "__main__":  # _train_pinned's child process
+    import sys
+
+    _pinned_main(sys.argv[1])

@@ -292,6 +292,8 @@ class Trainer:
         self.last.update(metrics)
         if self.logger is not None:
             self.logger.log_metrics(metrics, self.state.step)
+            for key, value in self.evaluator.tags().items():  # the FD's detector: comparable FDs only
+                self.logger.set_tag(key, value)
             self.logger.log_evaluation_artifacts(images)
             shown = {k: v for k, v in metrics.items() if k.startswith(("val_loss", "fid", "fd_"))}
             print(f"{self.tag} eval at step {self.state.step}: " + " ".join(f"{k} {v:.4g}" for k, v in shown.items())
