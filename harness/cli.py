@@ -27,12 +27,20 @@ from harness.trial.commands import add_train
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import build_report  # matplotlib, pandas, MLflow: only for a report
+    from harness.files import not_writable_message, require_writable, write_refused
+    from harness.paths import report_dir
 
+    out, flag = (args.out, "--out") if args.out is not None else (report_dir(args.experiment), "--out (default)")
+    require_writable(out, flag)  # before MLflow is read: a read-only folder was a traceback at the end
     try:
         index = build_report(args.tracking_uri, args.experiment, parent_run_id=args.parent_run, out_dir=args.out,
                              holdout=args.holdout)
     except LookupError as err:  # no such experiment
         raise UserError(f"--experiment: {err}") from None
+    except OSError as err:  # made unwritable after the check, or refused where an access check cannot tell
+        if not write_refused(err, out):
+            raise
+        raise UserError(not_writable_message(out, flag, err.strerror or str(err))) from None
     print(f"Report: {index}")
     return 0
 

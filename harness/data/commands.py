@@ -73,18 +73,20 @@ def add_data(sub: argparse._SubParsersAction) -> None:
 def _pack(args: argparse.Namespace) -> int:
     import sys
 
-    try:
-        from harness.data.pack import pack_dataset
+    from harness.data.pack import Terminated, pack_dataset, terminate_as_interrupt
 
-        manifest = pack_dataset(
-            args.source, args.out, name=args.name, image_size=args.image_size, val_fraction=args.val_fraction,
-            shard_size=args.shard_size, seed=args.seed, count=args.count, vae=args.vae,
-            text_encoder=args.text_encoder, device=args.device, batch_size=args.batch_size, workers=args.workers,
-            overwrite=args.overwrite,
-        )
-    except KeyboardInterrupt:  # pack builds in a scratch folder it removes: OUT is untouched
-        print(f"ditscale data pack: interrupted; {args.out} left as it was", file=sys.stderr)
-        return 130
+    try:
+        with terminate_as_interrupt():
+            manifest = pack_dataset(
+                args.source, args.out, name=args.name, image_size=args.image_size, val_fraction=args.val_fraction,
+                shard_size=args.shard_size, seed=args.seed, count=args.count, vae=args.vae,
+                text_encoder=args.text_encoder, device=args.device, batch_size=args.batch_size,
+                workers=args.workers, overwrite=args.overwrite,
+            )
+    except KeyboardInterrupt as err:  # pack builds in a scratch folder it removes: OUT is untouched
+        how, code = ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+        print(f"ditscale data pack: {how}; {args.out} left as it was", file=sys.stderr)
+        return code
     shape = "x".join(str(d) for d in manifest["sample_shape"])
     for split, entry in manifest["splits"].items():
         print(f"{args.out}/{entry['pattern']}: {entry['count']} samples in {len(entry['shards'])} shard(s)")

@@ -13,8 +13,10 @@ shards need no further shuffling at the file level; re-packing with the same arg
 byte-identical shards. Existing shards or manifests are never replaced without overwrite=True; a
 split added beside other splits of the same dataset (e.g. a separate validation folder) is merged
 into the manifest. Shards are built in a scratch folder beside OUT and moved in at the end, so a
-failed or interrupted pack leaves OUT as it was; overwrite deletes only the replaced splits' own
-NAME-NNNNNN.tar files inside OUT.
+failed or interrupted pack (Ctrl-C, SIGTERM) leaves OUT as it was; overwrite deletes only the
+replaced splits' own NAME-NNNNNN.tar files inside OUT. A scratch folder left by a pack that was
+killed outright (SIGKILL) is removed by the next pack into the same OUT once its owner file proves
+that pack dead. An OUT that cannot be written is one line before any work.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from harness.data.errors import DataError
 from harness.data.manifest import FORMAT, MANIFEST, ManifestError, read_manifest, shard_pattern, write_manifest
 from harness.data.sources import ShapesSource, Source, open_source
 from harness.data.tario import ShardWriter
-from harness.files import scratch_folder
+from harness.files import not_writable_message, reap_scratch_folders, require_writable, scratch_folder, write_refused
 
 log = logging.getLogger("harness.data")
 
@@ -71,6 +73,7 @@ def pack_dataset(
     deterministic random subset of this many. `workers`: processes that decode and encode images.
     `progress`: tqdm bars (None: only on a terminal)."""
     _check_arguments(name, image_size, val_fraction, shard_size, count, batch_size, workers)
+    require_writable(out, "OUT", DataError)  # before the source is read: a read-only OUT fails at once
     src = open_source(source, image_size=image_size, count=count, seed=seed)
     order = np.random.default_rng(seed).permutation(len(src))
     if count is not None and not isinstance(src, ShapesSource):
@@ -89,7 +92,19 @@ def pack_dataset(
     old = _remaining(existing, replaced)
     # Shards are built in a scratch folder and moved into OUT at the end: an interrupted or failed
     # pack leaves OUT as it was (and no partial files anywhere).
-    with scratch_folder(_scratch_parent(out_dir), out_dir.resolve().name or "pack") as stage:
+    with _output_refused_is_one_line(out_dir):
+        return _build(src, splits, out_dir, existing, replaced, old, name=name, shard_size=shard_size, seed=seed,
+                      val_fraction=val_fraction, vae=vae, text_encoder=text_encoder, device=device,
+                      batch_size=batch_size, workers=workers, progress=progress)
+
+
+def _build(src: Source, splits: dict, out_dir: Path, existing: dict | None, replaced: set[str], old: dict | None, *,
+           name: str, shard_size: int, seed: int, val_fraction: float, vae: str | None, text_encoder: str | None,
+           device: str, batch_size: int, workers: int, progress: bool | None) -> dict:
+    parent, scratch_name = _scratch_parent(out_dir), out_dir.resolve().name or "pack"
+    for stale in reap_scratch_folders(parent, scratch_name):
+        log.warning("removed %s, the scratch folder of an earlier pack into %s that was killed", stale, out_dir)
+    with scratch_folder(parent, scratch_name) as stage:
         # The pool starts before torch models load (forking after torch threads start is fragile).
         pool = _start_pool(src, workers, as_png=not vae) if workers > 0 else None
         try:
@@ -156,6 +171,26 @@ def pack_dataset(
         log.warning("skipped %d unreadable images (listed under skipped_examples in %s/dataset.json)",
                     writer_state.skipped, out_dir)
     return manifest
+
+
+@contextlib.contextmanager
+def _output_refused_is_one_line(out: Path):
+    """An OUT that became unwritable after the up-front check (or that access checks cannot see):
+    the same one line as that check, for an error on a path of OUT, above it or in its scratch folder."""
+    try:
+        yield
+    except OSError as err:
+        if not (write_refused(err, out) or _in_scratch(err, out)):
+            raise
+        raise DataError(not_writable_message(out, "OUT", err.strerror or str(err))) from None
+
+
+def _in_scratch(err: OSError, out: Path) -> bool:
+    """Whether a refused write was in (or of) OUT's scratch folder beside it."""
+    if not write_refused(err) or not err.filename:
+        return False
+    path, out = Path(os.fsdecode(err.filename)).resolve(), out.resolve()
+    return any(p.parent == out.parent and p.name.startswith(f".{out.name}.") for p in (path, *path.parents))
 
 
 def _check_arguments(name, image_size, val_fraction, shard_size, count, batch_size, workers) -> None:
@@ -260,21 +295,49 @@ def _commit(stage: Path, out: Path, old: dict | None, replaced: set[str], new_sp
     os.replace(stage / MANIFEST, out / MANIFEST)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's time limit) during a pack: raised like Ctrl-C's KeyboardInterrupt,
+    so the same cleanup runs (the scratch folder is removed, OUT stays as it was)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM raises Terminated inside the block (its default action would kill the process before the
+    scratch folder is removed). Only the main thread can set handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _interrupts_held():
-    """Ctrl-C waits until the block ends: the commit is a handful of renames, and cut halfway it would
-    leave part of the old dataset beside part of the new."""
+    """Ctrl-C and SIGTERM wait until the block ends: the commit is a handful of renames, and cut halfway
+    it would leave part of the old dataset beside part of the new."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    previous = {sig: signal.signal(sig, lambda signum, _: caught.append(signum)) for sig in _HELD}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     if caught:
-        log.warning("Ctrl-C came while the new shards were being moved in; the pack finished")
+        log.warning("%s came while the new shards were being moved in; the pack finished",
+                    "Ctrl-C" if signal.SIGINT in caught else "SIGTERM")
 
 
 def _check_compatible(out: Path, old: dict | None, manifest: dict, text_encoder: str | None) -> None:
@@ -321,8 +384,10 @@ def _load_one(index: int):
 
 def _init_pool_worker(source: Source, as_png: bool) -> None:
     # Ctrl-C reaches the whole process group: the parent stops the pool, the workers need not print
-    # a traceback each.
+    # a traceback each. SIGTERM is how the parent's pool.terminate() stops them: its default action
+    # (a forked worker inherits the parent's Terminated handler).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _init_worker(source, as_png)
 
 

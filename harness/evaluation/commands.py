@@ -22,7 +22,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trial", type=int, default=None,
                    help="index of the grid point (needed when the study has several)")
     p.add_argument("--checkpoint", default=None,
-                   help="a checkpoints/step-XXXXXXXX folder (default: the trial's newest checkpoint)")
+                   help="a checkpoints/step-XXXXXXXX folder (default: the trial's newest checkpoint whose EMA "
+                        "weights load, as a resumed trial chooses)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--no-log", action="store_true", help="print the metrics only; log nothing to MLflow")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")

@@ -2,7 +2,9 @@
 
 The EMA weights of the checkpoint go into the trial's model (harness/trial/build.py builds it as
 training does) and the Evaluator runs on them, alone or under torchrun (sampling spread over the
-ranks); rank 0 logs into the trial's MLflow run.
+ranks); rank 0 logs into the trial's MLflow run. The checkpoint is chosen as a resumed trial chooses
+one (harness/trial/checkpoint.py, choose_checkpoint): a newest tag whose EMA cannot be read or loaded
+is named in a warning and the next older one is used.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from harness.config import override_trial
 from harness.evaluation.evaluator import Evaluator
 from harness.tracking import STATUS_TAG, RunLogger, experiment_id, find_trial_run, open_trial_run, resolve_tracking_uri
 from harness.trial.build import build_trial
-from harness.trial.checkpoint import EMA_FILE, newest_checkpoint
+from harness.trial.checkpoint import EMA_FILE, choose_checkpoint, ema_unreadable, eval_candidates, step_of_checkpoint
 from harness.trial.distributed import DistInfo, setup_distributed
 from models.ema import EMA
 
@@ -26,7 +28,7 @@ def evaluate_checkpoint(trial, checkpoint: str | None = None, *, device: str | N
     """Evaluate a trial's EMA weights from a checkpoint; log into the trial's MLflow run (rank 0).
     `eval_overrides` ("eval.key=value") change the evaluation, not the trial whose checkpoint and run
     are used. Returns (metrics, images, run id)."""
-    path, step = newest_checkpoint(trial, checkpoint)
+    candidates = eval_candidates(trial, checkpoint)  # none at all: one line before anything is built
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist = setup_distributed(use_gpu=torch.cuda.is_available() and device != "cpu")
     else:
@@ -35,7 +37,15 @@ def evaluate_checkpoint(trial, checkpoint: str | None = None, *, device: str | N
     built = build_trial(trial, dist.device)
     model = built.denoiser
     ema = EMA(model, decay=trial.train.ema_decay)
-    ema.load_state_dict(torch.load(path / EMA_FILE, map_location="cpu", weights_only=True))
+
+    def load(tag_dir):
+        ema.load_state_dict(torch.load(tag_dir / EMA_FILE, map_location="cpu", weights_only=True))
+
+    hint = ("give another --checkpoint folder" if checkpoint else
+            "train the trial again (`ditscale train` / `ditscale sweep`) or pass --checkpoint")
+    path, _ = choose_checkpoint(candidates, dist, load, purpose="evaluated", hint=hint, check=ema_unreadable,
+                                named=f"--checkpoint {checkpoint}" if checkpoint else None)
+    step = step_of_checkpoint(path)
     ema.copy_to(model)
     model.to(dist.device).eval()
     evaluator = Evaluator(override_trial(trial, eval_overrides), built.info, built.conditioner, built.objective,

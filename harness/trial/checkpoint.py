@@ -2,6 +2,10 @@
 
     <trial folder>/checkpoints/step-XXXXXXXX/   DeepSpeed checkpoint + ema.pt (rank 0)
     <trial folder>/checkpoints/latest           DeepSpeed's pointer to the newest complete tag
+    <trial folder>/checkpoints/.saving-step-X/  a tag being written; renamed to step-X once complete
+
+A save that fails for want of space (torch.save's "enforce fail at inline_container.cc") or permission
+is one line naming the checkpoint folder; its partial files go with the hidden folder.
 
 The client state DeepSpeed stores with each tag carries the trial state (step, images seen, MLflow
 run, resumes) and every rank's RNG state, so a resumed trial continues where it stopped.
@@ -9,7 +13,8 @@ run, resumes) and every rank's RNG state, so a resumed trial continues where it 
 DeepSpeed unpickles its checkpoint files (weights_only=False): whoever can write into a checkpoint
 folder can run code in the trial that resumes from it. The trial folder and checkpoints/ are therefore
 created (and kept) mode 0700, whatever the umask. A newest tag that cannot be read (or is corrupt) is
-reported in one line and the trial resumes from the newest older one that can. After each complete
+reported in one line and the trial resumes from the newest older one that can (choose_checkpoint,
+which `ditscale eval` uses too). After each complete
 save, rank 0 keeps the newest `train.keep_checkpoints` tags (never the one just written, never the one
 `latest` names) and removes the others.
 """
@@ -23,14 +28,16 @@ import re
 import shutil
 import sys
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as tdist
 
 from harness.errors import UserError
+from harness.files import atomic_write_text, disk_full, not_writable_message, write_refused
 from harness.paths import checkpoint_root
 from harness.trial.distributed import DistInfo
 
@@ -38,6 +45,8 @@ EMA_FILE = "ema.pt"
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"step-(\d+)")
 PRUNING_PREFIX = ".pruning-"  # a tag being removed is renamed first: never half a tag under a step-* name
+SAVING_PREFIX = ".saving-"    # a tag being written: renamed to its step-* name once complete
+T = TypeVar("T")
 
 
 @dataclass
@@ -71,10 +80,15 @@ def _set_rng_state(state: dict) -> None:
 def prepare_checkpoint_root(root: Path) -> Path:
     """Create the trial folder and its checkpoints/ folder, both mode 0700 (chmod, so the umask does not
     matter; a folder that already exists, e.g. made by Ray or an older version, is tightened too)."""
-    for folder in (root.parent, root):
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if folder.stat().st_uid == os.geteuid():
-            os.chmod(folder, 0o700)
+    try:
+        for folder in (root.parent, root):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if folder.stat().st_uid == os.geteuid():
+                os.chmod(folder, 0o700)
+    except OSError as err:  # `ditscale train` checks this up front; a sweep's trial meets it here
+        if not write_refused(err):
+            raise
+        raise UserError(not_writable_message(root, "resources.storage", err.strerror or str(err))) from None
     return root
 
 
@@ -120,6 +134,8 @@ def prune_checkpoints(root: Path, keep: int, current: str, also_keep: Iterable[i
         removed.append(name)
     for leftover in root.glob(f"{PRUNING_PREFIX}*"):  # an earlier prune that was interrupted
         shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in root.glob(f"{SAVING_PREFIX}*"):  # saves cut short (this trial saves one tag at a time)
+        shutil.rmtree(leftover, ignore_errors=True)
     return removed
 
 
@@ -133,13 +149,27 @@ def save_checkpoint(engine, ema, dist: DistInfo, root: Path, state: TrialState, 
     tdist.all_gather_object(rng, _rng_state())
     client = {"step": state.step, "samples_seen": state.samples_seen, "run_id": state.run_id,
               "resumes": state.resumes, "min_loss": state.min_loss, "rng": rng}
-    # EMA first, then DeepSpeed: DeepSpeed writes `latest` last, so a crash in between never
-    # leaves `latest` pointing at a checkpoint without its EMA.
-    path = root / tag
-    if dist.is_main:
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save(ema.state_dict(), path / EMA_FILE)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client)
+    # Written under a hidden name, renamed to step-* when complete (every rank's files and the EMA;
+    # DeepSpeed's save ends with a barrier), then `latest` is pointed at it: a save cut short by a full
+    # disk, a crash or a kill leaves no step-* folder that resume or `ditscale eval` could take.
+    path, staging = root / tag, root / f"{SAVING_PREFIX}{tag}"
+    problem = None
+    try:
+        if dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # an earlier save of this step that was cut short
+        engine.save_checkpoint(str(root), tag=staging.name, client_state=client, save_latest=False)
+        if dist.is_main:
+            torch.save(ema.state_dict(), staging / EMA_FILE)
+            _publish(root, staging, tag)
+    except Exception as err:
+        problem = _save_problem(err, root, path)  # measured before the partial files go
+        if dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        if problem is None:
+            raise
+    problem = _agree(dist, problem)  # also holds the other ranks until rank 0 has renamed the tag
+    if problem is not None:
+        raise UserError(problem)
     if keep is not None and dist.is_main:
         try:
             prune_checkpoints(root, keep, tag, also_keep)
@@ -148,14 +178,45 @@ def save_checkpoint(engine, ema, dist: DistInfo, root: Path, state: TrialState, 
     return path
 
 
-def _candidates(root: Path, resume_from: dict | None) -> list[Path]:
+def _publish(root: Path, staging: Path, tag: str) -> None:
+    """Rename the complete `staging` folder to `tag` and point `latest` at it (atomically; DeepSpeed's
+    own save_latest writes the file in place). A folder of that step already there (left by a run that
+    fell back from a damaged newer tag) is replaced."""
+    final = root / tag
+    if final.exists():
+        doomed = root / f"{PRUNING_PREFIX}{tag}"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(final, doomed)
+        os.replace(staging, final)
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    atomic_write_text(root / LATEST, tag)
+
+
+def _save_problem(err: Exception, root: Path, path: Path) -> str | None:
+    """The one line for a save that failed for want of space or permission (None: another error, a bug).
+    A full disk reaches us from torch.save as "enforce fail at inline_container.cc" without an errno."""
+    if disk_full(err, root):
+        free = shutil.disk_usage(root).free if root.is_dir() else 0
+        return (f"checkpoint {path}: no space left on its disk ({free / 2**20:.1f} MiB free); free some space or "
+                "point resources.storage elsewhere, and the trial resumes from its last complete checkpoint")
+    if write_refused(err):
+        return not_writable_message(root, "resources.storage", err.strerror or str(err))
+    return None
+
+
+def _candidates(root: Path, resume_from: dict | None, without_pointer: bool = False) -> list[Path]:
     """Tag folders to resume from, newest first: the one `latest` names (else Ray's pointer), then the
-    older step-* tags of the trial folder that have their EMA. Empty: nothing was ever completed."""
+    older step-* tags of the trial folder that have their EMA. Empty: nothing was ever completed
+    (`without_pointer`: when neither pointer exists, every step-* tag with an EMA, for evaluation)."""
     if (root / LATEST).is_file():
         first = _latest_tag(root)
         first = root / first if first else None  # an unreadable `latest`: the step-* tags decide
     elif resume_from is not None:
         first = Path(resume_from["root"]) / resume_from["tag"]
+    elif without_pointer:
+        first = None
     else:
         return []
     below = _step_of(first.name) if first is not None else None
@@ -220,47 +281,75 @@ def resume(engine, ema, dist: DistInfo, root: Path, resume_from: dict | None) ->
     candidates = _candidates(root, resume_from)
     if not candidates:
         return TrialState()
+    _, state = choose_checkpoint(candidates, dist, lambda tag_dir: _load(engine, ema, dist, tag_dir),
+                                 purpose="resumed from", hint=f"move {root} away to train the trial from the start")
+    return state
+
+
+def choose_checkpoint(candidates: list[Path], dist: DistInfo, load: Callable[[Path], T], *, purpose: str, hint: str,
+                      check: Callable[[Path], str | None] = _unreadable, named: str | None = None) -> tuple[Path, T]:
+    """The first of `candidates` (newest first) that every rank can read (`check`) and `load`, with what
+    `load` returned: the one choice that resume and `ditscale eval` share. Those passed over are named
+    in one warning line each once a good one is found (a damaged newest tag: a truncated copy, a full
+    disk, a hand edit); when none is good, one UserError names them all, with `hint` (`named`: the
+    flag that named the one candidate, which the error then names instead)."""
     problems = []
     for tag_dir in candidates:
-        problem = _agree(dist, _unreadable(tag_dir))
+        problem = _agree(dist, check(tag_dir))
         if problem is None:
             try:
-                state = _load(engine, ema, dist, tag_dir)
+                loaded = load(tag_dir)
             except Exception as err:  # noqa: BLE001 - corrupt files fail in many ways (pickle, zip, shapes)
                 first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                state, problem = None, f"{type(err).__name__}: {first}"
+                problem = f"{type(err).__name__}: {first}"
             problem = _agree(dist, problem)
         if problem is None:
-            return state
-        problems.append(f"{tag_dir.name} ({problem})")
-        _warn(dist, f"checkpoint {tag_dir} cannot be resumed from ({problem}); "
-                    + ("trying the previous one" if tag_dir is not candidates[-1] else "no older checkpoint left"))
-    raise UserError(f"no checkpoint of this trial can be resumed from ({'; '.join(problems)}); move {root} "
-                    "away to train the trial from the start")
+            for skipped, why in problems:
+                _warn(dist, f"checkpoint {skipped} cannot be {purpose} ({why}); using {tag_dir.name}, the newest "
+                            "older one that can")
+            return tag_dir, loaded
+        problems.append((tag_dir, problem))
+    if named:
+        raise UserError(f"{named}: cannot be {purpose} ({'; '.join(why for _, why in problems)}); {hint}")
+    listed = "; ".join(f"{tag_dir.name} ({why})" for tag_dir, why in problems)
+    raise UserError(f"no checkpoint of this trial can be {purpose} ({listed}); {hint}")
 
 
-def newest_checkpoint(trial, checkpoint: str | None = None) -> tuple[Path, int]:
-    """(checkpoint folder, its step): `checkpoint` if given, else the trial's newest (DeepSpeed's
-    `latest` pointer, else the highest step-* folder with an ema.pt)."""
+def ema_unreadable(tag_dir: Path) -> str | None:
+    """Why the tag's EMA weights cannot be read (all `ditscale eval` needs), or None; cheap, as _unreadable."""
+    if not tag_dir.is_dir():
+        return "missing"
+    try:
+        with zipfile.ZipFile(tag_dir / EMA_FILE):
+            return None
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        return f"{EMA_FILE}: {getattr(err, 'strerror', None) or err}"
+
+
+def eval_candidates(trial, checkpoint: str | None = None) -> list[Path]:
+    """The checkpoint folders `ditscale eval` may use, newest first: `checkpoint` alone if given, else
+    the trial's as resume orders them (the tag `latest` names, then the older step-* tags with an EMA),
+    or every step-* tag with an EMA when there is no `latest` (weights saved by hand, a copied tag).
+    choose_checkpoint then takes the first good one."""
     if checkpoint:
         path = Path(checkpoint)
         if not (path / EMA_FILE).is_file():
             raise UserError(f"--checkpoint {checkpoint}: no {EMA_FILE} there (give a checkpoints/step-XXXXXXXX folder)")
-    else:
-        root = checkpoint_root(trial)
-        latest = root / "latest"
-        path = root / latest.read_text().strip() if latest.is_file() else None
-        if path is None or not (path / EMA_FILE).is_file():
-            found = sorted(p for p in root.glob("step-*") if (p / EMA_FILE).is_file())
-            if not found:
-                raise UserError(f"no checkpoint with EMA weights under {root}: train the trial first "
-                                "(`ditscale train` / `ditscale sweep`) or pass --checkpoint")
-            path = found[-1]
+        return [path]
+    root = checkpoint_root(trial)
+    found = _candidates(root, None, without_pointer=True)
+    if not found:
+        raise UserError(f"no checkpoint with EMA weights under {root}: train the trial first "
+                        "(`ditscale train` / `ditscale sweep`) or pass --checkpoint")
+    return found
+
+
+def step_of_checkpoint(path: Path) -> int:
+    """The step a checkpoint folder is named after (step-XXXXXXXX; 0 when its name has none)."""
     try:
-        step = int(path.name.rsplit("-", 1)[-1])
+        return int(path.name.rsplit("-", 1)[-1])
     except ValueError:
-        step = 0
-    return path, step
+        return 0
 
 
 BRANCH_MARKER = "branched_from.json"  # beside a branch's tags: {"trunk": trial id, "step": branch point}

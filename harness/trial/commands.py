@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from harness.config import expand_grid, load_study
+from harness.files import require_writable
 from harness.options import add_set_option, choose_trial
 from harness.tracking import check_tracking_uri, resolve_tracking_uri, set_study_file
 
@@ -19,6 +21,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     trial = choose_trial(trials, args.trial, "or run them all with `ditscale sweep`")
     uri = resolve_tracking_uri(trial.tracking.uri)
     check_tracking_uri(uri)
+    check_outputs(trial, uri)
     set_study_file(args.config)  # the runs table's Source column: the study file
     from harness.trial.loop import train_trial  # torch and DeepSpeed: only when a trial is trained
 
@@ -31,6 +34,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if link:
             print(f"MLflow UI, the study's training runs: {link}")
     return 0 if result.status in ("finished", "killed") else 1
+
+
+def check_outputs(trial, uri: str) -> None:
+    """The folders a trial writes, checked before anything is built (a read-only one was an OSError
+    traceback from deep in the loop): its trial folder under resources.storage, and a local MLflow
+    database's folder (SQLite also writes a journal beside the file)."""
+    from harness.paths import trial_dir
+
+    require_writable(trial_dir(trial), "resources.storage", shown=trial.resources.storage)
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///"):])
+        require_writable(database.parent, "tracking.uri", shown=database)
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
