@@ -541,6 +541,8 @@ def test_eval_command_logs_into_the_trials_run(digits_dir, tmp_path, lenet, monk
     assert "val_loss" in run.data.metrics and not any(k.startswith("fid") for k in run.data.metrics)
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert artifacts == ["samples/step-00000030_cfg1.5.png"]
+    # the FD carries its detector's identity, as a trained trial's does (the report never mixes detectors)
+    assert run.data.tags["ditscale.detector"].startswith("lenet@")
 
     # Evaluated again at the same step (as after a resume from the final checkpoint): the per-sample
     # losses are replaced, not appended to — doubled rows would pair each sample with its own copy and

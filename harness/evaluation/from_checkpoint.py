@@ -53,12 +53,13 @@ def evaluate_checkpoint(trial, checkpoint: str | None = None, *, device: str | N
     metrics, images = evaluator.run(model, step)
     run_id = None
     if log and dist.is_main:
-        run_id = log_evaluation(trial, metrics, images, step)
+        run_id = log_evaluation(trial, metrics, images, step, evaluator.tags())
     return metrics, images, run_id
 
 
-def log_evaluation(trial, metrics: dict, images: dict, step: int) -> str:
-    """Into the trial's MLflow run (found by its trial_id tag; created when there is none)."""
+def log_evaluation(trial, metrics: dict, images: dict, step: int, tags: dict | None = None) -> str:
+    """Into the trial's MLflow run (found by its trial_id tag; created when there is none), with the
+    evaluator's tags (the FD's detector identity, so the report never ranks FDs of different detectors)."""
     uri = resolve_tracking_uri(trial.tracking.uri)
     run = find_trial_run(uri, experiment_id(uri, trial.name), trial.trial_id)
     if run is not None:
@@ -68,6 +69,8 @@ def log_evaluation(trial, metrics: dict, images: dict, step: int) -> str:
         run_id = open_trial_run(trial, uri)
         logger = RunLogger(uri, run_id)
         logger.set_tag(STATUS_TAG, "evaluated")  # not trained here: a later sweep resumes it from the checkpoint
+    for key, value in (tags or {}).items():
+        logger.set_tag(key, value)
     logger.log_metrics(metrics, step)
     logger.log_evaluation_artifacts(images)
     return run_id
