@@ -3,7 +3,7 @@
     models, bench      harness/bench/commands.py
     data               harness/data/commands.py
     train              harness/trial/commands.py
-    sweep, slurm       harness/launch/commands.py
+    plan, sweep, slurm harness/launch/commands.py
     eval, assets       harness/evaluation/commands.py
     report             here (analysis/report.py)
 
@@ -20,7 +20,7 @@ from harness.bench.commands import add_bench, add_models
 from harness.data.commands import add_data
 from harness.errors import UserError
 from harness.evaluation.commands import add_assets, add_eval
-from harness.launch.commands import add_slurm, add_sweep
+from harness.launch.commands import add_plan, add_slurm, add_sweep
 from harness.tracking import redact
 from harness.trial.commands import add_train
 
@@ -60,7 +60,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditscale", description="Scaling studies of diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_models, add_data, add_bench, add_train, add_sweep, add_eval, _add_report, add_slurm, add_assets):
+    for add in (add_models, add_data, add_bench, add_train, add_plan, add_sweep, add_eval, _add_report, add_slurm,
+                add_assets):
         add(sub)
     return parser
 

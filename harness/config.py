@@ -1,7 +1,8 @@
 """The study file: schema, `--set` overrides, grid expansion and validation.
 
 A study is one YAML file (see experiments/). Everything outside `grid:` is a base value; `grid:`
-maps dotted keys to lists and every combination is a trial (minus the `exclude:` entries).
+maps dotted keys to lists and every combination is a trial (minus the `exclude:` entries); `points:`
+lists explicit trials (mappings of dotted keys), each combined with every grid combination.
 Every problem is reported before anything starts, one line each, with the dotted path of the field
 to change: schema errors through pydantic, cross-field rules (patch divides the image, batch
 divides across workers, shards exist, ...) per trial.
@@ -249,6 +250,9 @@ class TrialConfig(_Section):
 class Study(TrialConfig):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     exclude: list[dict[str, Any]] = Field(default_factory=list, description="grid points to leave out")
+    points: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "explicit trials, each a mapping of dotted keys to values (e.g. the (model.size, train.flops) pairs "
+        "`ditscale plan` writes): exactly these, combined with every point of `grid:` when there is one"))
 
 
 # --- dotted keys ---------------------------------------------------------------------------
@@ -383,8 +387,14 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     problems = [f"grid.{key}: not a study field" for key in study.grid if not _known_field(key)]
     problems += [f"grid.{key}: a grid axis needs a non-empty list of values"
                  for key, values in study.grid.items() if not isinstance(values, list) or not values]
+    point_keys = {key for point in study.points for key in point}
+    for i, point in enumerate(study.points):
+        problems += [f"points.{i}: an empty mapping; give dotted.key: value pairs"] if not point else []
+        problems += [f"points.{i}.{key}: not a study field" for key in point if not _known_field(key)]
+        problems += [f"points.{i}.{key}: also a grid axis; give it in one place" for key in point if key in study.grid]
     for i, entry in enumerate(study.exclude):
-        problems += [f"exclude.{i}.{key}: not a grid axis" for key in entry if key not in study.grid]
+        problems += [f"exclude.{i}.{key}: not a grid axis" for key in entry
+                     if key not in study.grid and key not in point_keys]
     if problems:
         raise StudyError(problems)
     trials = expand_grid(study, max_trials=max_trials)
@@ -401,7 +411,7 @@ def grid_size(study: Study) -> int:
     n = 1
     for values in study.grid.values():
         n *= len(values) if isinstance(values, list) else 1
-    return n
+    return n * max(1, len(study.points))
 
 
 def expand_grid(study: Study, max_trials: int | None = MAX_TRIALS) -> list[TrialConfig]:
@@ -409,14 +419,15 @@ def expand_grid(study: Study, max_trials: int | None = MAX_TRIALS) -> list[Trial
     More than `max_trials` points (None: no limit) is an error, found before anything is expanded."""
     n = grid_size(study)
     if max_trials is not None and n > max_trials:
-        axes = " x ".join(f"{len(v)} {k}" for k, v in study.grid.items() if isinstance(v, list))
+        axes = " x ".join([f"{len(v)} {k}" for k, v in study.grid.items() if isinstance(v, list)]
+                          + ([f"{len(study.points)} points"] if study.points else []))
         raise StudyError([(f"grid: {n:,} trials ({axes}) is more than --max-trials {max_trials:,}; "
                            "make the grid smaller or raise --max-trials")])
-    base = study.model_dump(mode="python", exclude={"grid", "exclude"})
+    base = study.model_dump(mode="python", exclude={"grid", "exclude", "points"})
     keys = list(study.grid)
     trials, problems = [], []
-    for values in itertools.product(*(study.grid[k] for k in keys)):
-        point = dict(zip(keys, values))
+    for values, extra in itertools.product(itertools.product(*(study.grid[k] for k in keys)), study.points or [{}]):
+        point = dict(zip(keys, values)) | extra  # `points:` entries: exactly these, at every grid point
         if any(all(point.get(k) == v for k, v in entry.items()) for entry in study.exclude):
             continue
         raw = copy.deepcopy(base)

@@ -20,10 +20,14 @@ from harness.tracking import redact_uri
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from harness.errors import UserError
     from harness.launch.sweep import run_sweep
 
+    if args.json and not args.dry_run:
+        raise UserError("--json: prints the planned trials, with --dry-run only")
     result = run_sweep(args.config, args.set, address=args.address, dry_run=args.dry_run,
-                       max_concurrent=args.max_concurrent, report=not args.no_report, max_trials=args.max_trials)
+                       max_concurrent=args.max_concurrent, report=not args.no_report, max_trials=args.max_trials,
+                       as_json=args.json)
     if result.get("stopped"):
         return 3  # stopped on request (stop file / Slurm warning signal): resumable
     return 1 if result.get("failed") else 0
@@ -36,7 +40,12 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
                    help="join an existing Ray cluster (auto | HOST:PORT | ray://...); from a machine that is not "
                         "one of its nodes, a Ray node with no CPUs is started here for the sweep. Every node must "
                         "see the study's files at the same paths. Default: start a local Ray")
-    p.add_argument("--dry-run", action="store_true", help="print the planned trials and start nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the planned trials and start nothing (the data need not be here: the counts come "
+                        "from the study's image size and channels)")
+    p.add_argument("--json", action="store_true",
+                   help="with --dry-run: the planned trials as JSON on stdout (trial id, model, parameters, budget, "
+                        "steps, images, ...); the table goes to stderr")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster fits)")
     p.add_argument("--no-report", action="store_true", help="skip the scaling report at the end")
     p.add_argument("--max-trials", type=int, default=MAX_TRIALS, metavar="N",
@@ -178,3 +187,52 @@ def add_slurm(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--timeout", type=float, default=300.0)
     s.add_argument("--watch-pid", type=int, action="append", default=[])
     s.set_defaults(func=_cmd_wait_ray)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from harness.launch.plan import write_plan
+
+    write_plan(args.base, args.budgets, args.center, args.from_report, args.exponent, args.sizes_per_budget,
+               args.spread, args.max_epochs, args.throughput, args.out, name=args.name,
+               report_group=args.report_group, argv=sys.argv[2:] if sys.argv[1:2] == ["plan"] else None)
+    return 0
+
+
+def add_plan(sub: argparse._SubParsersAction) -> None:
+    from harness.launch import planner
+
+    p = sub.add_parser(
+        "plan", help="write an isoFLOP study centred on a scaling law, and print what it costs",
+        description="Per budget C, K model sizes evenly in log N from N_opt(C)/F to N_opt(C)*F, "
+                    "N_opt(C) = N0 (C/C0)^A, each snapped to a geometry of the base's family; written as an "
+                    "ordinary study (`points:` lists the planned (size, budget) pairs). Compute is the harness's "
+                    "convention: training multiply-adds, 3 x forward x images, i.e. the logged train_gflops x 1e9, "
+                    "the value of train.flops. Starts nothing and needs no data.")
+    p.add_argument("--base", required=True, metavar="STUDY.yaml",
+                   help="the study whose data, objective, family, patch, train and eval settings the plan keeps")
+    p.add_argument("--budgets", required=True, metavar="C1,C2,...",
+                   help="training budgets, increasing, in FLOPs as train.flops counts them (multiply-adds: "
+                        "3 x forward x images = the logged train_gflops x 1e9)")
+    p.add_argument("--center", default=None, metavar="N0@C0",
+                   help="the law's anchor: N0 parameters are compute-optimal at C0 training FLOPs")
+    p.add_argument("--from-report", default=None, metavar="DIR",
+                   help="instead of --center: N_opt(C) fitted by a `ditscale report` folder (its fits.json: the "
+                        "isoFLOP law, else the L(N, D) surface's)")
+    p.add_argument("--report-group", default=None, help="with --from-report: which fitted group (e.g. DiT)")
+    p.add_argument("--exponent", type=float, default=planner.DEFAULT_EXPONENT, metavar="A",
+                   help=f"N_opt ∝ C^A with --center (default {planner.DEFAULT_EXPONENT}, Liang et al. 2024, "
+                        "arXiv 2410.08184)")
+    p.add_argument("--sizes-per-budget", type=int, default=planner.DEFAULT_SIZES, metavar="K",
+                   help=f"sizes per budget, at least 3 (default {planner.DEFAULT_SIZES}); with K >= 4 at least 2 "
+                        "sit below and 2 above N_opt(C)")
+    p.add_argument("--spread", type=float, default=planner.DEFAULT_SPREAD, metavar="F",
+                   help=f"sizes span N_opt/F .. N_opt*F (default {planner.DEFAULT_SPREAD:g})")
+    p.add_argument("--max-epochs", type=float, default=planner.DEFAULT_MAX_EPOCHS, metavar="E",
+                   help=f"warn for a trial that repeats its training split more often (default "
+                        f"{planner.DEFAULT_MAX_EPOCHS:g}; Muennighoff et al. 2023)")
+    p.add_argument("--throughput", default=None, metavar="FILE",
+                   help="YAML/JSON {model name or size: images/s of one trial}, or `ditscale bench --json` "
+                        "output: prints the estimated wall time")
+    p.add_argument("--name", default=None, help="the planned study's name (default: the base's)")
+    p.add_argument("--out", required=True, metavar="PLAN.yaml", help="the study file to write")
+    p.set_defaults(func=_cmd_plan)

@@ -2,14 +2,46 @@
 trial with its model, size, budget, length and compute. Starts nothing: no Ray, no MLflow.
 
 Budget trials (`train.flops`) get their step count here (harness/trial/budget.py), before anything runs.
+A plan needs no data: the counts take the image size and channels from the study, the number of classes
+from `data.num_classes` or the shards' dataset.json (else 1000), and the training split's size (for
+epochs) from dataset.json when it is here; `data_lines` says which.
+
+`ditscale plan` (write_plan) writes an isoFLOP study centred on a scaling law (harness/launch/planner.py)
+and prints what it costs.
 """
 
 from __future__ import annotations
 
-from harness.config import TrialConfig
+import contextlib
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from harness.checks import cooldown_steps
+from harness.config import StudyError, TrialConfig, expand_grid, load_study
+from harness.data.shards import shard_name, shard_urls
+from harness.errors import UserError
+from harness.files import atomic_write_text
+from harness.launch import planner
+from harness.launch.branches import plan_branches, plan_compute
 from harness.trial.budget import resolve_budgets
-from harness.trial.build import dataset_info
-from models.flops import training_gflops
+from harness.trial.build import _count_kwargs, dataset_info
+from models.flops import count_model, training_gflops
+from models.registry import model_name
+
+
+def train_images(trial: TrialConfig, manifest: dict) -> int | None:
+    """Images in the training split data.shards names, from dataset.json's per-shard counts (None: unknown)."""
+    counts = {s["name"]: s["count"] for split in (manifest or {}).get("splits", {}).values() for s in split["shards"]}
+    urls, missing = shard_urls(trial.data.shards)
+    names = [shard_name(u) for u in urls + missing]
+    if not names or any(n not in counts for n in names):
+        return None
+    return sum(counts[n] for n in names)
 
 
 def plan_rows(trials: list[TrialConfig]) -> list[dict]:
@@ -18,13 +50,15 @@ def plan_rows(trials: list[TrialConfig]) -> list[dict]:
     for i, trial in enumerate(trials):
         info = dataset_info(trial, need_manifest=False)
         images = trial.train.steps * trial.train.batch_size
+        split = train_images(trial, info.manifest)
         rows.append({
-            "trial": i, "trial_id": trial.trial_id, "model": trial.model_name,
+            "trial": i, "trial_id": trial.trial_id, "model": trial.model_name, "size": trial.model.size,
             "attention": trial.model.attention if trial.model.family == "mmdit" else "-",
             "objective": trial.objective.kind, "params": info.params, "budget": trial.train.flops,
             "steps": trial.train.steps, "batch": trial.train.batch_size, "images": images,
             "images_per_param": images / info.params, "fwd_gflops": info.forward_gflops,
             "train_gflops": training_gflops(info.forward_gflops, images),
+            "train_images": split, "epochs": images / split if split else None,
             "workers": trial.resources.workers_per_trial,
         })
     return rows
@@ -32,10 +66,225 @@ def plan_rows(trials: list[TrialConfig]) -> list[dict]:
 
 def print_plan(rows: list[dict]) -> None:
     print(f"{'#':>3} {'trial_id':<13}{'model':<15}{'attn':<6}{'objective':<15}{'params':>10}{'budget':>10}"
-          f"{'steps':>8}{'batch':>6}{'images':>10}{'img/param':>10}{'fwd GFLOPs':>11}{'train GFLOPs':>13}{'workers':>8}")
+          f"{'steps':>8}{'batch':>6}{'images':>10}{'img/param':>10}{'epochs':>8}{'fwd GFLOPs':>11}"
+          f"{'train GFLOPs':>13}{'workers':>8}")
     for r in rows:
         budget = f"{r['budget']:.3g}" if r["budget"] else "-"
+        epochs = f"{r['epochs']:.3g}" if r.get("epochs") else "?"
         print(f"{r['trial']:>3} {r['trial_id']:<13}{r['model']:<15}{r['attention']:<6}{r['objective']:<15}"
               f"{r['params'] / 1e6:>9.2f}M{budget:>10}{r['steps']:>8}{r['batch']:>6}{r['images']:>10}"
-              f"{r['images_per_param']:>10.3g}{r['fwd_gflops']:>11.4f}{r['train_gflops']:>13.4g}{r['workers']:>8}")
+              f"{r['images_per_param']:>10.3g}{epochs:>8}{r['fwd_gflops']:>11.4f}{r['train_gflops']:>13.4g}"
+              f"{r['workers']:>8}")
     print("GFLOPs and budgets are multiply-adds (DiT paper convention); training compute = 3 x forward x images.")
+
+
+JSON_KEYS = ("trial", "trial_id", "model", "size", "params", "budget", "steps", "batch", "images", "images_per_param",
+             "epochs", "train_gflops", "workers")
+
+
+def plan_output(as_json: bool):
+    """Where the human-readable plan goes: stdout, or stderr under --json (stdout holds only the JSON)."""
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+
+
+def plan_json(rows: list[dict]) -> str:
+    """`ditscale sweep --dry-run --json`: the planned trials, for scripts (budget in FLOPs, i.e. train.flops)."""
+    return json.dumps([{k: r.get(k) for k in JSON_KEYS} for r in rows], indent=1)
+
+
+def data_lines(trials: list[TrialConfig]) -> list[str]:
+    """One line per distinct data section: what the plan's counts took from where (data may be elsewhere)."""
+    out = {}
+    for trial in trials:
+        d = trial.data
+        key = (d.shards, d.image_size, d.channels, d.num_classes)
+        if key in out:
+            continue
+        info = dataset_info(trial, need_manifest=False)
+        urls, missing = shard_urls(d.shards)
+        split = train_images(trial, info.manifest)
+        classes = (f"{d.num_classes} classes (data.num_classes)" if d.num_classes else
+                   f"{info.num_classes} classes (dataset.json)" if info.manifest.get("num_classes") else
+                   f"{info.num_classes} classes assumed (no data.num_classes, no dataset.json)"
+                   if d.conditioning == "class" else "captions")
+        geometry = f"{d.channels}x{d.image_size}x{d.image_size} inputs (data.channels, data.image_size)"
+        if urls and not missing:
+            kind = info.manifest.get("kind", "pixels or latents: no dataset.json")
+            size = f"{split:,} training images" if split else "training split size unknown (no dataset.json)"
+            out[key] = f"data: {len(urls)} shard(s) here; counts from {geometry}, {kind}, {classes}; {size}"
+        else:
+            where = f"{len(missing)} of {len(urls) + len(missing)} shards" if urls else "no shard"
+            size = f"{split:,} training images (dataset.json)" if split else "epochs unknown"
+            out[key] = (f"data: {where} of data.shards here ({d.shards}): the plan takes {geometry} (latents or "
+                        f"pixels alike: the counts need only these), {classes}; {size}. The shards are checked "
+                        "when the study trains")
+    return list(out.values())
+
+
+# --- ditscale plan ------------------------------------------------------------------------------------
+
+
+# Grid axes the plan replaces with its points: the size, the length, and anything that sets them.
+_PLANNED_AXES = {"model.size", "model", "train.flops", "train.steps", "train"}
+# Grid axes the plan refuses: they change the geometry family or the counts (plan one at a time).
+_FIXED_AXES = ("model.family", "model.patch", "data", "data.image_size", "data.channels", "data.num_classes",
+               "data.shards", "data.text_encoder", "model.attention", "model.qk_norm")
+
+
+def _base_trial(study) -> TrialConfig:
+    bad = [axis for axis in study.grid if axis in _FIXED_AXES]
+    if bad:
+        raise UserError(f"--base: grid.{bad[0]} varies the geometry or the counts; plan one value at a time "
+                        "(a copy of the base study per value)")
+    raw = study.model_dump(mode="python", exclude={"grid", "exclude", "points"})
+    raw["train"].update(steps=1, flops=None)  # a stand-in length: only the geometry is counted here
+    return TrialConfig.model_validate(raw)
+
+
+def _params_of(trial: TrialConfig):
+    """size -> parameters of that size in this study (its image size, channels, classes, text geometry)."""
+    info = dataset_info(trial, need_manifest=False)
+    kwargs = _count_kwargs(trial, info.num_classes, info.text)
+
+    def params(size: str) -> int:
+        name = model_name(trial.model.family, size, trial.model.patch)
+        return count_model(name, input_size=trial.data.image_size, in_channels=trial.data.channels, **kwargs).params
+    return params
+
+
+def plan_study(base_raw: dict, points: list[dict], name: str | None) -> tuple[dict, list[str]]:
+    """The base study's mapping with its size/length axes replaced by `points:` (the other grid axes
+    stay: every point is trained at each of their combinations). Returns (study, notes)."""
+    raw = json.loads(json.dumps(base_raw))  # a deep copy of plain YAML data
+    notes = []
+    train = raw.setdefault("train", {})
+    train.pop("steps", None)
+    train.pop("flops", None)
+    grid = raw.get("grid") or {}
+    dropped = [k for k in grid if k in _PLANNED_AXES]
+    kept = {k: v for k, v in grid.items() if k not in _PLANNED_AXES}
+    if dropped:
+        notes.append(f"the base's grid.{', grid.'.join(dropped)} replaced by the planned points")
+    if kept:
+        notes.append(f"the base's grid.{', grid.'.join(kept)} kept: every planned point runs at each of their values")
+    raw.pop("grid", None)
+    if kept:
+        raw["grid"] = kept
+    if raw.get("exclude"):
+        raw["exclude"] = [e for e in raw["exclude"] if not set(e) & _PLANNED_AXES]
+        if not raw["exclude"]:
+            raw.pop("exclude")
+    raw.pop("points", None)
+    if name:
+        raw["name"] = name
+    raw["points"] = points
+    return raw, notes
+
+
+def wall_seconds(trials: list[TrialConfig], throughput: dict[str, float]) -> tuple[float, float, list]:
+    """(seconds of the independent trials, of the WSD-branched plan, models missing from `throughput`),
+    one trial after another at the given images/s per trial."""
+    def rate(trial):
+        return throughput.get(trial.model_name) or throughput.get(str(trial.model.size))
+
+    missing = sorted({t.model_name for t in trials if not rate(t)})
+    independent = sum(t.train.steps * t.train.batch_size / rate(t) for t in trials if rate(t))
+    trunks, alone = plan_branches(trials)
+    branched = sum(t.train.steps * t.train.batch_size / rate(t) for t in alone if rate(t))
+    for trunk in trunks:
+        r = rate(trunk.trial)
+        if r:
+            steps = trunk.trial.train.steps + sum(cooldown_steps(b.train) for b in trunk.branches)
+            branched += steps * trunk.trial.train.batch_size / r
+    return independent, branched, missing
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.3g} h" if seconds >= 3600 else f"{seconds / 60:.3g} min"
+
+
+def compute_lines(rows: list[dict], trials: list[TrialConfig], throughput: dict[str, float] | None) -> list[str]:
+    """The study's training compute, independent and branched, and its wall time from a throughput."""
+    per_step = {r["trial_id"]: r["train_gflops"] / r["steps"] for r in rows}
+    trunks, alone = plan_branches(trials)
+    for trunk in trunks:
+        per_step[trunk.trial.trial_id] = per_step[trunk.branches[0].trial_id]
+    branched, independent = plan_compute(trunks, alone, lambda t: per_step[t.trial_id])
+    lines = [f"training compute: {independent * 1e9:.4g} FLOPs as independent trials"]
+    if trunks:
+        lines[0] += (f"; {branched * 1e9:.4g} FLOPs with WSD branches ({len(trunks)} trunk(s), {branched / independent:.0%}"
+                     " of independent)")
+    else:
+        lines[0] += " (no WSD trunks: the base's train.schedule is not wsd, or train.branch is false)"
+    if throughput is not None:
+        alone_s, branched_s, missing = wall_seconds(trials, throughput)
+        line = f"wall time, one trial at a time: {_hours(alone_s)} independent"
+        line += f", {_hours(branched_s)} branched" if trunks else ""
+        if missing:
+            line += f"; no throughput for {', '.join(missing)} (not counted)"
+        lines.append(line)
+    return lines
+
+
+def write_plan(base: str, budgets: str, center: str | None, from_report: str | None, exponent: float,
+               sizes: int, spread: float, max_epochs: float, throughput: str | None, out: str,
+               name: str | None = None, report_group: str | None = None, argv: list[str] | None = None) -> dict:
+    """`ditscale plan`: flags checked first (one line each), then the study written to `out` only once it
+    loads and its budgets resolve (the file is ordinary: `ditscale sweep OUT` runs it)."""
+    budget_list = planner.parse_budgets(budgets)
+    planner.check_numbers(exponent, sizes, spread, max_epochs)
+    if (center is None) == (from_report is None):
+        raise UserError("--center: give --center N@C or --from-report DIR (one of them)")
+    if center is not None:
+        n0, c0 = planner.parse_center(center)
+        law = planner.Law(n0, c0, exponent, f"--center {center}, --exponent {exponent:g}")
+    else:
+        law = planner.law_from_report(from_report, report_group)
+    rates = planner.read_throughput(throughput) if throughput else None
+    out_path = Path(out)
+    if not out_path.parent.is_dir():
+        raise UserError(f"--out: folder {out_path.parent} does not exist")
+    study = load_study(base, check_files=False)
+    trial = _base_trial(study)
+    plans = planner.plan_budgets(law, budget_list, sizes, spread, trial.model.family, _params_of(trial))
+    raw, notes = plan_study(yaml.safe_load(Path(base).read_text()), planner.plan_points(plans), name)
+    text = _header(argv, law, trial.model.family, sizes, spread) + yaml.safe_dump(raw, sort_keys=False, width=110)
+    with tempfile.TemporaryDirectory() as scratch:  # the file as written must load and plan before it is kept
+        (Path(scratch) / out_path.name).write_text(text)
+        trials = expand_grid(load_study(Path(scratch) / out_path.name, check_files=False, max_trials=None),
+                             max_trials=None)
+        try:
+            rows = plan_rows(trials)
+        except StudyError as err:  # a budget too small for a planned size's schedule, ...: one line
+            more = f" (and {len(err.problems) - 1} more like it)" if len(err.problems) > 1 else ""
+            raise UserError(f"--budgets: a planned trial does not fit the base's train settings: {err.problems[0]}"
+                            f"{more}") from None
+    atomic_write_text(out_path, text)
+    _print_summary(law, plans, notes, rows, trials, rates, max_epochs, out_path, trial.model.family)
+    return {"trials": len(trials), "plans": plans, "rows": rows}
+
+
+def _header(argv: list[str] | None, law: planner.Law, family: str, sizes: int, spread: float) -> str:
+    command = "ditscale plan " + shlex.join(argv) if argv else "ditscale plan"
+    return (f"# Written by: {command}\n"
+            f"# N_opt(C) from {law.source}; C in training FLOPs (multiply-adds, 3 x forward x images).\n"
+            f"# {sizes} sizes per budget, evenly in log N over N_opt/{spread:g} .. N_opt*{spread:g}, snapped to "
+            f"{planner.SHAPE_RULES[family]}.\n"
+            "# `points:` lists each planned (model.size, train.flops) pair: `ditscale sweep --dry-run` shows them.\n")
+
+
+def _print_summary(law, plans, notes, rows, trials, rates, max_epochs, out_path, family) -> None:
+    print(f"N_opt(C) from {law.source}")
+    print(f"sizes snapped to {planner.SHAPE_RULES[family]}")
+    for p in plans:
+        sizes = ", ".join(f"{s} ({n / 1e6:.3g}M)" for n, s in p.sizes)
+        extra = f"; {'; '.join(p.notes)}" if p.notes else ""
+        print(f"budget {p.budget:.3g}: N_opt {p.n_opt / 1e6:.3g}M; {p.below} below, {p.above} above: {sizes}{extra}")
+    for note in notes:
+        print(f"note: {note}")
+    print_plan(rows)
+    for line in data_lines(trials) + compute_lines(rows, trials, rates):
+        print(line)
+    for line in planner.epochs_warnings(rows, max_epochs):
+        print(f"warning: {line}")
+    print(f"wrote {out_path} ({len(rows)} trials): ditscale sweep {shlex.quote(str(out_path))} --dry-run")

@@ -16,7 +16,7 @@ from harness.checks import ema_warnings
 from harness.config import MAX_TRIALS, TrialConfig, expand_grid, load_study
 from harness.launch.branches import Trunk, plan_branches, plan_compute
 from harness.launch.local_ray import max_concurrent_trials, start_ray, stop_ray
-from harness.launch.plan import plan_rows, print_plan
+from harness.launch.plan import data_lines, plan_json, plan_output, plan_rows, print_plan
 from harness.launch.study_lock import study_lock
 from harness.launch.tune_trial import run_tune_trial, storage_probe, trial_resources
 from harness.paths import stop_file
@@ -27,16 +27,23 @@ from harness.trial.engine import check_deepspeed_configs
 
 
 def run_sweep(config_path: str, overrides: list[str] = (), address: str | None = None, dry_run: bool = False,
-              max_concurrent: int | None = None, report: bool = True, max_trials: int | None = MAX_TRIALS) -> dict:
-    study = load_study(config_path, overrides, max_trials=max_trials)
+              max_concurrent: int | None = None, report: bool = True, max_trials: int | None = MAX_TRIALS,
+              as_json: bool = False) -> dict:
+    # The shards are checked only when something will train: a dry run plans where the data is not.
+    study = load_study(config_path, overrides, max_trials=max_trials, check_files=not dry_run)
     trials = expand_grid(study, max_trials=max_trials)
     rows = plan_rows(trials)
     trunks, _ = plan_branches(trials)
-    print_plan(rows)
-    print_branch_plan(trunks, rows)
-    for line in ema_warnings(trials):
-        print(f"warning: {line}")
+    with plan_output(as_json):  # --json: the table goes to stderr, stdout holds only the JSON
+        print_plan(rows)
+        print_branch_plan(trunks, rows)
+        for line in ema_warnings(trials):
+            print(f"warning: {line}")
+        for line in data_lines(trials) if dry_run else []:
+            print(line)
     if dry_run:
+        if as_json:
+            print(plan_json(rows))
         return {"planned": len(trials), "ran": 0}
     check_deepspeed_configs(trials)  # DeepSpeed's own config class, before anything starts
     with study_lock(trials[0]):  # one sweep of a study at a time
