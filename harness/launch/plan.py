@@ -246,7 +246,12 @@ def write_plan(base: str, budgets: str, center: str | None, from_report: str | N
         raise UserError(f"--out: folder {out_path.parent} does not exist")
     study = load_study(base, check_files=False)
     trial = _base_trial(study)
-    plans = planner.plan_budgets(law, budget_list, sizes, spread, trial.model.family, _params_of(trial))
+    try:
+        plans = planner.plan_budgets(law, budget_list, sizes, spread, trial.model.family, _params_of(trial))
+    except UserError as err:  # the centre came from the report: name the flag that gave it
+        if from_report is None or not str(err).startswith("--center:"):
+            raise
+        raise UserError("--from-report:" + str(err)[len("--center:"):]) from None
     raw, notes = plan_study(yaml.safe_load(Path(base).read_text()), planner.plan_points(plans), name)
     text = _header(argv, law, trial.model.family, sizes, spread) + yaml.safe_dump(raw, sort_keys=False, width=110)
     with tempfile.TemporaryDirectory() as scratch:  # the file as written must load and plan before it is kept
