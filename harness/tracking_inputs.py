@@ -78,7 +78,7 @@ def dataset_inputs(trial) -> list:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from harness.tracking import redact
+    from harness.credentials import redact
 
     inputs = []
     for field, split, context in _ROLES:
@@ -102,7 +102,7 @@ def log_dataset_inputs(client, run_id: str, trial) -> None:
     (the inputs describe the run, they are not needed to train it)."""
     import time
 
-    from harness.tracking import redact
+    from harness.credentials import redact
 
     def warn(err: Exception) -> None:
         print(redact(f"warning: the trial's datasets were not logged to MLflow run {run_id}: {type(err).__name__}: "
