@@ -140,7 +140,8 @@ def solve_weights_and_error(snapshots: Sequence[tuple[int, float]],
     x = torch.linalg.lstsq(a, b, driver="gelsd").solution[:, 0]
     total = x.sum()
     if not torch.isfinite(total) or abs(float(total)) < 1e-12:
-        raise ValueError(f"target {target}: the snapshots cannot express this profile (weights sum to {float(total):g})")
+        raise ValueError(f"target {target}: the snapshots cannot express this profile "
+                         f"(weights sum to {float(total):g})")
     x = x / total
     target_norm = profile_inner_product(t_r, g_r, t_r, g_r)
     residual = float(x @ a @ x - 2.0 * (x @ b[:, 0]) + target_norm)

@@ -6,13 +6,18 @@ tests/test_train.py::test_kill_and_resume_continues_the_same_run."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
-from models.phema import (PowerFunctionEMA, ema_beta, gamma_to_sigma_rel, sigma_rel_to_gamma, solve_weights,
-                          solve_weights_and_error)
+from models.phema import (
+    PowerFunctionEMA,
+    ema_beta,
+    gamma_to_sigma_rel,
+    sigma_rel_to_gamma,
+    solve_weights,
+    solve_weights_and_error,
+)
 
 
 def _walk(steps: int, every: int, tracked=(0.05, 0.10), direct=(0.07,), n=1000, seed=0):
@@ -120,3 +125,195 @@ def test_state_dict_round_trip_continues_identically():
         assert all(torch.equal(a["shadow"][k], b["shadow"][k]) for k in a["shadow"])
     with pytest.raises(ValueError, match="sigma_rels"):
         PowerFunctionEMA(model, (0.05, 0.2)).load_state_dict(saved)
+
+
+# -- in a trial folder ----------------------------------------------------------------------------------
+
+POSTHOC = {"ema_decay": 0.9999, "posthoc_ema": {"sigma_rels": [0.05, 0.10], "snapshot_every": 10}}
+
+
+def _snapshot_files(trial_dir) -> dict[str, object]:
+    return {p.name: p for p in sorted((trial_dir / "phema").glob("*.pt"))}
+
+
+def saved_posthoc_state(tmp_path, name: str, step: int) -> dict:
+    """What a SIGKILLed trial left at the checkpoint it will resume from (`step`): the post-hoc EMA state
+    in that checkpoint (read before the resumed run prunes it) and the bytes of its snapshots up to `step`."""
+    tag = next((tmp_path / "runs" / name).glob(f"*/checkpoints/step-{step:08d}"))
+    files = _snapshot_files(tag.parent.parent)
+    return {"state": torch.load(tag / "phema.pt", weights_only=True),
+            "files": {n: p.read_bytes() for n, p in files.items() if int(n[-11:-3]) <= step}}
+
+
+def check_snapshots_after_kill_and_resume(tmp_path, study, name: str, resumed_from: int, steps: int,
+                                          saved: dict) -> None:
+    """Called by tests/test_train.py::test_kill_and_resume_continues_the_same_run after its trial (train
+    POSTHOC, snapshot_every 10) was SIGKILLed and resumed from `resumed_from` to `steps`.
+
+    A resumed trial draws a fresh data stream (harness/trial/batches.py), so its weights after the resume
+    differ from an uninterrupted run's by design. What must hold: the snapshots up to the resumed checkpoint
+    are left as the killed run wrote them (which, by the seeded determinism test_same_seed_same_loss_history
+    checks, are an uninterrupted run's), and the state saved with that checkpoint is exactly those profiles
+    at that step; the resumed run continues them at the right step (a profile restarted at t = 1 fails the
+    step check in PosthocEMA.update) and leaves every snapshot step covered; snapshots the killed run wrote
+    after its checkpoint are rewritten. Then `ditscale ema reconstruct` writes a state dict that loads
+    strictly and evaluates."""
+    from harness.config import expand_grid, load_study
+    from harness.trial.build import build_trial
+    from tests.conftest import ditscale
+
+    trial_dir = next((tmp_path / "runs" / name).glob("*/phema")).parent
+    files = _snapshot_files(trial_dir)
+    assert sorted(files) == sorted(f"{s:g}-{n:08d}.pt" for s in (0.05, 0.1) for n in range(10, steps + 1, 10))
+    for path in files.values():
+        snap = torch.load(path, weights_only=True)
+        assert f"{snap['sigma_rel']:g}-{snap['step']:08d}.pt" == path.name
+    assert len(saved["files"]) == 2 * (resumed_from // 10)
+    for n, data in saved["files"].items():
+        assert files[n].read_bytes() == data, n
+    state = saved["state"]
+    assert state["num_updates"] == resumed_from and state["sigma_rels"] == [0.05, 0.1]
+    for k, s in enumerate((0.05, 0.1)):
+        last = torch.load(files[f"{s:g}-{resumed_from:08d}.pt"], weights_only=True)["shadow"]
+        assert all(torch.equal(state["shadows"][k][key], last[key]) for key in last)
+
+    out = tmp_path / "ema-0.07.pt"
+    plan = json.loads(ditscale("ema", "reconstruct", str(trial_dir), "--sigma-rel", "0.07", "--out", str(out),
+                               "--json", cwd=tmp_path).stdout)
+    assert plan["step"] == steps and len(plan["snapshots"]) == 2 * (steps // 10)
+    assert sum(s["weight"] for s in plan["snapshots"]) == pytest.approx(1.0, abs=1e-9)
+    trial = expand_grid(load_study(study))[0]
+    torch.manual_seed(0)
+    model = build_trial(trial, "cpu").denoiser
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    model.eval()
+    with torch.no_grad():
+        y = model(torch.randn(2, 1, 16, 16), torch.tensor([10.0, 500.0]), y=torch.tensor([1, 2]))
+    assert torch.isfinite(y).all()
+
+
+def _trial(sigma_rels=(0.05, 0.1), every=10, steps=35):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(sigma_rels=list(sigma_rels), snapshot_every=every)
+    return SimpleNamespace(train=SimpleNamespace(posthoc_ema=cfg, steps=steps))
+
+
+def _train_folder(trial_dir, steps=35, start=0, state=None, seed=0):
+    """A trial folder's post-hoc EMA as the training loop writes it (harness/trial/posthoc_ema.PosthocEMA),
+    for a small model whose weights take random steps; returns (the tracker, the model)."""
+    from harness.trial.posthoc_ema import PosthocEMA
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))  # a persistent buffer too
+    posthoc = PosthocEMA(_trial(steps=steps), trial_dir, model, is_main=True)
+    if state is not None:
+        posthoc.ema.load_state_dict(state)
+    for step in range(start + 1, steps + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        posthoc.update(model, step)
+    return posthoc, model
+
+
+def test_snapshots_in_a_trial_folder_and_their_reconstruction(tmp_path):
+    from harness.trial.posthoc_ema import plan_reconstruction, reconstruct
+
+    posthoc, model = _train_folder(tmp_path)
+    names = sorted(p.name for p in (tmp_path / "phema").iterdir())
+    assert names == ["0.05-00000010.pt", "0.05-00000020.pt", "0.05-00000030.pt", "0.05-00000035.pt",
+                     "0.1-00000010.pt", "0.1-00000020.pt", "0.1-00000030.pt", "0.1-00000035.pt", "profiles.json"]
+    assert json.loads((tmp_path / "phema" / "profiles.json").read_text())["dtype"] == "float32"
+    # A tracked profile at its own snapshot step comes back as that snapshot (weight ~1).
+    plan = plan_reconstruction(tmp_path, 0.1, 30)
+    assert [s.step for s in plan.snapshots] == [10, 20, 30, 10, 20, 30]
+    state = reconstruct(plan)
+    snap = torch.load(tmp_path / "phema" / "0.1-00000030.pt", weights_only=True)
+    for name, value in snap["shadow"].items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-5)
+    # The default step is the last (35, the trial's end); the result loads strictly into the model.
+    plan = plan_reconstruction(tmp_path, 0.07)
+    assert plan.step == 35 and len(plan.snapshots) == 8
+    model.load_state_dict(reconstruct(plan), strict=True)
+
+
+def test_a_wsd_branch_reads_its_trunks_snapshots_up_to_the_branch_point(tmp_path):
+    """harness/launch/branches.py seeds a branch with its trunk's checkpoint (phema.pt included) and leaves
+    checkpoints/branched_from.json: the branch's own snapshots start after the branch point."""
+    from harness.trial.posthoc_ema import plan_reconstruction
+
+    trunk, branch = tmp_path / "trunkid", tmp_path / "branchid"
+    posthoc, _ = _train_folder(trunk, steps=25)
+    (branch / "checkpoints").mkdir(parents=True)
+    (branch / "checkpoints" / "branched_from.json").write_text(json.dumps({"trunk": "trunkid", "step": 20}))
+    state = {k: v for k, v in posthoc.ema.state_dict().items()}
+    state["num_updates"] = 20  # the trunk's state at the branch point (the folder's profiles are at 25)
+    _train_folder(branch, steps=40, start=20, state=state)
+    plan = plan_reconstruction(branch, 0.07)
+    used = {(s.step, s.path.parent.parent.name) for s in plan.snapshots}
+    assert used == {(10, "trunkid"), (20, "trunkid"), (30, "branchid"), (40, "branchid")}
+
+
+def _cli(capsys, *args) -> tuple[int, list[str]]:
+    from harness.cli import main
+
+    rc = main(["ema", "reconstruct", *args])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_bad_input_is_one_line_naming_the_flag_or_file(tmp_path, capsys):
+    _train_folder(tmp_path / "t")
+    out = str(tmp_path / "r.pt")
+    cases = [
+        (["--sigma-rel", "0.5"], "--sigma-rel: 0.5 must be in (0, 0.3]"),
+        (["--sigma-rel", "0"], "--sigma-rel: 0.0 must be in (0, 0.3]"),
+        (["--sigma-rel", "0.07", "--step", "40"], "--step: 40 is beyond the last snapshot (step 35)"),
+        (["--sigma-rel", "0.07", "--step", "25"], "--step: 25 is not a snapshot step"),
+    ]
+    for args, message in cases:
+        rc, err = _cli(capsys, str(tmp_path / "t"), *args, "--out", out)
+        assert rc == 2 and len(err) == 1 and message in err[0], (args, err)
+    (tmp_path / "t" / "phema" / "0.1-00000020.pt").unlink()
+    rc, err = _cli(capsys, str(tmp_path / "t"), "--sigma-rel", "0.07", "--out", out)
+    assert rc == 2 and len(err) == 1 and "0.1-00000020.pt: snapshot missing" in err[0], err
+    (tmp_path / "t" / "phema" / "0.05-00000030.pt").write_bytes(b"truncated")
+    rc, err = _cli(capsys, str(tmp_path / "t"), "--sigma-rel", "0.05", "--step", "10", "--out", out)
+    assert rc == 0  # only steps <= 10 are read
+    rc, err = _cli(capsys, str(tmp_path / "t"), "--sigma-rel", "0.07", "--step", "35", "--out", out)
+    assert rc == 2 and len(err) == 1 and "snapshot missing" in err[0]
+    (tmp_path / "u").mkdir()
+    rc, err = _cli(capsys, str(tmp_path / "u"), "--sigma-rel", "0.07", "--out", out)
+    assert rc == 2 and len(err) == 1 and f"{tmp_path / 'u' / 'phema'}: no post-hoc EMA snapshots" in err[0], err
+    _train_folder(tmp_path / "v")
+    (tmp_path / "v" / "phema" / "0.05-00000030.pt").write_bytes(b"truncated")
+    rc, err = _cli(capsys, str(tmp_path / "v"), "--sigma-rel", "0.07", "--out", out)
+    assert rc == 2 and len(err) == 1 and "0.05-00000030.pt: unreadable snapshot" in err[0], err
+
+
+def test_study_fields(tmp_path):
+    """train.posthoc_ema: off by default (and then the trial id is as before the field existed); both it
+    and a non-default train.ema_decay, or too few snapshots, are one line naming the fields."""
+    from harness.config import StudyError, expand_grid, load_study
+    from tests.conftest import tiny_study, write_study
+
+    def load(train):
+        study = tiny_study(tmp_path, "p", train=train)
+        return expand_grid(load_study(write_study(tmp_path / "s.yaml", study), check_files=False))[0]
+
+    plain = load({})
+    assert "posthoc_ema" not in plain.identity()["train"] and not plain.train.posthoc_ema.sigma_rels
+    on = load(POSTHOC)
+    assert on.train.posthoc_ema.sigma_rels == [0.05, 0.1] and on.identity()["train"]["posthoc_ema"]
+    problems = {
+        "train.ema_decay / train.posthoc_ema": {**POSTHOC, "ema_decay": 0.99},
+        "train.posthoc_ema.snapshot_every: 16 leaves 1 snapshot(s)": {**POSTHOC, "posthoc_ema": {
+            "sigma_rels": [0.05], "snapshot_every": 16}},
+        "train.posthoc_ema.snapshot_every: required": {**POSTHOC, "posthoc_ema": {"sigma_rels": [0.05]}},
+        "train.posthoc_ema.sigma_rels.1:": {**POSTHOC, "posthoc_ema": {"sigma_rels": [0.05, 0.31],
+                                                                        "snapshot_every": 10}},
+    }
+    for expected, train in problems.items():
+        with pytest.raises(StudyError) as err:
+            load(train)
+        assert len(err.value.problems) == 1 and err.value.problems[0].startswith(expected), err.value.problems
