@@ -70,6 +70,33 @@ def check_schedule(train: TrainConfig) -> list[str]:
     elif train.schedule == "wsd" and train.warmup_steps + cooldown_steps(train) > train.steps:
         problems.append(f"train.cooldown_steps: warm-up ({train.warmup_steps}) + cooldown ({cooldown_steps(train)}) "
                         f"exceed train.steps ({train.steps})")
+    every = train.posthoc_ema.snapshot_every
+    if train.posthoc_ema.sigma_rels and every and train.steps // every < 2:
+        # A reconstruction combines snapshots taken at different steps; one per profile cannot move the width.
+        problems.append(f"train.posthoc_ema.snapshot_every: {every} leaves {train.steps // every} snapshot(s) per "
+                        f"profile in train.steps ({train.steps}); at least 2 are needed (at most {train.steps // 2})")
+    return problems
+
+
+def check_posthoc_ema(train: TrainConfig) -> list[str]:
+    """train.posthoc_ema against the rest of the train section (the snapshot count: check_schedule)."""
+    p, problems = train.posthoc_ema, []
+    if not p.sigma_rels:
+        if p.snapshot_every is not None:
+            problems.append("train.posthoc_ema.sigma_rels: give the profiles to track (e.g. [0.05, 0.10]) with "
+                            "train.posthoc_ema.snapshot_every")
+        return problems
+    if p.snapshot_every is None:
+        problems.append("train.posthoc_ema.snapshot_every: required with train.posthoc_ema.sigma_rels "
+                        "(optimizer steps between snapshots)")
+    names = [f"{s:g}" for s in p.sigma_rels]  # snapshot files are named after them
+    if len(set(names)) != len(names):
+        problems.append(f"train.posthoc_ema.sigma_rels: {p.sigma_rels} repeats a value")
+    default = type(train).model_fields["ema_decay"].default
+    if train.ema_decay != default:
+        # Choosing the EMA after training is the point: a fixed decay beside it would be a second answer.
+        problems.append(f"train.ema_decay / train.posthoc_ema: set one of them (train.ema_decay is {train.ema_decay}, "
+                        f"not its default {default}; post-hoc EMA chooses the width after training)")
     return problems
 
 
@@ -206,6 +233,7 @@ def check_trial(trial: TrialConfig, check_files: bool = True) -> list[str]:
         problems.append("train.cooldown / train.cooldown_steps: give one of them (a share of the steps or a count)")
     if t.schedule != "wsd" and (t.cooldown is not None or t.cooldown_steps is not None):
         problems.append(f"train.cooldown: only train.schedule: wsd has a cooldown (schedule is {t.schedule})")
+    problems += check_posthoc_ema(t)
     if check_files:
         for field in ("shards", "val_shards"):
             pattern = getattr(d, field)

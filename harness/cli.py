@@ -5,6 +5,7 @@
     train              harness/trial/commands.py
     plan, sweep, slurm harness/launch/commands.py
     eval, assets       harness/evaluation/commands.py
+    ema                harness/ema/commands.py
     report             here (analysis/report.py)
 
 Heavy imports (torch, Ray, DeepSpeed, MLflow) happen inside the handlers so that `ditscale --help`
@@ -18,6 +19,7 @@ import sys
 
 from harness.bench.commands import add_bench, add_models
 from harness.data.commands import add_data
+from harness.ema.commands import add_ema
 from harness.errors import UserError
 from harness.evaluation.commands import add_assets, add_eval
 from harness.launch.commands import add_plan, add_slurm, add_sweep
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditscale", description="Scaling studies of diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_models, add_data, add_bench, add_train, add_plan, add_sweep, add_eval, _add_report, add_slurm,
-                add_assets):
+                add_assets, add_ema):
         add(sub)
     return parser
 

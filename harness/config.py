@@ -16,7 +16,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,7 +32,8 @@ DEFAULT_BUDGET_DIVERGENCE = 3.0   # budget trials stop when the loss triples ove
 
 _ADDED_LATER = {  # section -> field -> the value that means "as before the field existed"
     "train": {"flops": None, "cooldown": None, "cooldown_steps": None, "cooldown_shape": "1-sqrt",
-              "divergence_factor": None, "save_at": []},
+              "divergence_factor": None, "save_at": [],
+              "posthoc_ema": {"sigma_rels": [], "snapshot_every": None}},
     "model": {"parametrization": "sp", "mup_base_width": 256},
     "eval": {"fd_spread_draws": 10},
 }
@@ -90,6 +91,18 @@ class ObjectiveConfig(_Section):
     shift_training: bool = Field(False, description="also shift the training timesteps")
 
 
+class PosthocEMAConfig(_Section):
+    """Post-hoc EMA (EDM2, Karras et al. 2024): power-function EMA profiles tracked during training, their
+    snapshots saved in the trial folder (harness/trial/posthoc_ema.py), any EMA width rebuilt afterwards
+    with `ditscale ema reconstruct`. Off while sigma_rels is empty."""
+
+    sigma_rels: list[Annotated[float, Field(gt=0, le=0.3, allow_inf_nan=False)]] = Field(
+        default_factory=list, description=("the tracked profiles' relative widths, each in (0, 0.3] (EDM2 tracks "
+                                           "0.05 and 0.10); empty: off"))
+    snapshot_every: int | None = Field(None, gt=0, description=(
+        "optimizer steps between snapshots of every profile (and one at the last step); at least 2 per trial"))
+
+
 class TrainConfig(_Section):
     steps: int | None = Field(None, gt=0, description="training steps (or train.flops)")
     flops: float | None = Field(None, gt=0, description=(
@@ -119,6 +132,8 @@ class TrainConfig(_Section):
     activation_checkpointing: bool = False
     ema_decay: float = Field(0.9999, ge=0, le=1)
     ema_warmup: bool = False
+    posthoc_ema: PosthocEMAConfig = Field(default_factory=PosthocEMAConfig, description=(
+        "post-hoc EMA: {sigma_rels: [0.05, 0.10], snapshot_every: N}; replaces choosing train.ema_decay"))
     checkpoint_every: int = Field(1000, gt=0)
     keep_checkpoints: int = Field(2, ge=1, description="newest DeepSpeed checkpoints kept in the trial folder")
     save_at: list[int] = Field(default_factory=list, description=(

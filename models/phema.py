@@ -192,12 +192,13 @@ class PowerFunctionEMA:
         step = self.num_updates + 1
         betas = [ema_beta(step, g) for g in self.gammas]
         names, params = self._named(model)
+        first = self.shadows[0]
         with self._reading(params):
-            for name, p in zip(names, params):
-                value = p.detach()
-                for shadow, beta in zip(self.shadows, betas):
-                    target = shadow[name]
-                    target.lerp_(value.to(device=target.device, dtype=target.dtype), 1.0 - beta)
+            # Each weight converted once, then one fused lerp per profile over all tensors (a per-tensor loop
+            # cost ~50 ms per step for two profiles of DiT-d4w128 on a CPU).
+            values = [p.detach().to(device=first[n].device, dtype=first[n].dtype) for n, p in zip(names, params)]
+            for shadow, beta in zip(self.shadows, betas):
+                torch._foreach_lerp_([shadow[n] for n in names], values, 1.0 - beta)
         self.num_updates = step
         return betas
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ditscale, tiny_study, write_study
+from tests.test_phema import POSTHOC, check_snapshots_after_kill_and_resume, saved_posthoc_state
 
 
 def _runs(uri: str, experiment: str):
@@ -89,7 +90,7 @@ def test_torchrun_two_ranks_loss_falls_and_checkpoints(tmp_path, digits_dir, sta
 def test_kill_and_resume_continues_the_same_run(tmp_path, digits_dir):
     name = "resume"
     study = write_study(tmp_path / "s.yaml", tiny_study(
-        digits_dir, name, train={"steps": 300, "checkpoint_every": 10, "log_every": 5}))
+        digits_dir, name, train={"steps": 300, "checkpoint_every": 10, "log_every": 5, **POSTHOC}))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", str(study)], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -106,6 +107,7 @@ def test_kill_and_resume_continues_the_same_run(tmp_path, digits_dir):
     assert len(runs) == 1 and runs[0].data.tags["ditscale.status"] == "running"
     resumed_from = int(_checkpoints(tmp_path / "runs", name)[-1].split("-")[1])
     assert resumed_from < 300
+    saved_phema = saved_posthoc_state(tmp_path, name, resumed_from)  # before the resumed run prunes it
 
     out = ditscale("train", str(study), cwd=tmp_path).stdout
     assert "finished at step 300" in out
@@ -115,6 +117,8 @@ def test_kill_and_resume_continues_the_same_run(tmp_path, digits_dir):
     after = [s for s in steps if s > resumed_from]
     assert after and after[0] == resumed_from + 5 and steps[-1] == 300, steps
     assert runs[0].data.tags["ditscale.status"] == "finished"
+    # Post-hoc EMA (train.posthoc_ema) across the kill, then `ditscale ema reconstruct`: tests/test_phema.py.
+    check_snapshots_after_kill_and_resume(tmp_path, study, name, resumed_from, 300, saved_phema)
 
 
 _FAIL_FINAL_EVAL = """

@@ -40,6 +40,7 @@ from harness.errors import UserError
 from harness.files import atomic_write_text, disk_full, not_writable_message, write_refused
 from harness.paths import checkpoint_root
 from harness.trial.distributed import DistInfo
+from harness.trial.posthoc_ema import load_phema, save_phema
 
 EMA_FILE = "ema.pt"
 LATEST = "latest"
@@ -140,7 +141,7 @@ def prune_checkpoints(root: Path, keep: int, current: str, also_keep: Iterable[i
 
 
 def save_checkpoint(engine, ema, dist: DistInfo, root: Path, state: TrialState, keep: int | None = None,
-                    also_keep: Iterable[int] = ()) -> Path:
+                    also_keep: Iterable[int] = (), phema=None) -> Path:
     """DeepSpeed checkpoint on all ranks; EMA (replicated) written by rank 0 beside it. With `keep`,
     rank 0 then prunes the trial's older tags but those of `also_keep` (prune_checkpoints; DeepSpeed's
     save ends with a barrier, so every rank has finished writing by then)."""
@@ -160,6 +161,7 @@ def save_checkpoint(engine, ema, dist: DistInfo, root: Path, state: TrialState, 
         engine.save_checkpoint(str(root), tag=staging.name, client_state=client, save_latest=False)
         if dist.is_main:
             torch.save(ema.state_dict(), staging / EMA_FILE)
+            save_phema(phema, staging)  # post-hoc EMA profiles (train.posthoc_ema), when tracked
             _publish(root, staging, tag)
     except Exception as err:
         problem = _save_problem(err, root, path)  # measured before the partial files go
@@ -259,17 +261,18 @@ def _agree(dist: DistInfo, problem: str | None) -> str | None:
     return next((f"rank {rank}: {p}" for rank, p in enumerate(found) if p is not None), None)
 
 
-def _load(engine, ema, dist: DistInfo, tag_dir: Path) -> TrialState:
+def _load(engine, ema, dist: DistInfo, tag_dir: Path, phema=None) -> TrialState:
     path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None or client is None:
         raise RuntimeError("DeepSpeed found no checkpoint there")
     ema.load_state_dict(torch.load(tag_dir / EMA_FILE, weights_only=True, map_location="cpu"))
+    load_phema(phema, tag_dir)
     _set_rng_state(client["rng"][dist.rank] if dist.rank < len(client["rng"]) else client["rng"][0])
     return TrialState(step=client["step"], samples_seen=client["samples_seen"], run_id=client.get("run_id"),
                       resumes=client.get("resumes", 0) + 1, min_loss=client.get("min_loss", math.inf))
 
 
-def resume(engine, ema, dist: DistInfo, root: Path, resume_from: dict | None) -> TrialState:
+def resume(engine, ema, dist: DistInfo, root: Path, resume_from: dict | None, phema=None) -> TrialState:
     """Load the newest checkpoint, if any, into the engine, the EMA and the RNGs; its trial state
     (resumes counted up), else a fresh state.
 
@@ -281,7 +284,7 @@ def resume(engine, ema, dist: DistInfo, root: Path, resume_from: dict | None) ->
     candidates = _candidates(root, resume_from)
     if not candidates:
         return TrialState()
-    _, state = choose_checkpoint(candidates, dist, lambda tag_dir: _load(engine, ema, dist, tag_dir),
+    _, state = choose_checkpoint(candidates, dist, lambda tag_dir: _load(engine, ema, dist, tag_dir, phema),
                                  purpose="resumed from", hint=f"move {root} away to train the trial from the start")
     return state
 

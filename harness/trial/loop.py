@@ -26,13 +26,14 @@ import torch.distributed as tdist
 from harness.config import TrialConfig
 from harness.evaluation.evaluator import Evaluator
 from harness.hardware import achieved_tflops, peak_tflops
-from harness.paths import checkpoint_root, stop_file
+from harness.paths import checkpoint_root, stop_file, trial_dir
 from harness.tracking import RunLogger, open_trial_run, resolve_tracking_uri
 from harness.trial.batches import TrainBatches
 from harness.trial.build import build_trial
 from harness.trial.checkpoint import TrialState, came_from_trunk, prepare_checkpoint_root, resume, save_checkpoint
 from harness.trial.distributed import DistInfo, broadcast_object, setup_distributed
 from harness.trial.engine import build_engine
+from harness.trial.posthoc_ema import PosthocEMA
 from harness.trial.startup import StartupPhases
 from harness.trial.stopping import StopRequests
 from models.ema import EMA
@@ -88,9 +89,11 @@ def train_trial(
     _register_input_cast(engine.module)
     gather = _zero3_gather if trial.train.zero_stage == 3 else None
     ema = EMA(engine.module, decay=trial.train.ema_decay, warmup=trial.train.ema_warmup, gather=gather)
+    posthoc = (PosthocEMA(trial, trial_dir(trial), engine.module, dist.is_main, gather=gather)
+               if trial.train.posthoc_ema.sigma_rels else None)  # train.posthoc_ema: EDM2's profiles, snapshots
     evaluator = Evaluator(trial, built.info, built.conditioner, built.objective, dist)
 
-    state = resume(engine, ema, dist, ckpt_root, resume_from)
+    state = resume(engine, ema, dist, ckpt_root, resume_from, phema=posthoc.ema if posthoc else None)
     if came_from_trunk(ckpt_root, state.step):
         state.run_id = None  # the trunk's run: a branch logs into its own
     state.run_id = run_id or state.run_id
@@ -116,7 +119,7 @@ def train_trial(
 
     batches = TrainBatches(trial, built.conditioner, dist, resume_count=state.resumes)
     trainer = Trainer(trial, dist, engine, scheduler, ema, built.objective, batches, evaluator, logger, report,
-                      state, phases, built.info.forward_gflops)
+                      state, phases, built.info.forward_gflops, posthoc=posthoc)
     status = "finished"
     try:
         with StopRequests(stop_file(trial), dist, should_stop) as stops:
@@ -172,11 +175,12 @@ class Trainer:
 
     def __init__(self, trial: TrialConfig, dist: DistInfo, engine, scheduler, ema: EMA, objective,
                  batches: TrainBatches, evaluator: Evaluator, logger: RunLogger | None, report: Report | None,
-                 state: TrialState, phases: StartupPhases, forward_gflops: float):
+                 state: TrialState, phases: StartupPhases, forward_gflops: float, posthoc: PosthocEMA | None = None):
         self.trial, self.dist, self.engine, self.scheduler, self.ema = trial, dist, engine, scheduler, ema
         self.objective, self.batches, self.evaluator, self.logger, self.report = (
             objective, batches, evaluator, logger, report)
         self.state, self.phases, self.forward_gflops = state, phases, forward_gflops
+        self.posthoc = posthoc
         self.cfg = trial.train
         self.peak = peak_tflops(dist.device, self.cfg.precision)
         self.window = ThroughputWindow(dist)
@@ -205,7 +209,8 @@ class Trainer:
             checkpoint = None
             if state.step % cfg.checkpoint_every == 0 or final or stopping or state.step in cfg.save_at:
                 checkpoint = save_checkpoint(self.engine, self.ema, self.dist, self.ckpt_root, state,
-                                             keep=cfg.keep_checkpoints, also_keep=cfg.save_at)
+                                             keep=cfg.keep_checkpoints, also_keep=cfg.save_at,
+                                             phema=self.posthoc.ema if self.posthoc else None)
             evaluated = not stopping and self.evaluator.due(state.step, final=final)
             if evaluated:  # every rank: sampling is spread over them
                 eval_started = time.perf_counter()
@@ -235,6 +240,8 @@ class Trainer:
         self.state.samples_seen += self.cfg.batch_size
         self.window.samples += self.cfg.batch_size
         self.ema.update(self.engine.module)
+        if self.posthoc is not None:  # every rank (a ZeRO-3 gather); rank 0 writes its snapshots
+            self.posthoc.update(self.engine.module, self.state.step)
         if first:
             self.phases.mark("first_step")
             self.last["startup_s"] = self.phases.total()

@@ -270,7 +270,7 @@ def reconstruct(plan: Plan) -> dict[str, torch.Tensor]:
         elif {k: v.shape for k, v in shadow.items()} != reference:
             raise UserError(f"{snap.path}: its parameters differ from those of {plan.snapshots[0].path}")
         for name, value in shadow.items():
-            total[name].add_(value.to(torch.float64), alpha=snap.weight)
+            total[name].add_(value, alpha=snap.weight)  # promoted to float64 in place
         buffers = data.get("buffers") or {}
     out = {name: value.to(torch.float32) for name, value in total.items()}
     out.update(buffers)
