@@ -18,6 +18,7 @@ from pathlib import Path
 from harness.tracking import resolve_tracking_uri, safe_folder_name
 
 CHECKPOINTS = "checkpoints"
+BRANCH_MARKER = "branched_from.json"  # in a WSD branch's checkpoints/: {"trunk": trial id, "step": branch point}
 STOP_FILE_NAME = "STOP"
 REPORTS = "reports"
 

@@ -38,7 +38,7 @@ import torch.distributed as tdist
 
 from harness.errors import UserError
 from harness.files import atomic_write_text, disk_full, not_writable_message, write_refused
-from harness.paths import checkpoint_root
+from harness.paths import BRANCH_MARKER, checkpoint_root
 from harness.trial.distributed import DistInfo
 from harness.trial.posthoc_ema import load_phema, save_phema
 
@@ -355,7 +355,6 @@ def step_of_checkpoint(path: Path) -> int:
         return 0
 
 
-BRANCH_MARKER = "branched_from.json"  # beside a branch's tags: {"trunk": trial id, "step": branch point}
 
 
 def came_from_trunk(root: Path, step: int) -> bool:

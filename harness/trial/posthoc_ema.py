@@ -32,6 +32,7 @@ import torch
 
 from harness.errors import UserError
 from harness.files import atomic_write, atomic_write_text, disk_full, not_writable_message, write_refused
+from harness.paths import BRANCH_MARKER
 from models.phema import PowerFunctionEMA, check_sigma_rel, sigma_rel_to_gamma, solve_weights_and_error
 
 PHEMA_DIR = "phema"
@@ -174,8 +175,6 @@ def _found_steps(folder: Path, sigma_rel: float) -> set[int]:
 
 def _trunk(trial_dir: Path) -> tuple[Path, int] | None:
     """(the trunk's snapshot folder, the branch point) of a WSD branch, else None."""
-    from harness.trial.checkpoint import BRANCH_MARKER  # DeepSpeed-free, but keeps this module light
-
     marker = trial_dir / "checkpoints" / BRANCH_MARKER
     if not marker.is_file():
         return None
