@@ -27,7 +27,7 @@ from harness.errors import UserError
 from harness.tracking import redact_uri
 from models.registry import model_name as preset_name
 
-DEFAULT_BUDGET_DIVERGENCE = 3.0   # budget trials stop when the loss triples over its running minimum
+DEFAULT_BUDGET_DIVERGENCE = 3.0   # budget trials stop when the smoothed loss triples over its minimum
 
 
 _ADDED_LATER = {  # section -> field -> the value that means "as before the field existed"
@@ -105,7 +105,7 @@ class PosthocEMAConfig(_Section):
 
 class TrainConfig(_Section):
     steps: int | None = Field(None, gt=0, description="training steps (or train.flops)")
-    flops: float | None = Field(None, gt=0, description=(
+    flops: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
         "training compute budget instead of train.steps, counted as the logged train_gflops is (multiply-adds: "
         "3 x forward x images, the DiT paper's convention): steps = flops / (3 x forward x batch_size), rounded"))
     batch_size: int = Field(gt=0, description="global batch size")
@@ -124,8 +124,9 @@ class TrainConfig(_Section):
         "wsd: trials that differ only in train.steps/train.flops share one constant-LR trunk and branch their "
         "cooldowns from it (one long run gives every budget)"))
     divergence_factor: float | None = Field(None, gt=1, description=(
-        "stop the trial as diverged when its logged loss exceeds this multiple of its running minimum "
-        "(default: off for train.steps, 3 for train.flops); a non-finite loss always stops it"))
+        "stop the trial as diverged when its loss, averaged over ~50 steps (harness/trial/divergence.py), exceeds "
+        "this multiple of that average's minimum (default: off for train.steps, 3 for train.flops); a non-finite "
+        "loss always stops it"))
     grad_clip: float | None = Field(None, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     zero_stage: int = Field(2, ge=0, le=3)
@@ -139,7 +140,9 @@ class TrainConfig(_Section):
     save_at: list[int] = Field(default_factory=list, description=(
         "extra checkpoint steps, kept (the sweep sets them on a WSD trunk: its branch points)"))
     log_every: int = Field(10, gt=0)
-    seed: int = 0
+    # What numpy's global seed accepts (np.random.seed: 0 <= seed < 2**32); torch's per-rank seed
+    # (seed x 1000 + rank + 1, harness/trial/loop.py) then stays inside its 64-bit range too.
+    seed: int = Field(0, ge=0, lt=2**32, description="model initialisation, noise and data order: 0 <= seed < 2**32")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config merged last")
 
 
@@ -151,14 +154,15 @@ class EvalConfig(_Section):
     sampler: Literal["auto", "ddpm", "ddim", "euler", "heun"] = Field(
         "auto", description="auto: ddpm for objective ddpm, euler for rectified_flow")
     sampling_steps: int = Field(250, gt=0)
-    cfg_scale: list[float] = Field(default_factory=lambda: [1.0, 1.5])
+    # Finite: a NaN scale would sample NaN images and log a metric named fd_*_cfgnan.
+    cfg_scale: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=lambda: [1.0, 1.5])
     val_batches: int = Field(4, ge=0, description="validation-loss batches (fixed timesteps and noise)")
     feature_extractor: Literal["auto", "inception", "lenet", "shapesdet"] = Field(
         "auto", description="auto: Inception when its weights are present, else a named stand-in (fd_<name>)")
     batch_size: int = Field(64, gt=0, description="images per sampling / validation batch on each worker")
     reference_split: Literal["train", "val"] = Field("train", description="real images of the FID reference")
     reference_samples: int | None = Field(None, gt=1, description="reference images (default: the split, <= 50,000)")
-    seed: int = Field(0, description="evaluation noise, labels and timesteps (the same for every trial)")
+    seed: int = Field(0, ge=0, lt=2**32, description="evaluation noise, labels and timesteps (the same for every trial)")
 
 
 class ResourcesConfig(_Section):

@@ -126,20 +126,26 @@ def test_dry_run_prints_budgets_steps_images_and_the_branched_compute(digits_dir
 def test_branches_match_standalone_and_divergence_is_a_concluded_status(digits_dir, tmp_path):
     """Two WSD lengths branched from one trunk on real Ray + DeepSpeed: each branch is its own MLflow
     trial run (tag branch_of = the trunk), with the same params as a standalone trial, and ends at the
-    validation loss of the same trial trained standalone, within that trial's run-to-run noise."""
+    validation loss of the same trial trained standalone, within that trial's run-to-run noise.
+    Issue 26: a second trunk (learning rate far too high) diverges, and its branches conclude as
+    `diverged (trunk <id>)`, not as errors (the sweep exits 0); a finished trunk whose checkpoints were
+    deleted is trained again when a branch still needs them."""
+    import shutil
+
     import mlflow
 
     train = {"steps": 60, "schedule": "wsd", "warmup_steps": 5, "cooldown": 0.25, "lr": 2e-3, "log_every": 5,
-             "checkpoint_every": 1000}
+             "checkpoint_every": 1000, "divergence_factor": 3.0}
     ev = {"val_batches": 2, "batch_size": 64}
-    branched = tiny_study(digits_dir, "branches", train=train, eval=ev, grid={"train.steps": [40, 60]})
+    branched = tiny_study(digits_dir, "branches", train=train, eval=ev,
+                          grid={"train.steps": [40, 60], "train.lr": [2e-3, 50.0]})
     # The standalone trials share their sweep with a trial whose learning rate is far too high: it must
     # stop as diverged while the sweep goes on (one Ray start-up for both checks).
-    alone = tiny_study(digits_dir, "branches-alone", train={**train, "branch": False, "divergence_factor": 3.0},
+    alone = tiny_study(digits_dir, "branches-alone", train={**train, "branch": False},
                        eval=ev, grid={"train.steps": [60], "train.seed": [0, 1], "train.lr": [2e-3, 50.0]},
                        exclude=[{"train.seed": 1, "train.lr": 50.0}])
     paths = {study["name"]: write_study(tmp_path / f"{study['name']}.yaml", study) for study in (branched, alone)}
-    ditscale("sweep", str(paths["branches"]), "--no-report", cwd=tmp_path, timeout=1500)
+    ditscale("sweep", str(paths["branches"]), "--no-report", cwd=tmp_path, timeout=1500)  # exits 0
     first = ditscale("sweep", str(paths["branches-alone"]), "--no-report", cwd=tmp_path, timeout=1500, check=False)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
@@ -148,11 +154,18 @@ def test_branches_match_standalone_and_divergence_is_a_concluded_status(digits_d
         return client.search_runs([exp.experiment_id], filter_string="tags.trial_id != ''")
 
     got = runs("branches")
-    trunk = [r for r in got if r.data.tags.get("ditscale.role") == "trunk"]
-    branches = [r for r in got if "branch_of" in r.data.tags]
-    assert len(trunk) == 1 and len(branches) == 2 and len(got) == 3
+    healthy = [r for r in got if r.data.params["train.lr"] != "50.0"]
+    trunk = [r for r in healthy if r.data.tags.get("ditscale.role") == "trunk"]
+    branches = [r for r in healthy if "branch_of" in r.data.tags]
+    assert len(trunk) == 1 and len(branches) == 2 and len(healthy) == 3 and len(got) == 6
     assert {r.data.tags["branch_of"] for r in branches} == {trunk[0].data.tags["trial_id"]}
-    assert all(r.data.tags["ditscale.status"] == "finished" for r in got)
+    assert all(r.data.tags["ditscale.status"] == "finished" for r in healthy)
+    # The diverged trunk's branches: concluded as diverged, naming the trunk, each in its own run.
+    (bad_trunk,) = [r for r in got if r.data.params["train.lr"] == "50.0" and r.data.tags.get("ditscale.role") == "trunk"]
+    bad_id = bad_trunk.data.tags["trial_id"]
+    assert bad_trunk.data.tags["ditscale.status"].startswith("diverged: "), bad_trunk.data.tags
+    bad_branches = [r for r in got if r.data.tags.get("branch_of") == bad_id]
+    assert [r.data.tags["ditscale.status"] for r in bad_branches] == [f"diverged (trunk {bad_id})"] * 2
     alone_runs = runs("branches-alone")
     standalone = {int(r.data.params["train.seed"]): r for r in alone_runs if r.data.params["train.lr"] != "50.0"}
     assert set(branches[0].data.params) == set(standalone[0].data.params), "a branch has a standalone trial's params"
@@ -164,13 +177,36 @@ def test_branches_match_standalone_and_divergence_is_a_concluded_status(digits_d
           f"{standalone[0].data.metrics['val_loss']:.4f}, seed 1 {standalone[1].data.metrics['val_loss']:.4f}; "
           f"gap {gap:.4f}, run-to-run noise {noise:.4f}")
     assert gap <= max(2 * noise, 0.02 * standalone[0].data.metrics["val_loss"]), (gap, noise)
+    # The divergence rule's state (harness/trial/divergence.py) counts every step once, step 1 (judged on
+    # its own) included, and travels in the checkpoint.
+    import torch
+
+    final = (tmp_path / "runs" / "branches-alone" / standalone[0].data.tags["trial_id"] / "checkpoints"
+             / "step-00000060" / "mp_rank_00_model_states.pt")
+    smoothed = torch.load(final, weights_only=False, map_location="cpu")["smoothed_loss"]
+    assert smoothed["steps"] == 60 and 0 < smoothed["minimum"] < 3 * standalone[0].data.metrics["loss"], smoothed
 
     # Divergence: the trial with a learning rate far too high stopped as diverged; the sweep went on
     # (and exited 0), and a second sweep does not train it again.
     statuses = {(r.data.params["train.lr"], r.data.params["train.seed"]): r.data.tags["ditscale.status"]
                 for r in alone_runs}
     assert statuses[("50.0", "0")].startswith("diverged"), statuses
+    assert statuses[("50.0", "0")].count(" at step ") == 1, statuses
     assert all(v == "finished" for k, v in statuses.items() if k[0] != "50.0"), statuses
     assert first.returncode == 0, first.stderr[-3000:]
     again = ditscale("sweep", str(paths["branches-alone"]), "--no-report", cwd=tmp_path, timeout=600)
     assert "3 of 3 trials already finished or diverged" in again.stdout
+
+    # Heal: the long branch is lost (its run failed, its folder gone) and so are the finished trunk's
+    # checkpoints: the next sweep trains the trunk again, then the branch; the diverged ones stay concluded.
+    client.set_tag(long_branch.info.run_id, "ditscale.status", "failed: node lost")
+    study_runs = tmp_path / "runs" / "branches"
+    shutil.rmtree(study_runs / long_branch.data.tags["trial_id"])
+    shutil.rmtree(study_runs / trunk[0].data.tags["trial_id"] / "checkpoints")
+    healed = ditscale("sweep", str(paths["branches"]), "--no-report", cwd=tmp_path, timeout=1500)
+    assert f"trunk {trunk[0].data.tags['trial_id']}: its checkpoint at step 45 is gone" in healed.stdout, healed.stdout
+    assert "3 of 4 trials already finished or diverged" in healed.stdout  # the 2 diverged ones among them
+    after = {r.data.tags["trial_id"]: r.data.tags["ditscale.status"] for r in runs("branches")}
+    assert after[long_branch.data.tags["trial_id"]] == "finished" and after[trunk[0].data.tags["trial_id"]] == "finished"
+    assert (study_runs / trunk[0].data.tags["trial_id"] / "checkpoints" / "step-00000045").is_dir()
+    assert [after[r.data.tags["trial_id"]] for r in bad_branches] == [f"diverged (trunk {bad_id})"] * 2

@@ -42,42 +42,52 @@ def _train(study: Path, cwd: Path, umask: int = 0o022):
 @pytest.mark.slow
 def test_private_folders_pruned_checkpoints_and_a_corrupt_newest_checkpoint_falls_back(tmp_path, digits_dir):
     name = "private"
+    # log_every 1 and a divergence factor of 3: a healthy DDPM loss at batch 32, judged on single steps
+    # against their running minimum, was stopped as diverged at step 84 of this very trial (issue 26).
     study = write_study(tmp_path / "s.yaml", tiny_study(
-        digits_dir, name, train={"steps": 40, "checkpoint_every": 10, "log_every": 5, "keep_checkpoints": 2}))
+        digits_dir, name, train={"steps": 120, "checkpoint_every": 30, "log_every": 1, "keep_checkpoints": 2,
+                                 "divergence_factor": 3.0}))
     # umask 0: without an explicit chmod every folder would come out 0777
     first = _train(study, tmp_path, umask=0)
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoints = next((tmp_path / "runs" / name).glob("*/checkpoints"))
     assert _mode(checkpoints.parent) == 0o700, f"trial folder is {oct(_mode(checkpoints.parent))}"
     assert _mode(checkpoints) == 0o700, f"checkpoints/ is {oct(_mode(checkpoints))}"
-    # pruning: only the 2 newest of 10, 20, 30, 40 are kept, and no half-removed tag is left behind
-    assert _tags(checkpoints) == ["step-00000030", "step-00000040"]
-    assert (checkpoints / "latest").read_text().strip() == "step-00000040"
+    assert "finished at step 120" in first.stdout, first.stdout[-3000:]
+    # pruning: only the 2 newest of 30, 60, 90, 120 are kept, and no half-removed tag is left behind
+    assert _tags(checkpoints) == ["step-00000090", "step-00000120"]
+    assert (checkpoints / "latest").read_text().strip() == "step-00000120"
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]
 
-    # The divergence rule's running minimum travels in the checkpoint (a resumed trial judges alike):
-    # it is the lowest loss logged up to the checkpoint's step.
+    # The divergence rule's smoothed loss travels in the checkpoint (a resumed trial judges alike): it
+    # is the estimator run over the losses logged up to the checkpoint's step.
     import mlflow
     import torch
 
-    states = checkpoints / "step-00000040" / "mp_rank_00_model_states.pt"
+    from harness.trial.divergence import SmoothedLoss
+
+    states = checkpoints / "step-00000120" / "mp_rank_00_model_states.pt"
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
-    logged = [m.value for m in client.get_metric_history(run.info.run_id, "loss") if m.step <= 40]
-    assert torch.load(states, weights_only=False, map_location="cpu")["min_loss"] == pytest.approx(min(logged))
+    logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss") if m.step <= 120)
+    replay = SmoothedLoss()
+    for step, loss in logged:
+        replay.judge(loss, 1, 3.0, step)
+    saved = torch.load(states, weights_only=False, map_location="cpu")["smoothed_loss"]
+    assert saved == pytest.approx(replay.to_dict()) and saved["steps"] == 120
 
     # The newest tag is damaged (a truncated copy, a full disk, a hand edit): resuming falls back to
-    # step 30, says so in one line naming the tag, and trains 31..40 again.
+    # step 90, says so in one line naming the tag, and trains 91..120 again.
     data = states.read_bytes()
     states.write_bytes(data[: len(data) // 2])
     second = _train(study, tmp_path)
     assert second.returncode == 0, f"resume failed:\n{second.stderr[-4000:]}"
     assert "Traceback" not in second.stderr
-    warnings = [line for line in (second.stdout + second.stderr).splitlines() if "step-00000040" in line
+    warnings = [line for line in (second.stdout + second.stderr).splitlines() if "step-00000120" in line
                 and "warning" in line.lower()]
     assert len(warnings) == 1, second.stderr[-3000:]
-    assert "step 35/40" in second.stdout and "finished at step 40" in second.stdout, second.stdout[-3000:]
-    assert len((checkpoints / "step-00000040" / "mp_rank_00_model_states.pt").read_bytes()) >= len(data) // 2 + 1
+    assert "step 115/120" in second.stdout and "finished at step 120" in second.stdout, second.stdout[-3000:]
+    assert len((checkpoints / "step-00000120" / "mp_rank_00_model_states.pt").read_bytes()) >= len(data) // 2 + 1
     assert _mode(checkpoints.parent) == 0o700 and _mode(checkpoints) == 0o700
 
 

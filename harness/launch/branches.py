@@ -17,13 +17,16 @@ restarted on failure). Before its branch point a WSD trial's LR is the trunk's, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from harness.checks import cooldown_steps
-from harness.config import TrialConfig
+from harness.checks import DEFAULT_COOLDOWN, cooldown_steps
+from harness.config import StudyError, TrialConfig
 from harness.paths import checkpoint_root
-from harness.trial.checkpoint import BRANCH_MARKER, prepare_checkpoint_root
+from harness.trial.checkpoint import (BRANCH_MARKER, EMA_FILE, LATEST, TAG_PATTERN, prepare_checkpoint_root,
+                                     tag_for)
 from harness.trial.budget import length_free_key
 
 TRUNK_ROLE = "trunk"
@@ -41,7 +44,8 @@ def branch_point(trial: TrialConfig) -> int:
 
 
 def plan_branches(trials: list[TrialConfig]) -> tuple[list[Trunk], list[TrialConfig]]:
-    """(trunks with their branches, trials that train alone). Trials must have their steps resolved."""
+    """(trunks with their branches, trials that train alone). Trials must have their steps resolved.
+    Raises StudyError, one line per trial, when a branch would start at step 0 (no trunk to branch from)."""
     groups: dict[str, list[TrialConfig]] = {}
     alone = []
     for trial in trials:
@@ -49,13 +53,30 @@ def plan_branches(trials: list[TrialConfig]) -> tuple[list[Trunk], list[TrialCon
             groups.setdefault(length_free_key(trial), []).append(trial)
         else:
             alone.append(trial)
-    trunks = []
+    trunks, problems = [], []
     for members in groups.values():
         if len(members) < 2:
             alone += members
             continue
+        if any(branch_point(t) < 1 for t in members):
+            problems.append(_no_trunk_step([t for t in members if branch_point(t) < 1]))
+            continue
         trunks.append(Trunk(_trunk_of(members), sorted(members, key=branch_point)))
+    if problems:
+        raise StudyError(problems)
     return trunks, alone
+
+
+def _no_trunk_step(trials: list[TrialConfig]) -> str:
+    """One line for the branches of a group whose cooldown takes every step: they would start at step 0,
+    where a trunk has no checkpoint (it would also have no steps to train)."""
+    t = trials[0].train
+    field_name, value = (("train.cooldown_steps", t.cooldown_steps) if t.cooldown_steps is not None
+                         else ("train.cooldown", t.cooldown if t.cooldown is not None else f"{DEFAULT_COOLDOWN} (default)"))
+    which = ", ".join(f"{x.trial_id} ({x.train.steps} steps)" for x in trials)
+    return (f"{field_name}: {value} leaves no step before the cooldown of {trials[0].model_name} trial(s) {which}: "
+            "a WSD branch starts from its trunk's checkpoint at its steps - cooldown, here step 0; shorten the "
+            "cooldown, add train.warmup_steps, or set train.branch: false")
 
 
 def _trunk_of(members: list[TrialConfig]) -> TrialConfig:
@@ -81,6 +102,37 @@ def plan_compute(trunks: list[Trunk], alone: list[TrialConfig], gflops_per_step)
     return branched, independent
 
 
+def trunk_checkpoint(trunk: TrialConfig, branch: TrialConfig) -> Path:
+    """The trunk's checkpoint folder the branch starts from (its branch point's tag)."""
+    return checkpoint_root(trunk) / tag_for(branch_point(branch))
+
+
+def branch_ready(trunk: TrialConfig, branch: TrialConfig) -> bool:
+    """Whether the branch can start or resume: it has checkpoints of its own, or its trunk has the
+    one at its branch point (with the EMA, which is written first)."""
+    return (checkpoint_root(branch) / LATEST).is_file() or (trunk_checkpoint(trunk, branch) / EMA_FILE).is_file()
+
+
+def rewind_trunk(trunk: TrialConfig, step: int) -> str | None:
+    """Make the trunk train again through `step` (a branch point whose checkpoint is gone): DeepSpeed's
+    `latest` is pointed at its newest complete tag before `step`, or removed when there is none (the trunk
+    then starts from scratch). Later tags are left; the trunk writes them again. Returns the tag it will
+    resume from (None: from the start)."""
+    root = checkpoint_root(trunk)
+    if not root.is_dir():
+        return None
+    earlier = sorted(int(m.group(1)) for p in root.iterdir()
+                     if (m := TAG_PATTERN.fullmatch(p.name)) and int(m.group(1)) < step and (p / EMA_FILE).is_file())
+    if not earlier:
+        (root / LATEST).unlink(missing_ok=True)
+        return None
+    tag = tag_for(earlier[-1])
+    pending = root / f".{LATEST}.rewind"
+    pending.write_text(tag)
+    os.replace(pending, root / LATEST)  # atomic: never a half-written pointer
+    return tag
+
+
 def seed_branch(trunk: TrialConfig, branch: TrialConfig) -> bool:
     """Give the branch the trunk's checkpoint at its branch point, unless it has checkpoints of its own
     (then it resumes from those). Returns False when the trunk has no such checkpoint (the trunk failed)."""
@@ -88,9 +140,9 @@ def seed_branch(trunk: TrialConfig, branch: TrialConfig) -> bool:
     if (root / "latest").is_file():
         return True
     step = branch_point(branch)
-    tag = f"step-{step:08d}"
-    source = checkpoint_root(trunk) / tag
-    if not (source / "ema.pt").is_file():
+    tag = tag_for(step)
+    source = trunk_checkpoint(trunk, branch)
+    if not (source / EMA_FILE).is_file():
         return False
     prepare_checkpoint_root(root)  # 0700, as the trial itself would make it
     target = root / tag

@@ -14,15 +14,17 @@ from pathlib import Path
 
 from harness.checks import ema_warnings
 from harness.config import MAX_TRIALS, TrialConfig, expand_grid, load_study
-from harness.launch.branches import Trunk, plan_branches, plan_compute
+from harness.launch.branches import (Trunk, branch_point, branch_ready, plan_branches, plan_compute, rewind_trunk,
+                                     trunk_checkpoint)
 from harness.launch.local_ray import max_concurrent_trials, start_ray, stop_ray
 from harness.launch.plan import data_lines, plan_json, plan_output, plan_rows, print_plan
 from harness.launch.study_lock import study_lock
-from harness.launch.tune_trial import run_tune_trial, storage_probe, trial_resources
-from harness.paths import stop_file
+from harness.launch.tune_trial import conclude_branch, run_tune_trial, storage_probe, trial_resources
+from harness.paths import checkpoint_root, stop_file
 from harness.tracking import (check_tracking_uri, close_parent_run, concluded, open_parent_run, redact_uri,
                               resolve_tracking_uri, sweep_state)
 from harness.tracking_view import study_link
+from harness.trial.checkpoint import tag_for
 from harness.trial.engine import check_deepspeed_configs
 
 
@@ -134,19 +136,71 @@ def print_branch_plan(trunks: list[Trunk], rows: list[dict]) -> None:
 def _run_phases(study, todo: list[TrialConfig], trunks: list[Trunk], uri: str, parent_run_id: str, probe: Path,
                 max_concurrent: int | None) -> dict:
     """First the trials that train alone and the trunks that unfinished branches need, then the
-    branches (each starts from its trunk's checkpoint; harness/launch/branches.py)."""
+    branches (each starts from its trunk's checkpoint; harness/launch/branches.py).
+
+    A trunk is trained when it has not concluded, and trained again (once per sweep) when it finished
+    but a branch's checkpoint is gone (a deleted folder): rewind_trunk. Branches that still cannot start
+    are settled without Ray (settle_branches): `diverged (trunk <id>)` when the trunk diverged before
+    their branch point, else failed with one line naming the trunk's folder."""
     trunk_of = {b.trial_id: trunk.trial for trunk in trunks for b in trunk.branches}
     branches = [t for t in todo if t.trial_id in trunk_of]
     needed = {trunk_of[b.trial_id].trial_id: trunk_of[b.trial_id] for b in branches}
     trunk_state = sweep_state(uri, study.name, list(needed.values()))
+    retrained = _trunks_to_retrain(branches, trunk_of, trunk_state)
     first = [t for t in todo if t.trial_id not in trunk_of]
-    first += [t for tid, t in needed.items() if not concluded(trunk_state[tid])]
+    first += [t for tid, t in needed.items() if not concluded(trunk_state[tid]) or tid in retrained]
     roles = {tid: {"role": "trunk"} for tid in needed}
     statuses = _run_tune(study, first, parent_run_id, probe, max_concurrent, "sweep", roles) if first else {}
     if branches and not stop_file(study).exists():
+        trunk_state = sweep_state(uri, study.name, list(needed.values()))
+        branches, settled = settle_branches(branches, trunk_of, trunk_state, retrained, uri, parent_run_id)
+        statuses |= settled
         links = {b.trial_id: {"trunk": trunk_of[b.trial_id].model_dump(mode="json")} for b in branches}
-        statuses |= _run_tune(study, branches, parent_run_id, probe, max_concurrent, "branches", links)
+        if branches:
+            statuses |= _run_tune(study, branches, parent_run_id, probe, max_concurrent, "branches", links)
     return statuses
+
+
+def _trunks_to_retrain(branches: list[TrialConfig], trunk_of: dict, trunk_state: dict) -> set[str]:
+    """Finished trunks that a branch still needs but whose checkpoint at its branch point is gone:
+    each is rewound to train again through the earliest missing branch point (a diverged trunk is not:
+    it would diverge again)."""
+    missing: dict[str, int] = {}
+    for b in branches:
+        trunk = trunk_of[b.trial_id]
+        if trunk_state[trunk.trial_id] == "finished" and not branch_ready(trunk, b):
+            missing[trunk.trial_id] = min(missing.get(trunk.trial_id, branch_point(b)), branch_point(b))
+    for tid, step in missing.items():
+        trunk = next(t for t in trunk_of.values() if t.trial_id == tid)
+        tag = rewind_trunk(trunk, step)
+        print(f"trunk {tid}: its checkpoint at step {step} is gone ({checkpoint_root(trunk) / tag_for(step)}); training "
+              f"it again from {tag or 'the start'}")
+    return set(missing)
+
+
+def settle_branches(branches: list[TrialConfig], trunk_of: dict, trunk_state: dict, retrained: set[str], uri: str,
+                    parent_run_id: str | None) -> tuple[list[TrialConfig], dict]:
+    """(branches that can start, {trial_id: status} of those that cannot, recorded in their MLflow runs):
+    `diverged (trunk <id>)` when the trunk diverged (a concluded status, not an error), else
+    `failed: ...` in one line naming the checkpoint and the trunk's trial folder."""
+    ready, settled = [], {}
+    for b in branches:
+        trunk = trunk_of[b.trial_id]
+        if branch_ready(trunk, b):
+            ready.append(b)
+            continue
+        state = trunk_state.get(trunk.trial_id, "new")
+        if state.startswith("diverged"):
+            status = f"diverged (trunk {trunk.trial_id})"
+        else:
+            again = " after training it again" if trunk.trial_id in retrained else ""
+            status = (f"failed: its trunk's checkpoint {trunk_checkpoint(trunk, b)} is missing{again} (trunk "
+                      f"{trunk.trial_id}: {state.splitlines()[0] if state else 'new'}); see the trunk's folder "
+                      f"{trunk_checkpoint(trunk, b).parent.parent}")
+        conclude_branch(b, trunk, uri, parent_run_id, status)
+        print(f"branch {b.trial_id} ({b.model_name}, {b.train.steps} steps): {status}")
+        settled[b.trial_id] = status
+    return ready, settled
 
 
 def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, max_concurrent: int | None,

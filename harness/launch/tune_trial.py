@@ -33,8 +33,9 @@ from pathlib import Path
 
 from harness.config import TrialConfig
 from harness.errors import UserError
-from harness.launch.branches import TRUNK_ROLE, branch_point, seed_branch
-from harness.tracking import BRANCH_OF_TAG, ROLE_TAG, mark_failed, open_trial_run, resolve_tracking_uri
+from harness.launch.branches import TRUNK_ROLE, seed_branch, trunk_checkpoint
+from harness.tracking import (BRANCH_OF_TAG, ROLE_TAG, RunLogger, mark_failed, open_trial_run,
+                              resolve_tracking_uri)
 
 POINTER_FILE = "deepspeed_checkpoint.json"
 FAULT_ENV = "DITSCALE_FAULT_AT_STEP"
@@ -184,6 +185,15 @@ def trial_resources(trial: TrialConfig) -> dict:
     return worker_resources(trial) if runs_in_process(trial) else {"CPU": 0, "memory": 1024**2}
 
 
+def conclude_branch(trial: TrialConfig, trunk: TrialConfig, uri: str, parent_run_id: str | None, status: str) -> str:
+    """Record a branch that will not train in its own MLflow run (tagged branch_of, as a trained branch is):
+    `diverged (trunk <id>)` when its trunk diverged before the branch point (a concluded status: the
+    report excludes it, a later sweep skips it), or `failed: <why>`. Returns the run id."""
+    run_id = open_trial_run(trial, uri, parent_run_id=parent_run_id, tags={BRANCH_OF_TAG: trunk.trial_id})
+    RunLogger(uri, run_id).close(status)
+    return run_id
+
+
 def run_tune_trial(config: dict, trials: dict | None = None, links: dict | None = None) -> None:
     """One Tune trial = one Ray Train run over the trial's workers. A branch first gets its trunk's
     checkpoint (links[trial_id]["trunk"]); runs are tagged as trunk or branch."""
@@ -206,7 +216,9 @@ def run_tune_trial(config: dict, trials: dict | None = None, links: dict | None 
         tags[BRANCH_OF_TAG] = trunk.trial_id
     run_id = open_trial_run(trial, uri, parent_run_id=config.get("parent_run_id"), tags=tags)
     if trunk is not None and not seed_branch(trunk, trial):
-        reason = f"its trunk {trunk.trial_id} has no checkpoint at step {branch_point(trial)} (did the trunk fail?)"
+        # The driver settles branches whose trunk cannot serve them before Ray (sweep.settle_branches):
+        # reaching this means the checkpoint went away since.
+        reason = f"its trunk's checkpoint {trunk_checkpoint(trunk, trial)} is missing (removed during the sweep?)"
         mark_failed(uri, run_id, reason)
         raise RuntimeError(f"trial {trial.trial_id}: {reason}")
     r = trial.resources

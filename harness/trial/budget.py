@@ -16,6 +16,10 @@ from harness.config import StudyError, TrialConfig
 from harness.trial.build import dataset_info
 from models.flops import training_gflops
 
+# More optimizer steps than any training run takes (DiT-XL/2's 7M steps x 1e5): a budget that buys more
+# is a typo (an exponent off), and its step count would overflow the schedule and the plan's columns.
+MAX_STEPS = 10**12
+
 
 def flops_per_step(trial: TrialConfig) -> float:
     """Training FLOPs (multiply-adds) of one optimizer step: 3 x forward x global batch."""
@@ -38,6 +42,10 @@ def resolve_budgets(trials: list[TrialConfig]) -> list[TrialConfig]:
         if steps < 1:
             problems.append(f"train.flops: {budget:.3g} buys less than one step of {trial.model_name} "
                             f"({per_step:.3g} FLOPs per step at batch {trial.train.batch_size}); {where}")
+            continue
+        if steps > MAX_STEPS:
+            problems.append(f"train.flops: {budget:.3g} buys {steps:.3g} steps of {trial.model_name}, more than "
+                            f"{MAX_STEPS:.0e} ({per_step:.3g} FLOPs per step at batch {trial.train.batch_size}); {where}")
             continue
         same_model = length_free_key(trial)
         if (same_model, steps) in seen:

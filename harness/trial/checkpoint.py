@@ -22,14 +22,13 @@ save, rank 0 keeps the newest `train.keep_checkpoints` tags (never the one just 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
 import sys
 import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,6 +39,7 @@ from harness.errors import UserError
 from harness.files import atomic_write_text, disk_full, not_writable_message, write_refused
 from harness.paths import BRANCH_MARKER, checkpoint_root
 from harness.trial.distributed import DistInfo
+from harness.trial.divergence import SmoothedLoss
 from harness.trial.posthoc_ema import load_phema, save_phema
 
 EMA_FILE = "ema.pt"
@@ -58,7 +58,9 @@ class TrialState:
     samples_seen: int = 0
     run_id: str | None = None  # the trial's MLflow run
     resumes: int = 0           # how often the trial was resumed (seeds the data stream anew)
-    min_loss: float = math.inf  # running minimum of the logged loss (train.divergence_factor), kept across resumes
+    # The divergence rule's moving average and its minimum (harness/trial/divergence.py), kept across
+    # resumes and handed from a WSD trunk to its branches, so they judge as one uninterrupted trial would.
+    smoothed_loss: SmoothedLoss = field(default_factory=SmoothedLoss)
 
 
 def tag_for(step: int) -> str:
@@ -149,7 +151,7 @@ def save_checkpoint(engine, ema, dist: DistInfo, root: Path, state: TrialState, 
     rng = [None] * dist.world_size
     tdist.all_gather_object(rng, _rng_state())
     client = {"step": state.step, "samples_seen": state.samples_seen, "run_id": state.run_id,
-              "resumes": state.resumes, "min_loss": state.min_loss, "rng": rng}
+              "resumes": state.resumes, "smoothed_loss": state.smoothed_loss.to_dict(), "rng": rng}
     # Written under a hidden name, renamed to step-* when complete (every rank's files and the EMA;
     # DeepSpeed's save ends with a barrier), then `latest` is pointed at it: a save cut short by a full
     # disk, a crash or a kill leaves no step-* folder that resume or `ditscale eval` could take.
@@ -269,7 +271,10 @@ def _load(engine, ema, dist: DistInfo, tag_dir: Path, phema=None) -> TrialState:
     load_phema(phema, tag_dir)
     _set_rng_state(client["rng"][dist.rank] if dist.rank < len(client["rng"]) else client["rng"][0])
     return TrialState(step=client["step"], samples_seen=client["samples_seen"], run_id=client.get("run_id"),
-                      resumes=client.get("resumes", 0) + 1, min_loss=client.get("min_loss", math.inf))
+                      resumes=client.get("resumes", 0) + 1,
+                      # An older checkpoint's "min_loss" (the minimum of single windows, biased low) is not
+                      # used: the average starts again from the resumed step.
+                      smoothed_loss=SmoothedLoss.from_dict(client.get("smoothed_loss")))
 
 
 def resume(engine, ema, dist: DistInfo, root: Path, resume_from: dict | None, phema=None) -> TrialState:

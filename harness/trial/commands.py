@@ -26,7 +26,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from harness.trial.loop import train_trial  # torch and DeepSpeed: only when a trial is trained
 
     result = train_trial(trial)
-    print(f"trial {trial.trial_id}: {result.status} at step {result.step}; MLflow run {result.run_id}")
+    where = "" if " at step " in result.status else f" at step {result.step}"  # a divergence names its step
+    print(f"trial {trial.trial_id}: {result.status}{where}; MLflow run {result.run_id}")
     if result.run_id and os.environ.get("RANK", "0") == "0":  # only rank 0 talks to MLflow (torchrun sets RANK)
         from harness.tracking_view import study_link
 

@@ -11,7 +11,6 @@ Checkpoints (harness/trial/checkpoint.py) live in the trial folder (harness/path
 
 from __future__ import annotations
 
-import math
 import random
 import socket
 import time
@@ -151,20 +150,24 @@ class ThroughputWindow:
 
     def reset(self) -> None:
         self.loss_sum.zero_()
-        self.losses, self.samples, self.data_wait = 0, 0, 0.0
+        self.losses, self.steps, self.samples, self.data_wait = 0, 0, 0, 0.0
         self.started = time.perf_counter()
 
     def exclude(self, seconds: float) -> None:
         """Time spent on something else (evaluation) is not training throughput."""
         self.started += seconds
 
-    def close(self) -> dict:
-        elapsed = time.perf_counter() - self.started
+    def mean_loss(self) -> float:
+        """The window's mean loss so far over every rank (a collective and a host sync)."""
         total = torch.stack([self.loss_sum, torch.tensor(float(self.losses), device=self.loss_sum.device)])
         if self.dist.world_size > 1:
             tdist.all_reduce(total)
-        out = {"loss": (total[0] / total[1].clamp(min=1)).item(), "img_per_s": self.samples / elapsed,
-               "data_wait_frac": self.data_wait / elapsed}
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def close(self) -> dict:
+        elapsed = time.perf_counter() - self.started
+        out = {"loss": self.mean_loss(), "img_per_s": self.samples / elapsed,
+               "data_wait_frac": self.data_wait / elapsed, "steps": self.steps}
         self.reset()
         return out
 
@@ -187,6 +190,7 @@ class Trainer:
         self.ckpt_root = checkpoint_root(trial)
         self.tag = f"[{trial.model_name} {trial.trial_id[:6]}]"
         self.last: dict = {}  # the newest value of every metric, for the caller
+        self.judged_ahead: float | None = None  # the loss of step 1 when _judge_first_step judged it alone
 
     def run(self, stops: StopRequests) -> str:
         """Train to train.steps. Returns the status: finished | killed | diverged: <why>."""
@@ -204,6 +208,8 @@ class Trainer:
             stopping = state.step % cfg.log_every == 0 and stops.agreed()
             final = state.step == cfg.steps
             logged = state.step % cfg.log_every == 0 or final or stopping
+            if not logged and state.step == 1 and state.smoothed_loss.steps == 0:
+                logged = self._judge_first_step()  # a non-finite first loss is logged and stops the trial
             if logged and (diverged := self.log()):
                 return diverged
             checkpoint = None
@@ -239,6 +245,7 @@ class Trainer:
         self.state.step += 1
         self.state.samples_seen += self.cfg.batch_size
         self.window.samples += self.cfg.batch_size
+        self.window.steps += 1
         self.ema.update(self.engine.module)
         if self.posthoc is not None:  # every rank (a ZeRO-3 gather); rank 0 writes its snapshots
             self.posthoc.update(self.engine.module, self.state.step)
@@ -251,7 +258,7 @@ class Trainer:
 
     def log(self) -> str | None:
         """Close the throughput window and log it (rank 0). Returns the `diverged: ...` status when the
-        loss is not finite or rose above train.divergence_factor x its running minimum, else None."""
+        loss is not finite or its moving average rose above train.divergence_factor x its minimum, else None."""
         window, state = self.window.close(), self.state
         grad_norm = self.engine.get_global_grad_norm()
         tflops = achieved_tflops(window["img_per_s"], self.forward_gflops)
@@ -274,18 +281,27 @@ class Trainer:
             print(f"{self.tag} step {state.step}/{self.cfg.steps} loss {window['loss']:.4f} "
                   f"lr {metrics['lr']:.2e} {window['img_per_s']:.1f} img/s "
                   f"data-wait {100 * window['data_wait_frac']:.0f}%", flush=True)
-        return self._divergence(window["loss"])
+        loss, steps = window["loss"], window["steps"]
+        judged, self.judged_ahead = self.judged_ahead, None
+        if judged is not None and steps > 1:  # step 1 was judged already: the rest of the window
+            loss, steps = (loss * steps - judged) / (steps - 1), steps - 1
+        return self._divergence(loss, steps)
 
-    def _divergence(self, loss: float) -> str | None:
-        """Every rank decides alike: `loss` is the window's mean over all ranks."""
-        step, factor = self.state.step, self.cfg.divergence_factor
-        if not math.isfinite(loss):
-            return f"diverged: non-finite loss at step {step}"
-        if factor and loss > factor * self.state.min_loss:
-            return (f"diverged: loss {loss:.4g} > {factor:g} x its running minimum {self.state.min_loss:.4g} "
-                    f"at step {step}")
-        self.state.min_loss = min(self.state.min_loss, loss)  # in the checkpoint: a resume keeps judging alike
-        return None
+    def _judge_first_step(self) -> bool:
+        """A fresh trial's first step is judged on its own (one extra host sync, once per trial), so the
+        divergence rule's minimum starts at the initial loss even when train.log_every is large: a loss
+        that blows up within the first log window is then still caught. True when it stopped the trial."""
+        loss = self.window.mean_loss()
+        if self._divergence(loss, 1) is not None:
+            return True
+        self.judged_ahead = loss
+        return False
+
+    def _divergence(self, loss: float, steps: int) -> str | None:
+        """Every rank decides alike: `loss` is the window's mean over all ranks, `steps` its optimizer
+        steps. The rule and its estimator: harness/trial/divergence.py (its state is in the checkpoint,
+        so a resumed trial judges alike)."""
+        return self.state.smoothed_loss.judge(loss, steps, self.cfg.divergence_factor, self.state.step)
 
     def evaluate(self) -> None:
         """The EMA weights evaluated (every rank takes part); logged by rank 0."""
