@@ -60,7 +60,7 @@ def split_usable(trials: pd.DataFrame, loss_col: str | None = None) -> tuple[pd.
         bad_loss = loss_col is not None and loss_col in trials and not (
             isinstance(loss, (int, float, np.floating)) and math.isfinite(float(loss)))
         if "diverged" in status.lower() and not status.startswith("failed"):
-            reason = f"diverged ({status})"
+            reason = status if status.startswith("diverged") else f"diverged ({status})"  # not "diverged (diverged …)"
         elif status.startswith("failed"):
             reason = status
         elif status != "finished":
