@@ -1,4 +1,5 @@
-"""Offline weights: the Inception network clean-fid uses for FID, VAEs and text encoders.
+"""Offline weights: the Inception network clean-fid uses for FID, the networks of FD_DINOv2 and CMMD,
+VAEs and text encoders.
 
 Compute nodes of a cluster often have no internet. `ditscale assets fetch --dest DIR` (on a login
 node) downloads what evaluation needs into an *assets folder*; trials read it from
@@ -10,6 +11,8 @@ Layout of an assets folder:
     inception-2015-12-05.pt        clean-fid's TorchScript Inception-v3 (the FID of record)
     vae/<name>/                    diffusers AutoencoderKL folders (save_pretrained), by hub name
     text/<name>/                   Hugging Face snapshots of text encoders, by hub name
+    metrics/<name>/                feature networks of eval.metrics beyond FID (fd_dinov2, cmmd): Hugging
+                                   Face folders (config.json + weights) at a pinned revision, by hub name
 
 clean-fid looks for its Inception file in one hard-coded place (/tmp; ./ on Windows) and downloads
 it when absent. `find_inception` copies the file from the assets folder to that place once per node
@@ -245,4 +248,64 @@ def fetch_text_encoder(name: str, dest: str | os.PathLike) -> Path:
     except Exception as err:  # noqa: BLE001
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"assets fetch --text-encoder {name}: cannot download it ({first})") from None
+    return out
+
+
+# --- feature networks of eval.metrics (FD_DINOv2, CMMD) ---------------------------------------------
+
+# metric -> (hub name, the publisher's git revision on the Hugging Face hub, what it is). A revision is a
+# commit: it fixes every file's Git LFS pointer, i.e. its sha256, so a fetch at it gets the same bytes
+# wherever it runs. Revisions: facebook/dinov2-large as pinned by embeddings-benchmark/mteb's model
+# table; openai/clip-vit-large-patch14-336 at its last (2022) commit, the snapshot LLaVA-1.5 loads.
+METRIC_WEIGHTS = {
+    "fd_dinov2": ("facebook/dinov2-large", "47b73eefe95e8d44ec3623f8890bd894b6ea2d6c", "DINOv2 ViT-L/14"),
+    "cmmd": ("openai/clip-vit-large-patch14-336", "ce19dc912ca5cd21c8a653c79e251e808ccabcd1", "CLIP ViT-L/14@336"),
+}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what transformers' from_pretrained loads, in order
+FETCHED_FILE = "ditscale-fetched.json"  # written by `assets fetch`: hub name and revision of the folder
+
+
+def metric_weights_dir(metric: str, assets: str | os.PathLike | None = None) -> Path:
+    """Where eval.metrics' `metric` network lives: <assets>/metrics/<hub name>."""
+    return assets_dir(assets) / "metrics" / safe_name(METRIC_WEIGHTS[metric][0])
+
+
+def find_metric_weights(metric: str, assets: str | os.PathLike | None = None) -> Path | None:
+    """The folder of `metric`'s network when it holds a config and weights transformers can load, else None."""
+    folder = metric_weights_dir(metric, assets)
+    if (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES):
+        return folder
+    return None
+
+
+def missing_metric_weights(metric: str, assets: str | os.PathLike | None = None) -> str:
+    """One line: which metric, which folder is missing what, and the command that fills it."""
+    name, _, what = METRIC_WEIGHTS[metric]
+    return (f"eval.metrics: {metric} needs the {what} weights ({name}) in {metric_weights_dir(metric, assets)} "
+            f"(config.json and {' or '.join(WEIGHT_FILES)}), which is missing; run `ditscale assets fetch "
+            f"--dest DIR --metric {metric}` on a machine with internet and point resources.assets or "
+            f"${ASSETS_ENV} at DIR")
+
+
+def fetch_metric_weights(metric: str, dest: str | os.PathLike) -> Path:
+    """`metric`'s network at its pinned revision -> DEST/metrics/<hub name> (config, preprocessor config,
+    one weights file: safetensors when the revision has it)."""
+    name, revision, _ = METRIC_WEIGHTS[metric]
+    out = Path(dest) / "metrics" / safe_name(name)
+    if find_metric_weights(metric, dest) is not None:
+        return out
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+
+        files = set(HfApi().list_repo_files(name, revision=revision))
+        weights = next(f for f in WEIGHT_FILES if f in files)
+        with atomic_folder(out) as tmp:
+            snapshot_download(repo_id=name, revision=revision, local_dir=str(tmp),
+                              allow_patterns=["config.json", "preprocessor_config.json", weights])
+            (tmp / FETCHED_FILE).write_text(f'{{"name": "{name}", "revision": "{revision}"}}\n')
+    except StopIteration:
+        raise UserError(f"assets fetch --metric {metric}: {name}@{revision} has none of {WEIGHT_FILES}") from None
+    except Exception as err:  # noqa: BLE001 - hub/network errors come in many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"assets fetch --metric {metric}: cannot download {name}@{revision[:10]} ({first})") from None
     return out

@@ -191,6 +191,25 @@ def check_deepspeed(trial: TrialConfig) -> list[str]:
     return problems
 
 
+def check_metrics(trial: TrialConfig, check_files: bool = True) -> list[str]:
+    """eval.metrics: no repeats; fd_dinov2 / cmmd need 2 samples (a covariance, a pair) when sampling is on
+    and, when files are checked, their networks in the assets folder (one line naming the folder and the
+    fetch command) — found here, before Ray starts, not by the first evaluation."""
+    from harness.assets import METRIC_WEIGHTS, find_metric_weights, missing_metric_weights
+
+    e = trial.eval
+    problems = [f"eval.metrics: {e.metrics} repeats a metric"] if len(set(e.metrics)) != len(e.metrics) else []
+    extra = [m for m in dict.fromkeys(e.metrics) if m in METRIC_WEIGHTS]
+    if extra and e.fid_samples == 1:  # 0 turns sampled metrics off altogether
+        verb = "needs" if len(extra) == 1 else "need"
+        problems.append(f"eval.fid_samples: 1 sample; {' and '.join(extra)} {verb} at least 2 (a covariance, a pair "
+                        "of samples): raise it, set 0 for no sampled metrics, or remove them from eval.metrics")
+    elif extra and e.fid_samples and check_files:
+        assets = trial.resources.assets
+        problems += [missing_metric_weights(m, assets) for m in extra if find_metric_weights(m, assets) is None]
+    return problems
+
+
 def check_trial(trial: TrialConfig, check_files: bool = True) -> list[str]:
     """Cross-field rules that pydantic's per-field checks cannot see."""
     problems = []
@@ -234,6 +253,7 @@ def check_trial(trial: TrialConfig, check_files: bool = True) -> list[str]:
     if t.schedule != "wsd" and (t.cooldown is not None or t.cooldown_steps is not None):
         problems.append(f"train.cooldown: only train.schedule: wsd has a cooldown (schedule is {t.schedule})")
     problems += check_posthoc_ema(t)
+    problems += check_metrics(trial, check_files)
     if check_files:
         for field in ("shards", "val_shards"):
             pattern = getattr(d, field)

@@ -35,7 +35,7 @@ _ADDED_LATER = {  # section -> field -> the value that means "as before the fiel
               "divergence_factor": None, "save_at": [],
               "posthoc_ema": {"sigma_rels": [], "snapshot_every": None}},
     "model": {"parametrization": "sp", "mup_base_width": 256},
-    "eval": {"fd_spread_draws": 10},
+    "eval": {"fd_spread_draws": 10, "metrics": ["fid"]},
 }
 
 
@@ -151,6 +151,9 @@ class EvalConfig(_Section):
     fid_samples: int = Field(10000, ge=0)
     fd_spread_draws: int = Field(10, ge=0, description=(
         "half-samples for the FID's / FD's spread over sampling draws (logged as se_<metric>; 0: not measured)"))
+    metrics: list[Literal["fid", "fd_dinov2", "cmmd"]] = Field(default_factory=lambda: ["fid"], description=(
+        "image metrics of the eval.fid_samples samples: fid (Inception, or the named stand-in fd_<extractor>), "
+        "fd_dinov2 (Stein et al. 2023), cmmd (Jayasumana et al. 2024); their weights: `ditscale assets fetch`"))
     sampler: Literal["auto", "ddpm", "ddim", "euler", "heun"] = Field(
         "auto", description="auto: ddpm for objective ddpm, euler for rectified_flow")
     sampling_steps: int = Field(250, gt=0)

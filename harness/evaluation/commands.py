@@ -71,6 +71,8 @@ def add_assets(sub: argparse._SubParsersAction) -> None:
                    help="a diffusers AutoencoderKL, e.g. stabilityai/sd-vae-ft-ema (repeatable)")
     f.add_argument("--text-encoder", action="append", default=[], metavar="NAME",
                    help="a Hugging Face text encoder repository, e.g. openai/clip-vit-large-patch14 (repeatable)")
+    f.add_argument("--metric", action="append", default=[], choices=sorted(assets.METRIC_WEIGHTS),
+                   help="the network of an eval.metrics entry beyond fid, at its pinned revision (repeatable)")
     f.add_argument("--no-inception", action="store_true", help="skip the Inception weights")
     f.add_argument("--inception-url", default=None, help="another address of inception-2015-12-05.pt (a mirror)")
     f.set_defaults(func=_cmd_assets_fetch)
@@ -90,6 +92,8 @@ def _cmd_assets_fetch(args: argparse.Namespace) -> int:
         print(f"vae {name}: {assets.fetch_vae(name, dest)}")
     for name in args.text_encoder:
         print(f"text encoder {name}: {assets.fetch_text_encoder(name, dest)}")
+    for metric in args.metric:
+        print(f"{metric}: {assets.fetch_metric_weights(metric, dest)}")
     print(f"use it with: export {assets.ASSETS_ENV}={dest}   (or resources.assets: {dest} in the study)")
     return 0
 

@@ -28,6 +28,11 @@ What `run` measures (metrics are valid on rank 0):
     se_fid_cfg<s>, se_fd_… the FID's / FD's spread over sampling draws (eval.fd_spread_draws random
                            halves of the samples: `frechet_distance_spread`), the noise the report
                            compares FD gaps with.
+    fd_dinov2_cfg<s>,      eval.metrics: fd_dinov2 — the FD in DINOv2 ViT-L/14 features (dgm-eval's
+    se_fd_dinov2_cfg<s>    preprocessing; harness/evaluation/dinov2.py), with the same spread estimate.
+    cmmd_cfg<s>            eval.metrics: cmmd — 1000 · unbiased MMD² of CLIP ViT-L/14@336 embeddings,
+                           RBF σ = 10 (harness/evaluation/cmmd.py). fid_cfg<s> and its stand-ins only
+                           when eval.metrics lists fid (the default: [fid]).
     prompt_alignment_cfg<s> captioned `shapes` only: the fraction of samples whose detected colours,
                            shapes and positions match their caption.
     eval_seconds           wall time of the evaluation.
@@ -61,9 +66,11 @@ from tqdm.auto import tqdm
 from harness.assets import find_inception, missing_inception_hint
 from harness.data.loader import make_loader
 from harness.errors import UserError
+from harness.evaluation import cmmd as cmmd_metric
 from harness.evaluation.dataset import EvalData, LatentDecoder, to_uint8, warn_once
-from harness.evaluation.features import (DETECTOR_TAG, choose_extractor, frechet_distance, frechet_distance_spread,
-                                         inception_extractor, kernel_distance,
+from harness.evaluation.dinov2 import dinov2_extractor
+from harness.evaluation.features import (DETECTOR_TAG, choose_extractor, ensure_standin, frechet_distance,
+                                         frechet_distance_spread, inception_extractor, kernel_distance,
                                          reference_stats, standin_extractor)
 from harness.evaluation.noise import VAL_LOSSES_DIR, stratified_standard_error
 from harness.evaluation.standin import alignment_counts
@@ -72,6 +79,8 @@ from harness.trial.distributed import DistInfo, broadcast_object
 log = logging.getLogger("harness.evaluation")
 
 GRID_IMAGES = 64
+# eval.metrics beyond fid -> the loader of its feature network (assets, device, identify)
+METRIC_EXTRACTORS = {"fd_dinov2": dinov2_extractor, "cmmd": cmmd_metric.clip_extractor}
 PROMPT_POOL_PRECOMPUTED = 2048  # distinct captions kept for sampling when their embeddings are precomputed
 
 
@@ -96,6 +105,9 @@ class Evaluator:
             raise UserError(f"eval.sampler: {self.sampler!r} does not sample {objective.kind}; use one of "
                             f"{', '.join(objective.samplers)}")
         self.extractor = self.detector = self.reference = self.decoder = None
+        self.metrics = list(dict.fromkeys(self.e.metrics))
+        self.extras: dict = {}  # fd_dinov2 / cmmd -> Extractor (every rank)
+        self.extra_refs: dict = {}  # fd_dinov2 / cmmd -> reference statistics (rank 0)
         self._prepared = False
         self._val: list | None = None
         self._prompts: dict | None = None
@@ -141,8 +153,11 @@ class Evaluator:
         return metrics, images
 
     def tags(self) -> dict[str, str]:
-        """Run tags for what was evaluated: the FD's detector (features.DETECTOR_TAG), once prepared."""
-        return {DETECTOR_TAG: self.extractor.identity} if self.extractor is not None else {}
+        """Run tags for what was evaluated: the FD's detector (features.DETECTOR_TAG), and each further
+        metric's network as DETECTOR_TAG.<metric>, once prepared."""
+        tags = {DETECTOR_TAG: self.extractor.identity} if self.extractor is not None else {}
+        tags.update({f"{DETECTOR_TAG}.{m}": ex.identity for m, ex in self.extras.items() if self.dist.is_main})
+        return tags
 
     # -- preparation: feature extractor, reference statistics, VAE ------------------------------------
     def _prepare(self) -> None:
@@ -155,8 +170,13 @@ class Evaluator:
         spec, error = None, None
         if self.dist.is_main:
             try:
-                self.extractor, self.detector = choose_extractor(self.e.feature_extractor, self.data, device,
-                                                                 progress=self.progress, need_detector=need_detector)
+                if "fid" in self.metrics:
+                    self.extractor, self.detector = choose_extractor(self.e.feature_extractor, self.data, device,
+                                                                     progress=self.progress,
+                                                                     need_detector=need_detector)
+                elif need_detector and self.data.is_shapes:
+                    self.detector = standin_extractor(ensure_standin("shapesdet", self.data, device), device)
+                self._prepare_extras(identify=True)
                 if self.extractor is not None:
                     self.reference = reference_stats(self.data, self.extractor, self.e.reference_split,
                                                      self.e.reference_samples, batch_size=self.e.batch_size,
@@ -184,9 +204,26 @@ class Evaluator:
                 self.extractor = standin_extractor(spec["extractor"], device)
             if spec["detector"] is not None:
                 self.detector = standin_extractor(spec["detector"], device)
+            self._prepare_extras(identify=False)
         if self.data.kind == "latents":
             self.decoder = LatentDecoder(self.data.manifest, device, self.data.assets)
         self._prepared = True
+
+    def _prepare_extras(self, identify: bool) -> None:
+        """eval.metrics beyond fid: their networks from the assets folder (a UserError naming the folder
+        when one is missing), and on rank 0 (`identify`) their cached reference statistics."""
+        device = self.dist.device
+        for metric in self.metrics:
+            if metric not in METRIC_EXTRACTORS:
+                continue
+            extractor = METRIC_EXTRACTORS[metric](self.data.assets, device, identify)
+            self.extras[metric] = extractor
+            if identify:
+                ref = reference_stats(self.data, extractor, self.e.reference_split, self.e.reference_samples,
+                                      batch_size=self.e.batch_size, device=device, progress=self.progress)
+                if metric == "cmmd":
+                    ref["self_term"] = cmmd_metric.cached_self_term(ref)
+                self.extra_refs[metric] = ref
 
     # -- validation loss ------------------------------------------------------------------------------
     def _validation_set(self) -> list:
@@ -318,6 +355,7 @@ class Evaluator:
         grids: dict = {}
         for scale in e.cfg_scale:
             feats, matched, judged, grid = [], 0, 0, None
+            extra_feats: dict = {m: [] for m in self.extras}
             work = mine
             if self.progress:
                 work = tqdm(mine, desc=f"sampling cfg {scale} ({n_total} images)", leave=False)
@@ -333,6 +371,8 @@ class Evaluator:
                 images = self.decoder.decode(x) if self.decoder is not None else to_uint8(x)
                 if self.extractor is not None:
                     feats.append((k, self.extractor.features(images, size)))
+                for metric, extractor in self.extras.items():
+                    extra_feats[metric].append((k, extractor.features(images, size)))
                 if self.detector is not None and captions is not None:
                     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(device)
                     m, j = alignment_counts(self.detector.module, pixels, captions)
@@ -340,6 +380,7 @@ class Evaluator:
                 if k == 0:
                     grid = images[:GRID_IMAGES]
             gathered = self._gather(feats)
+            extra_gathered = {m: self._gather(f) for m, f in extra_feats.items()}
             counts = self._all_reduce(torch.tensor([matched, judged], dtype=torch.float64, device=device))
             if not dist.is_main:
                 continue
@@ -354,11 +395,28 @@ class Evaluator:
                     metrics["se_" + fd_key] = spread
                 metrics[self.extractor.metric("kd") + suffix] = kernel_distance(all_feats, self.reference["feats"],
                                                                                 seed=e.seed)
+            metrics.update(self._extra_metrics(extra_gathered, suffix))
             if counts[1] > 0:
                 metrics["prompt_alignment" + suffix] = float(counts[0] / counts[1])
             if grid is not None:
                 grids[f"samples/step-{step:08d}{suffix}.png"] = image_grid(grid)
         return metrics, grids
+
+    def _extra_metrics(self, gathered: dict, suffix: str) -> dict[str, float]:
+        """fd_dinov2 (and its spread) and cmmd of one CFG scale, from the gathered features (rank 0)."""
+        out: dict[str, float] = {}
+        for metric, parts in gathered.items():
+            feats = np.concatenate([f for _, f in sorted(parts, key=lambda kf: kf[0])])
+            ref = self.extra_refs[metric]
+            if metric == "cmmd":
+                out[metric + suffix] = cmmd_metric.cmmd(feats, ref["feats"], ref["self_term"])
+                continue
+            out[metric + suffix] = frechet_distance(feats, ref["mu"], ref["sigma"])
+            spread = frechet_distance_spread(feats, ref["mu"], ref["sigma"], draws=self.e.fd_spread_draws,
+                                             seed=self.e.seed)
+            if math.isfinite(spread):
+                out["se_" + metric + suffix] = spread
+        return out
 
     # -- collectives (no-ops for one process) ---------------------------------------------------------
     def _active(self) -> bool:

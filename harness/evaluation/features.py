@@ -65,6 +65,9 @@ class Extractor:
     device: torch.device
     module: torch.nn.Module | None = None  # the stand-in network (detection, prompt alignment)
     state: dict | None = None  # the stand-in's weights, for other ranks
+    # fn_resize returns float32 HWC: stacked in one go, the values ToTensor gives a float array (it only
+    # rescales uint8), without its per-image cost (~8 ms an image at 224 px)
+    float_resize: bool = False
 
     @property
     def is_inception(self) -> bool:
@@ -94,6 +97,8 @@ class Extractor:
             chunk = images[start:start + batch_size]
             if self.fn_resize is _standin_resize:  # the per-image path, vectorised (same values)
                 batch = torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2).float()
+            elif self.float_resize:
+                batch = torch.from_numpy(np.stack([self.fn_resize(img) for img in chunk])).permute(0, 3, 1, 2)
             else:
                 batch = torch.stack([_cleanfid_tensor(self.fn_resize(img)) for img in chunk])
             out.append(self.model_fn(batch.to(self.device)).detach().float().cpu().numpy())
@@ -217,6 +222,29 @@ def choose_extractor(requested: str, data: EvalData, device, *, progress: bool =
         detector = extractor if extractor is not None and extractor.name == "shapesdet" else \
             standin_extractor(ensure_standin("shapesdet", data, device, progress), device)
     return extractor, detector
+
+
+def metric_network(metric: str, model_class, assets, device, identify: bool = True):
+    """(eval.metrics' `metric` network loaded by transformers' `model_class` from the assets folder, in eval
+    mode; the sha256 of its weights file, 10 hex, or None without `identify`). A missing folder is a
+    UserError naming it and the fetch command, never a stand-in. Hashing the weights (~1-2 GB for the
+    ViT-L networks, a few seconds) is done where the key is needed: on the rank that names the statistics."""
+    from harness.assets import WEIGHT_FILES, file_sha256, find_metric_weights, missing_metric_weights
+
+    folder = find_metric_weights(metric, assets)
+    if folder is None:
+        raise UserError(missing_metric_weights(metric, assets))
+    try:
+        model = model_class.from_pretrained(str(folder)).to(device).eval()
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign folder fails deep inside transformers
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"eval.metrics: {metric}: cannot load {folder} with {model_class.__name__} ({first}); "
+                        f"delete the folder and fetch it again (`ditscale assets fetch --metric {metric}`)") from None
+    digest = None
+    if identify:
+        weights = next(folder / name for name in WEIGHT_FILES if (folder / name).is_file())
+        digest = file_sha256(weights)[:10]
+    return model, digest
 
 
 # --- reference statistics ----------------------------------------------------------------------------
