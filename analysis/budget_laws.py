@@ -35,14 +35,18 @@ CONVENTIONS = [
     "Compute-optimal allocation for C = k · N · D with k = median train_gflops / (params · images) of the "
     "group's trials.",
     "isoFLOP optima (approach 2): per budget a parabola of loss over log N; its minimum with a delta-method "
-    "interval; a budget whose best trained size is the smallest or largest (or whose vertex is outside the "
-    "grid) is flagged 'not bracketed' and left out of N_opt(C) = k·C^a. Parabolas are biased when the grid is "
-    "wide or off-centre or α ≠ β (Czech et al. 2026, arXiv 2603.22339): the budget table gives each grid's "
-    "width and the vertex's offset from its centre.",
+    "interval (on log N_opt and log L_opt, so a loss interval is never negative); a budget whose best trained "
+    "size is the smallest or largest (or whose vertex is outside the grid) is flagged 'not bracketed' and left "
+    "out of N_opt(C) = k·C^a. Parabolas are biased when the grid is wide or off-centre or α ≠ β (Czech et al. "
+    "2026, arXiv 2603.22339): the budget table gives each grid's width, the vertex's offset from its centre and "
+    "the parabola's RMS residual.",
     "Agreement: the two N_opt exponents agree when their difference is within 1.96 combined standard errors "
-    "(from their 95 % intervals, which carry the replicate noise). Held-out: with at least 3 budgets the "
-    "largest is left out, predicted from the others and compared; error % = 100 · (predicted − measured) / "
-    "measured. FD is predicted through FD = k · loss^a fitted across the other trials.",
+    "(from their 95 % intervals, which carry the replicate noise); the comparison is 'not informative' when "
+    "each interval contains the other's estimate and both are wider than 50 % of their estimates, and the "
+    "report then extrapolates how many budgets would narrow them (width ∝ 1/√budgets). A law is claimed only "
+    "when identified: no exponent interval at its fitter's bound or wider than its estimate. Held-out: with at "
+    "least 3 budgets the largest is left out, predicted from the others and compared; error % = 100 · "
+    "(predicted − measured) / measured. FD is predicted through FD = k · loss^a fitted across the other trials.",
 ]
 
 SURFACE_BOOTSTRAP = 200  # refits of the 5-parameter surface (each from the best optima of the full fit)
@@ -120,7 +124,13 @@ def analyse_budgets(rep: _Report, trials: pd.DataFrame, y_col: str, fd: dict | N
                 f"isoFLOP curves — {name}",
                 f"x: {PARAMS_LABEL}; y: {y_label}; one colour per training budget (train.flops; C = measured training "
                 "GFLOPs, multiply-adds); error bars: seed spread; curves: a parabola in log N per budget; stars: its "
-                "minimum with the interval; hollow points / dashed: budgets whose optimum the grid does not bracket.")
+                "minimum with the interval; hollow points / dashed: budgets whose optimum the grid does not bracket. "
+                "Lower panel: each parabola's residuals (measured − parabola) and, in the legend, their RMS "
+                "(also in the isoFLOP budgets table beside the seed noise). The parabola is kept — it is the shape "
+                "of Hoffmann et al. 2022 and Liang et al. 2024, so the vertices compare with theirs — but it is a "
+                "local approximation: residuals that follow the size (not scatter about 0) mean the curve is "
+                "asymmetric in log N and the vertex is biased (Czech et al. 2026, arXiv 2603.22339); approach 3 "
+                "(the loss surface) has no such shape constraint.")
         fig(plots.plot_optimal(iso, surf, out / f"optimal_{stem}.png", y_label, f"compute-optimal laws — {name}"),
             f"N_opt(C) and L_opt(C) — {name}",
             f"x: {COMPUTE_LABEL}; left: compute-optimal parameters, right: loss at the optimum; blue: isoFLOP minima "
@@ -135,7 +145,21 @@ def analyse_budgets(rep: _Report, trials: pd.DataFrame, y_col: str, fd: dict | N
                                    f"held-out budget — {name}"),
                 f"Predicted vs measured at the held-out budget — {name}",
                 f"x: {PARAMS_LABEL}; y: {y_label} at the largest budget; red: predicted by the surface fitted on the "
-                "smaller budgets (band: 95 % bootstrap interval); black: measured (error bars: seed spread).")
+                "smaller budgets (band: 95 % bootstrap interval, clipped to the plotted range — the points and half "
+                "their span either side; a triangle at the edge marks a size whose interval runs beyond it, "
+                f"{_band_extent(res['holdout'])}); black: measured (error bars: seed spread).")
+
+
+def _band_extent(ho) -> str:
+    """How far the held-out band runs beyond the plot, in words for the caption."""
+    p = ho.points
+    lo, hi = plots.holdout_ylim(p)
+    out = []
+    if (p["hi"] > hi).any():
+        out.append(f"up to {p['hi'].max():.4g} at N = {p.loc[p['hi'].idxmax(), 'n']:.4g}")
+    if (p["lo"] < lo).any():
+        out.append(f"down to {p['lo'].min():.4g}")
+    return "it reaches " + " and ".join(out) if out else "none does here"
 
 
 def fits_json_rows(rep: _Report) -> list[dict]:

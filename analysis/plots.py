@@ -357,14 +357,21 @@ def plot_isoflop(iso, path, y_label: str, title: str, size_label: str = PARAMS_L
     does not bracket are drawn hollow and named in the legend."""
     if iso is None or iso.points.empty:
         return None
-    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    fig, (ax, res_ax) = plt.subplots(2, 1, figsize=(7.2, 6.2), sharex=True,
+                                     gridspec_kw={"height_ratios": [3, 1.3], "hspace": 0.08})
     budgets = iso.budgets.sort_values("compute")
     for color, (_, b) in zip(_colors(len(budgets)), budgets.iterrows()):
         p = iso.points[iso.points["budget"] == b["budget"]].sort_values("n")
         hollow = not b["bracketed"]
+        rms = b.get("rms_resid", math.nan)
         ax.errorbar(p["n"], p["loss"], yerr=p["loss_std"].where(p["n_rep"] > 1), fmt="o", ms=4, color=color,
                     mfc="white" if hollow else color, capsize=2, lw=1,
-                    label=f"C = {b['compute']:.3g}" + (" (not bracketed)" if hollow else ""))
+                    label=f"C = {b['compute']:.3g}" + (f", RMS resid {rms:.2g}" if math.isfinite(rms) else "")
+                    + (" (not bracketed)" if hollow else ""))
+        if "fitted" in p and p["fitted"].notna().any():
+            # the parabola's misfit per size: a systematic pattern (not scatter about 0) is a shape it cannot follow
+            res_ax.plot(p["n"], p["loss"] - p["fitted"], "o-", ms=3.5, lw=0.8, color=color,
+                        mfc="white" if hollow else color)
         if b["coef"] is not None:
             lx = np.log(p["n"].to_numpy(float))
             xx = np.linspace(lx.min() - 0.1, lx.max() + 0.1, 80)
@@ -377,7 +384,11 @@ def plot_isoflop(iso, path, y_label: str, title: str, size_label: str = PARAMS_L
             ax.errorbar([b["n_opt"]], [b["loss_opt"]], xerr=xerr, fmt="*", ms=12, color=color, mec="k", mew=0.5,
                         capsize=3)
     _log_axes(ax, y=False)
-    ax.set_xlabel(size_label)
+    res_ax.axhline(0, color="k", lw=0.6)
+    _log_axes(res_ax, y=False)
+    ax.tick_params(labelbottom=False)
+    res_ax.set_xlabel(size_label)
+    res_ax.set_ylabel("measured − parabola")
     ax.set_ylabel(y_label)
     ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), title="training compute\n(GFLOPs, multiply-adds)")
@@ -475,11 +486,20 @@ def plot_holdout(ho, path, y_label: str, title: str) -> Path | None:
         return None
     p = ho.points.sort_values("n")
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
-    ax.fill_between(p["n"], p["lo"], p["hi"], color="C3", alpha=0.18, lw=0, label="predicted (95 % interval)")
+    y_lo, y_hi = holdout_ylim(p)
+    # the band is clipped to the plotted range (a wide band would flatten every point to the axis); where it
+    # runs beyond, a triangle at the edge marks it
+    ax.fill_between(p["n"], p["lo"].clip(y_lo, y_hi), p["hi"].clip(y_lo, y_hi), color="C3", alpha=0.18, lw=0,
+                    label="predicted (95 % interval, clipped to the plot)")
+    for edge, beyond, marker in ((y_hi, p["hi"] > y_hi, "^"), (y_lo, p["lo"] < y_lo, "v")):
+        if beyond.any():
+            ax.plot(p["n"][beyond], np.full(int(beyond.sum()), edge), marker, color="C3", ms=6, clip_on=False,
+                    label="interval continues beyond the plot" if marker == "^" else None)
     ax.plot(p["n"], p["predicted"], "s--", color="C3", ms=4, lw=1.2, label="predicted from the smaller budgets")
     ax.errorbar(p["n"], p["measured"], yerr=p["std"].fillna(0), fmt="o", color="k", capsize=3, ms=5,
                 label="measured")
     ax.axhline(ho.measured, color="k", lw=0.6, ls=":")
+    ax.set_ylim(y_lo, y_hi)
     ax.set_xscale("log")
     ax.set_xlabel(PARAMS_LABEL)
     ax.set_ylabel(y_label)
@@ -487,6 +507,18 @@ def plot_holdout(ho, path, y_label: str, title: str) -> Path | None:
                  f"error {ho.error_pct:+.2f} %")
     ax.legend(loc="best")
     return _save(fig, path)
+
+
+def holdout_ylim(p: pd.DataFrame) -> tuple[float, float]:
+    """The held-out figure's y range: the measured and predicted points (with the seed spread) and a
+    margin of half their span on each side, never below 0 (a loss is positive). The 95 % band is
+    clipped to it."""
+    std = p["std"].fillna(0) if "std" in p else 0
+    vals = pd.concat([p["measured"] - std, p["measured"] + std, p["predicted"]]).astype(float)
+    vals = vals[np.isfinite(vals)]
+    lo, hi = float(vals.min()), float(vals.max())
+    pad = 0.5 * (hi - lo) if hi > lo else 0.1 * abs(hi) or 0.1
+    return max(0.0, lo - pad), hi + pad
 
 
 def plot_loss_vs_lr(rows: pd.DataFrame, path, y_label: str, title: str) -> Path | None:

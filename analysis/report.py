@@ -326,6 +326,7 @@ def _fit_row(what: str, x_label: str, y_label: str, gf: scaling.GroupFit, note: 
         "relation": what, "group": gf.label, "x": x_label, "y": y_label, "n": f.n,
         "alpha": f.alpha, "alpha_ci": f.alpha_ci, "A": f.A, "A_ci": f.A_ci, "E": f.E, "E_ci": f.E_ci, "r2": f.r2,
         "law": f.describe("x", "y"), "warning": f.warning, "note": note, "fitted": f.ok,
+        "not_identified": f.identification(),
     }
 
 
@@ -409,11 +410,53 @@ def _with_ci(v, ci) -> str:
 
 
 UNRESOLVED_TEXT = "not resolved (within noise)"
+_AGREEMENT_RESULT = {"agree": "held", "disagree": "did not hold", scaling.NOT_INFORMATIVE: scaling.NOT_INFORMATIVE,
+                     "not testable": "not testable"}
+_NOT_IDENTIFIED_RULE = (
+    "A fitted law is claimed only when the data identify it: it is listed here instead when an exponent's 95 % "
+    "interval reaches a bound of its fitter (the refits stopped at the optimiser's box, so the interval is the "
+    f"box's, not the data's) or is wider than {scaling.MAX_REL_WIDTH:g} × its estimate (the data allow about zero "
+    "to twice the value, or either sign). More budgets or sizes narrow the intervals.")
+
+
+def _laws(rep: _Report) -> tuple[list[list[str]], list[list[str]]]:
+    """(laws claimed: [relation, group, law, n]; laws fitted but not identified: [relation, group, why,
+    law, n]). A law is claimed only when its exponents are identified (scaling.not_identified)."""
+    claimed, unidentified = [], []
+
+    def add(relation: str, group: str, law: str, n, why: list[str]) -> None:
+        if why:
+            unidentified.append([relation, group, "; ".join(why), law, str(n)])
+        else:
+            claimed.append([relation, group, law, str(n)])
+
+    for r in rep.fits:
+        if r["fitted"]:
+            add(r["relation"], r["group"], r["law"], r["n"], r.get("not_identified") or [])
+    for r in rep.budget:
+        s = r["surface"]
+        if s is not None and s.ok:
+            add("loss surface L(N, D), approach 3", r["group"], s.describe("N", "D")
+                + f"; N_opt ∝ C^{s.a:.4g} {_ci(s.a_ci)}, D_opt ∝ C^{s.b:.4g}; {s.n_at_best} of {s.n_starts} "
+                f"starts reached the best optimum", s.n, s.identification())
+        iso = r["isoflop"]
+        if iso is not None:
+            for what, fit, name in (("N_opt(C), isoFLOP parabolas (approach 2)", iso.n_opt_fit, "a of N_opt(C)"),
+                                    ("L_opt(C), isoFLOP parabolas (approach 2)", iso.l_opt_fit, "a of L_opt(C)")):
+                if fit is not None and fit.ok:
+                    add(what, r["group"], fit.describe("C", what.split("(")[0]), fit.n, fit.identification(name))
+        rel = r["loss_fd"]
+        if rel is not None and rel.ok:
+            add("FD vs loss across trials", r["group"], rel.describe("loss", "FD"), rel.n,
+                rel.identification("a of FD(loss)"))
+    return claimed, unidentified
 
 
 def _held(v) -> str:
     if v == study.UNRESOLVED:
         return UNRESOLVED_TEXT
+    if v == study.NOT_APPLICABLE:
+        return study.NOT_APPLICABLE
     return "held" if v is True else "did not hold" if v is False else "not testable"
 
 
@@ -433,15 +476,17 @@ def _sections(rep: _Report) -> list[tuple]:
     """The report as blocks, from the answer down: what the study found, figures, the fits it does not
     claim, conventions, notes, trials. Blocks: ("h2"|"h3", text), ("p", text, warn), ("ul", items),
     ("table", head, rows, warn_col), ("figure", _Figure)."""
-    b: list[tuple] = [("h2", "What the study found")]
+    from analysis.extrapolation import extrapolation_blocks  # a ladder's pre-registered prediction comes first
+
+    b: list[tuple] = extrapolation_blocks(rep) + [("h2", "What the study found")]
     for h in rep.headline:
         b.append(("p", f"⚠ The two fitting methods disagree — {h}", True))
     findings = [[f["finding"], _held(f["held"]), f["evidence"]] for f in rep.findings]
     for r in rep.budget:
         ag = r["agreement"]
         if ag is not None:
-            findings.append([f"approaches 2 and 3 agree on N_opt ∝ C^a ({r['group']})",
-                             "held" if ag.agree else "did not hold" if ag.agree is False else "not testable", ag.text])
+            findings.append([f"approaches 2 and 3 agree on N_opt ∝ C^a ({r['group']})", _AGREEMENT_RESULT[ag.verdict],
+                             ag.text])
         ho = r["holdout"]
         if ho is not None and ho.ok:
             findings.append([f"the held-out budget was predicted within its interval ({r['group']})",
@@ -455,26 +500,17 @@ def _sections(rep: _Report) -> list[tuple]:
         b.append(("p", "No finding could be tested (see the fits not claimed).", False))
 
     b.append(("h3", "Laws claimed (95 % intervals)"))
-    laws = [[r["relation"], r["group"], r["law"], str(r["n"])] for r in rep.fits if r["fitted"]]
-    for r in rep.budget:
-        s = r["surface"]
-        if s is not None and s.ok:
-            laws.append(["loss surface L(N, D), approach 3", r["group"], s.describe("N", "D")
-                         + f"; N_opt ∝ C^{s.a:.4g} {_ci(s.a_ci)}, D_opt ∝ C^{s.b:.4g}; {s.n_at_best} of {s.n_starts} "
-                         f"starts reached the best optimum", str(s.n)])
-        iso = r["isoflop"]
-        if iso is not None:
-            for what, fit in (("N_opt(C), isoFLOP parabolas (approach 2)", iso.n_opt_fit),
-                              ("L_opt(C), isoFLOP parabolas (approach 2)", iso.l_opt_fit)):
-                if fit is not None and fit.ok:
-                    laws.append([what, r["group"], fit.describe("C", what.split("(")[0]), str(fit.n)])
-        rel = r["loss_fd"]
-        if rel is not None and rel.ok:
-            laws.append(["FD vs loss across trials", r["group"], rel.describe("loss", "FD"), str(rel.n)])
+    laws, unidentified = _laws(rep)
     if laws:
         b.append(("table", ["relation", "group", "law", "n"], laws, None))
     else:
-        b.append(("p", "No law is claimed: see the fits not claimed below for why.", True))
+        b.append(("p", "No law is claimed: see the laws not identified and the fits not claimed below for why.",
+                  True))
+    if unidentified:
+        b.append(("h3", "Laws not identified (fitted, not claimed)"))
+        b.append(("p", _NOT_IDENTIFIED_RULE, False))
+        b.append(("table", ["relation", "group", "why not identified", "fitted law (for reference only)", "n"],
+                  unidentified, 2))
 
     held = [r for r in rep.budget if r["holdout"] is not None and r["holdout"].ok]
     if held:
@@ -485,7 +521,8 @@ def _sections(rep: _Report) -> list[tuple]:
             rows.append([r["group"], f"{h.compute:.4g}", str(h.n_fit_budgets), _with_ci(h.predicted, h.predicted_ci),
                          _fmt(h.measured) + (f" ± {_fmt(h.measured_std)}" if math.isfinite(h.measured_std) else ""),
                          f"{h.error_pct:+.2f} %", "yes" if h.covered else "no",
-                         _with_ci(h.isoflop_predicted, h.isoflop_predicted_ci),
+                         _with_ci(h.isoflop_predicted, h.isoflop_predicted_ci)
+                         + (" (law not identified)" if h.isoflop_not_identified else ""),
                          (f"{h.fd_key}: predicted {_with_ci(h.fd_predicted, h.fd_predicted_ci)}, measured "
                           f"{_fmt(h.fd_measured)}, error {h.fd_error_pct:+.2f} %") if h.fd_key else "–"])
         b.append(("table", ["group", "held-out C", "budgets fitted", "predicted best loss [95 %]", "measured best loss",
@@ -495,6 +532,11 @@ def _sections(rep: _Report) -> list[tuple]:
         b.append(("h3", "Compute-optimal allocation"))
         b.append(("p", "At compute C (GFLOPs of multiply-adds, 3 × forward × images): train N_opt parameters on "
                        "D_opt images (steps = D_opt / batch size) and expect this loss and FD.", False))
+        for r in alloc:
+            if r["surface"] is not None and r["surface"].ok and not r["surface"].identified:
+                b.append(("p", f"⚠ {r['group']}: the loss surface is not identified (see above), so its columns "
+                               "(N_opt surface, D_opt, steps, expected loss and FD) are extrapolations of a law the "
+                               "data do not pin down — shown for reference, not claimed.", True))
         rows = []
         for r in alloc:
             for a in r["allocation"]:
@@ -517,9 +559,18 @@ def _sections(rep: _Report) -> list[tuple]:
                              _with_ci(x["loss_opt"], (x["loss_opt_lo"], x["loss_opt_hi"])
                                       if math.isfinite(x["loss_opt_lo"]) else None),
                              f"{x['grid_decades']:.2f}", _fmt(x["offset_decades"]),
+                             _fmt(x.get("rms_resid", math.nan)),
+                             _fmt(x["noise"]) if x.get("noise_from") == "seeds" else "– (no seeds)",
                              "yes" if x["bracketed"] else f"⚠ {x['note']}"])
         b.append(("table", ["group", "train.flops", "C", "sizes", "runs", "N_opt [95 %]", "L_opt [95 %]",
-                            "grid width (decades)", "vertex offset (decades)", "bracketed"], rows, 9))
+                            "grid width (decades)", "vertex offset (decades)", "parabola RMS residual", "seed noise σ",
+                            "bracketed"], rows, 11))
+        b.append(("p", "L_opt intervals are taken on log L_opt (a loss is positive: L_opt · exp(±t·se/L_opt)). The "
+                       "parabola RMS residual is how far the measured means lie from each budget's parabola (the "
+                       "isoFLOP figure's lower panel shows each point); seed noise σ is the spread of a size's "
+                       "train.seed replicates (none without seeds: compare with the validation standard error in "
+                       "the trials table). A residual well above the noise, or residuals that follow the size, mean "
+                       "the parabola misses the curve's shape and its vertex is biased (Czech et al. 2026).", False))
     if rep.frontier_notes:
         b += [("h3", "Compute-optimal frontier (learning curves)"), ("ul", list(rep.frontier_notes))]
 

@@ -168,6 +168,7 @@ def spearman(x, y) -> float:
 
 Z_NOISE = 2.0  # a step between two configurations counts when its gap exceeds this many combined standard errors
 UNRESOLVED = "unresolved"  # a finding's `held` when some steps are within the noise and none goes the wrong way
+NOT_APPLICABLE = "not applicable"  # a finding's `held` when the study's design cannot test it
 SIZE_FINDING = "bigger is better at fixed patch size"
 PATCH_FINDING = "a smaller patch is better at fixed model size"
 
@@ -180,8 +181,10 @@ def dit_findings(trials: pd.DataFrame, loss_col: str | None, fd_col: str | None,
                  se_col: str | None = None, samples: dict | None = None) -> list[dict]:
     """DiT's qualitative findings (Peebles & Xie 2023), checked on this study's finished trials:
     bigger is better at fixed patch; a smaller patch is better at fixed size; the Fréchet distance
-    falls with training compute (Spearman ≤ −0.8). Each: {finding, held, evidence}, held one of True,
-    False, UNRESOLVED ("unresolved": a truthy string, compare with `is True`) or None (not testable).
+    falls with training compute (Spearman ≤ −0.8; in an isoFLOP design judged on its compute-optimal
+    frontier, `_fd_on_frontier`). Each: {finding, held, evidence}, held one of True, False, UNRESOLVED
+    ("unresolved": a truthy string, compare with `is True`), NOT_APPLICABLE (the design cannot test it)
+    or None (not testable).
     Comparisons are made between trials that share every other axis (and replicate means).
 
     The loss findings test every step of their sequence (sizes small → large at fixed patch, patches
@@ -253,12 +256,54 @@ def dit_findings(trials: pd.DataFrame, loss_col: str | None, fd_col: str | None,
     compare("size", ["patch"], SIZE_FINDING)
     compare("patch", ["size"], PATCH_FINDING)
     if fd_col and fd_col in t and t[fd_col].notna().sum() >= 3:
+        if is_isoflop_design(t):
+            out.append(_fd_on_frontier(t, fd_col, fd_name))
+            return out
         rho = spearman(t["train_gflops"], t[fd_col])
         evidence = f"Spearman({fd_col}, train_gflops) = {rho:.3f} over {int(t[fd_col].notna().sum())} trials"
         out.append({"finding": f"{fd_name} falls with training compute (Spearman ≤ −0.8)",
                     "held": bool(rho <= -0.8) if math.isfinite(rho) else None,
                     "evidence": evidence + _fd_ties(t, fd_col)})
     return out
+
+
+def is_isoflop_design(trials: pd.DataFrame) -> bool:
+    """Trials defined by training-compute budgets (the `train.flops` param) where several model sizes
+    share a budget: along one budget compute is fixed by construction, so compute and model size are
+    traded against each other rather than compute growing."""
+    if BUDGET_KEY not in trials or "size" not in trials:
+        return False
+    t = trials[trials[BUDGET_KEY].notna() & (trials[BUDGET_KEY].astype(str) != "")]
+    return bool(len(t) and t.groupby(BUDGET_KEY)["size"].nunique().max() >= 2)
+
+
+def _fd_on_frontier(t: pd.DataFrame, fd_col: str, fd_name: str) -> dict:
+    """DiT's "FD falls with training compute" (Peebles & Xie 2023, a fixed-step grid: every size trained
+    longer) judged the way an isoFLOP design can test it: on its compute-optimal frontier, the best FD
+    (lowest replicate mean over the sizes) of each budget against the budget's compute (median
+    train_gflops), Spearman ≤ −0.8 over at least 3 budgets. Across all trials it would rank sizes that
+    share a budget by construction, which says nothing about compute. Fewer budgets: not applicable."""
+    name = f"{fd_name} falls with training compute — isoFLOP design, judged on the compute-optimal frontier " \
+           "(best FD per budget; Spearman ≤ −0.8)"
+    d = t.assign(_fd=pd.to_numeric(t[fd_col], errors="coerce"),
+                 _c=pd.to_numeric(t["train_gflops"], errors="coerce")).dropna(subset=["_fd"])
+    d = d.assign(_cfg=replicate_keys(d)) if len(d) else d.assign(_cfg="")
+    sizes = int(d.groupby(BUDGET_KEY)["size"].nunique().max()) if len(d) else 0
+    # one cell per configuration (its seeds averaged); the frontier: each budget's best cell
+    cells = d.groupby("_cfg").agg(budget=(BUDGET_KEY, "first"), size=("size", "first"), fd=("_fd", "mean"))
+    best = cells.loc[cells.groupby("budget")["fd"].idxmin()] if len(cells) else cells
+    best = best.assign(c=best["budget"].map(d.groupby(BUDGET_KEY)["_c"].median())).sort_values("c")
+    design = f"{len(d)} trials, up to {sizes} sizes per budget over {len(best)} budget(s) (train.flops)"
+    if len(best) < 3:
+        return {"finding": name, "held": NOT_APPLICABLE,
+                "evidence": f"not applicable: {design}; the frontier has {len(best)} point(s) and a trend needs 3 "
+                            f"budgets (across all trials sizes that share a budget would be ranked as compute)"}
+    rho = spearman(best["c"], best["fd"])
+    path = " → ".join(f"C {c:.4g}: {fd:.4g} ({size})" for c, fd, size in zip(best["c"], best["fd"], best["size"]))
+    return {"finding": name, "held": bool(rho <= -0.8) if math.isfinite(rho) else None,
+            "evidence": f"{design}; best {fd_col} per budget: {path}; Spearman = {rho:.3f} over {len(best)} budgets "
+                        f"(with 3 budgets only a strictly falling frontier reaches −0.8)"
+                        + _fd_ties(t[t["trial_id"].isin(d.loc[d["_cfg"].isin(best.index), "trial_id"])], fd_col)}
 
 
 def _fd_ties(t: pd.DataFrame, fd_col: str) -> str:

@@ -351,7 +351,8 @@ def test_report_without_evaluation_or_second_architecture(store, tmp_path):
     log_synthetic_sweep(store["uri"], "tiny", cfgs, _law_loss, n_logs=3, n_evals=0)
     index = check_report(store["uri"], "tiny", tmp_path / "tiny", bootstrap=50)
     md = (index.parent / "report.md").read_text()
-    assert "under-determined" in md and "no fid or fd_<extractor> metric was logged" in md
+    # report.md writes < and > as entities (runs' text made inert in Markdown)
+    assert "under-determined" in md and "no fid or fd_&lt;extractor&gt; metric was logged" in md
     assert "single architecture" in md and not (index.parent / "dit_vs_mmdit.png").exists()
 
 
@@ -504,6 +505,53 @@ def test_fd_finding_says_how_much_of_its_ranking_is_sampling_noise():
     assert found["held"] is True
     assert found["evidence"].endswith("the FD's spread over sampling draws: σ 10–10 (median 10); 1 of 6 pairs of "
                                       "trials differ by less than 2σ (their order is not resolved)")
+
+
+def _isoflop_fd_trials(budgets: dict, budget_key: str | None = "train.flops") -> pd.DataFrame:
+    """Trials of an isoFLOP design: budgets {train.flops label: (train_gflops, {size: FD})}, several
+    sizes per budget. With budget_key None the same trials are a fixed-step grid (train.steps varies)."""
+    rows = []
+    for label, (compute, fds) in budgets.items():
+        for size, fd in fds.items():
+            rows.append({"trial_id": f"{size}-{label}", "arch": "dit", "family": "dit", "size": size, "patch": 4,
+                         "size_rank": runs.size_rank(size, "dit"), "train_gflops": compute, "model.size": size,
+                         "model.patch": 4, "train.steps": str(int(compute)), "final_val_loss": 0.2,
+                         "final_fd_x_cfg1.0": fd, **({budget_key: label} if budget_key else {})})
+    t = pd.DataFrame(rows)
+    t.attrs["config_keys"] = ["model.size", "model.patch", "train.steps"] + ([budget_key] if budget_key else [])
+    return t
+
+
+# the shape of an isoFLOP study: at each budget the small and large sizes are far from optimal (high FD), so
+# across all 9 trials FD hardly follows compute, while each budget's best FD falls strictly with the budget
+ISOFLOP_FDS = {"7.5e+10": (75.0, {"d1w32": 2400.0, "d1w64": 3200.0, "d2w96": 9000.0}),
+               "1.5e+11": (150.0, {"d1w32": 2380.0, "d1w64": 1900.0, "d2w96": 5000.0}),
+               "3e+11": (300.0, {"d1w32": 2390.0, "d1w64": 1800.0, "d2w96": 1700.0})}
+
+
+def test_fd_finding_is_judged_on_the_frontier_of_an_isoflop_design():
+    from analysis import study
+
+    trials = _isoflop_fd_trials(ISOFLOP_FDS)
+    found = study.dit_findings(trials, "final_val_loss", "final_fd_x_cfg1.0", "FD")[-1]
+    assert "judged on the compute-optimal frontier" in found["finding"]
+    assert found["held"] is True and "Spearman = -1.000 over 3 budgets" in found["evidence"]
+    assert "C 75: 2400 (d1w32) → C 150: 1900 (d1w64) → C 300: 1700 (d2w96)" in found["evidence"]
+    assert study.is_isoflop_design(trials)
+    # the same trials as a fixed-step grid keep today's judgement: Spearman over every trial
+    fixed = _isoflop_fd_trials(ISOFLOP_FDS, budget_key=None)
+    assert not study.is_isoflop_design(fixed)
+    plain = study.dit_findings(fixed, "final_val_loss", "final_fd_x_cfg1.0", "FD")[-1]
+    rho = study.spearman(fixed["train_gflops"], fixed["final_fd_x_cfg1.0"])
+    assert plain["finding"] == "FD falls with training compute (Spearman ≤ −0.8)"
+    assert plain["evidence"] == f"Spearman(final_fd_x_cfg1.0, train_gflops) = {rho:.3f} over 9 trials"
+    assert plain["held"] is False and rho > -0.8
+    # two budgets: a frontier of 2 points shows no trend — not applicable, never "did not hold"
+    two = dict(list(ISOFLOP_FDS.items())[:2])
+    na = study.dit_findings(_isoflop_fd_trials(two), "final_val_loss", "final_fd_x_cfg1.0", "FD")[-1]
+    assert na["held"] == study.NOT_APPLICABLE and na["evidence"].startswith("not applicable")
+    from analysis.report import _held
+    assert _held(na["held"]) == "not applicable"
 
 
 def test_report_shows_the_unresolved_state_and_the_new_metric_is_not_a_loss(store, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import numpy as np
@@ -173,6 +174,63 @@ def test_holdout_predicts_the_largest_budget_and_computes_the_error_it_states():
     assert not two.ok and "at least 3" in two.warning
 
 
+# --- claim only what the fit identifies (issue #27, item 6) ----------------------------------------------
+
+STEEP = dict(E=0.10, A=2e3, alpha=8.0, B=30.0, beta=0.35)  # α beyond the surface fitter's box (α ≤ 5)
+NEAR_ZERO = dict(E=0.001, A=0.4, alpha=0.40, B=0.8, beta=0.40)  # losses ~0.01: a symmetric error crosses zero
+
+
+def test_surface_whose_exponent_runs_into_the_bound_is_not_identified():
+    df = isoflop_data(STEEP, np.logspace(10, 12, 4), k=3.0, sizes=5, width=0.5, noise=0.01, seed=0)
+    fit = scaling.fit_loss_surface(df["n"], df["d"], df["loss"], bootstrap=20, seed=0, k=3.0)
+    why = fit.identification()
+    print(f"\n{fit.describe()}\nnot identified: {why}")
+    assert fit.ok and fit.alpha == pytest.approx(5.0) and fit.alpha_ci[1] == pytest.approx(5.0)
+    assert not fit.identified and any("α's interval reaches the fitter's bound 5" in w for w in why)
+    assert fit.as_dict()["identified"] is False and fit.as_dict()["not_identified"] == why
+    # a law the data pin down is identified
+    good = scaling.fit_loss_surface(*(isoflop_data(UNEQUAL, np.logspace(12, 15, 6), k=6.0, noise=0.005, seed=1)[c]
+                                      for c in ("n", "d", "loss")), bootstrap=20, seed=0, k=6.0)
+    assert good.identified and good.identification() == []
+    # the rules, stated: an interval at a bound, or wider than the estimate (relative width > 1)
+    assert scaling.not_identified("a", 0.5, (0.3, 0.7)) is None
+    assert "wider than the estimate" in scaling.not_identified("a", 0.357, (0.2062, 0.7589))
+    assert "wider than the estimate" in scaling.not_identified("a", -0.45, (-0.94, 0.0087))  # either sign
+    assert "bound 5" in scaling.not_identified("α", 2.7, (0.5, 5.0), (1e-3, 5.0))
+
+
+def test_isoflop_loss_intervals_stay_positive_near_zero_loss():
+    df = isoflop_data(NEAR_ZERO, np.logspace(10, 13, 4), k=3.0, sizes=5, width=0.8, noise=0.3, seed=3)
+    iso = scaling.fit_isoflop_optima(df, bootstrap=100)
+    b = iso.budgets[np.isfinite(iso.budgets["loss_opt_lo"])]
+    print("\n" + b[["loss_opt", "loss_opt_lo", "loss_opt_hi"]].to_string())
+    assert len(b) >= 3 and (b["loss_opt"] < 0.05).all()
+    assert (b["loss_opt_lo"] > 0).all()
+    assert ((b["loss_opt_lo"] <= b["loss_opt"]) & (b["loss_opt"] <= b["loss_opt_hi"])).all()
+    # the interval is on log L_opt: asymmetric about the estimate, as a positive quantity's is
+    assert np.allclose(b["loss_opt"] / b["loss_opt_lo"], b["loss_opt_hi"] / b["loss_opt"], rtol=1e-9)
+    assert (iso.budgets["rms_resid"] > 0).all() and "fitted" in iso.points
+
+
+def test_agreement_is_not_informative_when_both_intervals_are_too_wide_to_disagree():
+    # isoflop_smoke's intervals: each contains the other's estimate, both wider than 50 % of their estimates
+    wide = scaling.compare_exponents(0.571, (0.353, 0.804), 0.357, (0.206, 0.759), n_budgets=(3, 3))
+    print(f"\n{wide.text}")
+    assert wide.verdict == scaling.NOT_INFORMATIVE and "not informative" in wide.text
+    # width ∝ 1/√budgets: the wider one (relative width 1.55) needs 3 · (1.55 / 0.5)² ≈ 29 budgets
+    assert wide.needed == math.ceil(3 * ((0.759 - 0.206) / 0.357 / scaling.INFORMATIVE_REL_WIDTH) ** 2) == 29
+    assert "roughly 29 budgets (now 3)" in wide.text
+    assert scaling.budgets_needed(0.4, 3) is None and scaling.budgets_needed(1.0, 4) == 16
+    tight = scaling.compare_exponents(0.50, (0.46, 0.54), 0.52, (0.49, 0.55))
+    assert tight.verdict == "agree" and tight.agree and tight.needed is None
+    apart = scaling.compare_exponents(0.50, (0.48, 0.52), 0.60, (0.58, 0.62))
+    assert apart.verdict == "disagree" and apart.agree is False
+    # wide intervals that do not contain each other's estimate are not "not informative": they disagree
+    far = scaling.compare_exponents(0.2, (0.05, 0.35), 0.9, (0.6, 1.4))
+    assert far.verdict == "disagree"
+    assert scaling.compare_exponents(float("nan"), None, 0.5, (0.4, 0.6)).verdict == "not testable"
+
+
 # --- the report from a synthetic budget study in real MLflow ----------------------------------------------
 
 REPORT_LAW = dict(E=0.12, A=12.0, alpha=0.42, B=40.0, beta=0.30)
@@ -181,12 +239,14 @@ BATCH = 32
 SIZES = {f"s{i}": 10 ** (3.9 + 0.25 * i) for i in range(12)}  # parameters
 
 
-def _log_budget_study(uri: str, experiment: str, seed: int = 0) -> dict:
+def _log_budget_study(uri: str, experiment: str, seed: int = 0, noise: float = 0.003, n_budgets: int = 4,
+                      extras: bool = True) -> dict:
     """A budget study the way the harness logs one: a parent sweep run; per trial a child run with the
     flattened config (train.flops, model.size, train.seed, train.lr ...) as params, the tags, and the
     metrics val_loss, loss, train_gflops (3 × forward × images, multiply-adds), samples_seen, params,
     forward_gflops and fd_lenet_cfg1.5. 4 budgets × 5 sizes around each optimum; 2 more seeds at the
-    smallest budget; a second LR at the second budget; a diverged and an unfinished trial."""
+    smallest budget; a second LR at the second budget; a diverged and an unfinished trial (`extras`).
+    noise: the loss's log-normal scatter; n_budgets: how many of the 4 budgets are logged."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -197,19 +257,20 @@ def _log_budget_study(uri: str, experiment: str, seed: int = 0) -> dict:
     k = 3 * TOKENS * 1e-9  # GFLOPs (multiply-adds) per parameter per image
     names = np.array(list(SIZES))
     logn = np.log10(np.array(list(SIZES.values())))
-    budgets = [k * 10 ** e for e in (12.0, 12.6, 13.2, 13.8)]
+    budgets = [k * 10 ** e for e in (12.0, 12.6, 13.2, 13.8)][:n_budgets]
     trials = []
     for bi, budget in enumerate(budgets):
         centre = np.log10(true_n_opt(REPORT_LAW, budget, k))
         picks = names[np.argsort(np.abs(logn - centre))[:5]]
         for size in sorted(picks, key=lambda s: SIZES[s]):
             trials.append((budget, size, 0, 1e-4, "finished"))
-            if bi == 0:
+            if bi == 0 and extras:
                 trials += [(budget, size, s, 1e-4, "finished") for s in (1, 2)]
-            if bi == 1:
+            if bi == 1 and extras:
                 trials.append((budget, size, 0, 3e-4, "finished"))
-    trials.append((budgets[2], "s5", 0, 1e-3, "failed: non-finite loss at step 120 (diverged)"))
-    trials.append((budgets[3], "s6", 1, 1e-4, "running"))
+    if extras:
+        trials.append((budgets[2], "s5", 0, 1e-3, "failed: non-finite loss at step 120 (diverged)"))
+        trials.append((budgets[3], "s6", 1, 1e-4, "running"))
     for budget, size, tseed, lr, status in trials:
         n = SIZES[size]
         fwd = n * TOKENS * 1e-9
@@ -231,7 +292,7 @@ def _log_budget_study(uri: str, experiment: str, seed: int = 0) -> dict:
         for frac in (0.25, 0.5, 1.0):
             step = max(1, int(steps * frac))
             d = step * BATCH
-            loss = float(law_loss(REPORT_LAW, n, d)) * lr_penalty * math.exp(0.003 * rng.standard_normal())
+            loss = float(law_loss(REPORT_LAW, n, d)) * lr_penalty * math.exp(noise * rng.standard_normal())
             batch += [Metric("loss", loss * 1.01, now, step), Metric("samples_seen", d, now, step),
                       Metric("train_gflops", 3 * fwd * d, now, step)]
             if frac == 1.0:
@@ -351,3 +412,59 @@ def test_budget_report_renders_in_headless_chromium(budget_report, tmp_path):
     h2 = json.loads(heads["result"]["value"])
     assert h2[0] == "What the study found" and h2.index("Figures") < h2.index("Fits not claimed") < h2.index(
         "Conventions")
+
+
+def _section(md: str, head: str) -> str:
+    """The text of one report.md section, from its heading to the next heading of any level."""
+    start = md.index(head) + len(head)
+    nxt = [i for i in (md.find("\n## ", start), md.find("\n### ", start)) if i >= 0]
+    return md[start:min(nxt) if nxt else len(md)]
+
+
+def test_budget_report_claims_identified_laws_and_judges_fd_on_the_frontier(budget_report):
+    """A well-identified isoFLOP study: its laws are claimed, approaches 2 and 3 agree (tight intervals),
+    DiT's "FD falls with compute" is judged on the compute-optimal frontier, loss intervals are positive,
+    and the figures say how they are drawn (parabola residuals, the clipped held-out band)."""
+    index, _, _ = budget_report
+    md = (index.parent / "report.md").read_text()
+    claimed = _section(md, "### Laws claimed")
+    assert "loss surface L(N, D), approach 3" in claimed and "N_opt(C), isoFLOP parabolas" in claimed
+    assert "approaches 2 and 3 agree on N_opt ∝ C^a (DiT) | held |" in md
+    # 4 budgets × 5 sizes: across all 35 trials sizes sharing a budget would be ranked as compute; the frontier
+    # (each budget's best FD) falls strictly with the budget
+    (fd_row,) = [ln for ln in md.splitlines() if "falls with training compute" in ln]
+    assert "judged on the compute-optimal frontier" in fd_row and "| held |" in fd_row
+    assert "Spearman = -1.000 over 4 budgets" in fd_row and "over 35 trials" not in fd_row
+    fits = json.loads((index.parent / "fits.json").read_text())
+    (iso,) = [f for f in fits if f["relation"] == "isoFLOP optima"]
+    assert all(b["loss_opt_lo"] > 0 and b["loss_opt_lo"] < b["loss_opt"] < b["loss_opt_hi"] for b in iso["budgets"])
+    assert all(b["rms_resid"] > 0 for b in iso["budgets"]) and "parabola RMS residual" in md
+    assert "Lower panel: each parabola's residuals" in md and "Czech et al. 2026" in md
+    assert "clipped to the plotted range" in md
+    (surf,) = [f for f in fits if f["relation"] == "loss surface L(N, D)"]
+    assert surf["identified"] is True and surf["not_identified"] is None
+
+
+def test_noisy_budget_report_lists_the_unidentified_surface_and_does_not_claim_it(tmp_path):
+    """3 budgets with 8 % loss scatter, as a smoke study has: the surface's exponent intervals are wider
+    than the exponents, so the surface is listed as not identified (with why) and not claimed."""
+    from analysis.report import build_report
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _log_budget_study(uri, "noisy-study", seed=0, noise=0.08, n_budgets=3, extras=False)
+    index = build_report(uri, "noisy-study", out_dir=tmp_path / "report", bootstrap=40, seed=0,
+                         log_to_mlflow=False)
+    md = (index.parent / "report.md").read_text()
+    assert "the analysis stopped early" not in md
+    assert "loss surface L(N, D), approach 3" not in _section(md, "### Laws claimed")
+    unidentified = _section(md, "### Laws not identified (fitted, not claimed)")
+    (row,) = [ln for ln in unidentified.splitlines() if ln.startswith("| loss surface L(N, D), approach 3")]
+    assert "the interval is wider than the estimate itself" in row
+    fits = json.loads((index.parent / "fits.json").read_text())
+    (surf,) = [f for f in fits if f["relation"] == "loss surface L(N, D)"]
+    assert surf["fitted"] and surf["identified"] is False and surf["not_identified"]
+    assert all(w.split(":")[0] in row for w in surf["not_identified"])
+    if "### Compute-optimal allocation" in md:
+        assert "the loss surface is not identified" in _section(md, "### Compute-optimal allocation")
+    # no loss interval in the budget table is negative (the pre-change delta method printed [-0.1, 0.6])
+    assert not re.search(r"\[-\d", _section(md, "### isoFLOP budgets"))

@@ -11,6 +11,9 @@ import numpy as np
 MIN_R2 = 0.9  # in log space: a law that explains less of the data is not claimed
 CI_LEVEL = 0.95
 MIN_DISTINCT_X = 4  # a law is claimed only from at least this many distinct x values
+# an exponent whose 95 % interval is wider than this many times |its estimate| is not identified: the data
+# allow it to be anything from about zero to about twice its value (or of either sign)
+MAX_REL_WIDTH = 1.0
 
 
 def bootstrap_draws(refit: Callable[[np.ndarray], object], n_rows: int, resamples: int, seed: int,
@@ -51,6 +54,36 @@ def percentile_interval(draws, level: float = CI_LEVEL) -> tuple[float, float]:
     """The central `level` interval of one quantity's draws."""
     lo, hi = percentile_band(draws, level)
     return float(lo), float(hi)
+
+
+def _touches(v: float, bound: float) -> bool:
+    """v reached the bound (bootstrap refits stopped there: their percentile equals the bound)."""
+    return abs(v - bound) <= 1e-3 * max(abs(bound), 1e-3)
+
+
+def not_identified(name: str, value: float, ci, bounds: tuple[float, float] | None = None,
+                   max_rel_width: float = MAX_REL_WIDTH) -> str | None:
+    """Why `value` with its interval `ci` is not identified by the data, or None when it is.
+
+    Two rules: the interval touches a bound of the fitter (`bounds`: the optimiser's box for this
+    parameter — refits that stop at the box say the data would have gone further, so the interval is the
+    box's, not the data's); or the interval is wider than max_rel_width × |value| (the data allow about
+    zero to twice the estimate). No interval (no bootstrap was run) is not judged: None."""
+    if ci is None or not math.isfinite(value):
+        return None
+    lo, hi = (float(c) for c in ci)
+    txt = f"{name} = {format_number(value)} {format_interval(ci)}"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{txt}: the interval is not finite"
+    if bounds is not None:
+        for b in bounds:
+            if _touches(lo, b) or _touches(hi, b):
+                return f"{txt}: {name}'s interval reaches the fitter's bound {format_number(b)}"
+    width = hi - lo
+    if width > max_rel_width * abs(value):
+        times = "" if max_rel_width == 1 else f"{max_rel_width:g} × "
+        return f"{txt}: the interval is wider than {times}the estimate itself (width {format_number(width)})"
+    return None
 
 
 def finite_positive(x, y) -> tuple[np.ndarray, np.ndarray]:

@@ -64,6 +64,17 @@ def _loglog_with_errors(x, y, se_log=None, draws: int = 1000, seed: int = 0, lev
     return res
 
 
+def _positive_interval(value: float, se: float, tq: float) -> tuple[float, float]:
+    """The interval of a positive quantity (a loss) from its standard error, taken on its log by the
+    delta method — value · exp(±tq · se / value) — so it is asymmetric and never reaches zero, where
+    value ± tq · se would print negative losses when the error is large. A non-positive vertex (the
+    parabola dips below zero: not a loss at all) has no interval."""
+    if not (value > 0 and math.isfinite(se)):
+        return math.nan, math.nan
+    s = tq * se / value
+    return value * math.exp(-s), value * math.exp(s)
+
+
 @dataclass
 class IsoflopOptima:
     """Approach 2: per budget a parabola of loss over log N, its vertex (N_opt, L_opt) with an
@@ -101,8 +112,10 @@ def fit_isoflop_optima(df: pd.DataFrame, budget: str = "budget", n: str = "n", l
 
     Per budget: loss = c₂ (log N)² + c₁ log N + c₀ by least squares; vertex log N_opt = −c₁ / (2c₂),
     L_opt = c₀ − c₁² / (4c₂); intervals from the coefficients' covariance by the delta method with
-    Student-t quantiles (noise: the replicates' pooled variance when there are replicates, else the
-    parabola's residual variance; with neither the interval is empty). A budget is **not bracketed** —
+    Student-t quantiles, both on a log scale (log N_opt, and log L_opt: a loss is positive, so its
+    interval is L_opt · exp(±t · se / L_opt), never below zero). Noise: the replicates' pooled
+    variance when there are replicates, else the parabola's residual variance (`noise_from` says
+    which); with neither the interval is empty. A budget is **not bracketed** —
     flagged, and left out of the N_opt(C) fit — when its lowest loss is at the smallest or largest
     size trained, the parabola opens downwards, or the vertex lies outside the sizes trained:
     "optimum not bracketed: add a size below / above".
@@ -114,7 +127,10 @@ def fit_isoflop_optima(df: pd.DataFrame, budget: str = "budget", n: str = "n", l
     Caveat (Czech et al. 2026, arXiv 2603.22339): the parabola is only a local approximation; its
     vertex is biased when the size grid is wide or off-centre around the optimum, or when α ≠ β in
     the loss surface. The budget table reports each grid's width and the vertex's offset from the
-    grid's centre (in decades) so the bias can be judged; compare with fit_loss_surface."""
+    grid's centre (in decades) so the bias can be judged, and `rms_resid`, the root-mean-square
+    distance of the measured means from the parabola (against `noise`, the replicate or residual
+    scatter: a parabola that misses an asymmetric curve has rms_resid well above the seed noise);
+    compare with fit_loss_surface."""
     cols = [budget, n, loss] + ([compute] if compute and compute in df else [])
     d = df[cols].copy()
     for c in cols:
@@ -130,14 +146,15 @@ def fit_isoflop_optima(df: pd.DataFrame, budget: str = "budget", n: str = "n", l
         cval = float(c_of.get(b, math.nan))
         x, y, m = np.log(g[n].to_numpy(float)), g["mean"].to_numpy(float), g["count"].to_numpy(float)
         pts.append(pd.DataFrame({"budget": b, "compute": cval, "n": g[n].to_numpy(float), "loss": y,
-                                 "loss_std": g["std"].to_numpy(float), "n_rep": m.astype(int)}))
+                                 "loss_std": g["std"].to_numpy(float), "n_rep": m.astype(int), "fitted": math.nan}))
         i_best = int(np.argmin(y))
         row = {"budget": b, "compute": cval, "n_sizes": int(len(g)), "n_runs": int(m.sum()),
                "best_n": float(np.exp(x[i_best])), "best_loss": float(y[i_best]),
                "n_opt": math.nan, "n_opt_lo": math.nan, "n_opt_hi": math.nan, "log_n_opt_se": math.nan,
                "loss_opt": math.nan, "loss_opt_lo": math.nan, "loss_opt_hi": math.nan,
-               "coef": None, "noise": math.nan, "grid_decades": float((x.max() - x.min()) / math.log(10)),
-               "offset_decades": math.nan, "bracketed": False, "note": ""}
+               "coef": None, "noise": math.nan, "noise_from": "",
+               "grid_decades": float((x.max() - x.min()) / math.log(10)),
+               "offset_decades": math.nan, "rms_resid": math.nan, "bracketed": False, "note": ""}
         if len(g) < min_sizes:
             row["note"] = f"{len(g)} size(s): a parabola needs at least {min_sizes}; add sizes"
             rows.append(row)
@@ -147,14 +164,19 @@ def fit_isoflop_optima(df: pd.DataFrame, budget: str = "budget", n: str = "n", l
         c2, c1, c0 = (float(c) for c in coef)
         row["coef"] = [c2, c1, c0]
         resid = y - X @ coef
+        pts[-1]["fitted"] = X @ coef
+        # how far the parabola misses the measured means (the figure's residual panel shows each point)
+        row["rms_resid"] = float(np.sqrt(np.mean(resid ** 2)))
         dof_res = len(g) - 3
         rep_dof = int((m - 1).sum())
         if rep_dof > 0:  # pooled within-size variance of single runs -> variance of each mean
             s2 = float(((m - 1) * g["std"].to_numpy(float) ** 2).sum() / rep_dof)
             w = 1.0 / m
             dof = rep_dof
+            row["noise_from"] = "seeds"
         elif dof_res > 0:
             s2, w, dof = float(resid @ resid) / dof_res, np.ones_like(y), dof_res
+            row["noise_from"] = "residuals"
         else:
             s2, w, dof = 0.0, np.ones_like(y), 0
         row["noise"] = math.sqrt(s2)
@@ -177,7 +199,7 @@ def fit_isoflop_optima(df: pd.DataFrame, budget: str = "budget", n: str = "n", l
         row.update(n_opt=math.exp(v), log_n_opt_se=se_v, n_opt_lo=math.exp(v - tq * se_v),
                    n_opt_hi=math.exp(v + tq * se_v), loss_opt=c0 - c1 ** 2 / (4 * c2),
                    offset_decades=float((v - (x.min() + x.max()) / 2) / math.log(10)))
-        row["loss_opt_lo"], row["loss_opt_hi"] = row["loss_opt"] - tq * se_l, row["loss_opt"] + tq * se_l
+        row["loss_opt_lo"], row["loss_opt_hi"] = _positive_interval(row["loss_opt"], se_l, tq)
         row["loss_opt_se"] = se_l
         if edge is not None:
             row["note"] = (f"optimum not bracketed: add a size {edge} "
@@ -188,7 +210,7 @@ def fit_isoflop_optima(df: pd.DataFrame, budget: str = "budget", n: str = "n", l
         rows.append(row)
     budgets = pd.DataFrame(rows)
     points = pd.concat(pts, ignore_index=True) if pts else pd.DataFrame(
-        columns=["budget", "compute", "n", "loss", "loss_std", "n_rep"])
+        columns=["budget", "compute", "n", "loss", "loss_std", "n_rep", "fitted"])
     res = IsoflopOptima(budgets, points, level=level)
     if budgets.empty:
         res.notes.append("no budget has runs")

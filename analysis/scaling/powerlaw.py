@@ -23,7 +23,7 @@ import pandas as pd
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from .common import (CI_LEVEL, MIN_DISTINCT_X, MIN_R2, bootstrap_draws, finite_positive, format_interval,
-                     format_number, lists_for_tuples, percentile_band, percentile_interval)
+                     format_number, lists_for_tuples, not_identified, percentile_band, percentile_interval)
 
 
 @dataclass
@@ -64,10 +64,20 @@ class PowerLawFit:
             curves = E + A * x[None, :] ** (-a)
         return percentile_band(curves, level, skip_nan=True)
 
+    def identification(self) -> list[str]:
+        """Why the exponent is not identified (empty: it is): its interval reaches the fitter's bound on α
+        or is wider than α (common.not_identified)."""
+        if not self.ok:
+            return []
+        why = not_identified("α", self.alpha, self.alpha_ci, _ALPHA_BOUNDS)
+        return [why] if why else []
+
     def as_dict(self) -> dict:
-        return lists_for_tuples({k: getattr(self, k) for k in (
+        out = lists_for_tuples({k: getattr(self, k) for k in (
             "A", "alpha", "E", "A_ci", "alpha_ci", "E_ci", "r2", "n", "n_params", "irreducible", "warning", "x_range",
             "n_bootstrap")})
+        out["not_identified"] = self.identification() or None
+        return out
 
     def describe(self, x: str = "x", y: str = "y") -> str:
         """One line: the law with its 95 % intervals, or the warning."""
@@ -104,8 +114,11 @@ def _jac_pure(u, log_a, alpha):
     return np.column_stack([np.ones_like(u), -u])
 
 
+_ALPHA_BOUNDS = (1e-6, 10.0)  # the box of α in the fit
+
+
 def _bounds(y: np.ndarray, irreducible: bool):
-    lo, hi = [-200.0, 1e-6], [200.0, 10.0]
+    lo, hi = [-200.0, _ALPHA_BOUNDS[0]], [200.0, _ALPHA_BOUNDS[1]]
     if irreducible:
         lo.append(0.0)
         hi.append(float(np.min(y)) * (1 - 1e-9))
@@ -274,9 +287,17 @@ class ExponentFit:
         return (f"{y} = {format_number(self.k)} · {x}^{self.a:.4g}; exponent {self.a:.4g} "
                 f"{format_interval(self.a_ci)} (n = {self.n})")
 
+    def identification(self, name: str = "the exponent") -> list[str]:
+        """Why the exponent is not identified (empty: it is): its interval is wider than |a|, which also
+        covers an interval that straddles zero (common.not_identified). The line has no bounds."""
+        if not self.ok:
+            return []
+        why = not_identified(name, self.a, self.a_ci)
+        return [why] if why else []
+
     def as_dict(self) -> dict:
         return {"a": self.a, "k": self.k, "a_ci": list(self.a_ci) if self.a_ci else None, "r2": self.r2,
-                "n": self.n, "warning": self.warning}
+                "n": self.n, "warning": self.warning, "not_identified": self.identification() or None}
 
 
 def _line(u, c0, a):

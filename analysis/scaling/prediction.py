@@ -22,9 +22,19 @@ from .powerlaw import ExponentFit, fit_exponent
 from .surface import LossSurfaceFit, fit_loss_surface
 
 
+# agreement is informative only when at least one interval is narrower than this fraction of its estimate:
+# ±25 % of a ≈ 0.5 is the spread of published N_opt exponents (Kaplan et al. 2020: 0.73; Hoffmann et al.
+# 2022: 0.50; Liang et al. 2024: 0.57), the difference a comparison of the two methods should be able to see
+INFORMATIVE_REL_WIDTH = 0.5
+NOT_INFORMATIVE = "not informative"
+
+
 @dataclass
 class Agreement:
-    """Whether approach 2's and approach 3's N_opt exponents agree within their intervals."""
+    """Whether approach 2's and approach 3's N_opt exponents agree within their intervals.
+
+    verdict: "agree", "disagree", "not informative" (both intervals too wide to disagree: see
+    compare_exponents) or "not testable" (an estimate is missing). `agree` is the bare z-test."""
 
     agree: bool | None
     a_isoflop: float = math.nan
@@ -33,10 +43,28 @@ class Agreement:
     a_surface_ci: tuple[float, float] | None = None
     z: float = math.nan  # |difference| / combined standard error
     text: str = ""
+    verdict: str = "not testable"
+    needed: int | None = None  # budgets that would make a not-informative comparison informative (extrapolated)
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("agree", "a_isoflop", "a_isoflop_ci", "a_surface", "a_surface_ci",
-                                              "z", "text")}
+        return {k: getattr(self, k) for k in ("agree", "verdict", "needed", "a_isoflop", "a_isoflop_ci", "a_surface",
+                                              "a_surface_ci", "z", "text")}
+
+
+def _rel_width(a: float, ci) -> float:
+    if not ci or not all(math.isfinite(c) for c in ci) or a == 0:
+        return math.nan
+    return (ci[1] - ci[0]) / abs(a)
+
+
+def budgets_needed(rel_width: float, n_now: int | None, target: float = INFORMATIVE_REL_WIDTH) -> int | None:
+    """How many budgets would bring an interval of relative width `rel_width`, from `n_now` budgets,
+    down to `target`, assuming width ∝ 1 / √(number of budgets) at the same sizes per budget — the
+    standard-error scaling of a regression with more points; with 3 budgets the Student-t quantile
+    shrinks too, so this is a rough upper estimate."""
+    if not n_now or not math.isfinite(rel_width) or rel_width <= target:
+        return None
+    return int(math.ceil(n_now * (rel_width / target) ** 2))
 
 
 def _se_from_ci(ci, level: float = CI_LEVEL) -> float:
@@ -49,10 +77,17 @@ def _se_from_ci(ci, level: float = CI_LEVEL) -> float:
 
 def compare_exponents(a1: float, ci1, a2: float, ci2, names=("isoFLOP parabolas (approach 2)",
                                                              "loss surface (approach 3)"),
-                      what: str = "N_opt ∝ C^a", level: float = CI_LEVEL) -> Agreement:
+                      what: str = "N_opt ∝ C^a", level: float = CI_LEVEL,
+                      n_budgets: tuple[int | None, int | None] = (None, None)) -> Agreement:
     """Two estimates of one exponent agree when their difference is within the combined interval:
     |a₁ − a₂| ≤ z · sqrt(se₁² + se₂²), se from each (95 %) interval's half-width. The intervals carry
-    the measured noise (replicate spread, bootstrap), so this is the noise level of the judgement."""
+    the measured noise (replicate spread, bootstrap), so this is the noise level of the judgement.
+
+    The verdict is "not informative" — neither agreement nor disagreement is claimed — when each
+    interval contains the other's estimate and both are wider than INFORMATIVE_REL_WIDTH (50 %) of
+    their estimates: such intervals would agree with almost any pair of exponents. `n_budgets`: the
+    budgets behind each estimate; then `needed` says how many budgets would bring the wider-relative
+    interval under 50 % (budgets_needed: width ∝ 1/√budgets)."""
     from scipy.stats import norm
 
     res = Agreement(None, a1, tuple(ci1) if ci1 else None, a2, tuple(ci2) if ci2 else None)
@@ -69,9 +104,24 @@ def compare_exponents(a1: float, ci1, a2: float, ci2, names=("isoFLOP parabolas 
     else:
         res.z = diff / se
         res.agree = bool(res.z <= float(norm.ppf(0.5 + level / 2)))
-    verdict = "agree" if res.agree else "DISAGREE"
-    res.text = (f"{what}: {names[0]} a = {fmt(a1, ci1)}; {names[1]} a = {fmt(a2, ci2)} — the two methods "
-                f"{verdict} (difference {diff:.3f}, {res.z:.1f} combined standard errors)")
+    rel = (_rel_width(a1, ci1), _rel_width(a2, ci2))
+    inside = bool(ci1 and ci2 and ci1[0] <= a2 <= ci1[1] and ci2[0] <= a1 <= ci2[1])
+    wide = all(math.isfinite(r) and r > INFORMATIVE_REL_WIDTH for r in rel)
+    res.verdict = NOT_INFORMATIVE if inside and wide else "agree" if res.agree else "disagree"
+    head = (f"{what}: {names[0]} a = {fmt(a1, ci1)}; {names[1]} a = {fmt(a2, ci2)} — ")
+    if res.verdict == NOT_INFORMATIVE:
+        needs = [budgets_needed(r, nb) for r, nb in zip(rel, n_budgets)]
+        needs = [x for x in needs if x]
+        res.needed = max(needs) if needs else None
+        more = (f"; roughly {res.needed} budgets (now {max(nb for nb in n_budgets if nb)}) would bring both "
+                f"under {INFORMATIVE_REL_WIDTH:.0%}, assuming width ∝ 1/√budgets at the same sizes per budget"
+                if res.needed else "")
+        res.text = (head + f"not informative: each interval contains the other's estimate and both are wider than "
+                    f"{INFORMATIVE_REL_WIDTH:.0%} of their estimates (relative widths {rel[0]:.2f}, {rel[1]:.2f}), "
+                    f"so they could not disagree{more}")
+        return res
+    res.text = head + (f"the two methods {'agree' if res.agree else 'DISAGREE'} (difference {diff:.3f}, "
+                       f"{res.z:.1f} combined standard errors)")
     return res
 
 
@@ -81,7 +131,9 @@ def compare_optimal_exponents(isoflop: IsoflopOptima | None, surface: LossSurfac
     ci1 = isoflop.n_opt_fit.a_ci if not math.isnan(a1) else None
     a2 = surface.a if surface is not None and surface.ok else math.nan
     ci2 = surface.a_ci if not math.isnan(a2) else None
-    return compare_exponents(a1, ci1, a2, ci2)
+    n_iso = isoflop.n_opt_fit.n if not math.isnan(a1) else None
+    n_all = int(isoflop.budgets["budget"].nunique()) if isoflop is not None and not isoflop.budgets.empty else None
+    return compare_exponents(a1, ci1, a2, ci2, n_budgets=(n_iso, n_all))
 
 
 def fit_loss_to_fd(loss, fd, bootstrap: int = 1000, seed: int = 0, level: float = CI_LEVEL) -> ExponentFit:
@@ -129,6 +181,7 @@ class HoldoutPrediction:
     fd_predicted_ci: tuple[float, float] | None = None
     fd_measured: float = math.nan
     fd_error_pct: float = math.nan
+    isoflop_not_identified: str | None = None  # why the L_opt(C) law behind isoflop_predicted is not identified
     surface: LossSurfaceFit | None = field(default=None, repr=False)
     points: pd.DataFrame | None = field(default=None, repr=False)  # the held-out sizes: n, d, measured, predicted, lo, hi
     warning: str | None = None
@@ -147,6 +200,8 @@ class HoldoutPrediction:
                f"({'inside' if self.covered else 'outside'} the interval)")
         if math.isfinite(self.isoflop_predicted):
             txt += f"; the isoFLOP law L_opt(C) predicts {self.isoflop_predicted:.4g} {ci(self.isoflop_predicted_ci)}"
+            if self.isoflop_not_identified:
+                txt += f" (that law is not identified: {self.isoflop_not_identified})"
         if math.isfinite(self.fd_error_pct):
             txt += (f"; {self.fd_key}: predicted {self.fd_predicted:.4g} {ci(self.fd_predicted_ci)}, measured "
                     f"{self.fd_measured:.4g}, error {self.fd_error_pct:+.2f} %")
@@ -155,7 +210,8 @@ class HoldoutPrediction:
     def as_dict(self) -> dict:
         keys = ("budget", "compute", "n_fit_budgets", "predicted", "predicted_ci", "predicted_n", "measured",
                 "measured_std", "measured_n", "error_pct", "covered", "isoflop_predicted", "isoflop_predicted_ci",
-                "fd_key", "fd_predicted", "fd_predicted_ci", "fd_measured", "fd_error_pct", "warning")
+                "fd_key", "fd_predicted", "fd_predicted_ci", "fd_measured", "fd_error_pct", "isoflop_not_identified",
+                "warning")
         return lists_for_tuples({k: getattr(self, k) for k in keys})
 
 
@@ -216,6 +272,7 @@ def holdout_prediction(df: pd.DataFrame, budget: str = "budget", compute: str = 
         lo2, hi2 = iso.l_opt_fit.band(np.array([out.compute]))
         if np.isfinite(lo2[0]):
             out.isoflop_predicted_ci = (float(lo2[0]), float(hi2[0]))
+        out.isoflop_not_identified = "; ".join(iso.l_opt_fit.identification("the L_opt(C) exponent")) or None
     if fd and fd in data and data[fd].notna().any():
         rel = fit_loss_to_fd(train[loss], pd.to_numeric(train[fd], errors="coerce"), bootstrap=max(bootstrap, 200),
                              seed=seed)

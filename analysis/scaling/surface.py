@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .common import (CI_LEVEL, MIN_DISTINCT_X, bootstrap_draws, format_interval, format_number, lists_for_tuples,
-                     percentile_band, percentile_interval)
+                     not_identified, percentile_band, percentile_interval)
 
 HUBER_DELTA = 1e-3  # as in Hoffmann et al.: log residuals beyond δ count linearly, so an outlier run weighs less
 
@@ -118,6 +118,22 @@ class LossSurfaceFit:
                     out[key] = percentile_interval(v, self.level)
         return out
 
+    def identification(self) -> list[str]:
+        """Why the surface is not identified (empty: it is): an exponent's interval reaches the fitter's
+        bound for α and β, or α, β or the N_opt exponent a has an interval wider than its estimate
+        (common.not_identified). E, A and B are not judged: their scale follows the exponents."""
+        if not self.ok:
+            return []
+        exp_bounds = _SURFACE_BOUNDS[2]
+        why = [not_identified("α", self.alpha, self.alpha_ci, exp_bounds),
+               not_identified("β", self.beta, self.beta_ci, exp_bounds),
+               not_identified("a (N_opt ∝ C^a)", self.a, self.a_ci)]
+        return [w for w in why if w]
+
+    @property
+    def identified(self) -> bool:
+        return self.ok and not self.identification()
+
     def as_dict(self) -> dict:
         keys = ("E", "A", "alpha", "B", "beta", "E_ci", "A_ci", "alpha_ci", "B_ci", "beta_ci", "a_ci", "k", "n",
                 "n_groups", "objective", "n_starts", "n_converged", "n_at_best", "n_bootstrap", "n_range", "d_range",
@@ -125,6 +141,8 @@ class LossSurfaceFit:
         out = {k: getattr(self, k) for k in keys}
         out["a"] = self.a if self.ok else None
         out["spread"] = {k: list(v) for k, v in self.spread.items()}
+        out["identified"] = self.identified
+        out["not_identified"] = self.identification() or None
         return lists_for_tuples(out)
 
     def describe(self, n: str = "N", d: str = "D") -> str:
