@@ -735,8 +735,8 @@ def _keep_artifacts_file(path: Path) -> None:
 
 
 # the torch-free contract modules analysis may import from harness/ and models/ (one home per rule)
-CONTRACT_MODULES = {"harness", "harness.errors", "harness.tracking", "harness.evaluation", "harness.evaluation.noise",
-                    "models", "models.registry", "models.flops"}
+CONTRACT_MODULES = {"harness", "harness.errors", "harness.tracking", "harness.credentials", "harness.evaluation",
+                    "harness.evaluation.noise", "models", "models.registry", "models.flops"}
 
 
 def test_analysis_imports_no_torch_and_only_the_contract_modules():
