@@ -133,8 +133,10 @@ def trial_runs(tracking_uri: str | None, experiment: str, parent_run_id: str | N
     """The newest MLflow run of each trial (runs tagged trial_id), optionally of one sweep."""
     c = client(tracking_uri)
     exp_id = experiment_id(tracking_uri, experiment)
-    # WSD trunks (harness/launch/branches.py) are means, not results: their branches are the trials.
-    runs = [r for r in _all_runs(c, exp_id) if r.data.tags.get(TRIAL_ID_TAG) and r.data.tags.get(ROLE_TAG) != "trunk"]
+    # WSD trunks (harness/launch/branches.py) are means, not results: their branches are the trials. Ladder
+    # runs (harness/launch/ladder.py) test the fitted law: never fitted, reported by analysis/extrapolation.py.
+    runs = [r for r in _all_runs(c, exp_id)
+            if r.data.tags.get(TRIAL_ID_TAG) and r.data.tags.get(ROLE_TAG) not in ("trunk", "ladder")]
     if parent_run_id:
         wanted = {r.data.tags[TRIAL_ID_TAG] for r in runs if r.data.tags.get(PARENT_TAG) == parent_run_id}
         wanted |= _sweep_trial_ids(c, parent_run_id)

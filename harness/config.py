@@ -269,7 +269,20 @@ class TrialConfig(_Section):
         return flat
 
 
+class LadderConfig(_Section):
+    """Pre-registered extrapolation (harness/launch/ladder.py): after the isoFLOP grid is fitted, each budget's
+    compute-optimal size and loss are predicted and registered, then that trial is trained."""
+
+    budgets: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default_factory=list, description=(
+        "training FLOPs (as train.flops counts them), each above every grid budget; empty: no ladder"))
+
+
+STUDY_ONLY = {"grid", "exclude", "points", "ladder"}  # study sections that are not a trial's fields
+
+
 class Study(TrialConfig):
+    ladder: LadderConfig = Field(default_factory=LadderConfig, description=(
+        "ladder: {budgets: [C, ...]}: predict, register, then train a compute-optimal trial at each C"))
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     exclude: list[dict[str, Any]] = Field(default_factory=list, description="grid points to leave out")
     points: list[dict[str, Any]] = Field(default_factory=list, description=(
@@ -423,9 +436,23 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     problems = []
     for trial in trials:
         problems += check_trial(trial, check_files=check_files)
+    problems += _ladder_problems(study, trials)
     if problems:
         raise StudyError(problems)
     return study
+
+
+def _ladder_problems(study: Study, trials: list[TrialConfig]) -> list[str]:
+    """ladder.budgets: extrapolations of an isoFLOP (train.flops) design, each beyond its largest budget."""
+    budgets = study.ladder.budgets
+    if not budgets:
+        return []
+    grid = [t.train.flops for t in trials]
+    if any(b is None for b in grid):
+        return [("ladder.budgets: a ladder extrapolates an isoFLOP design; give the grid's trials train.flops "
+                 "budgets (not train.steps)")]
+    return [f"ladder.budgets: {b:.3g} is not above the grid's largest budget {max(grid):.3g}; a ladder predicts "
+            "beyond the fitted budgets" for b in budgets if b <= max(grid)]
 
 
 def grid_size(study: Study) -> int:
@@ -445,7 +472,7 @@ def expand_grid(study: Study, max_trials: int | None = MAX_TRIALS) -> list[Trial
                           + ([f"{len(study.points)} points"] if study.points else []))
         raise StudyError([(f"grid: {n:,} trials ({axes}) is more than --max-trials {max_trials:,}; "
                            "make the grid smaller or raise --max-trials")])
-    base = study.model_dump(mode="python", exclude={"grid", "exclude", "points"})
+    base = study.model_dump(mode="python", exclude=STUDY_ONLY)
     keys = list(study.grid)
     trials, problems = [], []
     for values, extra in itertools.product(itertools.product(*(study.grid[k] for k in keys)), study.points or [{}]):

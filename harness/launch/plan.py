@@ -136,7 +136,7 @@ def _base_trial(study) -> TrialConfig:
     if bad:
         raise UserError(f"--base: grid.{bad[0]} varies the geometry or the counts; plan one value at a time "
                         "(a copy of the base study per value)")
-    raw = study.model_dump(mode="python", exclude={"grid", "exclude", "points"})
+    raw = study.model_dump(mode="python", exclude={"grid", "exclude", "points", "ladder"})
     raw["train"].update(steps=1, flops=None)  # a stand-in length: only the geometry is counted here
     return TrialConfig.model_validate(raw)
 

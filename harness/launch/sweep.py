@@ -3,8 +3,9 @@ trial a Ray Train TorchTrainer whose workers run harness/trial/loop.py's loop on
 
 The driver: plan the study (budgets resolved, WSD trunks found; harness/launch/plan.py, branches.py),
 validate it, take the study's lock, join or start Ray (harness/launch/local_ray.py), open the sweep's
-MLflow parent run, run the trials that train alone and the trunks, then the branches, close the parent
-run and write the report. Trials whose MLflow run says `finished` (or `diverged`) are skipped; the
+MLflow parent run, run the trials that train alone and the trunks, then the branches, then (`ladder:`)
+predict, register and train each ladder trial (harness/launch/ladder.py), close the parent run and write
+the report. Trials whose MLflow run says `finished` (or `diverged`) are skipped; the
 others resume from the DeepSpeed checkpoint in their trial folder.
 """
 
@@ -16,6 +17,7 @@ from harness.checks import ema_warnings
 from harness.config import MAX_TRIALS, TrialConfig, expand_grid, load_study
 from harness.launch.branches import (Trunk, branch_point, branch_ready, plan_branches, plan_compute, rewind_trunk,
                                      trunk_checkpoint)
+from harness.launch.ladder import kept_ladder_lines, ladder_pending, prepare_ladder
 from harness.launch.local_ray import max_concurrent_trials, start_ray, stop_ray
 from harness.launch.plan import data_lines, plan_json, plan_output, plan_rows, print_plan
 from harness.launch.study_lock import study_lock
@@ -62,6 +64,7 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
     state = sweep_state(uri, study.name, trials)
     todo = [trial for trial in trials if not concluded(state.get(trial.trial_id, "new"))]
     skipped = len(trials) - len(todo)
+    ladder_due = ladder_pending(study, trials, uri)
     if skipped:
         print(f"{skipped} of {len(trials)} trials already finished or diverged (MLflow says so): skipping them")
 
@@ -69,8 +72,8 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
     if stop.exists():
         print(f"removing the stop request {stop} left by an earlier invocation")
         stop.unlink()
-    parent, statuses, final = None, {}, state
-    if todo:  # nothing to train: no Ray, no parent run, nothing written but the report
+    parent, statuses, final, ladder_trials = None, {}, state, []
+    if todo or ladder_due:  # nothing to train: no Ray, no parent run, nothing written but the report
         parent = open_parent_run(uri, study, trials, source=source)
         probe, started_ray, error = None, False, None
         try:
@@ -80,15 +83,21 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
                 from harness.launch.local_ray import check_shared_files
 
                 check_shared_files(trials[0], probe)
-            statuses = _run_phases(study, todo, trunks, uri, parent, probe,
-                                   max_concurrent or study.resources.max_concurrent_trials)
+            concurrent = max_concurrent or study.resources.max_concurrent_trials
+            statuses = _run_phases(study, todo, trunks, uri, parent, probe, concurrent) if todo else {}
+            if ladder_due and not stop.exists():  # after the grid: its fits predict the ladder
+                ladder_trials = prepare_ladder(study, trials, uri, parent, sweep_state(uri, study.name, trials))
+                ladder_todo = [t for t in ladder_trials
+                               if not concluded(sweep_state(uri, study.name, [t])[t.trial_id])]
+                if ladder_todo:
+                    statuses |= _run_tune(study, ladder_todo, parent, probe, concurrent, "ladder")
         except Exception as err:  # the sweep itself failed: its parent run says so (Ctrl-C: KILLED, resumable)
             error = f"{type(err).__name__}: {err}"
             raise
         finally:
             try:
-                final = sweep_state(uri, study.name, trials)
-                close_parent_run(uri, parent, trials, final, error=error)
+                final = sweep_state(uri, study.name, trials + ladder_trials)
+                close_parent_run(uri, parent, trials + ladder_trials, final, error=error)
             except Exception as err:  # the store itself is failing: say so, keep the original error
                 print(f"could not close the sweep's MLflow run {parent}: {type(err).__name__}: {err}")
                 if error is None:
@@ -99,6 +108,7 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
                 if started_ray:
                     stop_ray()
     else:
+        kept_ladder_lines(study, trials)
         print("nothing to train")
     report_path = None
     if report:
