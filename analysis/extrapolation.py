@@ -114,8 +114,8 @@ def rows(uri: str, experiment: str) -> list[list[str]]:
         measured = _f(o["measured"]) if o["measured"] is not None else f"not measured ({o['status'] or 'unknown'})"
         out.append([_f(budget, ".3g"), _f(reg.get("ratio"), ".3g") + "×", size,
                     _iv(a3.get("n_opt"), a3.get("n_opt_ci")), _iv(a2.get("n_opt"), a2.get("n_opt_ci")),
-                    _iv(o["predicted"], (o["lo"], o["hi"])) + _unidentified(reg), _iv(a2.get("loss"), a2.get("loss_ci")),
-                    measured,
+                    _iv(o["predicted"], (o["lo"], o["hi"])) + _unidentified(reg),
+                    _iv(a2.get("loss"), a2.get("loss_ci")), measured,
                     _f(o["error_pct"], "+.2f") + (" %" if o["error_pct"] is not None else ""),
                     {True: "yes", False: "⚠ no", None: "–"}[o["inside"]],
                     o["better"] or "–", fd_txt])
@@ -153,7 +153,7 @@ def extrapolation_blocks(rep) -> list[tuple]:
             table = rows(rep.uri, rep.study)
             cached = [("h2", "Extrapolation"), ("p", EXPLAIN, False), ("table", HEAD, table, 9)] if table else []
         except Exception as err:  # the rest of the report beats none
-            cached = [("h2", "Extrapolation"), ("p", f"the ladder runs could not be read: {type(err).__name__}: "
-                                                     f"{err}", True)]
+            why = f"the ladder runs could not be read: {type(err).__name__}: {err}"
+            cached = [("h2", "Extrapolation"), ("p", why, True)]
         rep.__dict__["_extrapolation"] = cached
     return cached

@@ -69,6 +69,15 @@ def test_a_ladder_leaves_the_grid_and_its_trial_ids_alone(digits_dir, tmp_path):
     assert [t.trial_id for t in laddered] == [t.trial_id for t in plain] and len(plain) == 12
 
 
+def test_the_dry_run_says_the_ladder_comes_after_the_grid(digits_dir, tmp_path, capsys):
+    from harness.launch.sweep import run_sweep
+
+    path = _isoflop_study(digits_dir, tmp_path, ladder={"budgets": [8e9]})
+    assert run_sweep(str(path), dry_run=True)["planned"] == 12
+    out = capsys.readouterr().out
+    assert "ladder: 1 trial(s) at 8e+09 (4x) the grid's largest budget" in out, out[-2000:]
+
+
 # --- the prediction ----------------------------------------------------------------------------------
 
 
@@ -128,7 +137,8 @@ def test_without_any_fitted_law_nothing_is_registered():
 
     rows = pd.DataFrame({"budget": [1e18] * 3, "compute": [1e9] * 3, "n": [1e3, 2e3, 4e3], "d": [1e5] * 3,
                          "loss": [1.0, 0.9, 0.8], "group": ["a", "b", "c"], "trial_id": ["a", "b", "c"]})
-    fits = {"rows": rows, "k": 6.0, "surface": scaling.fit_loss_surface(rows["n"], rows["d"], rows["loss"], bootstrap=0),
+    surf = scaling.fit_loss_surface(rows["n"], rows["d"], rows["loss"], bootstrap=0)
+    fits = {"rows": rows, "k": 6.0, "surface": surf,
             "isoflop": scaling.fit_isoflop_optima(rows, bootstrap=10), "loss_fd": None, "fd_key": None}
     with pytest.raises(UserError, match=r"^ladder.budgets: 1e\+19 cannot be predicted"):
         predict(fits, 1e19, lambda up_to: [(1000, "g")])
@@ -194,10 +204,10 @@ def test_the_error_is_measured_minus_predicted_over_measured_and_the_better_meth
 
 @pytest.mark.slow
 def test_the_ladder_is_registered_before_it_trains_and_the_registration_survives(digits_dir, tmp_path):
-    """A 4 sizes x 3 budgets isoFLOP grid (the fewest the surface fits) plus a ladder at 2x its largest budget, on real Ray + DeepSpeed +
-    MLflow: the ladder run (tag ditscale.role=ladder) holds prediction_loss[_lo, _hi] logged before its first
-    training metric, the registration file exists, a second sweep and the report leave both unchanged, and
-    the report's Extrapolation error is (measured − predicted) / measured from MLflow."""
+    """A 4 sizes x 3 budgets isoFLOP grid (the fewest the surface fits) plus a ladder at 2x its largest budget,
+    on real Ray + DeepSpeed + MLflow: the ladder run (tag ditscale.role=ladder) holds prediction_loss[_lo, _hi]
+    logged before its first training metric, the registration file exists, a second sweep and the report leave
+    both unchanged, and the report's Extrapolation error is (measured − predicted) / measured from MLflow."""
     import re
 
     import mlflow

@@ -215,7 +215,8 @@ def predict(fits: dict, budget: float, geometries_of) -> dict:
            "ratio": float(budget) / largest, "n_fitted_trials": len(rows), "k": k,
            "approach2": a2, "approach3": a3,
            "snap": {"target_n": target, "from": source, "size": size, "params": int(params),
-                    "ratio": params / target if target > 0 else None, "d": c / (k * params) if math.isfinite(k) else None}}
+                    "ratio": params / target if target > 0 else None,
+                    "d": c / (k * params) if math.isfinite(k) else None}}
     surf = fits["surface"]
     if source.startswith("approach 3") and out["snap"]["d"]:
         loss, ci = _surface_at(surf, params, out["snap"]["d"])
@@ -410,3 +411,15 @@ def kept_ladder_lines(study, trials: list[TrialConfig], say=print) -> None:
             path, data = found
             say(f"ladder {budget:.3g}: keeping the prediction registered {data.get('registered_at', '?')} in {path} "
                 f"(loss {data['prediction']['loss']:.4g}); a registration is never rewritten")
+
+
+def plan_line(study, trials: list[TrialConfig]) -> str | None:
+    """The plan's line for the ladder (its trials are not in the table: their sizes come from the fits)."""
+    budgets = list(study.ladder.budgets) if getattr(study, "ladder", None) else []
+    if not budgets or not trials:
+        return None
+    top = max(t.train.flops for t in trials)
+    each = ", ".join(f"{b:.3g} ({b / top:.3g}x)" for b in budgets)
+    return (f"ladder: {len(budgets)} trial(s) at {each} the grid's largest budget, not in the table above: each "
+            f"one's size is predicted from the grid's fits once the grid has concluded, registered in "
+            f"{ladder_folder(trials[0])} and MLflow, then trained")

@@ -18,6 +18,7 @@ from harness.config import MAX_TRIALS, TrialConfig, expand_grid, load_study
 from harness.launch.branches import (Trunk, branch_point, branch_ready, plan_branches, plan_compute, rewind_trunk,
                                      trunk_checkpoint)
 from harness.launch.ladder import kept_ladder_lines, ladder_pending, prepare_ladder
+from harness.launch.ladder import plan_line as ladder_plan_line
 from harness.launch.local_ray import max_concurrent_trials, start_ray, stop_ray
 from harness.launch.plan import data_lines, plan_json, plan_output, plan_rows, print_plan
 from harness.launch.study_lock import study_lock
@@ -43,6 +44,8 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
         print_branch_plan(trunks, rows)
         for line in ema_warnings(trials):
             print(f"warning: {line}")
+        if ladder_plan_line(study, trials):
+            print(ladder_plan_line(study, trials))
         for line in data_lines(trials) if dry_run else []:
             print(line)
     if dry_run:
