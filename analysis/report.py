@@ -314,6 +314,8 @@ def _analyse(rep: _Report, histories: pd.DataFrame, out: Path, bootstrap: int, s
         "DiT vs MM-DiT (joint vs split attention) at matched compute",
         f"left: x: {COMPUTE_LABEL}, y: the metric, one colour per architecture; right: each architecture's best "
         "trial at the largest training compute all architectures reached.")
+    from analysis import loss_metric  # is the loss a proxy for each image metric? (analysis/loss_metric.py)
+    loss_metric.analyse(rep, fit_trials, y_col, y_label, out, fig, bootstrap, seed)
 
 
 def _ci(ci) -> str:
@@ -574,6 +576,8 @@ def _sections(rep: _Report) -> list[tuple]:
     if rep.frontier_notes:
         b += [("h3", "Compute-optimal frontier (learning curves)"), ("ul", list(rep.frontier_notes))]
 
+    from analysis import loss_metric  # loss → image metrics across trials (analysis/loss_metric.py)
+    b += loss_metric.blocks(rep)
     b.append(("h2", "Figures"))
     b += [("figure", f) for f in rep.figures]
 

@@ -310,7 +310,8 @@ def built_report(report_sweep, tmp_path_factory):
     expect = ["loss_vs_steps_by_size.png", "loss_vs_steps_by_patch.png", "fd_lenet_cfg1.5_vs_steps_by_size.png",
               "fd_lenet_cfg1.5_vs_steps_by_patch.png", "fd_lenet_cfg1.5_vs_compute.png", "fit_loss_vs_compute.png",
               "fit_loss_vs_compute_by_patch.png", "fit_loss_vs_params.png", "fit_loss_vs_params_by_patch.png",
-              "fit_fd_lenet_cfg1.5_vs_forward_gflops.png", "frontier_dit.png", "dit_vs_mmdit.png"]
+              "fit_fd_lenet_cfg1.5_vs_forward_gflops.png", "frontier_dit.png", "dit_vs_mmdit.png",
+              "image_metrics_vs_loss.png"]
     index = check_report(uri, exp, out, expect_figures=expect, bootstrap=200)
     _keep_artifacts(out)
     return index, info
@@ -708,6 +709,9 @@ def test_report_html_loads_in_headless_chromium(built_report, tmp_path):
                             session=session)
         title = browser.send("Runtime.evaluate", {"expression": "document.title", "returnByValue": True},
                              session=session)["result"]["value"]
+        headings = browser.send("Runtime.evaluate", {
+            "expression": "Array.from(document.querySelectorAll('h3, h4')).map(h => h.textContent).join('\\n')",
+            "returnByValue": True}, session=session)["result"]["value"]
     finally:
         browser.close()
     import base64
@@ -723,6 +727,9 @@ def test_report_html_loads_in_headless_chromium(built_report, tmp_path):
     assert loaded and all(ok for _, ok in loaded), f"images that did not load: {[s for s, ok in loaded if not ok]}"
     assert len(loaded) == len(list(index.parent.glob("*.png")))
     assert title == "Scaling report: report-study"
+    # the loss -> image metric section (fd_lenet_cfg*, kid) is there and its figure loaded
+    assert "Loss → image metrics: is the loss a proxy?" in headings, headings
+    assert "image_metrics_vs_loss.png" in {src for src, ok in loaded if ok}, loaded
     assert screenshot.stat().st_size > 10_000
     print(f"\nscreenshot: {screenshot}")
 
@@ -742,7 +749,8 @@ CONTRACT_MODULES = {"harness", "harness.errors", "harness.tracking", "harness.cr
 def test_analysis_imports_no_torch_and_only_the_contract_modules():
     """analysis loads no torch, and from harness/ and models/ only the torch-free contract modules:
     the MLflow conventions, the preset sizes, the compute rule and the evaluator's noise estimator."""
-    code = ("import sys, json, analysis.runs, analysis.scaling, analysis.plots, analysis.report, analysis.study; "
+    code = ("import sys, json, analysis.runs, analysis.scaling, analysis.plots, analysis.report, analysis.study, "
+            "analysis.loss_metric; "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'harness', 'models'))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -863,3 +871,80 @@ def test_report_replaces_planted_links_and_escapes_html_in_markdown(store, tmp_p
     md = (out / "report.md").read_text()
     assert "<script" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md
     assert "<script" not in index.read_text()
+
+
+# --- loss -> image metrics across trials (issue 30 item 2) ------------------------------------------
+
+# final validation loss per (size, patch); the image metrics are logged beside it at the last step
+_PROXY_LOSS = {("XL", 2): 0.22, ("XL", 4): 0.25, ("L", 2): 0.27, ("L", 4): 0.30,
+               ("B", 2): 0.33, ("B", 4): 0.37, ("S", 2): 0.40, ("S", 4): 0.45}
+# cmmd in the order of rising loss: ranks 6 2 4 8 1 5 3 7, Spearman 1 − 6·76/(8·63) ≈ 0.095 (unrelated)
+_NOISE_CMMD = [0.9, 0.2, 0.5, 1.1, 0.1, 0.7, 0.3, 1.0]
+
+
+def _proxy_study(store, experiment: str, keys: list[tuple]) -> dict:
+    """A sweep with val_loss from _PROXY_LOSS and, at the last step, fid_cfg1.5 rising with the loss
+    (2 + 300·loss², monotone) and cmmd_cfg1.5 unrelated to it."""
+    cfgs = [{"family": "dit", "size": s, "patch": p, "steps": 400, "gflops": DIT_GFLOPS[(s, p)],
+             "params": DIT_PARAMS_M[s] * 1e6} for s, p in keys]
+    info = log_synthetic_sweep(store["uri"], experiment, cfgs, lambda c, *_: _PROXY_LOSS[(c["size"], c["patch"])],
+                               n_logs=3, n_evals=1, params_metric=True)
+    c = _client(store["uri"])
+    noise = dict(zip(sorted(_PROXY_LOSS, key=_PROXY_LOSS.get), _NOISE_CMMD))
+    for run_id in info["runs"].values():
+        tags = c.get_run(run_id).data.tags
+        key = (tags["size"], int(tags["patch"]))
+        c.log_metric(run_id, "fid_cfg1.5", 2.0 + 300.0 * _PROXY_LOSS[key] ** 2, step=400)
+        c.log_metric(run_id, "cmmd_cfg1.5", noise[key], step=400)
+    return info
+
+
+def _from_mlflow(store, info, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(final val_loss, final metric) of every trial, read straight from the MLflow runs."""
+    c = _client(store["uri"])
+    data = [c.get_run(r).data.metrics for r in info["runs"].values()]
+    return np.array([m["val_loss"] for m in data]), np.array([m[metric] for m in data])
+
+
+def test_loss_metric_section_says_which_metric_the_loss_predicts(store, tmp_path):
+    """fid_cfg1.5 rises monotonically with the loss (good proxy), cmmd_cfg1.5 is unrelated (not a proxy):
+    the section says so, with Spearman and Pearson equal to scipy's on the MLflow metrics, per patch
+    group too, and the figure is written and referenced."""
+    from scipy.stats import pearsonr, spearmanr
+
+    info = _proxy_study(store, "proxy-study", list(_PROXY_LOSS))
+    index = check_report(store["uri"], "proxy-study", tmp_path / "proxy", bootstrap=200,
+                         expect_figures=["image_metrics_vs_loss.png"])
+    html, md = index.read_text(), (index.parent / "report.md").read_text()
+    lines = {m: next(x for x in md.splitlines() if x.startswith(f"- {m}: ")) for m in ("fid_cfg1.5", "cmmd_cfg1.5")}
+    for metric, verdict in (("fid_cfg1.5", "good proxy"), ("cmmd_cfg1.5", "not a proxy")):
+        loss, value = _from_mlflow(store, info, metric)
+        rho, r = spearmanr(loss, value).statistic, pearsonr(loss, value).statistic
+        half = 1.959964 / np.sqrt(len(loss) - 3)  # Fisher z
+        lo, hi = np.tanh(np.arctanh(r) - half), np.tanh(np.arctanh(r) + half)
+        line = lines[metric]
+        assert line.startswith(f"- {metric}: {verdict} — Spearman ρ = {rho:.3f} "), line
+        assert f"Pearson r = {r:.3f} [{lo:.3f}, {hi:.3f}] over 8 trials" in line, line
+        assert f"{verdict} — Spearman" in html
+    assert "ρ = 1.000 [1.000, 1.000]" in lines["fid_cfg1.5"]  # a monotone relation: every resample ranks alike
+    cmmd_ci = re.search(r"ρ = 0\.095 \[(-?[\d.]+), (-?[\d.]+)\]", lines["cmmd_cfg1.5"])
+    assert cmmd_ci and float(cmmd_ci[1]) < 0 < float(cmmd_ci[2])  # the interval holds 0: the rule's "not a proxy"
+    for patch in (2, 4):  # 4 trials per patch size: a row each
+        assert f"| fid_cfg1.5 | DiT, patch {patch} | 4 | 1.000 " in md
+    loss, fid = _from_mlflow(store, info, "fid_cfg1.5")
+    b, log_a = np.polyfit(np.log(loss), np.log(fid), 1)  # the fitted relation: least squares in log-log
+    row = next(x for x in md.splitlines() if x.startswith("| fid_cfg1.5 | all trials | 8 | 1.000 [1.000, 1.000] |"))
+    assert row.endswith(f"| metric = {np.exp(log_a):.4g} · loss^{b:.3g} |"), row
+    assert "Esser et al. 2024" in md and "Fisher" in md and "bootstrap" in md
+    assert "src='image_metrics_vs_loss.png'" in html and "](image_metrics_vs_loss.png)" in md
+    assert (index.parent / "image_metrics_vs_loss.png").stat().st_size > 10_000
+
+
+def test_loss_metric_section_with_too_few_trials_says_nothing_but_that(store, tmp_path):
+    _proxy_study(store, "proxy-three", [("S", 2), ("B", 2), ("L", 2)])
+    index = check_report(store["uri"], "proxy-three", tmp_path / "three", bootstrap=50)
+    md = (index.parent / "report.md").read_text()
+    for metric in ("fid_cfg1.5", "cmmd_cfg1.5"):
+        assert (f"- {metric}: too few trials (3, fewer than 4) to say whether the loss is a proxy for it in this "
+                "study.") in md
+    assert "proxy —" not in md and "Spearman ρ = " not in md
