@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import budget_laws, plots, runs, scaling, study
+from analysis import budget_laws, plots, posthoc_ema, runs, scaling, study
 from analysis.plots import COMPUTE_LABEL, FORWARD_LABEL, PARAMS_LABEL, write_file
 from harness.tracking import redact_uri, safe_folder_name
 
@@ -314,6 +314,7 @@ def _analyse(rep: _Report, histories: pd.DataFrame, out: Path, bootstrap: int, s
         "DiT vs MM-DiT (joint vs split attention) at matched compute",
         f"left: x: {COMPUTE_LABEL}, y: the metric, one colour per architecture; right: each architecture's best "
         "trial at the largest training compute all architectures reached.")
+    posthoc_ema.figure(trials, out, fig, notes)  # eval.ema_sigma_rels: loss vs EMA width (analysis/posthoc_ema.py)
     from analysis import loss_metric  # is the loss a proxy for each image metric? (analysis/loss_metric.py)
     loss_metric.analyse(rep, fit_trials, y_col, y_label, out, fig, bootstrap, seed)
 
@@ -576,6 +577,7 @@ def _sections(rep: _Report) -> list[tuple]:
     if rep.frontier_notes:
         b += [("h3", "Compute-optimal frontier (learning curves)"), ("ul", list(rep.frontier_notes))]
 
+    b += posthoc_ema.blocks(rep.trials)  # eval.ema_sigma_rels: the best EMA width per size (analysis/posthoc_ema.py)
     from analysis import loss_metric  # loss → image metrics across trials (analysis/loss_metric.py)
     b += loss_metric.blocks(rep)
     b.append(("h2", "Figures"))

@@ -100,6 +100,23 @@ def check_posthoc_ema(train: TrainConfig) -> list[str]:
     return problems
 
 
+def check_ema_sigma_rels(trial: TrialConfig) -> list[str]:
+    """eval.ema_sigma_rels: the EMAs are rebuilt from train.posthoc_ema's snapshots and chosen by the
+    validation loss, so both must be there (harness/trial/posthoc_ema.choose_sigma_rel)."""
+    e, problems = trial.eval, []
+    if not e.ema_sigma_rels:
+        return problems
+    if not trial.train.posthoc_ema.sigma_rels:
+        problems.append("eval.ema_sigma_rels: needs train.posthoc_ema (the snapshots each EMA is rebuilt from)")
+    if not (e.val_batches and trial.data.val_shards):
+        problems.append("eval.ema_sigma_rels: the best is chosen by the validation loss; set eval.val_batches > 0 "
+                        "and data.val_shards")
+    names = [f"{s:g}" for s in e.ema_sigma_rels]  # metric names are made of them
+    if len(set(names)) != len(names):
+        problems.append(f"eval.ema_sigma_rels: {e.ema_sigma_rels} repeats a value")
+    return problems
+
+
 def _is_number(value) -> bool:
     import math
 
@@ -253,6 +270,7 @@ def check_trial(trial: TrialConfig, check_files: bool = True) -> list[str]:
     if t.schedule != "wsd" and (t.cooldown is not None or t.cooldown_steps is not None):
         problems.append(f"train.cooldown: only train.schedule: wsd has a cooldown (schedule is {t.schedule})")
     problems += check_posthoc_ema(t)
+    problems += check_ema_sigma_rels(trial)
     problems += check_metrics(trial, check_files)
     if check_files:
         for field in ("shards", "val_shards"):

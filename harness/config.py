@@ -35,7 +35,7 @@ _ADDED_LATER = {  # section -> field -> the value that means "as before the fiel
               "divergence_factor": None, "save_at": [],
               "posthoc_ema": {"sigma_rels": [], "snapshot_every": None}},
     "model": {"parametrization": "sp", "mup_base_width": 256},
-    "eval": {"fd_spread_draws": 10, "metrics": ["fid"]},
+    "eval": {"fd_spread_draws": 10, "metrics": ["fid"], "ema_sigma_rels": []},
 }
 
 
@@ -166,6 +166,10 @@ class EvalConfig(_Section):
     reference_split: Literal["train", "val"] = Field("train", description="real images of the FID reference")
     reference_samples: int | None = Field(None, gt=1, description="reference images (default: the split, <= 50,000)")
     seed: int = Field(0, ge=0, lt=2**32, description="evaluation noise, labels and timesteps (the same for every trial)")
+    ema_sigma_rels: list[Annotated[float, Field(gt=0, le=0.3, allow_inf_nan=False)]] = Field(
+        default_factory=list, description=(
+            "post-hoc EMA widths, each in (0, 0.3], rebuilt from the train.posthoc_ema snapshots at the end of the "
+            "trial: the validation loss of each is logged (val_loss_ema<s>), the final evaluation uses the best"))
 
 
 class ResourcesConfig(_Section):

@@ -6,6 +6,7 @@ tests/test_train.py::test_kill_and_resume_continues_the_same_run."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -317,3 +318,206 @@ def test_study_fields(tmp_path):
         with pytest.raises(StudyError) as err:
             load(train)
         assert len(err.value.problems) == 1 and err.value.problems[0].startswith(expected), err.value.problems
+
+
+# -- eval.ema_sigma_rels: the final evaluation's EMA chosen by validation loss ----------------------------
+
+EMA_CHOICE = {"val_batches": 1, "ema_sigma_rels": [0.05, 0.1]}  # the eval section of the end-to-end trial
+
+
+def test_the_width_with_the_lowest_validation_loss_is_chosen(tmp_path):
+    """choose_sigma_rel (one process): each width's EMA is rebuilt and scored in the model, whose own
+    weights come back afterwards; the best (lowest loss, a NaN never) is left in the holder."""
+    from types import SimpleNamespace
+
+    from harness.trial.posthoc_ema import choose_sigma_rel, plan_reconstruction, reconstruct, val_loss_metric
+
+    _, model = _train_folder(tmp_path)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    rebuilt = {s: reconstruct(plan_reconstruction(tmp_path, s, 35)) for s in (0.03, 0.07, 0.2)}
+    # A "validation loss" that prefers the 0.07 reconstruction: the distance of the weights from it.
+    target = rebuilt[0.07]["0.weight"]
+    seen = []
+
+    def validate(m):
+        seen.append(m[0].weight.detach().clone())
+        return float((m[0].weight.detach() - target).norm())
+
+    one = SimpleNamespace(is_main=True, world_size=1)
+    choice = choose_sigma_rel(tmp_path, [0.03, 0.07, 0.2], 35, model, validate, one)
+    for s, w in zip((0.03, 0.07, 0.2), seen):  # each width's rebuilt weights were in the model when scored
+        torch.testing.assert_close(w, rebuilt[s]["0.weight"])
+    assert choice.best == 0.07 and choice.val_losses[0.07] == 0.0 and choice.val_losses[0.03] > 0
+    assert choice.snapshots == 8 and choice.step == 35
+    assert set(choice.metrics()) == {"val_loss_ema0.03", "val_loss_ema0.07", "val_loss_ema0.2", "posthoc_ema_seconds"}
+    assert val_loss_metric(0.1) == "val_loss_ema0.1" and "sigma_rel=0.07" in choice.tag()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in own.items())  # restored
+    with choice.weights.swapped_into(model):
+        torch.testing.assert_close(model[0].weight.detach(), target)
+    # A NaN loss is never the best, even listed first.
+    losses = iter([math.nan, 1.0])
+    nan_first = choose_sigma_rel(tmp_path, [0.03, 0.2], 35, model, lambda m: next(losses), one)
+    assert nan_first.best == 0.2
+
+
+def _choose_on_rank(rank: int, folder: str, out: str) -> None:
+    """One of two gloo ranks: only rank 0's trial folder holds snapshots (rank 1's is empty, as on another
+    node), and rank 1's validation loss ranks the widths the other way round."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch.distributed as tdist
+
+    from harness.trial.posthoc_ema import choose_sigma_rel
+
+    tdist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+        sign = 1.0 if rank == 0 else -1.0
+        trial_dir = Path(folder) / ("t" if rank == 0 else "elsewhere")
+        choice = choose_sigma_rel(trial_dir, [0.03, 0.2], 35, model, lambda m: sign * float(m[0].weight.sum()),
+                                  SimpleNamespace(is_main=rank == 0, world_size=2))
+        torch.save({"best": choice.best, "losses": choice.val_losses, "shadow": choice.weights.shadow},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_every_rank_evaluates_rank_zeros_reconstruction(tmp_path):
+    """Under several ranks rank 0 rebuilds (its disk holds the snapshots) and every rank receives the
+    weights: each width is scored with the same weights everywhere, and all end with rank 0's best."""
+    import torch.multiprocessing as mp
+
+    from harness.trial.posthoc_ema import plan_reconstruction, reconstruct
+
+    _train_folder(tmp_path / "t")
+    mp.spawn(_choose_on_rank, args=(str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["best"] == r1["best"] == min(r0["losses"], key=r0["losses"].get)  # rank 1 alone would pick the other
+    assert all(r1["losses"][s] == -r0["losses"][s] for s in (0.03, 0.2))  # the same weights, scored on both
+    best = reconstruct(plan_reconstruction(tmp_path / "t", r0["best"], 35))
+    for name, value in r1["shadow"].items():
+        torch.testing.assert_close(value, best[name])
+        assert torch.equal(value, r0["shadow"][name])
+
+
+def test_eval_ema_sigma_rels_fields(tmp_path):
+    """eval.ema_sigma_rels: off by default (trial ids as before the field existed); it needs train.posthoc_ema
+    and a validation loss; each width in (0, 0.3], no repeats: one line naming the field."""
+    from harness.config import StudyError, expand_grid, load_study
+    from tests.conftest import tiny_study, write_study
+
+    def load(train, ev):
+        study = tiny_study(tmp_path, "p", train=train, eval=ev)
+        return expand_grid(load_study(write_study(tmp_path / "s.yaml", study), check_files=False))[0]
+
+    assert "ema_sigma_rels" not in load(POSTHOC, {}).identity()["eval"]
+    on = load(POSTHOC, EMA_CHOICE)
+    assert on.eval.ema_sigma_rels == [0.05, 0.1] and on.identity()["eval"]["ema_sigma_rels"] == [0.05, 0.1]
+    problems = {
+        "eval.ema_sigma_rels: needs train.posthoc_ema": ({}, EMA_CHOICE),
+        "eval.ema_sigma_rels: the best is chosen by the validation loss": (POSTHOC, {**EMA_CHOICE, "val_batches": 0}),
+        "eval.ema_sigma_rels.1: Input should be less than or equal to 0.3": (POSTHOC, {**EMA_CHOICE, "ema_sigma_rels": [0.05, 0.31]}),
+        "eval.ema_sigma_rels.0: Input should be greater than 0": (POSTHOC, {**EMA_CHOICE, "ema_sigma_rels": [0.0]}),
+        "eval.ema_sigma_rels: [0.1, 0.1] repeats a value": (POSTHOC, {**EMA_CHOICE, "ema_sigma_rels": [0.1, 0.10]}),
+    }
+    for expected, (train, ev) in problems.items():
+        with pytest.raises(StudyError) as err:
+            load(train, ev)
+        assert len(err.value.problems) == 1 and err.value.problems[0].startswith(expected), err.value.problems
+
+
+def check_ema_choice(client, run) -> None:
+    """Called by tests/test_train.py::test_kill_and_resume_continues_the_same_run (eval EMA_CHOICE): at the
+    last step each width's validation loss is logged, the param names the argmin, and the final val_loss
+    (the full evaluation's) is that width's."""
+    from harness.trial.posthoc_ema import BEST_PARAM, FINAL_EMA_TAG
+
+    steps = int(run.data.params["train.steps"])
+    per_sigma = {}
+    for s in EMA_CHOICE["ema_sigma_rels"]:
+        history = client.get_metric_history(run.info.run_id, f"val_loss_ema{s:g}")
+        assert [m.step for m in history] == [steps], history
+        per_sigma[s] = history[0].value
+    best = min(per_sigma, key=per_sigma.get)
+    assert per_sigma[0.05] != per_sigma[0.1]  # two different EMAs, so the choice means something
+    assert run.data.params[BEST_PARAM] == f"{best:g}", (run.data.params[BEST_PARAM], per_sigma)
+    (final,) = client.get_metric_history(run.info.run_id, "val_loss")
+    assert final.step == steps and final.value == pytest.approx(per_sigma[best], rel=1e-6)
+    assert f"sigma_rel={best:g}" in run.data.tags[FINAL_EMA_TAG]
+    assert run.data.metrics["posthoc_ema_seconds"] > 0
+    print(f"eval.ema_sigma_rels at step {steps}: val_loss {per_sigma}, best {best:g}, "
+          f"{run.data.metrics['posthoc_ema_seconds']:.2f} s to choose, final evaluation "
+          f"{run.data.metrics['eval_seconds']:.2f} s")
+
+
+# -- the report's section (analysis/posthoc_ema.py) --------------------------------------------------------
+
+def test_analysis_names_match_the_harness():
+    """analysis/ reads without torch, so it keeps copies of the metric and param names the trial logs."""
+    from analysis import posthoc_ema as report_side
+    from harness.trial import posthoc_ema as trial_side
+
+    assert trial_side.val_loss_metric(0.05) == report_side.METRIC_PREFIX + "0.05"
+    assert trial_side.BEST_PARAM == report_side.BEST_PARAM
+
+
+def _long(best: dict[str, float], se: float = 0.001):
+    """per_trial's table for one DiT trial per size, patch 4, whose loss is lowest at best[size]."""
+    import pandas as pd
+
+    rows = []
+    for rank, (size, b) in enumerate(best.items()):
+        for s in (0.05, 0.1, 0.2):
+            rows.append({"trial_id": size, "label": f"DiT-{size}/4", "arch": "dit", "patch": 4, "size": size,
+                         "size_rank": rank, "params": 1e6 * (rank + 1), "sigma_rel": s,
+                         "val_loss": 0.5 + 0.01 * abs(s - b) / 0.05, "best": s == b, "se_val_loss": se})
+    return pd.DataFrame(rows)
+
+
+def test_the_report_says_whether_one_fixed_width_was_best_for_every_size():
+    from analysis.posthoc_ema import fixed_width_cost, verdict
+
+    same = verdict(_long({"S": 0.1, "B": 0.1, "L": 0.1}))
+    assert same.startswith("A single fixed σ_rel = 0.1 was the best") and "not have biased" in same
+    moving = _long({"S": 0.05, "B": 0.1, "L": 0.2})
+    # The best fixed width is 0.1: it costs S 0.01 and L 0.02 (0.05 would cost L 0.03, 0.2 S 0.03).
+    s, excess, who, se = fixed_width_cost(moving)
+    assert s == 0.1 and excess == pytest.approx(0.02) and who == "DiT-L/4" and se == 0.001
+    text = verdict(moving)
+    assert text.startswith("No single σ_rel was best for every size (S: 0.05; B: 0.1; L: 0.2)"), text
+    assert "σ_rel = 0.1" in text and "20.0× its se_val_loss" in text and "would have biased" in text
+    assert "within the noise" in verdict(_long({"S": 0.05, "B": 0.1, "L": 0.2}, se=0.05))
+
+
+def test_report_section_on_a_real_mlflow_store(tmp_path):
+    """Synthetic trials in a real SQLite MLflow, as harness/trial/loop.py logs them with eval.ema_sigma_rels
+    (val_loss_ema<s> at the last step, param eval.ema_sigma_rel_best): the report draws the figure and its
+    table names each size's best width."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from analysis.posthoc_ema import FIGURE
+    from tests.test_analysis import DIT_GFLOPS, DIT_PARAMS_M, _law_loss, check_report, log_synthetic_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    best = {"S": 0.05, "B": 0.1, "L": 0.2}  # the best width grows with the size, as EDM2 found
+    cfgs = [{"family": "dit", "size": s, "patch": p, "steps": 400, "gflops": DIT_GFLOPS[(s, p)],
+             "params": DIT_PARAMS_M[s] * 1e6} for s in best for p in (4, 8)]
+    info = log_synthetic_sweep(uri, "phema", cfgs, _law_loss, n_logs=2, n_evals=1, params_metric=True,
+                               artifact_root=tmp_path, se_fn=lambda *a: 0.001)
+    c = MlflowClient(uri)
+    for run_id in info["runs"].values():
+        size = c.get_run(run_id).data.tags["size"]
+        losses = {s: 0.5 + 0.01 * abs(s - best[size]) / 0.05 for s in (0.05, 0.1, 0.2)}
+        c.log_batch(run_id, metrics=[Metric(f"val_loss_ema{s:g}", v, 0, 400) for s, v in losses.items()],
+                    params=[Param("eval.ema_sigma_rel_best", f"{best[size]:g}")])
+    index = check_report(uri, "phema", tmp_path / "report", expect_figures=[FIGURE], bootstrap=20)
+    md = (index.parent / "report.md").read_text()
+    section = md.split("### Post-hoc EMA: the best EMA width per model size")[1].split("## Figures")[0]
+    for size, s in best.items():
+        for patch in (4, 8):
+            assert f"| DiT | {patch} | {size} | {DIT_PARAMS_M[size] * 1e6:.4g} | 1 | {s:g} |" in section, section
+    assert "No single σ_rel was best for every size (S: 0.05; B: 0.1; L: 0.2)" in section
+    assert "final val_loss and FD" in section

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ditscale, tiny_study, write_study
-from tests.test_phema import POSTHOC, check_snapshots_after_kill_and_resume, saved_posthoc_state
+from tests.test_phema import (
+    EMA_CHOICE,
+    POSTHOC,
+    check_ema_choice,
+    check_snapshots_after_kill_and_resume,
+    saved_posthoc_state,
+)
 
 
 def _runs(uri: str, experiment: str):
@@ -90,7 +96,7 @@ def test_torchrun_two_ranks_loss_falls_and_checkpoints(tmp_path, digits_dir, sta
 def test_kill_and_resume_continues_the_same_run(tmp_path, digits_dir):
     name = "resume"
     study = write_study(tmp_path / "s.yaml", tiny_study(
-        digits_dir, name, train={"steps": 300, "checkpoint_every": 10, "log_every": 5, **POSTHOC}))
+        digits_dir, name, train={"steps": 300, "checkpoint_every": 10, "log_every": 5, **POSTHOC}, eval=EMA_CHOICE))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", str(study)], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -119,6 +125,8 @@ def test_kill_and_resume_continues_the_same_run(tmp_path, digits_dir):
     assert runs[0].data.tags["ditscale.status"] == "finished"
     # Post-hoc EMA (train.posthoc_ema) across the kill, then `ditscale ema reconstruct`: tests/test_phema.py.
     check_snapshots_after_kill_and_resume(tmp_path, study, name, resumed_from, 300, saved_phema)
+    # eval.ema_sigma_rels: the final evaluation used the best width's reconstruction: tests/test_phema.py.
+    check_ema_choice(client, runs[0])
 
 
 _FAIL_FINAL_EVAL = """

@@ -11,6 +11,7 @@ Checkpoints (harness/trial/checkpoint.py) live in the trial folder (harness/path
 
 from __future__ import annotations
 
+import math
 import random
 import socket
 import time
@@ -32,13 +33,14 @@ from harness.trial.build import build_trial
 from harness.trial.checkpoint import TrialState, came_from_trunk, prepare_checkpoint_root, resume, save_checkpoint
 from harness.trial.distributed import DistInfo, broadcast_object, setup_distributed
 from harness.trial.engine import build_engine
-from harness.trial.posthoc_ema import PosthocEMA
+from harness.trial.posthoc_ema import BEST_PARAM, FINAL_EMA_TAG, EMAChoice, PosthocEMA, choose_sigma_rel
 from harness.trial.startup import StartupPhases
 from harness.trial.stopping import StopRequests
 from models.ema import EMA
 from models.flops import training_gflops
 
 Report = Callable[[dict, "Path | None"], None]
+ChooseEMA = Callable[[torch.nn.Module, int], EMAChoice]
 
 
 @dataclass
@@ -92,6 +94,7 @@ def train_trial(
                if trial.train.posthoc_ema.sigma_rels else None)  # train.posthoc_ema: EDM2's profiles, snapshots
     evaluator = Evaluator(trial, built.info, built.conditioner, built.objective, dist)
 
+    choose_ema = _ema_chooser(trial, built, dist, gather) if trial.eval.ema_sigma_rels else None
     state = resume(engine, ema, dist, ckpt_root, resume_from, phema=posthoc.ema if posthoc else None)
     if came_from_trunk(ckpt_root, state.step):
         state.run_id = None  # the trunk's run: a branch logs into its own
@@ -118,7 +121,7 @@ def train_trial(
 
     batches = TrainBatches(trial, built.conditioner, dist, resume_count=state.resumes)
     trainer = Trainer(trial, dist, engine, scheduler, ema, built.objective, batches, evaluator, logger, report,
-                      state, phases, built.info.forward_gflops, posthoc=posthoc)
+                      state, phases, built.info.forward_gflops, posthoc=posthoc, choose_ema=choose_ema)
     status = "finished"
     try:
         with StopRequests(stop_file(trial), dist, should_stop) as stops:
@@ -178,12 +181,13 @@ class Trainer:
 
     def __init__(self, trial: TrialConfig, dist: DistInfo, engine, scheduler, ema: EMA, objective,
                  batches: TrainBatches, evaluator: Evaluator, logger: RunLogger | None, report: Report | None,
-                 state: TrialState, phases: StartupPhases, forward_gflops: float, posthoc: PosthocEMA | None = None):
+                 state: TrialState, phases: StartupPhases, forward_gflops: float, posthoc: PosthocEMA | None = None,
+                 choose_ema: ChooseEMA | None = None):
         self.trial, self.dist, self.engine, self.scheduler, self.ema = trial, dist, engine, scheduler, ema
         self.objective, self.batches, self.evaluator, self.logger, self.report = (
             objective, batches, evaluator, logger, report)
         self.state, self.phases, self.forward_gflops = state, phases, forward_gflops
-        self.posthoc = posthoc
+        self.posthoc, self.choose_ema = posthoc, choose_ema
         self.cfg = trial.train
         self.peak = peak_tflops(dist.device, self.cfg.precision)
         self.window = ThroughputWindow(dist)
@@ -199,7 +203,7 @@ class Trainer:
         if state.step >= cfg.steps and self.evaluator.due(state.step, final=True):
             # Resumed from the final checkpoint: the trial was stopped or killed after it, maybe before or
             # during the final evaluation. Evaluating again gives the same numbers (fixed seeds).
-            self.evaluate()
+            self.evaluate(final=True)
             self._report(None)
         self.window.reset()
         while state.step < cfg.steps:
@@ -220,7 +224,7 @@ class Trainer:
             evaluated = not stopping and self.evaluator.due(state.step, final=final)
             if evaluated:  # every rank: sampling is spread over them
                 eval_started = time.perf_counter()
-                self.evaluate()
+                self.evaluate(final=final)
                 self.window.exclude(time.perf_counter() - eval_started)
             if logged or checkpoint is not None or evaluated:
                 self._report(checkpoint)
@@ -303,15 +307,24 @@ class Trainer:
         so a resumed trial judges alike)."""
         return self.state.smoothed_loss.judge(loss, steps, self.cfg.divergence_factor, self.state.step)
 
-    def evaluate(self) -> None:
-        """The EMA weights evaluated (every rank takes part); logged by rank 0."""
+    def evaluate(self, final: bool = False) -> None:
+        """The EMA weights evaluated (every rank takes part); logged by rank 0. The final evaluation of a
+        trial with eval.ema_sigma_rels evaluates instead the post-hoc EMA whose width had the lowest
+        validation loss (so its val_loss, FID/FD, ... are the best width's, and the report uses them)."""
         module = self.engine.module
-        with self.ema.swapped_into(module):
-            module.eval()
-            try:
+        weights, choice = self.ema, None
+        module.eval()
+        try:
+            if final and self.choose_ema is not None:
+                choice = self.choose_ema(module, self.state.step)
+                weights = choice.weights
+            with weights.swapped_into(module):
                 metrics, images = self.evaluator.run(module, self.state.step)
-            finally:
-                module.train()
+        finally:
+            module.train()
+        if choice is not None:
+            metrics.update(choice.metrics())
+            self._log_ema_choice(choice)
         self.last.update(metrics)
         if self.logger is not None:
             self.logger.log_metrics(metrics, self.state.step)
@@ -322,9 +335,40 @@ class Trainer:
             print(f"{self.tag} eval at step {self.state.step}: " + " ".join(f"{k} {v:.4g}" for k, v in shown.items())
                   + f" ({metrics['eval_seconds']:.0f} s)", flush=True)
 
+    def _log_ema_choice(self, choice: EMAChoice) -> None:
+        """Rank 0: the param eval.ema_sigma_rel_best and a tag saying the final evaluation used it."""
+        if self.logger is None:
+            return
+        client, run_id, best = self.logger.client, self.logger.run_id, f"{choice.best:g}"
+        logged = client.get_run(run_id).data.params.get(BEST_PARAM)
+        if logged is None:
+            client.log_param(run_id, BEST_PARAM, best)
+        elif logged != best:  # re-evaluated after a resume and the choice flipped: MLflow params are immutable
+            print(f"{self.tag} {BEST_PARAM} stays {logged} (logged before); this evaluation used {best}", flush=True)
+        self.logger.set_tag(FINAL_EMA_TAG, choice.tag())
+        losses = " ".join(f"{s:g}: {v:.5g}" for s, v in choice.val_losses.items())
+        print(f"{self.tag} post-hoc EMA val_loss by sigma_rel {losses}; evaluated sigma_rel {best} "
+              f"({choice.seconds:.1f} s to choose)", flush=True)
+
     def _report(self, checkpoint: Path | None) -> None:
         if self.report is not None:
             self.report(dict(self.last), checkpoint)
+
+
+def _ema_chooser(trial: TrialConfig, built, dist: DistInfo, gather) -> ChooseEMA:
+    """eval.ema_sigma_rels: (module, step) -> the EMAChoice of harness/trial/posthoc_ema.choose_sigma_rel,
+    scoring each width with a second evaluator that computes the validation loss only (eval.fid_samples 0:
+    no sampling), on the same fixed samples as the trial's evaluator."""
+    val_only = trial.model_copy(update={"eval": trial.eval.model_copy(update={"fid_samples": 0})})
+    evaluator = Evaluator(val_only, built.info, built.conditioner, built.objective, dist)
+
+    def choose(module: torch.nn.Module, step: int) -> EMAChoice:
+        def validate(m: torch.nn.Module) -> float:
+            return evaluator.run(m, step)[0].get("val_loss", math.nan)
+
+        return choose_sigma_rel(trial_dir(trial), trial.eval.ema_sigma_rels, step, module, validate, dist, gather)
+
+    return choose
 
 
 def _worker_hostnames() -> list[str]:

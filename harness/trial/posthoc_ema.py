@@ -17,11 +17,17 @@ state it continues from is the checkpoint's). A WSD branch (harness/launch/branc
 trunk's checkpoint, phema.pt included, so it continues the trunk's profiles; its snapshots up to the
 branch point are the trunk's, which the reconstruction reads from the trunk's folder
 (checkpoints/branched_from.json names it).
+
+At the end of a trial, `eval.ema_sigma_rels` chooses the EMA that is evaluated (`choose_sigma_rel`): each
+width is rebuilt from the snapshots and scored by the validation loss alone (cheap, the same fixed samples
+for every width), and the full evaluation (FID/FD, ...) runs only for the best. EDM2 (Sec. 3.2, Fig. 5)
+chooses by FID; the validation loss stands in for it here because it costs a few forwards per width.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -29,10 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 
 from harness.errors import UserError
 from harness.files import atomic_write, atomic_write_text, disk_full, not_writable_message, write_refused
 from harness.paths import BRANCH_MARKER
+from harness.trial.distributed import broadcast_object
+from models.ema import EMA
 from models.phema import PowerFunctionEMA, check_sigma_rel, sigma_rel_to_gamma, solve_weights_and_error
 
 PHEMA_DIR = "phema"
@@ -284,3 +293,92 @@ def reconstruct_to_file(trial_dir, sigma_rel: float, out: Path, step: int | None
     with atomic_write(out) as f:
         torch.save(state, f)
     return plan, time.perf_counter() - started
+
+
+# -- choosing the EMA at the end of a trial (eval.ema_sigma_rels) ---------------------------------------
+
+BEST_PARAM = "eval.ema_sigma_rel_best"  # an MLflow param: the width the final evaluation used
+FINAL_EMA_TAG = "ditscale.final_ema"      # a run tag saying so in words
+
+
+def val_loss_metric(sigma_rel: float) -> str:
+    """The metric of one width's validation loss, e.g. val_loss_ema0.05 (characters MLflow accepts)."""
+    return f"val_loss_ema{sigma_rel:g}"
+
+
+@dataclass
+class EMAChoice:
+    """What choose_sigma_rel found: every width's validation loss (the same on every rank) and the best
+    width's weights in `weights` (an EMA holder with identical weights on every rank, for swapped_into)."""
+
+    best: float
+    val_losses: dict[float, float]
+    weights: EMA
+    step: int
+    snapshots: int
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        return {**{val_loss_metric(s): v for s, v in self.val_losses.items()}, "posthoc_ema_seconds": self.seconds}
+
+    def tag(self) -> str:
+        return (f"post-hoc EMA sigma_rel={self.best:g} (best validation loss of eval.ema_sigma_rels "
+                f"{[float(f'{s:g}') for s in self.val_losses]}), reconstructed at step {self.step} "
+                f"from {self.snapshots} snapshots")
+
+
+def choose_sigma_rel(trial_dir, sigma_rels, step: int, module, validate, dist, gather=None) -> EMAChoice:
+    """Collective (every rank calls it). For each width: rank 0 rebuilds its EMA from the trial folder's
+    snapshots at `step`, every rank receives the weights (a broadcast; the snapshots need not be on every
+    node's disk), and `validate(module)` (the evaluator's validation loss, a collective) scores them in
+    `module`; the module's own weights are restored afterwards. The lowest loss wins (a non-finite loss
+    never does; a tie goes to the first listed). Rank 0 keeps the best width's weights, so every rank
+    ends with the same, whatever their losses' last digits. The caller puts the module in eval mode."""
+    started = time.perf_counter()
+    holder = EMA(module, decay=1.0, gather=gather)  # a full fp32 copy of the weights, refilled per width
+    losses: dict[float, float] = {}
+    best, best_state, snapshots = None, None, 0
+    for sigma_rel in sigma_rels:
+        state, snapshots = _reconstructed(trial_dir, sigma_rel, step, dist.is_main)
+        _share(holder, state, dist)
+        with holder.swapped_into(module):
+            losses[float(sigma_rel)] = float(validate(module))
+        if dist.is_main and (best is None or _score(losses[float(sigma_rel)]) < _score(losses[best])):
+            best, best_state = float(sigma_rel), state
+        del state
+    best = broadcast_object(best)
+    _share(holder, best_state, dist)
+    return EMAChoice(best, losses, holder, step, broadcast_object(snapshots), time.perf_counter() - started)
+
+
+def _score(loss: float) -> float:
+    return loss if math.isfinite(loss) else math.inf
+
+
+def _reconstructed(trial_dir, sigma_rel: float, step: int, is_main: bool) -> tuple[dict | None, int]:
+    """(rank 0: the rebuilt state dict, else None; the snapshots used). A failure on rank 0 (a missing
+    snapshot: one line naming the file) is raised on every rank, so none waits in a collective for it."""
+    state, snapshots, error = None, 0, None
+    if is_main:
+        try:
+            plan = plan_reconstruction(trial_dir, sigma_rel, step)
+            state, snapshots = reconstruct(plan), len(plan.snapshots)
+        except UserError as err:
+            error = str(err)
+    error = broadcast_object(error)
+    if error is not None:
+        if is_main:
+            raise UserError(f"eval.ema_sigma_rels: {error}")
+        raise RuntimeError(f"post-hoc EMA reconstruction failed on rank 0: {error}")
+    return state, snapshots
+
+
+@torch.no_grad()
+def _share(holder: EMA, state: dict | None, dist) -> None:
+    """Rank 0's rebuilt parameters (its `state`; None elsewhere) into every rank's holder. The snapshot's
+    buffers are not used: as for the trial's EMA (models/ema.py), the model's own buffers stay."""
+    if state is not None:
+        holder.load_state_dict({"shadow": {k: v for k, v in state.items() if k in holder.shadow}})
+    if dist.world_size > 1 and tdist.is_initialized():
+        for name in sorted(holder.shadow):  # the same order on every rank
+            tdist.broadcast(holder.shadow[name], src=0)
