@@ -577,6 +577,8 @@ def _sections(rep: _Report) -> list[tuple]:
     if rep.frontier_notes:
         b += [("h3", "Compute-optimal frontier (learning curves)"), ("ul", list(rep.frontier_notes))]
 
+    from analysis import bracketing  # sizes the sweep added to unbracketed budgets (analysis/bracketing.py)
+    b += bracketing.blocks(rep)
     b += posthoc_ema.blocks(rep.trials)  # eval.ema_sigma_rels: the best EMA width per size (analysis/posthoc_ema.py)
     from analysis import loss_metric  # loss → image metrics across trials (analysis/loss_metric.py)
     b += loss_metric.blocks(rep)

@@ -281,12 +281,22 @@ class LadderConfig(_Section):
         "training FLOPs (as train.flops counts them), each above every grid budget; empty: no ladder"))
 
 
-STUDY_ONLY = {"grid", "exclude", "points", "ladder"}  # study sections that are not a trial's fields
+class BracketConfig(_Section):
+    """Bracketing while the study runs (harness/launch/bracket.py): a budget whose loss minimum sits at its
+    smallest or largest size gets the next size beyond that edge, trained, until the minimum is inside."""
+
+    max_extra_sizes: int = Field(0, ge=0, le=16, description=(
+        "sizes the sweep may add to each budget whose minimum sits at an edge of its sizes; 0: no bracketing"))
+
+
+STUDY_ONLY = {"grid", "exclude", "points", "ladder", "bracket"}  # study sections that are not a trial's fields
 
 
 class Study(TrialConfig):
     ladder: LadderConfig = Field(default_factory=LadderConfig, description=(
         "ladder: {budgets: [C, ...]}: predict, register, then train a compute-optimal trial at each C"))
+    bracket: BracketConfig = Field(default_factory=BracketConfig, description=(
+        "bracket: {max_extra_sizes: K}: add up to K sizes beyond the edge where a budget's loss minimum sits"))
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     exclude: list[dict[str, Any]] = Field(default_factory=list, description="grid points to leave out")
     points: list[dict[str, Any]] = Field(default_factory=list, description=(
@@ -440,7 +450,7 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     problems = []
     for trial in trials:
         problems += check_trial(trial, check_files=check_files)
-    problems += _ladder_problems(study, trials)
+    problems += _ladder_problems(study, trials) + _bracket_problems(study, trials)
     if problems:
         raise StudyError(problems)
     return study
@@ -457,6 +467,18 @@ def _ladder_problems(study: Study, trials: list[TrialConfig]) -> list[str]:
                  "budgets (not train.steps)")]
     return [f"ladder.budgets: {b:.3g} is not above the grid's largest budget {max(grid):.3g}; a ladder predicts "
             "beyond the fitted budgets" for b in budgets if b <= max(grid)]
+
+
+def _bracket_problems(study: Study, trials: list[TrialConfig]) -> list[str]:
+    """bracket.max_extra_sizes: bracketing compares the final val_loss of sizes at one train.flops budget."""
+    if not study.bracket.max_extra_sizes:
+        return []
+    if any(t.train.flops is None for t in trials):
+        return [("bracket.max_extra_sizes: bracketing extends an isoFLOP design; give the grid's trials "
+                 "train.flops budgets (not train.steps)")]
+    if any(not t.eval.val_batches for t in trials):
+        return ["bracket.max_extra_sizes: bracketing compares each size's final val_loss; set eval.val_batches > 0"]
+    return []
 
 
 def grid_size(study: Study) -> int:

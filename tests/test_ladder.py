@@ -131,9 +131,9 @@ def test_prediction_snaps_to_the_nearest_geometry_and_states_the_snaps_cost():
 
 
 def test_without_any_fitted_law_nothing_is_registered():
+    from analysis import scaling
     from harness.errors import UserError
     from harness.launch.ladder import predict
-    from analysis import scaling
 
     rows = pd.DataFrame({"budget": [1e18] * 3, "compute": [1e9] * 3, "n": [1e3, 2e3, 4e3], "d": [1e5] * 3,
                          "loss": [1.0, 0.9, 0.8], "group": ["a", "b", "c"], "trial_id": ["a", "b", "c"]})
@@ -207,18 +207,39 @@ def test_the_ladder_is_registered_before_it_trains_and_the_registration_survives
     """A 4 sizes x 3 budgets isoFLOP grid (the fewest the surface fits) plus a ladder at 2x its largest budget,
     on real Ray + DeepSpeed + MLflow: the ladder run (tag ditscale.role=ladder) holds prediction_loss[_lo, _hi]
     logged before its first training metric, the registration file exists, a second sweep and the report leave
-    both unchanged, and the report's Extrapolation error is (measured − predicted) / measured from MLflow."""
+    both unchanged, and the report's Extrapolation error is (measured − predicted) / measured from MLflow.
+
+    Bracketing (issue 27 item 2, bracket.max_extra_sizes: 1) rides on the same sweep: the grid leaves d1w32 out
+    of the smallest budget, so that budget's sizes (d1w64 .. d2w96) sit ~6-12x above its optimum (d1w32 wins
+    every budget at this scale) and its minimum is at its smallest size. The sweep adds d1w32 there (the
+    smaller side), trains it, and stops at the limit; the other budgets' minimum is d1w32, below which no DiT
+    geometry exists (one line each). The added trial restores the 12-trial grid the ladder fits."""
     import re
 
     import mlflow
 
     from analysis.report import build_report
 
-    path = _isoflop_study(digits_dir, tmp_path, ladder={"budgets": [4e9]})
+    path = _isoflop_study(digits_dir, tmp_path, ladder={"budgets": [4e9]}, bracket={"max_extra_sizes": 1},
+                          exclude=[{"model.size": "d1w32", "train.flops": BUDGETS[0]}])
     first = ditscale("sweep", str(path), "--no-report", cwd=tmp_path, timeout=1500)
     assert "ladder 4e+09 (2x the largest fitted budget)" in first.stdout, first.stdout[-3000:]
+    out = first.stdout
+    assert "bracket: minimum at the smallest size d1w64 at 5e+08: adding DiT" in out, out[-3000:]
+    for budget in ("1e+09", "2e+09"):
+        assert (f"bracket: budget {budget}: minimum at the smallest size d1w32 at {budget}, and no smaller geometry "
+                "is left") in out
+    limit = ("bracket: budget 5e+08: minimum at the smallest size d1w32 at 5e+08 after 1 added size(s) "
+             "(bracket.max_extra_sizes = 1): left unbracketed")
+    assert out.count(limit) == 1 and out.index("adding DiT") < out.index(limit) < out.index("ladder 4e+09 (")
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ladder")
+    (added,) = client.search_runs([exp.experiment_id], filter_string="tags.`ditscale.added_by` = 'bracket'")
+    assert added.data.tags["size"] == "d1w32" and float(added.data.params["train.flops"]) == BUDGETS[0]
+    assert added.data.tags["ditscale.added_why"] == "minimum at the smallest size d1w64 at 5e+08"
+    assert added.data.tags["ditscale.status"] == "finished" and "val_loss" in added.data.metrics
+    (record,) = (tmp_path / "runs" / "ladder" / "bracket").glob("*.json")
+    assert record.name == f"{added.data.tags['trial_id']}.json"
     (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`ditscale.role` = 'ladder'")
     assert run.data.tags["ditscale.status"] == "finished", run.data.tags
     assert float(run.data.params["train.flops"]) == 4e9
@@ -236,11 +257,14 @@ def test_the_ladder_is_registered_before_it_trains_and_the_registration_survives
     reg = json.loads(file.read_text())
     assert reg["prediction"]["loss"] == pytest.approx(p) and reg["trial"]["model"]["size"] == run.data.tags["size"]
     assert run.data.tags["trial_id"] not in reg["fitted_trials"] and len(reg["fitted_trials"]) == 12
+    assert added.data.tags["trial_id"] in reg["fitted_trials"]  # an added size is a trial of the study
     before = file.read_bytes()
 
     again = ditscale("sweep", str(path), "--no-report", cwd=tmp_path, timeout=600)
     assert "ladder 4e+09: keeping the prediction registered" in again.stdout, again.stdout[-2000:]
-    assert "12 of 12 trials already finished" in again.stdout
+    assert "11 of 11 trials already finished" in again.stdout and limit in again.stdout
+    assert "adding DiT" not in again.stdout and len(list(record.parent.glob("*.json"))) == 1  # never added twice
+    assert len(client.search_runs([exp.experiment_id], filter_string="tags.`ditscale.added_by` = 'bracket'")) == 1
     index = build_report(f"sqlite:///{tmp_path / 'mlflow.db'}", "ladder", out_dir=tmp_path / "report", bootstrap=50)
     assert file.read_bytes() == before
     after = {k: client.get_metric_history(run.info.run_id, k) for k in predicted}
@@ -254,6 +278,12 @@ def test_the_ladder_is_registered_before_it_trains_and_the_registration_survives
     stated = float(re.search(r"\| ([+-]\d+\.\d+) % \|", line).group(1))
     assert abs(stated) == pytest.approx(round(100 * abs(measured - p) / measured, 2), abs=0.006), (line, measured, p)
     assert "| 2× |" in line
+    # the report names the added size and why, and the budget still unbracketed stays flagged
+    assert "### Sizes added by bracketing" in md, md[-3000:]
+    added_line = next(x for x in md.splitlines() if x.startswith("| 5e+08 | d1w32 |"))
+    assert "minimum at the smallest size d1w64 at 5e+08" in added_line
+    assert "Still unbracketed, flagged in the isoFLOP budgets table" in md
+    assert any(x.startswith("| ") and ("500000000" in x or "5e+08" in x) and "⚠" in x for x in md.splitlines())
     # the ladder run is left out of the fits: not in the trials table the fits use
     trials = (index.parent / "trials.csv").read_text()
     assert run.data.tags["trial_id"] not in trials

@@ -3,9 +3,10 @@ trial a Ray Train TorchTrainer whose workers run harness/trial/loop.py's loop on
 
 The driver: plan the study (budgets resolved, WSD trunks found; harness/launch/plan.py, branches.py),
 validate it, take the study's lock, join or start Ray (harness/launch/local_ray.py), open the sweep's
-MLflow parent run, run the trials that train alone and the trunks, then the branches, then (`ladder:`)
-predict, register and train each ladder trial (harness/launch/ladder.py), close the parent run and write
-the report. Trials whose MLflow run says `finished` (or `diverged`) are skipped; the
+MLflow parent run, run the trials that train alone and the trunks, then the branches, then (`bracket:`)
+add and train sizes beyond the edge where a budget's loss minimum sits (harness/launch/bracket.py), then
+(`ladder:`) predict, register and train each ladder trial (harness/launch/ladder.py), close the parent run
+and write the report. Trials whose MLflow run says `finished` (or `diverged`) are skipped; the
 others resume from the DeepSpeed checkpoint in their trial folder.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from harness.checks import ema_warnings
 from harness.config import MAX_TRIALS, TrialConfig, expand_grid, load_study
+from harness.launch import bracket
 from harness.launch.branches import (Trunk, branch_point, branch_ready, plan_branches, plan_compute, rewind_trunk,
                                      trunk_checkpoint)
 from harness.launch.ladder import kept_ladder_lines, ladder_pending, prepare_ladder
@@ -44,8 +46,9 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
         print_branch_plan(trunks, rows)
         for line in ema_warnings(trials):
             print(f"warning: {line}")
-        if ladder_plan_line(study, trials):
-            print(ladder_plan_line(study, trials))
+        for line in (bracket.plan_line(study, trials), ladder_plan_line(study, trials)):
+            if line:
+                print(line)
         for line in data_lines(trials) if dry_run else []:
             print(line)
     if dry_run:
@@ -68,6 +71,8 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
     todo = [trial for trial in trials if not concluded(state.get(trial.trial_id, "new"))]
     skipped = len(trials) - len(todo)
     ladder_due = ladder_pending(study, trials, uri)
+    records = bracket.load_added(trials[0]) if study.bracket.max_extra_sizes else []
+    bracket_due = not todo and _bracket_due(study, trials, records, uri, state)  # with todo, decided after it
     if skipped:
         print(f"{skipped} of {len(trials)} trials already finished or diverged (MLflow says so): skipping them")
 
@@ -76,7 +81,7 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
         print(f"removing the stop request {stop} left by an earlier invocation")
         stop.unlink()
     parent, statuses, final, ladder_trials = None, {}, state, []
-    if todo or ladder_due:  # nothing to train: no Ray, no parent run, nothing written but the report
+    if todo or ladder_due or bracket_due:  # nothing to train: no Ray, no parent run, nothing written but the report
         parent = open_parent_run(uri, study, trials, source=source)
         probe, started_ray, error = None, False, None
         try:
@@ -88,8 +93,11 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
                 check_shared_files(trials[0], probe)
             concurrent = max_concurrent or study.resources.max_concurrent_trials
             statuses = _run_phases(study, todo, trunks, uri, parent, probe, concurrent) if todo else {}
+            if study.bracket.max_extra_sizes and not stop.exists():  # after the grid, before the ladder's fits
+                records = _bracket_phase(study, trials, records, uri, parent, probe, concurrent, statuses)
+            fitted = trials + [t for t, _ in records]  # added sizes are trials of the study: fitted too
             if ladder_due and not stop.exists():  # after the grid: its fits predict the ladder
-                ladder_trials = prepare_ladder(study, trials, uri, parent, sweep_state(uri, study.name, trials))
+                ladder_trials = prepare_ladder(study, fitted, uri, parent, sweep_state(uri, study.name, fitted))
                 ladder_todo = [t for t in ladder_trials
                                if not concluded(sweep_state(uri, study.name, [t])[t.trial_id])]
                 if ladder_todo:
@@ -99,8 +107,9 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
             raise
         finally:
             try:
-                final = sweep_state(uri, study.name, trials + ladder_trials)
-                close_parent_run(uri, parent, trials + ladder_trials, final, error=error)
+                every = trials + [t for t, _ in records] + ladder_trials
+                final = sweep_state(uri, study.name, every)
+                close_parent_run(uri, parent, every, final, error=error)
             except Exception as err:  # the store itself is failing: say so, keep the original error
                 print(f"could not close the sweep's MLflow run {parent}: {type(err).__name__}: {err}")
                 if error is None:
@@ -112,6 +121,10 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
                     stop_ray()
     else:
         kept_ladder_lines(study, trials)
+        if study.bracket.max_extra_sizes:  # why each budget still unbracketed stays so
+            added_state = sweep_state(uri, study.name, [t for t, _ in records])
+            for line in bracket.plan_round(study, trials, records, uri, state | added_state)[1]:
+                print(line)
         print("nothing to train")
     report_path = None
     if report:
@@ -130,6 +143,51 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
     return {"planned": len(trials), "ran": len(todo), "skipped": skipped, "parent_run_id": parent,
             "failed": [] if stopped else unfinished, "stopped": stopped, "statuses": statuses,
             "report": report_path}
+
+
+def _bracket_due(study, trials: list[TrialConfig], records: list, uri: str, state: dict) -> bool:
+    """Whether bracketing has work: an added trial not concluded, or a budget that needs a size added."""
+    if not study.bracket.max_extra_sizes:
+        return False
+    added_state = sweep_state(uri, study.name, [t for t, _ in records])
+    if any(not concluded(s) for s in added_state.values()):
+        return True
+    return bool(bracket.plan_round(study, trials, records, uri, state | added_state)[0])
+
+
+def _bracket_phase(study, trials: list[TrialConfig], records: list, uri: str, parent_run_id: str, probe: Path,
+                   max_concurrent: int | None, statuses: dict) -> list:
+    """Rounds of bracketing (harness/launch/bracket.py): train the added trials not concluded (a round's
+    additions of one size at several budgets share a WSD trunk, as the grid's do), then decide the next
+    round from the final losses; stop when no budget needs a size, or on a stop request. Each round adds at
+    most one size per budget, so max_extra_sizes + 1 rounds decide every budget. Returns every addition."""
+    said = set()
+    for _ in range(study.bracket.max_extra_sizes + 2):
+        for trial, _ in records:
+            trial.tracking.uri = uri
+        added = [t for t, _ in records]
+        state = sweep_state(uri, study.name, trials + added)
+        for rnd in sorted({d.get("round", 1) for _, d in records}):
+            members = [t for t, d in records if d.get("round", 1) == rnd]
+            todo = [t for t in members if not concluded(state[t.trial_id])]
+            if todo and not stop_file(study).exists():
+                trunks, _ = plan_branches(members)
+                for trunk in trunks:
+                    trunk.trial.tracking.uri = uri
+                statuses |= _run_phases(study, todo, trunks, uri, parent_run_id, probe, max_concurrent)
+        if stop_file(study).exists():
+            break
+        state = sweep_state(uri, study.name, trials + added)
+        new, lines = bracket.plan_round(study, trials, records, uri, state)
+        for line in lines:
+            if line not in said:  # a budget left unbracketed says so once
+                print(line)
+                said.add(line)
+        new = bracket.record_additions(new, uri, parent_run_id)
+        if not new:
+            break
+        records = records + new
+    return records
 
 
 def print_branch_plan(trunks: list[Trunk], rows: list[dict]) -> None:
