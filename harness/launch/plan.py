@@ -17,6 +17,7 @@ import json
 import shlex
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -136,7 +137,8 @@ def _base_trial(study) -> TrialConfig:
     if bad:
         raise UserError(f"--base: grid.{bad[0]} varies the geometry or the counts; plan one value at a time "
                         "(a copy of the base study per value)")
-    raw = study.model_dump(mode="python", exclude={"grid", "exclude", "points", "ladder"})
+    # the study's own sections (grid, points, ladder, ...) are not a trial's: whichever the Study adds
+    raw = study.model_dump(mode="python", exclude=set(type(study).model_fields) - set(TrialConfig.model_fields))
     raw["train"].update(steps=1, flops=None)  # a stand-in length: only the geometry is counted here
     return TrialConfig.model_validate(raw)
 
@@ -152,9 +154,11 @@ def _params_of(trial: TrialConfig):
     return params
 
 
-def plan_study(base_raw: dict, points: list[dict], name: str | None) -> tuple[dict, list[str]]:
+def plan_study(base_raw: dict, points: list[dict], name: str | None,
+               ladder: list[float] | None = None) -> tuple[dict, list[str]]:
     """The base study's mapping with its size/length axes replaced by `points:` (the other grid axes
-    stay: every point is trained at each of their combinations). Returns (study, notes)."""
+    stay: every point is trained at each of their combinations) and, with `ladder`, its `ladder.budgets`
+    replaced. Returns (study, notes)."""
     raw = json.loads(json.dumps(base_raw))  # a deep copy of plain YAML data
     notes = []
     train = raw.setdefault("train", {})
@@ -178,7 +182,20 @@ def plan_study(base_raw: dict, points: list[dict], name: str | None) -> tuple[di
     if name:
         raw["name"] = name
     raw["points"] = points
+    if ladder:
+        if (raw.get("ladder") or {}).get("budgets"):
+            notes.append(f"the base's ladder.budgets {raw['ladder']['budgets']} replaced by --ladder")
+        raw["ladder"] = {"budgets": list(ladder)}
     return raw, notes
+
+
+def _check_base_ladder(raw: dict, budgets: list[float]) -> None:
+    """A base ladder kept without --ladder must still lie beyond the planned budgets (one line naming the flag)."""
+    kept = (raw.get("ladder") or {}).get("budgets") or []
+    low = [c for c in kept if isinstance(c, (int, float)) and c <= max(budgets)]
+    if low:
+        raise UserError(f"--ladder: the base's ladder.budgets {low[0]:g} is not above the largest --budgets "
+                        f"{max(budgets):g}; give --ladder C (above it) to replace the base's ladder")
 
 
 def wall_seconds(trials: list[TrialConfig], throughput: dict[str, float]) -> tuple[float, float, list]:
@@ -203,13 +220,19 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.3g} h" if seconds >= 3600 else f"{seconds / 60:.3g} min"
 
 
-def compute_lines(rows: list[dict], trials: list[TrialConfig], throughput: dict[str, float] | None) -> list[str]:
-    """The study's training compute, independent and branched, and its wall time from a throughput."""
+def _study_compute(rows: list[dict], trials: list[TrialConfig]) -> tuple[list, float, float]:
+    """(WSD trunks, branched GFLOPs, independent GFLOPs) of the planned trials (harness/launch/branches.py)."""
     per_step = {r["trial_id"]: r["train_gflops"] / r["steps"] for r in rows}
     trunks, alone = plan_branches(trials)
     for trunk in trunks:
         per_step[trunk.trial.trial_id] = per_step[trunk.branches[0].trial_id]
     branched, independent = plan_compute(trunks, alone, lambda t: per_step[t.trial_id])
+    return trunks, branched, independent
+
+
+def compute_lines(rows: list[dict], trials: list[TrialConfig], throughput: dict[str, float] | None) -> list[str]:
+    """The study's training compute, independent and branched, and its wall time from a throughput."""
+    trunks, branched, independent = _study_compute(rows, trials)
     lines = [f"training compute: {independent * 1e9:.4g} FLOPs as independent trials"]
     if trunks:
         lines[0] += (f"; {branched * 1e9:.4g} FLOPs with WSD branches ({len(trunks)} trunk(s), {branched / independent:.0%}"
@@ -226,20 +249,50 @@ def compute_lines(rows: list[dict], trials: list[TrialConfig], throughput: dict[
     return lines
 
 
+def cost_lines(rows: list[dict], trials: list[TrialConfig], ladder: list[float], law: planner.Law) -> list[str]:
+    """GPU-hours of the plan on one H100 at a stated MFU (planner.gpu_hours), and what its ladder costs."""
+    trunks, branched, independent = _study_compute(rows, trials)
+    line = (f"GPU-hours on one H100 at {planner.PLAN_MFU:.0%} MFU of {planner.H100_BF16_DENSE / 1e12:g} TFLOP/s "
+            f"(bf16 dense; 2 FLOPs per multiply-add): {planner.gpu_hours(independent * 1e9):.4g} independent")
+    if trunks:
+        line += f", {planner.gpu_hours(branched * 1e9):.4g} with WSD branches"
+    lines = [line + " (a floor: small models reach a lower MFU)"]
+    if law.source.startswith(planner.LIANG_SOURCE):
+        lines.append("budgets in Liang et al.'s FLOPs (2 x ours): " + ", ".join(
+            f"{planner.LIANG_FLOPS_PER_OURS * c:.3g}" for c in sorted({r['budget'] for r in rows} | set(ladder))))
+    if ladder:
+        top = max(r["budget"] for r in rows)
+        each = ", ".join(f"{c:.3g} ({c / top:.3g}x the largest budget; N_opt {law.n_opt(c) / 1e6:.3g}M by the "
+                         "centring law)" for c in ladder)
+        lines.append(f"ladder: {each}: {sum(ladder):.4g} FLOPs, {planner.gpu_hours(sum(ladder)):.4g} GPU-hours "
+                     "more, trained after the grid (its size comes from the grid's fits)")
+    return lines
+
+
+def _law(center: str | None, from_report: str | None, exponent: float, report_group: str | None) -> planner.Law:
+    if (center is None) == (from_report is None):
+        raise UserError("--center: give --center N@C, --center liang2024 or --from-report DIR (one of them)")
+    if center == planner.LIANG_CENTER:
+        if exponent != planner.DEFAULT_EXPONENT:
+            raise UserError(f"--exponent: --center {planner.LIANG_CENTER} is Liang et al.'s fit, exponent "
+                            f"{planner.LIANG_A:g}; give --center N@C to set another")
+        return planner.liang_law()
+    if center is not None:
+        n0, c0 = planner.parse_center(center)
+        return planner.Law(n0, c0, exponent, f"--center {center}, --exponent {exponent:g}")
+    return planner.law_from_report(from_report, report_group)
+
+
 def write_plan(base: str, budgets: str, center: str | None, from_report: str | None, exponent: float,
                sizes: int, spread: float, max_epochs: float, throughput: str | None, out: str,
-               name: str | None = None, report_group: str | None = None, argv: list[str] | None = None) -> dict:
+               name: str | None = None, report_group: str | None = None, argv: list[str] | None = None,
+               ladder: str | None = None) -> dict:
     """`ditscale plan`: flags checked first (one line each), then the study written to `out` only once it
     loads and its budgets resolve (the file is ordinary: `ditscale sweep OUT` runs it)."""
     budget_list = planner.parse_budgets(budgets)
+    ladder_list = planner.parse_ladder(ladder, budget_list) if ladder is not None else []
     planner.check_numbers(exponent, sizes, spread, max_epochs)
-    if (center is None) == (from_report is None):
-        raise UserError("--center: give --center N@C or --from-report DIR (one of them)")
-    if center is not None:
-        n0, c0 = planner.parse_center(center)
-        law = planner.Law(n0, c0, exponent, f"--center {center}, --exponent {exponent:g}")
-    else:
-        law = planner.law_from_report(from_report, report_group)
+    law = _law(center, from_report, exponent, report_group)
     rates = planner.read_throughput(throughput) if throughput else None
     out_path = Path(out)
     if not out_path.parent.is_dir():
@@ -252,10 +305,12 @@ def write_plan(base: str, budgets: str, center: str | None, from_report: str | N
         if from_report is None or not str(err).startswith("--center:"):
             raise
         raise UserError("--from-report:" + str(err)[len("--center:"):]) from None
-    raw, notes = plan_study(yaml.safe_load(Path(base).read_text()), planner.plan_points(plans), name)
-    text = _header(argv, law, trial.model.family, sizes, spread) + yaml.safe_dump(raw, sort_keys=False, width=110)
+    raw, notes = plan_study(yaml.safe_load(Path(base).read_text()), planner.plan_points(plans), name, ladder_list)
+    _check_base_ladder(raw, budget_list)
+    ladder_list = list((raw.get("ladder") or {}).get("budgets") or [])
+    body = yaml.safe_dump(raw, sort_keys=False, width=110)
     with tempfile.TemporaryDirectory() as scratch:  # the file as written must load and plan before it is kept
-        (Path(scratch) / out_path.name).write_text(text)
+        (Path(scratch) / out_path.name).write_text(body)
         trials = expand_grid(load_study(Path(scratch) / out_path.name, check_files=False, max_trials=None),
                              max_trials=None)
         try:
@@ -264,21 +319,34 @@ def write_plan(base: str, budgets: str, center: str | None, from_report: str | N
             more = f" (and {len(err.problems) - 1} more like it)" if len(err.problems) > 1 else ""
             raise UserError(f"--budgets: a planned trial does not fit the base's train settings: {err.problems[0]}"
                             f"{more}") from None
-    atomic_write_text(out_path, text)
-    _print_summary(law, plans, notes, rows, trials, rates, max_epochs, out_path, trial.model.family)
+    costs = cost_lines(rows, trials, ladder_list, law)
+    atomic_write_text(out_path, _header(argv, law, trial.model.family, sizes, spread,
+                                        compute_lines(rows, trials, None) + costs) + body)
+    _print_summary(law, plans, notes, rows, trials, rates, max_epochs, out_path, trial.model.family, costs)
     return {"trials": len(trials), "plans": plans, "rows": rows}
 
 
-def _header(argv: list[str] | None, law: planner.Law, family: str, sizes: int, spread: float) -> str:
+def _comment(text: str) -> str:
+    """`text` as YAML comment lines within 110 columns."""
+    return "".join(f"# {line}\n" for line in textwrap.wrap(text, 108, break_on_hyphens=False))
+
+
+def _header(argv: list[str] | None, law: planner.Law, family: str, sizes: int, spread: float,
+            costs: list[str]) -> str:
+    """The plan's comment: how to write it again, where its sizes come from, and what it costs."""
     command = "ditscale plan " + shlex.join(argv) if argv else "ditscale plan"
-    return (f"# Written by: {command}\n"
-            f"# N_opt(C) from {law.source}; C in training FLOPs (multiply-adds, 3 x forward x images).\n"
-            f"# {sizes} sizes per budget, evenly in log N over N_opt/{spread:g} .. N_opt*{spread:g}, snapped to "
-            f"{planner.SHAPE_RULES[family]}.\n"
-            "# `points:` lists each planned (model.size, train.flops) pair: `ditscale sweep --dry-run` shows them.\n")
+    lines = textwrap.wrap(f"Written by: {command}", 106, break_on_hyphens=False, break_long_words=False)
+    ends = [" \\"] * (len(lines) - 1) + [""]  # shell continuations: the command pastes as one
+    return ("".join(f"# {line}{end}\n" for line, end in zip(lines, ends))
+            + _comment(f"N_opt(C) from {law.source}; C in training FLOPs as train.flops counts them "
+                       "(multiply-adds, 3 x forward x images).")
+            + _comment(f"{sizes} sizes per budget, evenly in log N over N_opt/{spread:g} .. N_opt*{spread:g}, "
+                       f"snapped to {planner.SHAPE_RULES[family]}.")
+            + "".join(_comment(line) for line in costs)
+            + "# `points:` lists each planned (model.size, train.flops) pair: `ditscale sweep --dry-run` shows them.\n")
 
 
-def _print_summary(law, plans, notes, rows, trials, rates, max_epochs, out_path, family) -> None:
+def _print_summary(law, plans, notes, rows, trials, rates, max_epochs, out_path, family, costs=()) -> None:
     print(f"N_opt(C) from {law.source}")
     print(f"sizes snapped to {planner.SHAPE_RULES[family]}")
     for p in plans:
@@ -288,7 +356,7 @@ def _print_summary(law, plans, notes, rows, trials, rates, max_epochs, out_path,
     for note in notes:
         print(f"note: {note}")
     print_plan(rows)
-    for line in data_lines(trials) + compute_lines(rows, trials, rates):
+    for line in data_lines(trials) + compute_lines(rows, trials, rates) + list(costs):
         print(line)
     for line in planner.epochs_warnings(rows, max_epochs):
         print(f"warning: {line}")

@@ -73,6 +73,23 @@ def parse_center(text: str) -> tuple[float, float]:
     return _number(n.strip(), "--center", "N: parameters"), _number(c.strip(), "--center", "C: training FLOPs")
 
 
+def parse_ladder(text: str, budgets: list[float]) -> list[float]:
+    """'3e19' -> the plan's ladder.budgets (harness/launch/ladder.py), in the same convention as --budgets, each
+    above the largest of them (the rule harness/config.py applies to ladder.budgets), refused in one line."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise UserError("--ladder: give a comma-separated list of training FLOPs above the largest --budgets")
+    ladder = [_number(p, "--ladder", "training FLOPs, multiply-adds") for p in parts]
+    top = max(budgets)
+    for c in ladder:
+        if c <= top:
+            raise UserError(f"--ladder: {c:g} is not above the largest --budgets {top:g}; a ladder trial predicts "
+                            "beyond the fitted budgets")
+    if len(set(ladder)) < len(ladder):
+        raise UserError(f"--ladder: {text!r} lists a budget twice")
+    return sorted(ladder)
+
+
 def check_numbers(exponent: float, sizes: int, spread: float, max_epochs: float) -> None:
     """The plan's other flags, each refused in one line naming it."""
     if not math.isfinite(exponent) or not 0 < exponent < 1:
@@ -101,6 +118,39 @@ class Law:
 
     def n_opt(self, c: float) -> float:
         return self.n0 * (c / self.c0) ** self.a
+
+
+# Liang et al. 2024 ("Scaling Laws for Diffusion Transformers", arXiv 2410.08184), their fitted compute-optimal
+# size (in-context DiT, rectified flow, 1e17..6e18 FLOPs): N_opt = 0.0009 · C_L^0.5681 (and D_opt =
+# 186.8535 · C_L^0.4319; N_opt · D_opt = C_L / 5.95, i.e. their C_L = 6·N·D with D in tokens: 2 FLOPs per
+# multiply-add, the backward pass = 2 forwards). Ours counts multiply-adds, 3 × forward × images, and a
+# transformer's forward is ≈ N multiply-adds per token, so C_L ≈ 2 · C (ours).
+LIANG_CENTER = "liang2024"        # `--center liang2024`
+LIANG_K, LIANG_A = 0.0009, 0.5681
+LIANG_FLOPS_PER_OURS = 2.0
+LIANG_SOURCE = "Liang et al. 2024 (arXiv 2410.08184)"
+
+
+def liang_law(anchor: float = 1e18) -> Law:
+    """Liang et al.'s N_opt(C) with C in our convention: N_opt = 0.0009 · (2 C)^0.5681 (see LIANG_K)."""
+    n0 = LIANG_K * (LIANG_FLOPS_PER_OURS * anchor) ** LIANG_A
+    return Law(n0, anchor, LIANG_A, (
+        f"{LIANG_SOURCE}: N_opt = {LIANG_K:g} * C_L^{LIANG_A:g} with C_L in their FLOPs "
+        f"(6*N*D: 2 FLOPs per multiply-add, backward = 2 forwards, D in tokens), i.e. C_L = "
+        f"{LIANG_FLOPS_PER_OURS:g} x ours (multiply-adds, 3 x forward x images; forward = N multiply-adds per "
+        f"token): N_opt(C) = {LIANG_K:g} * ({LIANG_FLOPS_PER_OURS:g} C)^{LIANG_A:g} = --center "
+        f"{n0:.4g}@{anchor:g} --exponent {LIANG_A:g}"))
+
+
+# What a plan costs in GPU time: training FLOPs (2 per multiply-add) at a stated share of one H100's peak.
+H100_BF16_DENSE = 989e12          # FLOP/s: NVIDIA H100 SXM datasheet, BF16 Tensor Core, without sparsity
+PLAN_MFU = 0.40                   # model FLOPs utilisation assumed: a well-tuned bf16 transformer at this size
+                                  # reaches 35-45 %; a plan's smallest sizes reach less: the hours are a floor
+
+
+def gpu_hours(macs: float, mfu: float = PLAN_MFU, peak: float = H100_BF16_DENSE) -> float:
+    """GPU-hours on one H100 for `macs` training multiply-adds (the harness's FLOPs) at `mfu` of `peak`."""
+    return 2 * macs / (mfu * peak) / 3600
 
 
 def law_from_report(folder: str | Path, group: str | None = None) -> Law:
