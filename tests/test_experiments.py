@@ -64,5 +64,12 @@ def test_embedded_studies_have_what_the_report_needs():
     iso = resolve_budgets(expand_grid(load_study(Path("experiments/isoflop_smoke.yaml"), check_files=False)))
     assert len({t.train.flops for t in iso}) >= 3 and len({t.model.size for t in iso}) >= 4
     assert all(t.train.schedule == "wsd" and t.model.parametrization == "mup" for t in iso)
+    # A planned design places sizes per budget: every size trained at >= 2 budgets shares one trunk.
     trunks, alone = plan_branches(iso)
-    assert len(trunks) == len({t.model.size for t in iso}) and not alone
+    shared = {s for s in {t.model.size for t in iso} if sum(t.model.size == s for t in iso) >= 2}
+    assert len(trunks) == len(shared) >= 3 and len(alone) == len(iso) - sum(t.model.size in shared for t in iso)
+    # Issue 27 item 4: written by `ditscale plan`, with a ladder budget >= 4x the largest fitted one.
+    text = Path("experiments/isoflop_smoke.yaml").read_text()
+    assert "# Written by: ditscale plan --base experiments/isoflop_smoke.yaml" in text
+    ladder = load_study(Path("experiments/isoflop_smoke.yaml"), check_files=False).ladder.budgets
+    assert ladder and min(ladder) >= 4 * max(t.train.flops for t in iso)
