@@ -82,7 +82,7 @@ def test_the_dry_run_says_the_ladder_comes_after_the_grid(digits_dir, tmp_path, 
 
 
 def _synthetic_fits(seed=0):
-    """The grid's fits (as harness.launch.ladder.grid_fits returns them) on a known law
+    """The grid's fits (as analysis.ladder_fits.grid_fits returns them) on a known law
     L = 0.5 + 400/N^0.5 + 3000/D^0.5 with C = 6 N D: N_opt(C) = sqrt(C / 6 · 400 / 3000)... exactly
     (αA/βB)^(1/(α+β)) · (C/k)^(β/(α+β))."""
     from analysis import scaling

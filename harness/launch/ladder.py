@@ -38,10 +38,7 @@ ROLE = "ladder"                  # the value of ditscale.role (harness.tracking.
 FOLDER = "ladder"                # runs/<study>/ladder/<trial_id>.json
 ARTIFACT = "ladder_prediction.json"
 PREDICTION_METRICS = ("prediction_loss", "prediction_loss_lo", "prediction_loss_hi")
-LOSS_KEY = "val_loss"            # the loss predicted: the final validation loss
-SURFACE_BOOTSTRAP = 200          # as the report (analysis/budget_laws.py): refits of the 5-parameter surface
-ISOFLOP_BOOTSTRAP = 1000         # as the report's default bootstrap
-SEED = 0                         # the report's default seed: the same fits as the report's
+LOSS_KEY = "val_loss"            # the loss predicted: the final validation loss (as analysis.ladder_fits fits it)
 
 
 # --- where a registration lives ----------------------------------------------------------------------
@@ -92,33 +89,6 @@ def _json_default(v):
 
 
 # --- the fits ------------------------------------------------------------------------------------------
-
-
-def grid_fits(uri: str, experiment: str, grid_ids: set[str], bootstrap: int = ISOFLOP_BOOTSTRAP,
-              seed: int = SEED) -> dict:
-    """The grid's trials read back from MLflow as the report reads them (analysis.runs), only finished ones
-    with a final validation loss, and its fits: {rows, k, surface, isoflop, loss_fd, fd_key, trial_ids}."""
-    from analysis import runs, scaling, study
-
-    trial_runs = [r for r in runs.trial_runs(uri, experiment) if r.data.tags.get("trial_id") in grid_ids]
-    histories = runs.load_histories(uri, experiment, keys=runs.HISTORY_KEYS.pattern, runs=trial_runs)
-    trials = runs.load_trials(uri, experiment, histories=histories, runs=trial_runs)
-    y_col = f"final_{LOSS_KEY}"
-    if trials.empty or y_col not in trials:
-        raise UserError(f"ladder.budgets: the grid's trials logged no {LOSS_KEY} to fit (set eval.val_batches > 0)")
-    usable, _ = study.split_usable(trials, y_col)
-    fd = runs.primary_fd_metric(histories["key"].unique()) if not histories.empty else None
-    fd_col = f"final_{fd['key']}" if fd is not None and f"final_{fd['key']}" in usable else None
-    rows = study.budget_rows(usable, y_col, fd_col)
-    k = study.compute_per_param_image(rows)
-    surf = scaling.fit_loss_surface(rows["n"], rows["d"], rows["loss"], bootstrap=min(bootstrap, SURFACE_BOOTSTRAP),
-                                    seed=seed, groups=rows["group"], k=k if math.isfinite(k) else 1.0)
-    iso = scaling.fit_isoflop_optima(rows, bootstrap=bootstrap, seed=seed)
-    loss_fd = None
-    if fd_col and rows["fd"].notna().sum() >= 3:
-        loss_fd = scaling.fit_loss_to_fd(rows["loss"], rows["fd"], bootstrap=bootstrap, seed=seed)
-    return {"rows": rows, "k": k, "surface": surf, "isoflop": iso, "loss_fd": loss_fd,
-            "fd_key": fd["key"] if fd_col else None, "trial_ids": sorted(rows["trial_id"].astype(str))}
 
 
 # --- the prediction ------------------------------------------------------------------------------------
@@ -354,9 +324,11 @@ def _iv(ci) -> str:
 
 
 def prepare_ladder(study, trials: list[TrialConfig], uri: str, parent_run_id: str | None, state: dict,
-                   say=print) -> list[TrialConfig]:
+                   grid_fits, say=print) -> list[TrialConfig]:
     """The ladder trials, each registered (file and MLflow run) before it trains; [] when the grid is not
-    done yet (the ladder waits for every grid trial to conclude) or the study has no ladder."""
+    done yet (the ladder waits for every grid trial to conclude) or the study has no ladder. `grid_fits`
+    (analysis.ladder_fits.grid_fits, passed in by the sweep: harness reads MLflow's fits only there) fits
+    the grid as the report does."""
     from harness.tracking import concluded, sweep_state
 
     budgets = list(study.ladder.budgets) if getattr(study, "ladder", None) else []

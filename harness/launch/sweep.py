@@ -97,7 +97,10 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
                 records = _bracket_phase(study, trials, records, uri, parent, probe, concurrent, statuses)
             fitted = trials + [t for t, _ in records]  # added sizes are trials of the study: fitted too
             if ladder_due and not stop.exists():  # after the grid: its fits predict the ladder
-                ladder_trials = prepare_ladder(study, fitted, uri, parent, sweep_state(uri, study.name, fitted))
+                from analysis.ladder_fits import grid_fits  # the report's fits: analysis reads MLflow
+
+                ladder_trials = prepare_ladder(study, fitted, uri, parent, sweep_state(uri, study.name, fitted),
+                                               grid_fits)
                 ladder_todo = [t for t in ladder_trials
                                if not concluded(sweep_state(uri, study.name, [t])[t.trial_id])]
                 if ladder_todo:
@@ -244,8 +247,8 @@ def _trunks_to_retrain(branches: list[TrialConfig], trunk_of: dict, trunk_state:
     for tid, step in missing.items():
         trunk = next(t for t in trunk_of.values() if t.trial_id == tid)
         tag = rewind_trunk(trunk, step)
-        print(f"trunk {tid}: its checkpoint at step {step} is gone ({checkpoint_root(trunk) / tag_for(step)}); training "
-              f"it again from {tag or 'the start'}")
+        gone = checkpoint_root(trunk) / tag_for(step)
+        print(f"trunk {tid}: its checkpoint at step {step} is gone ({gone}); training it again from {tag or 'the start'}")
     return set(missing)
 
 
