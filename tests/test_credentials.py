@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, tiny_study, write_study
-from tests.test_slurm import slurm_cluster, submit  # noqa: F401  (fixtures: the local Slurm cluster)
+from tests.test_slurm import submit  # noqa: F401  (fixture: submit(study, *options) -> Job on conftest's slurm_cluster)
 
 _CLEAN = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
           "SLURM_JOB_ID")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -25,11 +24,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, ditscale, tiny_study, write_study
+# the one-node cluster is a session fixture in conftest (one cluster for every module that submits)
+from tests.conftest import ROOT, cluster_exports, ditscale, tiny_study, write_study  # noqa: F401  (cluster_exports: re-exported)
 
 SBATCH = ROOT / "slurm" / "sweep.sbatch"
-START = ROOT / "slurm" / "testing" / "start-local-cluster.sh"
-STOP = ROOT / "slurm" / "testing" / "stop-local-cluster.sh"
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
@@ -175,46 +173,6 @@ def test_submit_without_sbatch_says_where_to_run_it(study_file):
 
 
 # --- a real one-node cluster ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """SLURM_CONF of a running one-node cluster (started here, stopped at the end of the session)."""
-    path = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"  # the daemons live in sbin
-    missing = [c for c in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(c, path=path) is None]
-    problem = None
-    if missing:
-        problem = f"Slurm is not installed ({', '.join(missing)} missing; apt-get install slurm-wlm munge)"
-    elif os.geteuid() != 0:
-        problem = "the test cluster's slurmd must run as root"
-    if problem:
-        if os.environ.get("DITSCALE_REQUIRE_SLURM") == "1":
-            pytest.fail(f"DITSCALE_REQUIRE_SLURM=1 but {problem}")
-        pytest.skip(problem)
-    # DITSCALE_SLURM_STATE: a cluster the start script made earlier (its folder), reused and left running.
-    state = os.environ.get("DITSCALE_SLURM_STATE", "")
-    conf = Path(state) / "slurm.conf"
-    already = bool(state) and conf.is_file() and subprocess.run(
-        ["scontrol", "ping"], env={**os.environ, "SLURM_CONF": str(conf)}, capture_output=True).returncode == 0
-    t0 = time.monotonic()
-    proc = subprocess.run([str(START), *([state] if state else [])], capture_output=True, text=True, timeout=180)
-    exported = cluster_exports(proc.stdout)
-    state = exported.get("DITSCALE_SLURM_STATE", state)
-    try:
-        assert proc.returncode == 0, f"the test cluster did not start:\n{proc.stdout}\n{proc.stderr}"
-        print(f"slurm test cluster in {state}: up after {time.monotonic() - t0:.1f}s", file=sys.stderr)
-        yield exported["SLURM_CONF"]
-    finally:
-        if not already and state:
-            subprocess.run([str(STOP), state], capture_output=True, timeout=120)
-            shutil.rmtree(state, ignore_errors=True)
-
-
-def cluster_exports(stdout: str) -> dict:
-    """The `export NAME=VALUE` lines a start script printed (values quoted for the shell): its state
-    folder (DITSCALE_SLURM_STATE / DITSCALE_NETNS_STATE, printed first, so also by a failed start) and,
-    once the cluster is up, SLURM_CONF."""
-    return {name: shlex.split(value)[0] for name, value in re.findall(r"^export (\w+)=(.+)$", stdout, re.MULTILINE)}
 
 
 def slurm(conf: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -28,9 +28,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ditscale, tiny_study, write_study
-from tests.test_slurm import (  # noqa: F401  (fixtures: the real one-node cluster, and submit(study, *options) -> Job)
+from tests.test_slurm import (  # noqa: F401  (fixture: submit(study, *options) -> Job on conftest's slurm_cluster)
     SBATCH,
-    slurm_cluster,
     submit,
 )
 
