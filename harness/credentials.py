@@ -95,3 +95,13 @@ def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
         credentials["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
         _secrets.update({unquote(password), password} - {""})
     return f"{scheme}://{rest[at + 1:]}", credentials
+
+
+def public_config(dump: dict) -> dict:
+    """A trial's or study's config dump (model_dump(mode="json")) as it may be written to a file or MLflow:
+    the tracking URI without its credentials (a database URI such as postgresql://user:pw@db keeps its
+    password in the URI; HTTP ones were already taken out by take_credentials)."""
+    tracking = dump.get("tracking")
+    if isinstance(tracking, dict) and tracking.get("uri"):
+        tracking["uri"] = redact_uri(tracking["uri"])
+    return dump

@@ -56,6 +56,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def write_once(path: str | os.PathLike, text: str) -> bool:
+    """`text` into `path` only if no file has that name, complete or not at all: written to a temporary
+    file, fsynced, then hard-linked to `path` (link() fails when the name exists, atomically). False when
+    `path` exists. For write-once records (a ladder's registered prediction, a bracketing addition): an
+    O_EXCL create written in place would leave a truncated record after a kill or a full disk, which
+    then blocks that record for good."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     with open(src, "rb") as inp, atomic_write(dst, "wb") as out:
         shutil.copyfileobj(inp, out, 1 << 20)

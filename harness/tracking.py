@@ -27,6 +27,7 @@ from harness.credentials import (  # noqa: F401
     CREDENTIAL_VARS,
     SECRET_VARS,
     URL_RE,
+    public_config,
     redact,
     redact_uri,
     split_credentials,
@@ -61,11 +62,7 @@ def concluded(status: str) -> bool:
 def _as_yaml(config) -> str:
     """A trial's or study's config as the YAML logged beside its run (config.yaml, study.yaml); a
     tracking URI in it has its credentials redacted (redact_uri)."""
-    data = config.model_dump(mode="json")
-    tracking = data.get("tracking")
-    if isinstance(tracking, dict) and tracking.get("uri"):
-        tracking["uri"] = redact_uri(tracking["uri"])
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(public_config(config.model_dump(mode="json")), sort_keys=False)
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:

@@ -158,6 +158,34 @@ def test_snap_is_nearest_in_log_n():
 # --- registration --------------------------------------------------------------------------------------
 
 
+def test_the_ladder_copies_the_settings_of_the_best_trial_at_the_largest_budget():
+    """With an LR axis the fits keep each (budget, size)'s best LR, so the prediction is a loss at a tuned LR:
+    the ladder trial must train at the LR of the best fitted trial at the largest budget, not the first grid
+    trial's (review finding: dit_isoflop.yaml has train.lr: [1e-4, 2e-4, 4e-4])."""
+    from harness.launch.ladder import settings_source
+
+    grid = [SimpleNamespace(trial_id=t) for t in ("a", "b", "c", "d")]
+    rows = pd.DataFrame({"budget": ["1e9", "1e9", "4e9", "4e9"], "loss": [0.1, 0.5, 0.4, 0.3],
+                         "trial_id": ["a", "b", "c", "d"]})
+    assert settings_source({"rows": rows}, grid, grid[0]).trial_id == "d"  # lowest loss at 4e9, not a's 0.1
+    assert settings_source({"rows": rows.iloc[:0]}, grid, grid[0]).trial_id == "a"
+
+
+def test_records_hold_no_database_password_and_are_whole_or_absent(tmp_path):
+    """A postgresql://user:pw@ URI keeps its password in the URI (only HTTP ones are taken out): the ladder's
+    and bracketing's records and artifacts write the trial through public_config. Records are written once and
+    whole (temp file + link): a second write leaves the first intact and no partial file behind."""
+    from harness.credentials import public_config
+    from harness.files import write_once
+
+    dump = public_config({"tracking": {"uri": "postgresql://alice:s3cretPW@db:5432/mlflow"}, "model": {}})
+    assert "s3cretPW" not in json.dumps(dump) and dump["tracking"]["uri"].startswith("postgresql://***@db")
+    path = tmp_path / "r.json"
+    assert write_once(path, "first") and not write_once(path, "second")
+    assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+
 def test_a_registration_is_never_overwritten_and_is_found_by_its_budget(tmp_path):
     from harness.errors import UserError
     from harness.launch.ladder import find_registration, write_registration

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config import TrialConfig
+from harness.credentials import public_config
+from harness.files import write_once
 from harness.paths import study_dir
 
 ADDED_BY_TAG = "ditscale.added_by"
@@ -186,7 +187,7 @@ def plan_round(study, trials: list[TrialConfig], records: list[tuple[TrialConfig
             out.append((trial, {"trial_id": trial.trial_id, "budget": float(base.train.flops), "size": step.size,
                                 "params": step.params, "reason": step.line, "round": rnd,
                                 "edge": step.edge,
-                                "trial": trial.model_dump(mode="json")}))
+                                "trial": public_config(trial.model_dump(mode="json"))}))
     return out, lines
 
 
@@ -234,15 +235,7 @@ def load_added(base: TrialConfig) -> list[tuple[TrialConfig, dict]]:
 def write_record(folder: Path, data: dict) -> bool:
     """<folder>/<trial_id>.json, created exclusively; False when it exists (that trial is added already)."""
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(folder / f"{data['trial_id']}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    return True
+    return write_once(folder / f"{data['trial_id']}.json", json.dumps(data, indent=1))
 
 
 def record_additions(new: list[tuple[TrialConfig, dict]], uri: str, parent_run_id: str | None,

@@ -25,12 +25,14 @@ that refits keeps it and says so.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import math
-import os
 from pathlib import Path
 
 from harness.config import TrialConfig
+from harness.credentials import public_config
+from harness.files import write_once
 from harness.errors import UserError
 from harness.paths import study_dir
 
@@ -72,11 +74,8 @@ def write_registration(folder: Path, data: dict) -> Path:
     """<folder>/<trial_id>.json, created exclusively (O_EXCL): an existing file is never overwritten."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{data['trial_id']}.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
+    if not write_once(path, json.dumps(data, indent=1, default=_json_default)):
+        raise FileExistsError(errno.EEXIST, "a ladder registration is never overwritten", str(path))
     return path
 
 
@@ -278,8 +277,22 @@ def log_registration(uri: str, trial: TrialConfig, parent_run_id: str | None, da
     return run_id
 
 
+def settings_source(fits: dict, grid: list[TrialConfig], default: TrialConfig) -> TrialConfig:
+    """The grid trial whose settings (learning rate, ...) the ladder trial copies: the lowest-loss fitted
+    row at the largest fitted budget. The fits keep only each (budget, size)'s best LR (analysis.study.
+    budget_rows), so the prediction is a loss at a tuned LR; training the ladder at the first grid trial's
+    LR instead would make its error measure the LR choice, not the law."""
+    rows = fits.get("rows")
+    if rows is None or len(rows) == 0:
+        return default
+    budgets = rows["budget"].astype(float)  # train.flops as logged: a param, so text
+    top = rows[budgets == budgets.max()]
+    best = str(top.loc[top["loss"].idxmin(), "trial_id"])
+    return next((t for t in grid if t.trial_id == best), default)
+
+
 def register(study, base: TrialConfig, uri: str, parent_run_id: str | None, fits_of, budget: float,
-             say=print) -> TrialConfig:
+             say=print, grid: list[TrialConfig] | None = None) -> TrialConfig:
     """The ladder trial of `budget`, registered: an existing registration is kept (one line says so),
     else the grid is fitted (fits_of(), cached by the caller), predicted and registered. The file is
     written first, then the MLflow run: a sweep stopped between the two logs the file's prediction next time."""
@@ -292,12 +305,13 @@ def register(study, base: TrialConfig, uri: str, parent_run_id: str | None, fits
             f"(loss {data['prediction']['loss']:.4g}); a registration is never rewritten, not even by a refit")
         return trial
     fits = fits_of()
+    base = settings_source(fits, grid or [base], base)
     data = predict(fits, budget, lambda up_to: geometries(base, up_to))
     trial = ladder_trial(base, data["snap"]["size"], budget)
     data |= {"study": study.name, "trial_id": trial.trial_id, "model": trial.model_name,
              "registered_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
              "loss_key": LOSS_KEY, "fitted_trials": fits["trial_ids"],
-             "trial": trial.model_dump(mode="json")}
+             "settings_from": base.trial_id, "trial": public_config(trial.model_dump(mode="json"))}
     path = write_registration(folder, data)
     say(f"ladder {budget:.3g} ({data['ratio']:.3g}x the largest fitted budget): {describe(data)}; registered in "
         f"{path}")
@@ -349,7 +363,7 @@ def prepare_ladder(study, trials: list[TrialConfig], uri: str, parent_run_id: st
 
     out = []
     for budget in budgets:
-        trial = register(study, trials[0], uri, parent_run_id, fits_of, budget, say=say)
+        trial = register(study, trials[0], uri, parent_run_id, fits_of, budget, say=say, grid=trials)
         trial.tracking.uri = uri
         data = find_registration(ladder_folder(trials[0]), budget)[1]
         if not concluded(sweep_state(uri, study.name, [trial])[trial.trial_id]):

@@ -26,7 +26,7 @@ from harness.launch.plan import data_lines, plan_json, plan_output, plan_rows, p
 from harness.launch.study_lock import study_lock
 from harness.launch.tune_trial import conclude_branch, run_tune_trial, storage_probe, trial_resources
 from harness.paths import checkpoint_root, stop_file
-from harness.tracking import (check_tracking_uri, close_parent_run, concluded, open_parent_run, redact_uri,
+from harness.tracking import (check_tracking_uri, close_parent_run, concluded, open_parent_run, redact, redact_uri,
                               resolve_tracking_uri, sweep_state)
 from harness.tracking_view import study_link
 from harness.trial.checkpoint import tag_for
@@ -114,7 +114,7 @@ def _sweep(study, trials: list[TrialConfig], trunks: list[Trunk], address: str |
                 final = sweep_state(uri, study.name, every)
                 close_parent_run(uri, parent, every, final, error=error)
             except Exception as err:  # the store itself is failing: say so, keep the original error
-                print(f"could not close the sweep's MLflow run {parent}: {type(err).__name__}: {err}")
+                print(redact(f"could not close the sweep's MLflow run {parent}: {type(err).__name__}: {err}"))
                 if error is None:
                     raise
             finally:
@@ -248,7 +248,8 @@ def _trunks_to_retrain(branches: list[TrialConfig], trunk_of: dict, trunk_state:
         trunk = next(t for t in trunk_of.values() if t.trial_id == tid)
         tag = rewind_trunk(trunk, step)
         gone = checkpoint_root(trunk) / tag_for(step)
-        print(f"trunk {tid}: its checkpoint at step {step} is gone ({gone}); training it again from {tag or 'the start'}")
+        print(f"trunk {tid}: its checkpoint at step {step} is gone ({gone}); training it again from "
+              f"{tag or 'the start'}")
     return set(missing)
 
 
