@@ -147,3 +147,28 @@ def test_an_added_trial_is_the_budgets_trial_resized_and_recorded_once(digits_di
     assert write_record(folder, data) is True and write_record(folder, data | {"reason": "other"}) is False
     (found, record), = load_added(trials[0])
     assert found.trial_id == new.trial_id and record["reason"] == "r"
+
+
+def test_a_record_whose_run_was_never_tagged_is_tagged_by_the_next_sweep(digits_dir, tmp_path):
+    """A sweep that died between writing an addition's record and tagging its run (review finding): the
+    next sweep's bracketing phase tags it, so the report's "Sizes added" table (which finds additions by
+    ditscale.added_by) does not leave it out for good. A real SQLite MLflow store."""
+    import mlflow
+
+    from harness.config import expand_grid, load_study
+    from harness.launch.bracket import ADDED_BY_TAG, ADDED_WHY_TAG, added_trial, bracket_folder, tag_recorded
+    from harness.launch.bracket import load_added, write_record
+    from harness.trial.budget import resolve_budgets
+
+    trials = resolve_budgets(expand_grid(load_study(_isoflop(digits_dir, tmp_path))))
+    new = added_trial(trials[0], "d1w32")
+    write_record(bracket_folder(new), {"trial_id": new.trial_id, "budget": 5e8, "size": "d1w32", "round": 1,
+                                       "reason": "minimum at the smallest size", "trial": new.model_dump(mode="json")})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tag_recorded(load_added(trials[0]), uri, None)
+    c = mlflow.MlflowClient(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name(new.name).experiment_id])
+    assert run.data.tags["trial_id"] == new.trial_id and run.data.tags[ADDED_BY_TAG] == "bracket"
+    assert run.data.tags[ADDED_WHY_TAG] == "minimum at the smallest size"
+    tag_recorded(load_added(trials[0]), uri, None)  # idempotent: still one run
+    assert len(c.search_runs([c.get_experiment_by_name(new.name).experiment_id])) == 1

@@ -238,30 +238,46 @@ def write_record(folder: Path, data: dict) -> bool:
     return write_once(folder / f"{data['trial_id']}.json", json.dumps(data, indent=1))
 
 
+def _tag_run(trial: TrialConfig, data: dict, uri: str, parent_run_id: str | None) -> None:
+    """Open (or find) the addition's MLflow run and tag it ditscale.added_by / added_why: before it trains,
+    and for a run that already concluded under this trial id, only the tags."""
+    from harness.tracking import client, concluded, experiment_id, find_trial_run, open_trial_run, sweep_state
+
+    tags = {ADDED_BY_TAG: ADDED_BY, ADDED_WHY_TAG: data["reason"]}
+    if concluded(sweep_state(uri, trial.name, [trial])[trial.trial_id]):
+        run_id = find_trial_run(uri, experiment_id(uri, trial.name), trial.trial_id).info.run_id
+    else:
+        run_id = open_trial_run(trial, uri, parent_run_id=parent_run_id, tags=tags)
+    for k, v in tags.items():
+        client(uri).set_tag(run_id, k, v)
+
+
 def record_additions(new: list[tuple[TrialConfig, dict]], uri: str, parent_run_id: str | None,
                      say=print) -> list[tuple[TrialConfig, dict]]:
     """Write each addition's record and tag its MLflow run (opened now, before it trains; a run that already
     concluded under this trial id is only tagged). Returns the additions newly recorded."""
-    from harness.tracking import client, concluded, open_trial_run, sweep_state
-
     out = []
     for trial, data in new:
         trial.tracking.uri = uri
         if not write_record(bracket_folder(trial), data):
             continue
-        tags = {ADDED_BY_TAG: ADDED_BY, ADDED_WHY_TAG: data["reason"]}
-        if concluded(sweep_state(uri, trial.name, [trial])[trial.trial_id]):
-            from harness.tracking import experiment_id, find_trial_run
-
-            run_id = find_trial_run(uri, experiment_id(uri, trial.name), trial.trial_id).info.run_id
-        else:
-            run_id = open_trial_run(trial, uri, parent_run_id=parent_run_id, tags=tags)
-        for k, v in tags.items():
-            client(uri).set_tag(run_id, k, v)
+        _tag_run(trial, data, uri, parent_run_id)
         say(f"bracket: {data['reason']}: adding {trial.model_name} ({data['params']:,} parameters, "
             f"{trial.train.steps} steps), trial {trial.trial_id}, round {data['round']}")
         out.append((trial, data))
     return out
+
+
+def tag_recorded(records: list[tuple[TrialConfig, dict]], uri: str, parent_run_id: str | None) -> None:
+    """Tag the run of every recorded addition that lacks its tags: a sweep that died between writing a
+    record and tagging its run would otherwise leave it out of the report's "Sizes added" table for good."""
+    from harness.tracking import experiment_id, find_trial_run
+
+    for trial, data in records:
+        trial.tracking.uri = uri
+        run = find_trial_run(uri, experiment_id(uri, trial.name), trial.trial_id)
+        if run is None or run.data.tags.get(ADDED_BY_TAG) != ADDED_BY:
+            _tag_run(trial, data, uri, parent_run_id)
 
 
 def plan_line(study, trials: list[TrialConfig]) -> str | None:

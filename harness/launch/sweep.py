@@ -165,6 +165,7 @@ def _bracket_phase(study, trials: list[TrialConfig], records: list, uri: str, pa
     round from the final losses; stop when no budget needs a size, or on a stop request. Each round adds at
     most one size per budget, so max_extra_sizes + 1 rounds decide every budget. Returns every addition."""
     said = set()
+    bracket.tag_recorded(records, uri, parent_run_id)
     for _ in range(study.bracket.max_extra_sizes + 2):
         for trial, _ in records:
             trial.tracking.uri = uri
