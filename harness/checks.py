@@ -53,6 +53,8 @@ def ema_warnings(trials: list[TrialConfig]) -> list[str]:
     seen: dict[tuple, list] = {}  # (decay, steps, warm-up) -> [share kept, trials]
     for trial in trials:
         t = trial.train
+        if trial.eval.ema_sigma_rels and trial.eval.every is None:
+            continue  # the one evaluation, at the end, uses the post-hoc EMA reconstructed from the snapshots
         share = ema_init_share(t)
         if share >= EMA_INIT_WARN:
             seen.setdefault((t.ema_decay, t.steps, t.ema_warmup), [share, 0])[1] += 1

@@ -521,3 +521,19 @@ def test_report_section_on_a_real_mlflow_store(tmp_path):
             assert f"| DiT | {patch} | {size} | {DIT_PARAMS_M[size] * 1e6:.4g} | 1 | {s:g} |" in section, section
     assert "No single σ_rel was best for every size (S: 0.05; B: 0.1; L: 0.2)" in section
     assert "final val_loss and FD" in section
+
+
+def test_the_init_share_warning_is_not_given_when_the_only_evaluation_uses_the_posthoc_ema(tmp_path):
+    """The sweep warns that DiT's 0.9999 over a short run keeps the random init in the evaluated EMA; with
+    eval.ema_sigma_rels and no eval.every the one evaluation uses the reconstructed EMA instead, so the
+    warning would be false. With eval.every the running EMA is evaluated too: the warning stays."""
+    from harness.checks import ema_warnings
+    from harness.config import expand_grid, load_study
+    from tests.conftest import tiny_study, write_study
+
+    def load(ev):
+        study = tiny_study(tmp_path, "w", train=POSTHOC, eval=ev)
+        return expand_grid(load_study(write_study(tmp_path / "w.yaml", study), check_files=False))
+
+    assert ema_warnings(load(EMA_CHOICE)) == []
+    assert ema_warnings(load({**EMA_CHOICE, "every": 10})) and ema_warnings(load({"val_batches": 1}))
