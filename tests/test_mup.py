@@ -204,6 +204,11 @@ expected = sorted({round(trial.train.lr * f, 12) for f in factors.values()})
 assert lrs == expected, (lrs, expected)
 if dist.rank == 0:
     print("MUP-LRS", json.dumps(lrs))
+# An orderly exit: without it a rank can leave while gloo's threads still serve its peer, and the
+# peer aborts at exit ("terminate called without an active exception", seen once in CI).
+torch.distributed.barrier()
+engine.destroy()
+torch.distributed.destroy_process_group()
 """
 
 
