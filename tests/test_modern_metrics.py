@@ -243,3 +243,26 @@ def test_sweep_stops_before_ray_when_a_metric_weight_is_missing(digits_dir, tmp_
     assert str(tmp_path / "empty-assets" / DINO_FOLDER) in done.stderr
     assert "ditscale assets fetch --dest DIR --metric fd_dinov2" in done.stderr
     assert "Ray" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_assets_status_lists_each_metric_network_with_its_revision_or_the_fetch_command(tiny_assets, tmp_path, capsys):
+    """`ditscale assets status` says, per eval.metrics network, whether evaluation will find it and whether it
+    is the pinned revision; a missing one gets the fetch command (the line a study would stop with)."""
+    import argparse
+    import json
+    import shutil
+
+    from harness.evaluation.commands import _cmd_assets_status
+
+    folder = tmp_path / "assets"
+    shutil.copytree(tiny_assets, folder)
+    name, pinned, _ = assets.METRIC_WEIGHTS["fd_dinov2"]
+    (folder / DINO_FOLDER / assets.FETCHED_FILE).write_text(json.dumps({"name": name, "revision": pinned}))
+    shutil.rmtree(folder / CLIP_FOLDER)
+    assert _cmd_assets_status(argparse.Namespace(assets=str(folder))) == 0
+    lines = {ln.split(":", 1)[0]: ln for ln in capsys.readouterr().out.splitlines()}
+    assert str(folder / DINO_FOLDER) in lines["fd_dinov2"] and f"pinned revision {pinned[:12]}" in lines["fd_dinov2"]
+    assert "missing" in lines["cmmd"] and "ditscale assets fetch --dest DIR --metric cmmd" in lines["cmmd"]
+    (folder / DINO_FOLDER / assets.FETCHED_FILE).unlink()  # placed by hand
+    _cmd_assets_status(argparse.Namespace(assets=str(folder)))
+    assert "revision unknown" in capsys.readouterr().out

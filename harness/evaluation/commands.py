@@ -117,4 +117,24 @@ def _cmd_assets_status(args: argparse.Namespace) -> int:
     for kind in ("vae", "text"):
         names = sorted(p.name for p in (folder / kind).iterdir()) if (folder / kind).is_dir() else []
         print(f"{kind}: {', '.join(names) if names else 'none'}")
+    for metric in sorted(assets.METRIC_WEIGHTS):
+        print(_metric_status(metric, args.assets))
     return 0
+
+
+def _metric_status(metric: str, folder: str | None) -> str:
+    """One line per eval.metrics network: where it is and at which revision, or what evaluation will say."""
+    found = assets.find_metric_weights(metric, folder)
+    if found is None:
+        return f"{metric}: missing -> a study listing it in eval.metrics stops before training; " \
+               f"run `ditscale assets fetch --dest DIR --metric {metric}`"
+    name, pinned, what = assets.METRIC_WEIGHTS[metric]
+    try:  # written by `assets fetch`; a folder placed by hand has none, so its revision is unknown
+        fetched = json.loads((found / assets.FETCHED_FILE).read_text())
+    except (OSError, ValueError):
+        fetched = {}
+    revision = fetched.get("revision")
+    origin = (f"{name} at the pinned revision {pinned[:12]}" if revision == pinned
+              else f"{name} at revision {revision[:12]}, NOT the pinned {pinned[:12]}" if revision
+              else f"placed by hand, revision unknown (the pinned one is {name} {pinned[:12]})")
+    return f"{metric}: {found} ({what}; {origin}) -> eval.metrics may list {metric}"
