@@ -1,7 +1,7 @@
 """`ditscale` command line. Thin: the root parser, `ditscale report`, and each room's commands.
 
     models, bench      harness/bench/commands.py
-    data               harness/data/commands.py
+    data               harness/data/commands.py (stats: harness/evaluation/data_stats.py)
     train              harness/trial/commands.py
     plan, sweep, slurm harness/launch/commands.py
     eval, assets       harness/evaluation/commands.py
@@ -22,6 +22,7 @@ from harness.data.commands import add_data
 from harness.ema.commands import add_ema
 from harness.errors import UserError
 from harness.evaluation.commands import add_assets, add_eval
+from harness.evaluation.data_stats import add_data_stats
 from harness.launch.commands import add_plan, add_slurm, add_sweep
 from harness.tracking import redact
 from harness.trial.commands import add_train
@@ -59,10 +60,14 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_report)
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    add_data_stats(add_data(sub))  # stats runs evaluation's networks: data/ cannot import it, so it is added here
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditscale", description="Scaling studies of diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_models, add_data, add_bench, add_train, add_plan, add_sweep, add_eval, _add_report, add_slurm,
+    for add in (add_models, _add_data, add_bench, add_train, add_plan, add_sweep, add_eval, _add_report, add_slurm,
                 add_assets, add_ema):
         add(sub)
     return parser

@@ -1,12 +1,17 @@
-"""Arguments and handlers of `ditscale data pack|verify|bench|stats` (argparse only at import time)."""
+"""Arguments and handlers of `ditscale data pack|verify|bench` (argparse only at import time).
+`ditscale data stats` (FID reference statistics) is added by harness/evaluation/data_stats.py: it runs
+evaluation's feature networks, and data/ sits below evaluation/ (tests/test_layout.py, ROOMS)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import asdict
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    """The actions of `ditscale data`, each with its handler; returns them so a higher room can add one."""
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
     p = sub.add_parser("pack", help="pack images (+ labels, captions) into WebDataset shards",
@@ -32,23 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="image decoding processes (default: 0, in-process)")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards and manifest entries of "
                                                             "the splits being written")
+    p.set_defaults(func=_pack)
 
     v = sub.add_parser("verify", help="read every shard, check samples, counts and sha256 against dataset.json")
     v.add_argument("dir", help="dataset folder (with dataset.json)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
-
-    s = sub.add_parser("stats", help="precompute the FID reference statistics of a packed dataset",
-                       description="Compute (once) and cache beside the shards the reference statistics that "
-                                   "evaluation compares samples with: clean-fid's Inception features when its "
-                                   "weights are available, else the dataset's named stand-in (lenet, shapesdet).")
-    s.add_argument("dir", help="dataset folder (with dataset.json)")
-    s.add_argument("--split", default="train", choices=["train", "val"], help="real images to use (default: train)")
-    s.add_argument("--extractor", default="auto", choices=["auto", "inception", "lenet", "shapesdet"],
-                   help="feature extractor (default: auto = Inception when present, else a stand-in)")
-    s.add_argument("--samples", type=int, default=None, help="reference images (default: the split, up to 50,000)")
-    s.add_argument("--assets", default=None, help="assets folder (default: $DITSCALE_ASSETS)")
-    s.add_argument("--device", default="cpu", help="device of the feature network (default: cpu)")
-    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    v.set_defaults(func=_verify)
 
     b = sub.add_parser("bench", help="loader samples/s per process on a packed dataset")
     b.add_argument("dir", help="dataset folder, or a shard pattern")
@@ -58,21 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     b.add_argument("--shuffle", type=int, default=1000, help="shuffle buffer (default: 1000)")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.set_defaults(func=_bench)
+    return sub
 
 
-def run(args: argparse.Namespace) -> int:
-    return {"pack": _pack, "verify": _verify, "bench": _bench, "stats": _stats}[args.data_command](args)
-
-
-def add_data(sub: argparse._SubParsersAction) -> None:
+def add_data(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """`ditscale data`; returns its actions (harness.cli adds `stats` from the evaluation room)."""
     p = sub.add_parser("data", help="pack, verify and benchmark WebDataset shards")
-    add_arguments(p)
-    p.set_defaults(func=run)
+    return add_arguments(p)
 
 
 def _pack(args: argparse.Namespace) -> int:
-    import sys
-
     from harness.data.pack import Terminated, pack_dataset, terminate_as_interrupt
 
     try:
@@ -96,8 +86,6 @@ def _pack(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from harness.data.verify import verify_dataset
 
     result = verify_dataset(args.dir)
@@ -115,31 +103,4 @@ def _bench(args: argparse.Namespace) -> int:
     result = measure_loader_throughput(args.dir, args.batch_size, seconds=args.seconds, num_workers=args.workers,
                                        shuffle=args.shuffle, split=args.split)
     print(json.dumps(result, indent=2) if args.json else format_throughput(result))
-    return 0
-
-
-def _stats(args: argparse.Namespace) -> int:
-    import sys
-
-    from harness.errors import UserError
-    from harness.evaluation.features import EvalData, choose_extractor, reference_stats
-
-    if args.samples is not None and args.samples < 2:
-        raise UserError(f"--samples {args.samples}: need at least 2 images")
-    data = EvalData.from_folder(args.dir, assets=args.assets)
-    extractor, _ = choose_extractor(args.extractor, data, args.device, progress=sys.stderr.isatty())
-    if extractor is None:
-        raise UserError(f"{args.dir}: no feature extractor available (no Inception weights, and no stand-in for "
-                        "data without class labels)")
-    stats = reference_stats(data, extractor, args.split, args.samples, device=args.device,
-                            progress=sys.stderr.isatty())
-    result = {"path": str(stats["path"]), "extractor": extractor.name, "metric": extractor.metric("fd"),
-              "split": args.split, "count": stats["count"], "dims": int(stats["feats"].shape[1]),
-              "computed": stats["computed"]}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        state = "computed" if stats["computed"] else "already cached"
-        print(f"{result['path']}: {extractor.name} features of {result['count']} {args.split} images "
-              f"({result['dims']}-d), {state}; samples are scored as {result['metric']}_cfg*")
     return 0
