@@ -255,7 +255,7 @@ def test_a_shard_cut_at_a_member_boundary_is_reported_truncated(tmp_path, capsys
 # --- row 6: one schema-checked manifest reader ---------------------------------------------------
 
 def test_a_malformed_manifest_is_one_line_naming_the_field_and_nothing_outside_is_read(tmp_path, capsys):
-    from harness.trial.build import read_manifest as trial_manifest
+    from harness.data.shards import manifest_of_shards as trial_manifest
 
     out = tmp_path / "out"
     _pack_small(out)

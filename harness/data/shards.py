@@ -113,6 +113,14 @@ def shard_name(url: str) -> str:
     return text.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
 
 
+def manifest_of_shards(pattern: str) -> dict:
+    """The dataset.json beside the first local shard matching `pattern` (read by
+    harness.data.manifest.read_manifest, the one schema-checked reader); {} for remote shards or when
+    there is none."""
+    manifest, _ = manifest_beside(shard_urls(pattern)[0])
+    return manifest or {}
+
+
 def manifest_beside(urls: list[str]) -> tuple[dict | None, str | None]:
     """(manifest, folder) of the dataset.json beside the first local shard, else (None, None)."""
     for url in urls:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from harness.config import TrialConfig
-from harness.data.shards import manifest_beside, shard_urls
+from harness.data.shards import manifest_of_shards
 from harness.errors import UserError
 from harness.trial.conditioning import (CaptionDenoiser, Conditioner, TextGeometry, build_word_encoder,
                                         load_frozen_encoder, sd3_text_geometry, text_geometry)
@@ -33,15 +33,9 @@ class DatasetInfo:
     text: TextGeometry | None = None  # MM-DiT: the text tokens it reads
 
 
-def read_manifest(pattern: str) -> dict:
-    """dataset.json beside the first local shard of `pattern`; {} for remote shards or none found."""
-    manifest, _ = manifest_beside(shard_urls(pattern)[0])
-    return manifest or {}
-
-
 def dataset_info(trial: TrialConfig, need_manifest: bool = True, frozen_encoder=None) -> DatasetInfo:
     """need_manifest=False (planning, dry runs): tolerate absent shards and fall back to 1000 classes."""
-    manifest = read_manifest(trial.data.shards)
+    manifest = manifest_of_shards(trial.data.shards)
     num_classes = trial.data.num_classes or manifest.get("num_classes") or (None if need_manifest else 1000)
     if trial.data.conditioning == "class" and not num_classes:
         raise UserError("data.num_classes: not set, and no dataset.json beside data.shards says it")
