@@ -202,7 +202,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch, deepspeed
 from models.ema import EMA
 
-# As harness.trial.distributed does on CPU: no JIT build of DeepSpeed's shared-memory all-reduce op
+# As harness.common.process_group does on CPU: no JIT build of DeepSpeed's shared-memory all-reduce op
 # (minutes on 2 cores; gloo is enough for one process).
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 deepspeed.init_distributed(dist_backend="gloo")

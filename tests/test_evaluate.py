@@ -87,7 +87,7 @@ def _trial(digits: Path, tmp_path: Path, **eval_section):
 def _evaluator(trial):
     from harness.evaluation.evaluator import Evaluator
     from harness.trial.build import build_denoiser, build_objective_for, dataset_info
-    from harness.trial.distributed import DistInfo
+    from harness.common.process_group import DistInfo
 
     dist = DistInfo(0, 1, 0, torch.device("cpu"))
     info = dataset_info(trial)
@@ -352,7 +352,7 @@ def test_se_val_loss_predicts_the_spread_of_val_loss_over_validation_draws(shape
     from harness.evaluation.evaluator import Evaluator
     from harness.evaluation.noise import stratified_standard_error
     from harness.trial.build import build_denoiser, build_objective_for, dataset_info
-    from harness.trial.distributed import DistInfo
+    from harness.common.process_group import DistInfo
 
     data = shapes_val_draws
 
@@ -589,7 +589,7 @@ def test_two_ranks_give_the_numbers_of_one(digits_dir, tmp_path, lenet):
 
     import torch.multiprocessing as mp
 
-    from harness.trial.distributed import free_port
+    from harness.common.net import free_port
 
     single, model = _evaluator(_trial(digits_dir, tmp_path))
     alone, images = single.run(model, step=3)

@@ -189,7 +189,7 @@ import json, sys
 import torch
 from harness.config import TrialConfig
 from harness.trial.build import build_trial
-from harness.trial.distributed import setup_distributed
+from harness.common.process_group import setup_distributed
 from harness.trial.engine import build_engine
 from models.mup import lr_multipliers
 

@@ -66,7 +66,7 @@ def _small(digits: Path, name: str, **sections) -> dict:
 
 _GROUP = """
 import json, os, sys
-from harness.trial.distributed import setup_distributed
+from harness.common.process_group import setup_distributed
 info = setup_distributed(False)
 print(json.dumps({"pid": os.getpid(), "rank": info.rank, "world": info.world_size,
                   "port": int(os.environ["MASTER_PORT"])}), flush=True)

@@ -40,7 +40,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     trial = choose_trial(resolve_budgets(expand_grid(study)), args.trial)
     if not args.no_log:
         check_tracking_uri(resolve_tracking_uri(trial.tracking.uri))
-    from harness.evaluation.from_checkpoint import evaluate_checkpoint  # torch: only when evaluating
+    from harness.trial.evaluate_checkpoint import evaluate_checkpoint  # torch: only when evaluating
 
     metrics, images, run_id = evaluate_checkpoint(trial, args.checkpoint, device=args.device, log=not args.no_log,
                                                   eval_overrides=eval_sets)

@@ -64,6 +64,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from harness.assets import find_inception, missing_inception_hint
+from harness.common.process_group import DistInfo, broadcast_object
 from harness.data.loader import make_loader
 from harness.errors import UserError
 from harness.evaluation import cmmd as cmmd_metric
@@ -74,7 +75,6 @@ from harness.evaluation.features import (DETECTOR_TAG, choose_extractor, ensure_
                                          reference_stats, standin_extractor)
 from harness.evaluation.noise import VAL_LOSSES_DIR, stratified_standard_error
 from harness.evaluation.standin import alignment_counts
-from harness.trial.distributed import DistInfo, broadcast_object
 
 log = logging.getLogger("harness.evaluation")
 

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 import ray
 from ray.train.backend import Backend, BackendConfig
 
+from harness.common.net import free_port
+
 
 @dataclass
 class DeepSpeedRendezvous(BackendConfig):
     """`backend` (gloo on CPU, nccl on GPU) is what TorchTrainer reads; DeepSpeed gets the same choice
-    from `harness.trial.distributed.setup_distributed`."""
+    from `harness.common.process_group.setup_distributed`."""
 
     backend: str = "gloo"
 
@@ -39,16 +41,6 @@ class DeepSpeedRendezvous(BackendConfig):
 
 def _node_address() -> str:
     return ray.util.get_node_ip_address()
-
-
-def _free_port(address: str) -> int:
-    """A free port on `address` (rank 0's store will listen there, on that address only)."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
 
 
 def _publish(master_addr: str, master_port: int) -> None:
@@ -74,10 +66,10 @@ class _RendezvousBackend(Backend):
 
     def on_start(self, worker_group, backend_config: DeepSpeedRendezvous) -> None:
         # The store listens on rank 0's node address, or on loopback when every worker is on that node
-        # (harness.trial.distributed binds it to MASTER_ADDR only: nothing else on the network sees it).
+        # (harness.common.process_group binds it to MASTER_ADDR only: nothing else on the network sees it).
         addresses = worker_group.execute(_node_address)
         address = "127.0.0.1" if len(set(addresses)) == 1 else addresses[0]
-        port = worker_group.execute_single(0, _free_port, address)
+        port = worker_group.execute_single(0, free_port, address)
         worker_group.execute(_publish, address, port)
 
     def on_shutdown(self, worker_group, backend_config: DeepSpeedRendezvous) -> None:

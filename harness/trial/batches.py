@@ -8,10 +8,10 @@ simply restarts with the next epoch's seed.
 
 from __future__ import annotations
 
+from harness.common.process_group import DistInfo
 from harness.config import TrialConfig
 from harness.data import make_loader
 from harness.trial.conditioning import Conditioner
-from harness.trial.distributed import DistInfo
 
 EPOCH_BATCHES = 10_000
 

@@ -35,10 +35,10 @@ from typing import TypeVar
 import torch
 import torch.distributed as tdist
 
+from harness.common.process_group import DistInfo
 from harness.errors import UserError
 from harness.files import atomic_write_text, disk_full, not_writable_message, write_refused
 from harness.paths import BRANCH_MARKER, checkpoint_root
-from harness.trial.distributed import DistInfo
 from harness.trial.divergence import SmoothedLoss
 from harness.trial.posthoc_ema import load_phema, save_phema
 

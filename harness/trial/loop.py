@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from harness.common.process_group import DistInfo, broadcast_object, setup_distributed
 from harness.config import TrialConfig
 from harness.evaluation.evaluator import Evaluator
 from harness.hardware import achieved_tflops, peak_tflops
@@ -31,7 +32,6 @@ from harness.tracking import RunLogger, open_trial_run, resolve_tracking_uri
 from harness.trial.batches import TrainBatches
 from harness.trial.build import build_trial
 from harness.trial.checkpoint import TrialState, came_from_trunk, prepare_checkpoint_root, resume, save_checkpoint
-from harness.trial.distributed import DistInfo, broadcast_object, setup_distributed
 from harness.trial.engine import build_engine
 from harness.trial.posthoc_ema import BEST_PARAM, FINAL_EMA_TAG, EMAChoice, PosthocEMA, choose_sigma_rel
 from harness.trial.startup import StartupPhases

@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
+from harness.common.process_group import broadcast_object
 from harness.errors import UserError
 from harness.files import atomic_write, atomic_write_text, disk_full, not_writable_message, write_refused
 from harness.paths import BRANCH_MARKER
-from harness.trial.distributed import broadcast_object
 from models.ema import EMA
 from models.phema import PowerFunctionEMA, check_sigma_rel, sigma_rel_to_gamma, solve_weights_and_error
 

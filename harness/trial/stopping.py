@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.distributed as tdist
 
-from harness.trial.distributed import DistInfo
+from harness.common.process_group import DistInfo
 
 
 class StopRequests:

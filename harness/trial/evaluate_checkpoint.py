@@ -13,12 +13,12 @@ import os
 
 import torch
 
+from harness.common.process_group import DistInfo, setup_distributed
 from harness.config import override_trial
 from harness.evaluation.evaluator import Evaluator
 from harness.tracking import STATUS_TAG, RunLogger, experiment_id, find_trial_run, open_trial_run, resolve_tracking_uri
 from harness.trial.build import build_trial
 from harness.trial.checkpoint import EMA_FILE, choose_checkpoint, ema_unreadable, eval_candidates, step_of_checkpoint
-from harness.trial.distributed import DistInfo, setup_distributed
 from models.ema import EMA
 
 
