@@ -120,8 +120,6 @@ def check_ema_sigma_rels(trial: TrialConfig) -> list[str]:
 
 
 def _is_number(value) -> bool:
-    import math
-
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

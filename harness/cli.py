@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from harness.bench.commands import add_bench, add_models
 from harness.data.commands import add_data
@@ -23,15 +24,15 @@ from harness.ema.commands import add_ema
 from harness.errors import UserError
 from harness.evaluation.commands import add_assets, add_eval
 from harness.evaluation.data_stats import add_data_stats
+from harness.files import not_writable_message, require_writable, write_refused
 from harness.launch.commands import add_plan, add_slurm, add_sweep
+from harness.paths import report_dir
 from harness.tracking import redact
 from harness.trial.commands import add_train
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import build_report  # matplotlib, pandas, MLflow: only for a report
-    from harness.files import not_writable_message, require_writable, write_refused
-    from harness.paths import report_dir
 
     out, flag = (args.out, "--out") if args.out is not None else (report_dir(args.experiment), "--out (default)")
     require_writable(out, flag)  # before MLflow is read: a read-only folder was a traceback at the end
@@ -82,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ditscale {args.command}: error: {line}", file=sys.stderr)
         return 2
     except Exception as err:  # a bug or a failing service: its traceback, with no credential in it
-        import traceback
-
         sys.stderr.write(redact("".join(traceback.format_exception(err))))
         return 1
 
