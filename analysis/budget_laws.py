@@ -5,22 +5,19 @@ Per group: the loss surface L(N, D) (Chinchilla approach 3; Hoffmann et al. 2022
 et al. 2024 recommend), the isoFLOP optima when trials are defined by budgets (approach 2; Liang et al.
 2024 for DiT, its biases: Czech et al. 2026), whether the two agree, the largest budget held out and
 predicted, loss -> FD, and the compute-optimal allocation. The fits themselves are analysis.scaling;
-analysis.report renders what this module collects.
+analysis/sections.py puts what this module collects (in analysis.findings.Report) into words.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from analysis import plots, scaling, study
+from analysis.findings import Report
 from analysis.plots import COMPUTE_LABEL, PARAMS_LABEL
-
-if TYPE_CHECKING:
-    from analysis.report import _Report
 
 # the report's Conventions section, on the budget study's unit of compute and methods
 CONVENTIONS = [
@@ -52,7 +49,7 @@ CONVENTIONS = [
 SURFACE_BOOTSTRAP = 200  # refits of the 5-parameter surface (each from the best optima of the full fit)
 
 
-def analyse_budgets(rep: _Report, trials: pd.DataFrame, y_col: str, fd: dict | None, fd_col: str | None,
+def analyse_budgets(rep: Report, trials: pd.DataFrame, y_col: str, fd: dict | None, fd_col: str | None,
                     fd_label: str, y_label: str, out: Path, bootstrap: int, seed: int, holdout: str, fig) -> None:
     """Per group of trials that may share a law (same architecture, patch, objective ...): the loss
     surface L(N, D) (approach 3), the isoFLOP optima when trials are defined by budgets (approach 2),
@@ -85,69 +82,83 @@ def analyse_budgets(rep: _Report, trials: pd.DataFrame, y_col: str, fd: dict | N
         res["surface"] = surf
         if not surf.ok:
             rep.not_claimed.append(f"loss surface L(N, D) ({name}): {surf.warning}")
-        iso = None
         if has_budgets:
-            iso = scaling.fit_isoflop_optima(rows, bootstrap=bootstrap or 1000, seed=seed)
-            res["isoflop"] = iso
-            for _, b in iso.budgets.iterrows():
-                if not b["bracketed"]:
-                    rep.not_claimed.append(f"isoFLOP optimum at C = {b['compute']:.4g} ({name}, train.flops = "
-                                           f"{b['budget']}): {b['note']}")
-            for note in iso.notes:
-                rep.not_claimed.append(f"N_opt(C), L_opt(C) from isoFLOP parabolas ({name}): {note}")
-            if iso.n_opt_fit is not None and surf.ok:
-                res["agreement"] = scaling.compare_optimal_exponents(iso, surf)
-                if res["agreement"].agree is False:
-                    rep.headline.append(f"{name}: {res['agreement'].text}. Neither exponent is trustworthy until "
-                                        "they agree: check the size grid's bracketing and width (Czech et al. 2026) "
-                                        "and the replicate noise.")
-            if holdout == "largest":
-                if rows["budget"].nunique() >= 3:
-                    ho = scaling.holdout_prediction(rows, fd="fd" if rows["fd"].notna().any() else None,
-                                                    k=k, bootstrap=n_boot, seed=seed)
-                    if ho.fd_key:
-                        ho.fd_key = fd["key"] if fd else ho.fd_key
-                    res["holdout"] = ho
-                    if not ho.ok:
-                        rep.not_claimed.append(f"held-out prediction ({name}): {ho.warning}")
-                else:
-                    rep.not_claimed.append(f"held-out prediction ({name}): {rows['budget'].nunique()} budget(s); "
-                                           "holding one out needs at least 3")
+            _isoflop_and_holdout(rep, res, fd, holdout, bootstrap, n_boot, seed)
         if rows["fd"].notna().sum() >= 3:
             res["loss_fd"] = scaling.fit_loss_to_fd(rows["loss"], rows["fd"], bootstrap=bootstrap or 1000, seed=seed)
-        res["allocation"] = _allocation_rows(res, iso, surf)
+        res["allocation"] = _allocation_rows(res, res["isoflop"], surf)
         rep.budget.append(res)
-        pts = rows.groupby("group", as_index=False).agg(n=("n", "first"), d=("d", "median"), loss=("loss", "mean"),
-                                                        compute=("compute", "median"))
-        if iso is not None:
-            fig(plots.plot_isoflop(iso, out / f"isoflop_{stem}.png", y_label, f"isoFLOP curves — {name}"),
-                f"isoFLOP curves — {name}",
-                f"x: {PARAMS_LABEL}; y: {y_label}; one colour per training budget (train.flops; C = measured training "
-                "GFLOPs, multiply-adds); error bars: seed spread; curves: a parabola in log N per budget; stars: its "
-                "minimum with the interval; hollow points / dashed: budgets whose optimum the grid does not bracket. "
-                "Lower panel: each parabola's residuals (measured − parabola) and, in the legend, their RMS "
-                "(also in the isoFLOP budgets table beside the seed noise). The parabola is kept — it is the shape "
-                "of Hoffmann et al. 2022 and Liang et al. 2024, so the vertices compare with theirs — but it is a "
-                "local approximation: residuals that follow the size (not scatter about 0) mean the curve is "
-                "asymmetric in log N and the vertex is biased (Czech et al. 2026, arXiv 2603.22339); approach 3 "
-                "(the loss surface) has no such shape constraint.")
-        fig(plots.plot_optimal(iso, surf, out / f"optimal_{stem}.png", y_label, f"compute-optimal laws — {name}"),
-            f"N_opt(C) and L_opt(C) — {name}",
-            f"x: {COMPUTE_LABEL}; left: compute-optimal parameters, right: loss at the optimum; blue: isoFLOP minima "
-            "and their power law (approach 2), red dashed: the loss surface's allocation (approach 3); bands: 95 % "
-            "intervals.")
-        fig(plots.plot_surface(surf, pts, out / f"surface_{stem}.png", y_label, f"fitted loss surface — {name}"),
-            f"Fitted loss surface L(N, D) — {name}",
-            "x: parameters N; y: images seen D; contours: iso-loss lines of L = E + A/N^α + B/D^β; points: trials "
-            f"(colour: measured loss); dotted: constant compute C = k·N·D (k = {k:.4g}); red: the compute-optimal path.")
-        if res["holdout"] is not None and res["holdout"].ok:
-            fig(plots.plot_holdout(res["holdout"], out / f"holdout_{stem}.png", y_label,
-                                   f"held-out budget — {name}"),
-                f"Predicted vs measured at the held-out budget — {name}",
-                f"x: {PARAMS_LABEL}; y: {y_label} at the largest budget; red: predicted by the surface fitted on the "
-                "smaller budgets (band: 95 % bootstrap interval, clipped to the plotted range — the points and half "
-                "their span either side; a triangle at the edge marks a size whose interval runs beyond it, "
-                f"{_band_extent(res['holdout'])}); black: measured (error bars: seed spread).")
+        _figures(res, out, stem, y_label, fig)
+
+
+def _isoflop_and_holdout(rep: Report, res: dict, fd: dict | None, holdout: str, bootstrap: int, n_boot: int,
+                         seed: int) -> None:
+    """The isoFLOP optima of a group trained to budgets (res["isoflop"]), whether they agree with its loss
+    surface, and its largest budget held out and predicted (res["holdout"])."""
+    name, rows, surf, k = res["group"], res["rows"], res["surface"], res["k"]
+    iso = scaling.fit_isoflop_optima(rows, bootstrap=bootstrap or 1000, seed=seed)
+    res["isoflop"] = iso
+    for _, b in iso.budgets.iterrows():
+        if not b["bracketed"]:
+            rep.not_claimed.append(f"isoFLOP optimum at C = {b['compute']:.4g} ({name}, train.flops = "
+                                   f"{b['budget']}): {b['note']}")
+    for note in iso.notes:
+        rep.not_claimed.append(f"N_opt(C), L_opt(C) from isoFLOP parabolas ({name}): {note}")
+    if iso.n_opt_fit is not None and surf.ok:
+        res["agreement"] = scaling.compare_optimal_exponents(iso, surf)
+        if res["agreement"].agree is False:
+            rep.headline.append(f"{name}: {res['agreement'].text}. Neither exponent is trustworthy until "
+                                "they agree: check the size grid's bracketing and width (Czech et al. 2026) "
+                                "and the replicate noise.")
+    if holdout != "largest":
+        return
+    if rows["budget"].nunique() < 3:
+        rep.not_claimed.append(f"held-out prediction ({name}): {rows['budget'].nunique()} budget(s); "
+                               "holding one out needs at least 3")
+        return
+    ho = scaling.holdout_prediction(rows, fd="fd" if rows["fd"].notna().any() else None, k=k, bootstrap=n_boot,
+                                    seed=seed)
+    if ho.fd_key:
+        ho.fd_key = fd["key"] if fd else ho.fd_key
+    res["holdout"] = ho
+    if not ho.ok:
+        rep.not_claimed.append(f"held-out prediction ({name}): {ho.warning}")
+
+
+def _figures(res: dict, out: Path, stem: str, y_label: str, fig) -> None:
+    """A group's isoFLOP curves, compute-optimal laws, loss surface and held-out prediction."""
+    name, rows, iso, surf, k = res["group"], res["rows"], res["isoflop"], res["surface"], res["k"]
+    pts = rows.groupby("group", as_index=False).agg(n=("n", "first"), d=("d", "median"), loss=("loss", "mean"),
+                                                    compute=("compute", "median"))
+    if iso is not None:
+        fig(plots.plot_isoflop(iso, out / f"isoflop_{stem}.png", y_label, f"isoFLOP curves — {name}"),
+            f"isoFLOP curves — {name}",
+            f"x: {PARAMS_LABEL}; y: {y_label}; one colour per training budget (train.flops; C = measured training "
+            "GFLOPs, multiply-adds); error bars: seed spread; curves: a parabola in log N per budget; stars: its "
+            "minimum with the interval; hollow points / dashed: budgets whose optimum the grid does not bracket. "
+            "Lower panel: each parabola's residuals (measured − parabola) and, in the legend, their RMS "
+            "(also in the isoFLOP budgets table beside the seed noise). The parabola is kept — it is the shape "
+            "of Hoffmann et al. 2022 and Liang et al. 2024, so the vertices compare with theirs — but it is a "
+            "local approximation: residuals that follow the size (not scatter about 0) mean the curve is "
+            "asymmetric in log N and the vertex is biased (Czech et al. 2026, arXiv 2603.22339); approach 3 "
+            "(the loss surface) has no such shape constraint.")
+    fig(plots.plot_optimal(iso, surf, out / f"optimal_{stem}.png", y_label, f"compute-optimal laws — {name}"),
+        f"N_opt(C) and L_opt(C) — {name}",
+        f"x: {COMPUTE_LABEL}; left: compute-optimal parameters, right: loss at the optimum; blue: isoFLOP minima "
+        "and their power law (approach 2), red dashed: the loss surface's allocation (approach 3); bands: 95 % "
+        "intervals.")
+    fig(plots.plot_surface(surf, pts, out / f"surface_{stem}.png", y_label, f"fitted loss surface — {name}"),
+        f"Fitted loss surface L(N, D) — {name}",
+        "x: parameters N; y: images seen D; contours: iso-loss lines of L = E + A/N^α + B/D^β; points: trials "
+        f"(colour: measured loss); dotted: constant compute C = k·N·D (k = {k:.4g}); red: the compute-optimal path.")
+    if res["holdout"] is not None and res["holdout"].ok:
+        fig(plots.plot_holdout(res["holdout"], out / f"holdout_{stem}.png", y_label,
+                               f"held-out budget — {name}"),
+            f"Predicted vs measured at the held-out budget — {name}",
+            f"x: {PARAMS_LABEL}; y: {y_label} at the largest budget; red: predicted by the surface fitted on the "
+            "smaller budgets (band: 95 % bootstrap interval, clipped to the plotted range — the points and half "
+            "their span either side; a triangle at the edge marks a size whose interval runs beyond it, "
+            f"{_band_extent(res['holdout'])}); black: measured (error bars: seed spread).")
 
 
 def _band_extent(ho) -> str:
@@ -162,7 +173,7 @@ def _band_extent(ho) -> str:
     return "it reaches " + " and ".join(out) if out else "none does here"
 
 
-def fits_json_rows(rep: _Report) -> list[dict]:
+def fits_json_rows(rep: Report) -> list[dict]:
     """fits.json rows for the surface, isoFLOP, agreement and held-out results (beside the power laws)."""
     out = []
     for r in rep.budget:

@@ -18,7 +18,9 @@ import math
 import tempfile
 from pathlib import Path
 
-from harness.tracking import ROLE_TAG, STATUS_TAG, TRIAL_ID_TAG
+from analysis.blocks import Block, h2, para, table
+from analysis.runs import client, newest_tagged_runs
+from harness.tracking import ROLE_TAG, STATUS_TAG
 
 ROLE = "ladder"
 ARTIFACT = "ladder_prediction.json"
@@ -27,22 +29,11 @@ MEASURED = "val_loss"
 
 def ladder_runs(uri: str, experiment: str) -> list:
     """The newest run of each ladder trial of the experiment, oldest first."""
-    from analysis.runs import client
-
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{ROLE}'",
-                          order_by=["attributes.start_time ASC"], max_results=1000)
-    newest = {r.data.tags.get(TRIAL_ID_TAG): r for r in found}  # ascending: the newest wins
-    return list(newest.values())
+    return newest_tagged_runs(uri, experiment, ROLE_TAG, ROLE)
 
 
 def registration(uri: str, run) -> dict:
     """The registration logged with the run (ladder_prediction.json), else what its metrics say."""
-    from analysis.runs import client
-
     c = client(uri)
     try:
         if any(a.path == ARTIFACT for a in c.list_artifacts(run.info.run_id)):
@@ -144,16 +135,9 @@ EXPLAIN = ("Each ladder run was predicted from the fitted isoFLOP grid and its p
            "never predicts again.")
 
 
-def extrapolation_blocks(rep) -> list[tuple]:
-    """The report blocks (analysis/report.py's _sections format) of the Extrapolation section: [] when no
-    ladder ran. Computed once per report (both the Markdown and the HTML render it)."""
-    cached = rep.__dict__.get("_extrapolation")
-    if cached is None:
-        try:
-            table = rows(rep.uri, rep.study)
-            cached = [("h2", "Extrapolation"), ("p", EXPLAIN, False), ("table", HEAD, table, 9)] if table else []
-        except Exception as err:  # the rest of the report beats none
-            why = f"the ladder runs could not be read: {type(err).__name__}: {err}"
-            cached = [("h2", "Extrapolation"), ("p", why, True)]
-        rep.__dict__["_extrapolation"] = cached
-    return cached
+def blocks(table_rows: list[list[str]], error: str | None) -> list[Block]:
+    """The Extrapolation section: the ladder runs' `table_rows` (from rows(); `error`: why they could not be
+    read), [] when no ladder ran."""
+    if error:  # the rest of the report beats none
+        return [h2("Extrapolation"), para(f"the ladder runs could not be read: {error}", True)]
+    return [h2("Extrapolation"), para(EXPLAIN), table(HEAD, table_rows, 9)] if table_rows else []

@@ -22,8 +22,8 @@ The verdict (RULE) reads the overall Spearman interval, signed so that a metric 
 the loss rises counts positive. Fewer than MIN_TRIALS trials: too few to say anything (a Fisher interval
 needs n > 3, and a rank correlation of 3 points takes only 4 values).
 
-    analyse(rep, trials, loss_col, loss_label, out, fig, bootstrap, seed)   in report._analyse
-    blocks(rep)                                                             in report._sections
+    analyse(rep, trials, loss_col, loss_label, out, fig, bootstrap, seed)   in analysis/analyse.py
+    blocks(rep)                                                             in analysis/sections.py
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots, runs
+from analysis.blocks import Block, h3, para, table, ul
 
 MIN_TRIALS = 4
 GOOD_PROXY = 0.8  # Spearman's lower bound above which the loss ranks the trials as the metric does
@@ -213,7 +214,7 @@ def _group_label(keys: list[str], value) -> str:
 
 def _mixed_detector(t: pd.DataFrame, key: str) -> str | None:
     """FID/FD/KID of stand-in networks trained on different machines have different scales: a
-    correlation across them measures the networks, not the loss (report._mixed_detectors's rule)."""
+    correlation across them measures the networks, not the loss (analysis/analyse.py's _mixed_detectors rule)."""
     if "detector" not in t or not key.startswith(_DETECTOR_METRICS) or key.startswith(_OWN_TAG_METRICS):
         return None
     found = sorted({str(d) for d in t["detector"].dropna() if str(d)})
@@ -353,8 +354,8 @@ def _intro(lm: LossMetric) -> str:
             f"Groups: all trials, and each architecture and patch size with at least {MIN_TRIALS} trials. Rule: {RULE}")
 
 
-def blocks(rep) -> list[tuple]:
-    """The report's section (report._sections blocks), empty when the study logged no image metric."""
+def blocks(rep) -> list[Block]:
+    """The report's section (analysis/blocks.py), empty when the study logged no image metric."""
     lm = getattr(rep, "loss_metric", None)
     if lm is None or not lm.results:
         return []
@@ -366,12 +367,12 @@ def blocks(rep) -> list[tuple]:
                          f"{c.spearman:.3f} {_ci(c.spearman_ci)}" if enough and math.isfinite(c.spearman) else "–",
                          f"{c.pearson:.3f} {_ci(c.pearson_ci)}" if enough and math.isfinite(c.pearson) else "–",
                          c.relation or "–"])
-    out = [("h3", "Loss → image metrics: is the loss a proxy?"), ("p", _intro(lm), False)]
-    out += [("p", w, True) for w in lm.warnings]
+    out = [h3("Loss → image metrics: is the loss a proxy?"), para(_intro(lm))]
+    out += [para(w, True) for w in lm.warnings]
     if rows:
-        out.append(("table", ["metric", "trials", "n", "Spearman ρ [95 % bootstrap]", "Pearson r [95 % Fisher z]",
-                              "fitted relation"], rows, None))
-    out.append(("ul", [r.line for r in lm.results]))
+        out.append(table(["metric", "trials", "n", "Spearman ρ [95 % bootstrap]", "Pearson r [95 % Fisher z]",
+                          "fitted relation"], rows))
+    out.append(ul([r.line for r in lm.results]))
     if lm.figure:
-        out.append(("p", "Figure: 'Image metrics vs loss across trials' under Figures.", False))
+        out.append(para("Figure: 'Image metrics vs loss across trials' under Figures."))
     return out

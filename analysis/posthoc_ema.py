@@ -15,8 +15,8 @@ every size, with what the best fixed width would have cost against the validatio
 Only pandas/matplotlib: the metric and param names are copies of harness/trial/posthoc_ema's (which
 imports torch); tests/test_phema.py checks they agree.
 
-    figure(trials, out, fig, notes)   in report._analyse: the figure (when runs have val_loss_ema* metrics)
-    blocks(trials)                    in report._sections: the heading, table and sentence
+    figure(trials, out, fig, notes)   in analysis/analyse.py: the figure (when runs have val_loss_ema* metrics)
+    blocks(trials)                    in analysis/sections.py: the heading, table and sentence
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import plots
+from analysis.blocks import Block, h3, para, table
 
 METRIC_PREFIX = "val_loss_ema"          # harness.trial.posthoc_ema.val_loss_metric
 BEST_PARAM = "eval.ema_sigma_rel_best"  # harness.trial.posthoc_ema.BEST_PARAM
@@ -178,8 +179,8 @@ _USES_THE_BEST = (
     "used the trial's running EMA (train.ema_decay).")
 
 
-def blocks(trials: pd.DataFrame) -> list[tuple]:
-    """The report's section (report._sections blocks), empty when no trial chose its EMA post hoc."""
+def blocks(trials: pd.DataFrame) -> list[Block]:
+    """The report's section (analysis/blocks.py), empty when no trial chose its EMA post hoc."""
     long = per_trial(trials)
     if long.empty:
         return []
@@ -187,14 +188,14 @@ def blocks(trials: pd.DataFrame) -> list[tuple]:
     rows = [[plots._arch_name(r["arch"]), plots._plain(r["patch"]) if pd.notna(r["patch"]) else "", str(r["size"]),
              f"{r['params']:.4g}" if math.isfinite(r["params"]) else "–", str(r["trials"]), r["best"],
              f"{r['gap']:.3g}"] for _, r in sizes.iterrows()]
-    out = [("h3", "Post-hoc EMA: the best EMA width per model size"),
-           ("p", _USES_THE_BEST, False),
-           ("table", ["architecture", "patch", "size", "parameters", "trials", "best σ_rel",
-                      "loss range over σ_rel"], rows, None),
-           ("p", verdict(long), len(long[long["best"]]["sigma_rel"].unique()) > 1)]
+    out = [h3("Post-hoc EMA: the best EMA width per model size"),
+           para(_USES_THE_BEST),
+           table(["architecture", "patch", "size", "parameters", "trials", "best σ_rel", "loss range over σ_rel"],
+                 rows),
+           para(verdict(long), len(long[long["best"]]["sigma_rel"].unique()) > 1)]
     others = trials["trial_id"].nunique() - long["trial_id"].nunique()
     if others > 0:
         mixed = (f"{others} other trial(s) were evaluated with their fixed train.ema_decay: comparing them with the "
                  "trials above mixes two ways of choosing the EMA.")
-        out.append(("p", mixed, True))
+        out.append(para(mixed, True))
     return out

@@ -149,6 +149,20 @@ def trial_runs(tracking_uri: str | None, experiment: str, parent_run_id: str | N
     return sorted(newest.values(), key=lambda r: r.info.start_time or 0)
 
 
+def newest_tagged_runs(tracking_uri: str | None, experiment: str, tag: str, value: str) -> list:
+    """The newest run of each trial_id among the experiment's runs tagged `tag` = `value`, oldest first
+    (every page of them): the sizes bracketing added (analysis/bracketing.py), the ladder runs
+    (analysis/extrapolation.py). [] when the experiment does not exist."""
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    newest = {}
+    for r in _all_runs(c, exp.experiment_id, filter_string=f"tags.`{tag}` = '{value}'"):
+        newest[r.data.tags.get(TRIAL_ID_TAG)] = r  # oldest first: the newest run of a trial wins
+    return list(newest.values())
+
+
 def _numeric_column(s: pd.Series) -> pd.Series:
     """A column of param strings as numbers when every non-empty value is one, else unchanged."""
     non_empty = s[s.notna() & (s.astype(str) != "")]
@@ -267,6 +281,57 @@ def size_rank(size: str, family: str = "") -> float:
     return rank if math.isfinite(rank) else math.inf
 
 
+def _trial_row(r) -> dict:
+    """A trial's columns from its run: ids, status, times, the model tags, compute, every final metric."""
+    tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
+    family = tags.get("family") or params.get("model.family", "")
+    attention = tags.get("attention") if tags.get("attention") is not None else params.get("model.attention", "")
+    if family != "mmdit":
+        attention = ""
+    row = {
+        "run_id": r.info.run_id, "trial_id": tags.get(TRIAL_ID_TAG), "run_name": tags.get("mlflow.runName", ""),
+        # redact: a tag written before ditscale redacted them may hold a tracking URI's password
+        "status": redact(tags.get(STATUS_TAG) or (r.info.status or "").lower()), "mlflow_status": r.info.status,
+        "start_time": pd.to_datetime(r.info.start_time, unit="ms", utc=True) if r.info.start_time else pd.NaT,
+        "end_time": pd.to_datetime(r.info.end_time, unit="ms", utc=True) if r.info.end_time else pd.NaT,
+        "parent_run_id": tags.get(PARENT_TAG),
+        "family": family, "size": tags.get("size") or params.get("model.size", ""),
+        "patch": tags.get("patch") or params.get("model.patch", ""),
+        "attention": attention, "objective": tags.get("objective") or params.get("objective.kind", ""),
+        "model": tags.get("model", ""),
+        "detector": tags.get(DETECTOR_TAG, ""),  # the FD's feature network and weights; "" before it was logged
+    }
+    row["arch"] = _arch(family, attention)
+    samples, train_gflops = metrics.get("samples_seen", math.nan), metrics.get("train_gflops", math.nan)
+    fwd = _first_number(metrics, params, tags, keys=_FORWARD_KEYS)
+    if not math.isfinite(fwd) and samples and math.isfinite(samples) and math.isfinite(train_gflops):
+        fwd = train_gflops / training_gflops(1.0, samples)  # training compute per unit forward
+    row["forward_gflops"] = fwd
+    row["params"] = _first_number(metrics, params, tags, keys=_PARAM_COUNT_KEYS)
+    row["train_gflops"] = train_gflops
+    row["samples_seen"] = samples
+    for k, v in sorted(metrics.items()):
+        row[f"final_{k}"] = v
+    return row
+
+
+def _add_history_columns(df: pd.DataFrame, histories: pd.DataFrame) -> None:
+    """steps (the last logged step), best_<metric> (the minimum over the run) and loss_tail (the mean
+    training loss over the last 10 % of its logs) from the histories."""
+    if histories.empty:
+        return
+    h = histories[histories["run_id"].isin(df["run_id"])]
+    steps = h.groupby("run_id")["step"].max()
+    df["steps"] = df["run_id"].map(steps)
+    best = h[h["key"].str.match(LOWER_IS_BETTER)].groupby(["run_id", "key"])["value"].min().unstack()
+    for k in best.columns:
+        df[f"best_{k}"] = df["run_id"].map(best[k])
+    loss = h[h["key"] == "loss"]
+    if not loss.empty:
+        tail = loss.groupby("run_id")["value"].apply(lambda v: v.iloc[-max(1, int(math.ceil(len(v) * 0.1))):].mean())
+        df["loss_tail"] = df["run_id"].map(tail)
+
+
 def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | None = None,
                 histories: pd.DataFrame | None = None, runs: list | None = None) -> pd.DataFrame:
     """One row per trial (the newest run of each trial_id; of one sweep when parent_run_id is given).
@@ -288,37 +353,9 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
         histories = load_histories(tracking_uri, experiment, keys=LOWER_IS_BETTER.pattern, runs=runs)
     rows, param_keys = [], []
     for r in runs:
-        tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
-        family = tags.get("family") or params.get("model.family", "")
-        attention = tags.get("attention") if tags.get("attention") is not None else params.get("model.attention", "")
-        if family != "mmdit":
-            attention = ""
-        row = {
-            "run_id": r.info.run_id, "trial_id": tags.get(TRIAL_ID_TAG), "run_name": tags.get("mlflow.runName", ""),
-            # redact: a tag written before ditscale redacted them may hold a tracking URI's password
-            "status": redact(tags.get(STATUS_TAG) or (r.info.status or "").lower()), "mlflow_status": r.info.status,
-            "start_time": pd.to_datetime(r.info.start_time, unit="ms", utc=True) if r.info.start_time else pd.NaT,
-            "end_time": pd.to_datetime(r.info.end_time, unit="ms", utc=True) if r.info.end_time else pd.NaT,
-            "parent_run_id": tags.get(PARENT_TAG),
-            "family": family, "size": tags.get("size") or params.get("model.size", ""),
-            "patch": tags.get("patch") or params.get("model.patch", ""),
-            "attention": attention, "objective": tags.get("objective") or params.get("objective.kind", ""),
-            "model": tags.get("model", ""),
-            "detector": tags.get(DETECTOR_TAG, ""),  # the FD's feature network and weights; "" before it was logged
-        }
-        row["arch"] = _arch(family, attention)
-        samples, train_gflops = metrics.get("samples_seen", math.nan), metrics.get("train_gflops", math.nan)
-        fwd = _first_number(metrics, params, tags, keys=_FORWARD_KEYS)
-        if not math.isfinite(fwd) and samples and math.isfinite(samples) and math.isfinite(train_gflops):
-            fwd = train_gflops / training_gflops(1.0, samples)  # training compute per unit forward
-        row["forward_gflops"] = fwd
-        row["params"] = _first_number(metrics, params, tags, keys=_PARAM_COUNT_KEYS)
-        row["train_gflops"] = train_gflops
-        row["samples_seen"] = samples
-        for k, v in sorted(metrics.items()):
-            row[f"final_{k}"] = v
-        row.update({f"param:{k}": v for k, v in params.items()})
-        param_keys.extend(k for k in params if k not in param_keys)
+        row = _trial_row(r)
+        row.update({f"param:{k}": v for k, v in r.data.params.items()})
+        param_keys.extend(k for k in r.data.params if k not in param_keys)
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -326,17 +363,7 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
                                      "objective", "model", "arch", "forward_gflops", "params", "train_gflops"])
     df["patch"] = pd.to_numeric(df["patch"], errors="coerce").astype("Int64")
     # final = the value at the last step (MLflow's latest); best and loss_tail from the histories
-    if not histories.empty:
-        h = histories[histories["run_id"].isin(df["run_id"])]
-        steps = h.groupby("run_id")["step"].max()
-        df["steps"] = df["run_id"].map(steps)
-        best = h[h["key"].str.match(LOWER_IS_BETTER)].groupby(["run_id", "key"])["value"].min().unstack()
-        for k in best.columns:
-            df[f"best_{k}"] = df["run_id"].map(best[k])
-        loss = h[h["key"] == "loss"]
-        if not loss.empty:
-            tail = loss.groupby("run_id")["value"].apply(lambda v: v.iloc[-max(1, int(math.ceil(len(v) * 0.1))):].mean())
-            df["loss_tail"] = df["run_id"].map(tail)
+    _add_history_columns(df, histories)
     if "steps" not in df or df["steps"].isna().all():
         df["steps"] = df.get("final_step", pd.Series(np.nan, index=df.index))
     # the config, under its dotted keys (after the derived columns, numbers as numbers)

@@ -551,14 +551,14 @@ def test_fd_finding_is_judged_on_the_frontier_of_an_isoflop_design():
     two = dict(list(ISOFLOP_FDS.items())[:2])
     na = study.dit_findings(_isoflop_fd_trials(two), "final_val_loss", "final_fd_x_cfg1.0", "FD")[-1]
     assert na["held"] == study.NOT_APPLICABLE and na["evidence"].startswith("not applicable")
-    from analysis.report import _held
-    assert _held(na["held"]) == "not applicable"
+    from analysis.sections import held
+    assert held(na["held"]) == "not applicable"
 
 
 def test_report_shows_the_unresolved_state_and_the_new_metric_is_not_a_loss(store, tmp_path):
     """A sweep that logs se_val_loss: the metric reaches the trials (final value only), is never taken
     for a loss, and a patch gap inside the noise is reported as not resolved."""
-    from analysis.report import UNRESOLVED_TEXT
+    from analysis.sections import UNRESOLVED_TEXT
 
     loss = {("S", 4): 0.300, ("B", 4): 0.250, ("L", 4): 0.200, ("XL", 4): 0.170,
             ("S", 2): 0.2995, ("B", 2): 0.230, ("L", 2): 0.180, ("XL", 2): 0.150}
@@ -871,6 +871,53 @@ def test_report_replaces_planted_links_and_escapes_html_in_markdown(store, tmp_p
     md = (out / "report.md").read_text()
     assert "<script" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md
     assert "<script" not in index.read_text()
+
+
+def test_both_renderings_escape_what_the_user_named():
+    """The templates (analysis/templates/) keep the escaping rules: report.md turns &, < and > into entities
+    everywhere and escapes | and line breaks in table cells; index.html is autoescaped. A study and a trial
+    named with |, <, & and * come out as text in both, and the warning columns keep their classes."""
+    from analysis import blocks as doc
+    from analysis.findings import Report
+    from analysis.render import render
+    from analysis.sections import UNRESOLVED_TEXT
+
+    name = "a|b <i>x</i> & *y*"
+    rep = Report(name, "sqlite:///x.db", "abc123", pd.DataFrame({"t": [1, 2]}))
+    blocks = [doc.h2(f"About {name}"), doc.para("<script>alert(1)</script>", True), doc.ul([name]),
+              doc.table(["finding", "result"], [[name, "did not hold"], ["line\nbreak", UNRESOLVED_TEXT],
+                                                ["ok", "⚠ not bracketed"]], 1),
+              doc.figure(doc.Figure("f.png", f"fig {name}", "cap <b>"))]
+    md = render(rep, blocks, "report.md.j2", now="NOW")
+    assert md.startswith("# Scaling report: a|b &lt;i&gt;x&lt;/i&gt; &amp; *y*\n\nGenerated NOW from MLflow "
+                         "`sqlite:///x.db`, experiment `a|b &lt;i&gt;x&lt;/i&gt; &amp; *y*`, sweep parent run "
+                         "`abc123`; 2 trials.\n"), md
+    assert "## About a|b &lt;i&gt;x&lt;/i&gt; &amp; *y*\n" in md
+    assert "**&lt;script&gt;alert(1)&lt;/script&gt;**\n" in md and "<script" not in md and "<i>" not in md
+    assert "- a|b &lt;i&gt;x&lt;/i&gt; &amp; *y*\n" in md
+    assert ("| finding | result |\n|---|---|\n| a\\|b &lt;i&gt;x&lt;/i&gt; &amp; *y* | did not hold |\n"
+            "| line break | not resolved (within noise) |\n") in md
+    assert "#### fig a|b &lt;i&gt;x&lt;/i&gt; &amp; *y*\n\n![fig a|b &lt;i&gt;x&lt;/i&gt; &amp; *y*](f.png)" in md
+    assert "*cap &lt;b&gt;*" in md
+    page = render(rep, blocks, "index.html.j2", now="NOW")
+    assert "<script" not in page and "<i>" not in page and "<b>" not in page
+    assert "<h1>Scaling report: a|b &lt;i&gt;x&lt;/i&gt; &amp; *y*</h1>" in page
+    assert "<p class='warn'><strong>&lt;script&gt;alert(1)&lt;/script&gt;</strong></p>" in page
+    assert "<td class='warn'>did not hold</td>" in page and "<td class='warn'>⚠ not bracketed</td>" in page
+    assert f"<td class='unresolved'>{UNRESOLVED_TEXT}</td>" in page and "<td>a|b &lt;i&gt;" in page
+    assert "<img src='f.png' alt='fig a|b &lt;i&gt;x&lt;/i&gt; &amp; *y*'>" in page
+    assert "<style>" in page and ".unresolved{" in page  # the CSS is inlined: the page needs no other file
+
+
+def test_templates_ship_with_the_package():
+    """pyproject's package-data lists analysis/templates/, so a normal (non-editable) install finds them."""
+    from analysis.render import TEMPLATES
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    data = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = data["tool"]["setuptools"]["package-data"]["analysis"]
+    assert {"report.md.j2", "index.html.j2", "report.css"} <= {p.name for p in TEMPLATES.iterdir()}
+    assert all(any(p.relative_to(TEMPLATES.parent).match(g) for g in patterns) for p in TEMPLATES.iterdir())
 
 
 # --- loss -> image metrics across trials (issue 30 item 2) ------------------------------------------
