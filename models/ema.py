@@ -6,6 +6,7 @@
         ...
     ema.copy_to(other_model)          # or copy them for good (e.g. into an unpartitioned sampling model)
     torch.save(ema.state_dict(), ...); ema.load_state_dict(torch.load(..., weights_only=True))
+    update_together(model, ema, phema)  # several averages of one model (models/phema.py): one read
 
 The shadow is kept in fp32 (or the parameter's precision if higher): a bf16 shadow could not move by the
 (1 - 0.9999) * difference increments of an update and would stall. Every named parameter is tracked,
@@ -17,7 +18,9 @@ the signature of `deepspeed.zero.GatheredParameters` (this module never imports 
 as `gather(params)` around every read of the model's weights (init, update, backup) and as
 `gather(params, modifier_rank=0)` around every write into them (copy_to, swap, restore), so that the
 written full tensors are re-partitioned instead of discarded. The shadow is full and identical on every
-rank (each rank averages the same gathered weights), so any rank may save it.
+rank (each rank averages the same gathered weights), so any rank may save it. A gather is an all-gather of
+every parameter: when a trial keeps this EMA and the post-hoc EMA's profiles (models/phema.py),
+`update_together` updates them all inside one gather instead of one per average.
 """
 
 from __future__ import annotations
@@ -39,16 +42,7 @@ class EMA:
         self.warmup = bool(warmup)
         self.gather = gather
         self.num_updates = 0
-        names, params = self._named(model)
-        if gather is None and any(hasattr(p, "ds_id") for p in params):
-            # ZeRO-3 tags its partitioned parameters with ds_id; without a gather they read as empty.
-            raise ValueError("the model's parameters are partitioned (DeepSpeed ZeRO-3): pass "
-                             "gather=deepspeed.zero.GatheredParameters")
-        with self._reading(params):
-            self.shadow: dict[str, torch.Tensor] = {
-                name: p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone()
-                for name, p in zip(names, params)
-            }
+        self.shadow: dict[str, torch.Tensor] = full_shadow(model, gather)
 
     # -- the update -------------------------------------------------------------------------------
     def decay_at(self, num_updates: int) -> float:
@@ -58,17 +52,19 @@ class EMA:
             return min(self.decay, (1.0 + num_updates) / (10.0 + num_updates))
         return self.decay
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> float:
         """shadow <- d * shadow + (1 - d) * weights. Returns the decay d that was used."""
+        return update_together(model, self)[0]
+
+    def _apply(self, names: list[str], values: list[torch.Tensor]) -> float:
+        """The update from the weights already read (`values`, in the shadow's dtype and device)."""
         d = self.decay_at(self.num_updates)
-        names, params = self._named(model)
-        with self._reading(params):
-            for name, p in zip(names, params):
-                shadow = self.shadow[name]
-                shadow.lerp_(p.detach().to(device=shadow.device, dtype=shadow.dtype), 1.0 - d)
+        torch._foreach_lerp_([self.shadow[n] for n in names], values, 1.0 - d)
         self.num_updates += 1
         return d
+
+    def _reference(self) -> dict[str, torch.Tensor]:
+        return self.shadow
 
     # -- using the averaged weights -------------------------------------------------------------
     @torch.no_grad()
@@ -132,3 +128,46 @@ class EMA:
 
     def _writing(self, params: list[nn.Parameter]) -> ContextManager:
         return nullcontext() if self.gather is None else self.gather(params, modifier_rank=0)
+
+
+# -- shared by models/ema.py and models/phema.py -------------------------------------------------------
+
+def full_shadow(model: nn.Module, gather: GatherFn | None) -> dict[str, torch.Tensor]:
+    """A full copy of every named parameter, in fp32 or the parameter's precision if higher (a bf16
+    shadow would stall, see the module docstring), read inside gather(params) when given. Partitioned
+    parameters (ZeRO-3 tags them with ds_id; outside a gather they read as empty) without a gather are a
+    ValueError."""
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    if gather is None and any(hasattr(p, "ds_id") for p in params):
+        raise ValueError("the model's parameters are partitioned (DeepSpeed ZeRO-3): pass "
+                         "gather=deepspeed.zero.GatheredParameters")
+    with nullcontext() if gather is None else gather(params), torch.no_grad():
+        return {name: p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone() for name, p in named}
+
+
+@torch.no_grad()
+def update_together(model: nn.Module, *averages) -> list:
+    """One optimizer step more for several weight averages of the same model (an EMA, a PowerFunctionEMA
+    of models/phema.py): the weights are read once, inside one gather (under ZeRO-3 an all-gather of every
+    parameter, the costly part of an update), and each converted to the shadows' precision once. Every
+    average must use the same gather. Returns each average's update result (its decay, or betas) in order.
+    A collective under ZeRO-3: every rank calls it."""
+    if not averages:
+        return []
+    gather = averages[0].gather
+    if any(a.gather is not gather for a in averages[1:]):
+        raise ValueError("update_together: the averages use different gather functions; build them with the same one")
+    names, params = averages[0]._named(model)
+    for other in averages[1:]:
+        other._named(model)  # each checks the model is the one it was built from
+    with nullcontext() if gather is None else gather(params):
+        reference = averages[0]._reference()
+        values = [p.detach().to(device=reference[n].device, dtype=reference[n].dtype) for n, p in zip(names, params)]
+        results = []
+        for average in averages:
+            own = average._reference()
+            mine = [v if (v.device, v.dtype) == (own[n].device, own[n].dtype)
+                    else v.to(device=own[n].device, dtype=own[n].dtype) for n, v in zip(names, values)]
+            results.append(average._apply(names, mine))
+    return results

@@ -28,19 +28,19 @@ one EDM2 uses; 0.3 keeps a round bound inside it. (EDM2 tracks 0.05 and 0.10 and
 
 ZeRO-3 works as in models/ema.py: pass `gather` (deepspeed.zero.GatheredParameters' signature); every
 read of the model's weights happens inside gather(params), so update() is a collective under ZeRO-3 and
-every rank must call it. The shadows are full fp32 copies, identical on every rank.
+every rank must call it. The shadows are full fp32 copies, identical on every rank. A trial that also keeps
+the running EMA updates both with models.ema.update_together(model, ema, phema): one gather per step.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from typing import Callable, ContextManager, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-GatherFn = Callable[..., ContextManager]
+from models.ema import GatherFn, full_shadow, update_together
 
 MAX_SIGMA_REL = 0.3
 _GAMMA_AT_PEAK = (math.sqrt(5.0) - 3.0) / 2.0  # where sigma_rel(gamma) is largest (d/dgamma = 0)
@@ -175,32 +175,29 @@ class PowerFunctionEMA:
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
         self.gather = gather
         self.num_updates = 0
-        names, params = self._named(model)
-        if gather is None and any(hasattr(p, "ds_id") for p in params):
-            raise ValueError("the model's parameters are partitioned (DeepSpeed ZeRO-3): pass "
-                             "gather=deepspeed.zero.GatheredParameters")
-        with self._reading(params):
-            self.shadows: list[dict[str, torch.Tensor]] = [
-                {name: p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone()
-                 for name, p in zip(names, params)}
-                for _ in self.sigma_rels]
+        first = full_shadow(model, gather)  # one read; the other profiles start as copies of it
+        self.shadows: list[dict[str, torch.Tensor]] = [first] + [
+            {name: value.clone() for name, value in first.items()} for _ in self.sigma_rels[1:]]
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> list[float]:
         """One optimizer step more: shadow_k <- beta_k shadow_k + (1 - beta_k) weights for every profile.
-        Returns the betas used."""
+        Returns the betas used. With the trial's running EMA as well, models.ema.update_together(model, ema,
+        self) updates both from one read of the weights (one ZeRO-3 gather)."""
+        return update_together(model, self)[0]
+
+    def _apply(self, names: list[str], values: list[torch.Tensor]) -> list[float]:
+        """The update from the weights already read (`values`, in the shadows' dtype and device): one fused
+        lerp per profile over all tensors (a per-tensor loop cost ~50 ms per step for two profiles of
+        DiT-d4w128 on a CPU)."""
         step = self.num_updates + 1
         betas = [ema_beta(step, g) for g in self.gammas]
-        names, params = self._named(model)
-        first = self.shadows[0]
-        with self._reading(params):
-            # Each weight converted once, then one fused lerp per profile over all tensors (a per-tensor loop
-            # cost ~50 ms per step for two profiles of DiT-d4w128 on a CPU).
-            values = [p.detach().to(device=first[n].device, dtype=first[n].dtype) for n, p in zip(names, params)]
-            for shadow, beta in zip(self.shadows, betas):
-                torch._foreach_lerp_([shadow[n] for n in names], values, 1.0 - beta)
+        for shadow, beta in zip(self.shadows, betas):
+            torch._foreach_lerp_([shadow[n] for n in names], values, 1.0 - beta)
         self.num_updates = step
         return betas
+
+    def _reference(self) -> dict[str, torch.Tensor]:
+        return self.shadows[0]
 
     def index(self, sigma_rel: float) -> int:
         try:
@@ -252,5 +249,3 @@ class PowerFunctionEMA:
                              f"network the EMA was built from (engine.module, not a wrapper)")
         return names, [p for _, p in named]
 
-    def _reading(self, params: list[nn.Parameter]) -> ContextManager:
-        return nullcontext() if self.gather is None else self.gather(params)

@@ -196,6 +196,51 @@ def test_partitioned_weights_without_gather_are_an_error():
         EMA(model)
 
 
+def test_one_gather_updates_the_ema_and_the_posthoc_profiles_together():
+    """Under ZeRO-3 a read of the weights is an all-gather of every parameter: a trial that keeps the running
+    EMA and the post-hoc EMA's profiles (models/phema.py) updates both inside one gather per step, with the
+    same results as two separate updates."""
+    from models.ema import update_together
+    from models.phema import PowerFunctionEMA
+
+    separate, together = _net(), _net()
+    zero_a, zero_b = FakeZeRO3(separate), FakeZeRO3(together)
+    ema_a, ph_a = EMA(separate, decay=0.9, gather=zero_a), PowerFunctionEMA(separate, (0.05, 0.1), gather=zero_a)
+    ema_b, ph_b = EMA(together, decay=0.9, gather=zero_b), PowerFunctionEMA(together, (0.05, 0.1), gather=zero_b)
+    assert zero_b.log == [("enter", None, 4), ("exit",)] * 2  # one read each at construction
+    for step in range(1, 4):
+        zero_a.step(float(step))
+        zero_b.step(float(step))
+        zero_a.log.clear()
+        zero_b.log.clear()
+        expected = [ema_a.update(separate), ph_a.update(separate)]
+        assert len(zero_a.log) == 4  # two gathers when updated one by one
+        assert update_together(together, ema_b, ph_b) == expected
+        assert zero_b.log == [("enter", None, 4), ("exit",)]  # one gather for both
+    assert ema_b.num_updates == ph_b.num_updates == 3
+    for n in ema_a.shadow:
+        assert torch.equal(ema_a.shadow[n], ema_b.shadow[n])
+        assert all(torch.equal(a[n], b[n]) for a, b in zip(ph_a.shadows, ph_b.shadows))
+    with pytest.raises(ValueError, match="different gather"):
+        other = PowerFunctionEMA(together, (0.05,), gather=lambda params, modifier_rank=None: zero_b(params, modifier_rank))
+        update_together(together, ema_b, other)
+    stranger = PowerFunctionEMA(nn.Linear(3, 4), (0.05,))  # built from another network
+    stranger.gather = zero_b
+    with pytest.raises(ValueError, match="do not match"):
+        update_together(together, ema_b, stranger)
+
+
+def test_the_posthoc_ema_refuses_partitioned_weights_without_gather_as_the_ema_does():
+    from models.phema import PowerFunctionEMA
+
+    model = _net()
+    FakeZeRO3(model)
+    for i, p in enumerate(model.parameters()):
+        p.ds_id = i
+    with pytest.raises(ValueError, match="gather=deepspeed.zero.GatheredParameters"):
+        PowerFunctionEMA(model, (0.05, 0.1))
+
+
 _REAL_ZERO3 = """
 import os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
