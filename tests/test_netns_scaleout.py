@@ -163,7 +163,7 @@ def _stub_job(folder: Path, study_uri: str = "") -> dict:
     bin_dir = folder / "bin"
     bin_dir.mkdir()
     slurm_dir = folder / "runs" / "stub" / "slurm"
-    paths = "".join(f"{k}={shlex.quote(str(v))}\n" for k, v in (
+    paths = "".join(f"{k}={v}\n" for k, v in (
         ("STUDY_NAME", "stub"), ("STUDY_DIR", slurm_dir.parent), ("STOP_FILE", slurm_dir.parent / "STOP"),
         ("SLURM_DIR", slurm_dir), ("TRACKING_URI", f"sqlite:///{folder}/mlflow.db"),
         ("TRACKING_URI_SHOWN", f"sqlite:///{folder}/mlflow.db"), ("REPORT", folder / "r.html"),

@@ -47,7 +47,7 @@ def test_batch_script_is_valid_bash_with_the_documented_defaults():
     first_cmd = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
     assert all(i < first_cmd for i, line in enumerate(lines) if line.startswith("#SBATCH"))
     assert "ditscale sweep" in text and "--address" in text and "scontrol requeue" in text
-    assert "RAY_AUTH_MODE" in text and "--temp-dir" in text and "srun" in text
+    assert "RAY_AUTH_MODE" in text and "ditscale slurm node ray" in text and "srun" in text
 
 
 def test_render_replaces_options_and_keeps_sbatch_lines_first():

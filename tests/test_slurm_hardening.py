@@ -160,16 +160,18 @@ def test_a_submit_directory_with_spaces_quotes_and_hash_runs_on_slurm(submit, ha
 
 def _stubs(folder: Path, slurm_dir: Path, record: Path) -> dict:
     """Stand-ins for what sweep.sbatch calls before its Ray step: `ditscale slurm paths`, ray,
-    scontrol; srun records the token file's mode, owner and content, then fails (the script stops
-    there, as when the head node's IP cannot be found)."""
+    scontrol (`ditscale slurm node token`, which writes the token file, is the real one); srun records
+    the token file's mode, owner and content, then fails (the script stops there, as when the head
+    node's IP cannot be found)."""
     bin_dir = folder / "bin"
     bin_dir.mkdir()
-    paths = "".join(f"{k}={shlex.quote(str(v))}\n" for k, v in (
+    paths = "".join(f"{k}={v}\n" for k, v in (
         ("STUDY_NAME", "tok"), ("STUDY_DIR", slurm_dir.parent), ("STOP_FILE", slurm_dir.parent / "STOP"),
         ("SLURM_DIR", slurm_dir), ("TRACKING_URI", f"sqlite:///{folder}/mlflow.db"),
         ("TRACKING_URI_SHOWN", f"sqlite:///{folder}/mlflow.db"), ("REPORT", folder / "r.html")))
     scripts = {
-        "ditscale": f'#!/bin/sh\n[ "$1 $2" = "slurm paths" ] || exit 1\ncat <<\'EOF\'\n{paths}EOF\n',
+        "ditscale": (f'#!/bin/sh\n[ "$1 $2" = "slurm node" ] && exec {shlex.quote(sys.executable)} -m harness.cli "$@"\n'
+                     f'[ "$1 $2" = "slurm paths" ] || exit 1\ncat <<\'EOF\'\n{paths}EOF\n'),
         "ray": "#!/bin/sh\nexit 0\n",
         "scontrol": '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && echo node1\nexit 0\n',
         "srun": (f'#!/bin/sh\n{{ stat -c "%a %u %F" "$RAY_AUTH_TOKEN_PATH"; cat "$RAY_AUTH_TOKEN_PATH"; }} '

@@ -282,6 +282,7 @@ def _stub_job(folder: Path, ray_tmp: Path, record: Path) -> dict:
                      'case "$1 $2" in\n'
                      f"  'slurm paths') cat <<'EOF'\n{paths}EOF\n;;\n"
                      "  'slurm node-ip') echo 10.9.8.7 ;;\n"
+                     "  'slurm node') exec python -m harness.cli \"$@\" ;;\n"
                      "  'slurm wait-ray'|'sweep '*) ;;\n"
                      "  *) exit 1 ;;\n"
                      "esac\n"),

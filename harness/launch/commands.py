@@ -11,16 +11,17 @@ import shlex
 import sys
 from pathlib import Path
 
+from harness.common.net import free_port
 from harness.config import MAX_TRIALS
-from harness.launch import slurm
-from harness.launch.slurm import DEFAULT_SIGNAL_SECONDS
+from harness.errors import UserError
+from harness.launch.slurm import node, submit
+from harness.launch.slurm.submit import DEFAULT_SIGNAL_SECONDS
 from harness.options import add_set_option
 from harness.paths import study_paths
 from harness.tracking import redact_uri
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from harness.errors import UserError
     from harness.launch.sweep import run_sweep
 
     if args.json and not args.dry_run:
@@ -55,11 +56,11 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _study_paths(args: argparse.Namespace):
-    return study_paths(slurm.load(args.config, args.set, check_files=False))
+    return study_paths(submit.load(args.config, args.set, check_files=False))
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    sub = slurm.prepare(
+    sub = submit.prepare(
         args.config, args.set, nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
         partition=args.partition, time_limit=args.time, account=args.account, job_name=args.job_name,
         signal_seconds=args.signal_seconds, sbatch_args=args.sbatch_arg, template=args.script,
@@ -71,7 +72,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         if sub.env:
             print(f"# and {', '.join(sorted(sub.env))} (from --set's tracking URI) in sbatch's environment")
         return 0
-    slurm.print_submitted(sub, slurm.submit(sub))
+    submit.print_submitted(sub, submit.submit(sub))
     return 0
 
 
@@ -81,7 +82,12 @@ def _cmd_stop_file(args: argparse.Namespace) -> int:
 
 
 def _cmd_paths(args: argparse.Namespace) -> int:
-    study = slurm.load(args.config, args.set, check_files=False)
+    """The study's paths for the batch script, one `KEY=value` a line (read with `read`, never evaluated),
+    from the sweep's own command line: the sweep's parser reads its options (--set, ...)."""
+    parser = argparse.ArgumentParser(prog="ditscale")
+    add_sweep(parser.add_subparsers())
+    sweep = parser.parse_args(["sweep", *args.sweep_args])
+    study = submit.load(sweep.config, sweep.set, check_files=False)
     p = study_paths(study)
     for key, value in (("STUDY_NAME", p.name), ("STUDY_DIR", p.study_dir), ("STOP_FILE", p.stop_file),
                        ("SLURM_DIR", p.slurm_dir), ("TRACKING_URI", p.tracking_uri),
@@ -89,31 +95,66 @@ def _cmd_paths(args: argparse.Namespace) -> int:
                        ("TRACKING_URI_SHOWN", redact_uri(p.tracking_uri)), ("REPORT", p.report),
                        # --mlflow-server refuses a study that names its own store: as shown, never used
                        ("STUDY_TRACKING_URI_SHOWN", redact_uri(study.tracking.uri) or "")):
-        print(f"{key}={shlex.quote(str(value))}")
+        if "\n" in str(value) or "\r" in str(value):
+            raise UserError(f"{key}: {str(value)!r} holds a line break, which the batch script cannot read; "
+                            "rename it (name, resources.storage or tracking.uri)")
+        print(f"{key}={value}")
     return 0
 
 
 def _cmd_node_ip(args: argparse.Namespace) -> int:
-    print(slurm.node_ip(args.toward))
+    print(node.node_ip(args.toward))
     return 0
 
 
 def _cmd_free_port(args: argparse.Namespace) -> int:
-    print(slurm.free_port(args.host))
+    print(free_port(args.host))
     return 0
 
 
 def _cmd_wait_mlflow(args: argparse.Namespace) -> int:
-    slurm.wait_for_mlflow(args.uri, args.timeout, args.watch_pid, auth=args.auth)
+    node.wait_for_mlflow(args.uri, args.timeout, args.watch_pid, auth=args.auth)
     print(f"MLflow server at {args.uri}: up{' (basic auth)' if args.auth else ''}", flush=True)
     return 0
 
 
 def _cmd_wait_ray(args: argparse.Namespace) -> int:
-    res = slurm.wait_for_ray(args.address, args.nodes, args.timeout, args.watch_pid)
+    res = node.wait_for_ray(args.address, args.nodes, args.timeout, args.watch_pid)
     gpus = f", {res.get('GPU', 0):g} GPUs" if res.get("GPU") else ""
     print(f"Ray cluster at {args.address}: {args.nodes} node(s), {res.get('CPU', 0):g} CPUs{gpus}", flush=True)
     return 0
+
+
+def _cmd_node_ray(args: argparse.Namespace) -> int:
+    return node.run_ray_node(args.role, args.ip, args.head_ip, args.port, args.cpus, args.gpus)
+
+
+def _cmd_node_ray_stop(args: argparse.Namespace) -> int:
+    node.stop_ray_node()
+    return 0
+
+
+def _cmd_node_token(args: argparse.Namespace) -> int:
+    node.write_token(args.path)
+    return 0
+
+
+def _add_node(ss: argparse._SubParsersAction) -> None:
+    """`ditscale slurm node ...`: the batch script's steps on the nodes (harness/launch/slurm/node.py)."""
+    nodes = ss.add_parser("node").add_subparsers(dest="node_command", required=True)
+    s = nodes.add_parser("ray", help="one Ray node in this srun step, until it is stopped")
+    s.add_argument("role", choices=["head", "worker"])
+    s.add_argument("--head-ip", required=True, help="the head's address (a worker's route toward it picks its own)")
+    s.add_argument("--ip", default=None, help="this node's address (default: found toward --head-ip)")
+    s.add_argument("--port", type=int, required=True, help="the head's GCS port; the others follow it")
+    s.add_argument("--cpus", type=int, required=True)
+    s.add_argument("--gpus", type=int, required=True)
+    s.set_defaults(func=_cmd_node_ray)
+    s = nodes.add_parser("ray-stop", help="SIGTERM to this node's `ray start` of this start of the job")
+    s.set_defaults(func=_cmd_node_ray_stop)
+    s = nodes.add_parser("token", help="write a fresh Ray token file: exclusive, no symlink, mode 600")
+    s.add_argument("path")
+    s.set_defaults(func=_cmd_node_token)
 
 
 def add_slurm(sub: argparse._SubParsersAction) -> None:
@@ -162,9 +203,9 @@ def add_slurm(sub: argparse._SubParsersAction) -> None:
 
     # Helpers for slurm/sweep.sbatch (not listed in the help).
     s = ss.add_parser("paths")
-    s.add_argument("config")
-    add_set_option(s)
+    s.add_argument("sweep_args", nargs=argparse.REMAINDER, help="STUDY.yaml [ditscale sweep options]")
     s.set_defaults(func=_cmd_paths)
+    _add_node(ss)
 
     s = ss.add_parser("node-ip")
     s.add_argument("--toward", default=None, help="the head node's address (workers)")

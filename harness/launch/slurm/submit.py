@@ -23,9 +23,7 @@ Credentials in a `--set` override (`tracking.uri=http://user:pw@host`) never rea
 line (`scontrol show job`, the job log, --dry-run): the URI goes there without its user-info, which
 goes to the job as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in sbatch's environment.
 
-The batch script's helpers live here too: `node_ip` (the address Ray should use on this node) and
-`wait_for_ray` (block until N nodes have joined a Ray cluster); their commands, with `stop-file` and
-`paths`, are in harness/launch/commands.py.
+What runs on the nodes (the batch script's helpers and its srun steps) is harness/launch/slurm/node.py.
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -47,7 +44,7 @@ from harness.errors import UserError
 from harness.paths import StudyPaths, study_paths
 from harness.tracking import URL_RE, redact_uri, split_credentials
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "sweep.sbatch"
+TEMPLATE = Path(__file__).resolve().parents[3] / "slurm" / "sweep.sbatch"
 SETTINGS_MARKER = "# @ditscale-submit-settings@"
 DEFAULT_SIGNAL_SECONDS = 300
 MLFLOW_SERVER_DIR = "mlflow-server"   # <submit dir>/mlflow-server: the --mlflow-server store
@@ -157,7 +154,8 @@ def partition_cpus(partition: str | None) -> int | None:
     if shutil.which("sinfo") is None:
         return None
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%c %P"], capture_output=True, text=True, timeout=15)
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%c %P"], capture_output=True, text=True, timeout=15,
+                             check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     cpus = []
@@ -424,169 +422,3 @@ def print_submitted(sub: Submission, job_id: str) -> None:
     print(f"  watch:   squeue -j {job_id}; tail -f {log}")
     print(f"  stop:    touch {p.stop_file}  (trials checkpoint; the job ends; resubmit to resume)")
     print(f"  preempt: scancel --batch --signal=USR1 {job_id}  (checkpoint, then the job requeues itself)")
-
-
-# --- helpers the batch script calls --------------------------------------------------------------
-
-
-def bindable(ip: str) -> bool:
-    """Whether `ip` is an address of this machine (of this network namespace): a socket can bind it."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind((ip, 0))
-        return True
-    except OSError:
-        return False
-
-
-def _is_local_address(ip: str) -> bool:
-    """Whether `ip` is a non-loopback IPv4 address of this machine."""
-    return not ip.startswith("127.") and bindable(ip)
-
-
-def slurm_node_addr() -> str | None:
-    """This node's address as Slurm reaches it (`NodeAddr` of $SLURMD_NODENAME, resolved to IPv4), when
-    it is an address of this machine; else None. Slurm's controller and srun reach every node there,
-    so it works where no default route exists (isolated clusters, test hosts in network namespaces)."""
-    name = os.environ.get("SLURMD_NODENAME")
-    if not name or shutil.which("scontrol") is None:
-        return None
-    try:
-        out = subprocess.run(["scontrol", "-o", "show", "node", name], capture_output=True, text=True,
-                             timeout=15).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"\bNodeAddr=(\S+)", out)
-    if not m:
-        return None
-    try:
-        ip = socket.gethostbyname(m.group(1))
-    except OSError:
-        return None
-    return ip if _is_local_address(ip) else None
-
-
-def node_ip(toward: str | None = None) -> str:
-    """The IPv4 address Ray should bind on this node: $DITSCALE_RAY_IFACE's address when set, else
-    the source address of the route toward `toward` (the head node; default a public address: no
-    packet is sent), else Slurm's address for this node (a node without a default route), else what
-    the host name resolves to, else 127.0.0.1 (which only a one-node cluster can use)."""
-    iface = os.environ.get("DITSCALE_RAY_IFACE")
-    if iface:
-        try:
-            out = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", iface], capture_output=True,
-                                 text=True, check=True).stdout
-            return out.split()[3].split("/")[0]
-        except (OSError, subprocess.CalledProcessError, IndexError):
-            raise UserError(f"DITSCALE_RAY_IFACE={iface}: no IPv4 address on that interface") from None
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((toward or "8.8.8.8", 80))
-            return s.getsockname()[0]
-    except OSError:  # no route there: e.g. no default route
-        pass
-    ip = slurm_node_addr()
-    if ip:
-        return ip
-    try:
-        ip = socket.gethostbyname(socket.gethostname())
-        if _is_local_address(ip):
-            return ip
-    except OSError:
-        pass
-    return "127.0.0.1"
-
-
-def wait_for_ray(address: str, nodes: int, timeout: float = 300.0, watch_pids=()) -> dict:
-    """Block until `nodes` nodes are alive in the Ray cluster at HOST:PORT; returns its resources.
-    Fails early when one of `watch_pids` (the srun steps running `ray start --block`) has exited."""
-    host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + timeout
-
-    def check_pids() -> None:
-        for pid in watch_pids:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                raise UserError(f"the Ray step (pid {pid}) exited before {nodes} node(s) joined; "
-                                "see the job log above for `ray start`'s error") from None
-            except PermissionError:
-                pass
-
-    while True:  # the GCS port first: ray.init on a port nobody listens on takes long to give up
-        check_pids()
-        try:
-            with socket.create_connection((host, int(port)), timeout=2):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise UserError(f"no Ray head answers at {address} after {timeout:.0f}s") from None
-            time.sleep(1)
-    import ray
-
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
-    try:
-        while True:
-            alive = [n for n in ray.nodes() if n.get("Alive")]
-            if len(alive) >= nodes:
-                return ray.cluster_resources()
-            if time.monotonic() > deadline:
-                raise UserError(f"only {len(alive)} of {nodes} nodes joined the Ray cluster at {address} "
-                                f"within {timeout:.0f}s")
-            check_pids()
-            time.sleep(1)
-    finally:
-        ray.shutdown()
-
-
-def free_port(host: str) -> int:
-    """A TCP port free on `host` now (the kernel's choice), for the job's MLflow server."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_for_mlflow(uri: str, timeout: float = 180.0, watch_pids=(), auth: bool = False) -> None:
-    """Block until the MLflow server at `uri` answers /health; with `auth`, also check that it takes
-    MLFLOW_TRACKING_USERNAME/PASSWORD (a user store left by an earlier job may hold another password).
-    Fails early when one of `watch_pids` (the server) has exited."""
-    import base64
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while True:
-        for pid in watch_pids:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                raise UserError(f"the MLflow server (pid {pid}) exited before it answered at {uri}; "
-                                "see its log") from None
-            except PermissionError:
-                pass
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
-                if resp.status == 200:
-                    break
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise UserError(f"the MLflow server did not answer at {uri} within {timeout:.0f}s; see its log")
-        time.sleep(1)
-    if not auth:
-        return
-    user, password = (os.environ.get(k, "") for k in MLFLOW_CREDENTIALS)
-    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
-    request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=30):
-            return
-    except urllib.error.HTTPError as err:
-        if err.code == 401:
-            raise UserError(f"the MLflow server refuses MLFLOW_TRACKING_USERNAME={user!r} with this password "
-                            f"(HTTP {err.code}): its user store (auth.db beside the server's mlflow.db) was made by "
-                            "an earlier job with another password for that user; use that password or remove "
-                            "auth.db") from None
-        raise UserError(f"the MLflow server at {uri} answered HTTP {err.code} to an authenticated request") from None
-    except (urllib.error.URLError, OSError) as err:
-        raise UserError(f"the MLflow server at {uri} stopped answering ({getattr(err, 'reason', err)})") from None

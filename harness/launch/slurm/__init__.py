@@ -1,0 +1,17 @@
+"""`ditscale slurm`: run a study across a Slurm allocation (the batch script is slurm/sweep.sbatch).
+
+- submit.py: the login-node side: render slurm/sweep.sbatch with the job's options, check what would
+  fail later, save the script and `sbatch` it;
+- node.py: what the batch script runs on the nodes (the head's address, the study's paths, the Ray
+  token, the waits for Ray and the job's MLflow server; a Ray node in each srun step and its stop);
+- watch.py: a worker's watch over its Ray head, which requeues the job when the head's host is lost.
+
+Their commands are in harness/launch/commands.py (`ditscale slurm ...`); slurm/README.md says what the
+job does and the environment variables it reads.
+"""
+
+from harness.launch.slurm.node import bindable, node_ip, wait_for_mlflow, wait_for_ray
+from harness.launch.slurm.submit import DEFAULT_SIGNAL_SECONDS, SETTINGS_MARKER, render_script
+
+__all__ = ["DEFAULT_SIGNAL_SECONDS", "SETTINGS_MARKER", "bindable", "node_ip", "render_script", "wait_for_mlflow",
+           "wait_for_ray"]
