@@ -177,6 +177,71 @@ def _signed(x: float) -> str:
     return f"{x:+.3g}".replace("-", "−")
 
 
+def _ordered_cells(g: pd.DataFrame, by: str) -> pd.DataFrame:
+    """One configuration per row (mean, sd, k replicates, mean se, replicate variance of the mean), in the
+    order the loss must fall: sizes small -> large, patches large -> small."""
+    cells = g.groupby(by).agg(mean=("_loss", "mean"), sd=("_loss", "std"), k=("_loss", "count"), se=("_se", "mean"))
+    if len(cells) < 2:
+        return cells
+    order = (g.groupby(by)["size_rank"].first() if by == "size"
+             else -pd.Series(cells.index.astype(float), index=cells.index))
+    cells = cells.loc[order.sort_values(kind="stable").index]
+    cells["rep_var"] = np.where(cells["k"] >= 2, cells["sd"] ** 2 / cells["k"], np.nan)
+    return cells
+
+
+def _step(cells: pd.DataFrame, i: int, ids: dict, samples: dict) -> tuple[str, str, str | None, bool]:
+    """Step i of the sequence against its noise: (verdict, detail, noise kind, tested against noise)."""
+    a, b = cells.index[i - 1], cells.index[i]
+    gap = cells["mean"].iloc[i] - cells["mean"].iloc[i - 1]
+    sigma, kind = _gap_sigma(cells.loc[a], cells.loc[b], ids[a], ids[b], samples)
+    if not math.isfinite(sigma):  # no noise estimate on one side: the loss must fall, as before noise was measured
+        return ("better" if gap < 0 else "worse"), f"Δ {_signed(gap)}", None, False
+    band = Z_NOISE * sigma
+    verdict = "better" if gap < -band else "worse" if gap > band else "within noise"
+    return verdict, f"Δ {_signed(gap)}, {Z_NOISE:g}σ {band:.3g}", kind, True
+
+
+def _noise_text(kinds: set, replicates: set, untested: int) -> str:
+    noise = " + ".join([_NOISE_KINDS[k] for k in sorted(kinds)]
+                       + ([f"replicate spread where a configuration has {_seed_counts(replicates)} seeds"] if replicates else []))
+    if not noise:
+        return "no noise estimate: gaps not tested against noise"
+    return f"gaps tested against {Z_NOISE:g}σ of the noise ({noise})" + (
+        f"; {untested} step(s) without a noise estimate compared strictly" if untested else "")
+
+
+def _loss_finding(t: pd.DataFrame, fixed: list[str], by: str, within: list[str], name: str, loss_col: str,
+                  samples: dict) -> dict:
+    """One loss finding (see dit_findings): every step of `by`'s sequence in every group of trials that
+    share `within` and the `fixed` axes, tested against its noise."""
+    comps, verdicts, kinds, replicates, untested = [], [], set(), set(), 0
+    for key, g in t.groupby(["arch"] + within + fixed, dropna=False, sort=True):
+        cells = _ordered_cells(g, by)
+        if len(cells) < 2:
+            continue
+        replicates |= {int(k) for k in cells["k"] if k >= 2}
+        ids = {v: list(g.loc[g[by] == v, "trial_id"]) for v in cells.index}
+        key = key if isinstance(key, tuple) else (key,)
+        what = ", ".join([str(key[0])] + [f"{c} {v}" for c, v in zip(within, key[1:1 + len(within)])])
+        text = f"{what}: {by} {cells.index[0]}: {cells['mean'].iloc[0]:.4g}"
+        for i in range(1, len(cells)):
+            verdict, detail, kind, tested = _step(cells, i, ids, samples)
+            if tested:
+                kinds |= {kind} - {None}
+            else:
+                untested += 1
+            verdicts.append(verdict)
+            mark = "" if verdict == "better" else f": {verdict}"
+            text += f" → {by} {cells.index[i]}: {cells['mean'].iloc[i]:.4g} ({detail}{mark})"
+        comps.append(text)
+    if not comps:
+        return {"finding": name, "held": None, "evidence": f"no two finished trials differ only in {by}"}
+    held = False if "worse" in verdicts else True if all(v == "better" for v in verdicts) else UNRESOLVED
+    return {"finding": name, "held": held,
+            "evidence": f"{loss_col}, " + "; ".join(comps) + f"; {_noise_text(kinds, replicates, untested)}"}
+
+
 def dit_findings(trials: pd.DataFrame, loss_col: str | None, fd_col: str | None, fd_name: str = "FD",
                  se_col: str | None = None, samples: dict | None = None) -> list[dict]:
     """DiT's qualitative findings (Peebles & Xie 2023), checked on this study's finished trials:
@@ -206,55 +271,8 @@ def dit_findings(trials: pd.DataFrame, loss_col: str | None, fd_col: str | None,
     fixed = [c for c in varying_axes(t) if c not in ("model.size", "model.patch", "train.seed", "model.family",
                                                           "model.attention") and not _derived_from_size(t, c)]
 
-    def compare(by: str, within: list[str], name: str):
-        comps, verdicts, kinds, replicates, untested = [], [], set(), set(), 0
-        for key, g in t.groupby(["arch"] + within + fixed, dropna=False, sort=True):
-            cells = g.groupby(by).agg(mean=("_loss", "mean"), sd=("_loss", "std"), k=("_loss", "count"),
-                                      se=("_se", "mean"))
-            if len(cells) < 2:
-                continue
-            # sizes small -> large, patches large -> small: the loss must fall along the sequence
-            order = (g.groupby(by)["size_rank"].first() if by == "size"
-                     else -pd.Series(cells.index.astype(float), index=cells.index))
-            cells = cells.loc[order.sort_values(kind="stable").index]
-            cells["rep_var"] = np.where(cells["k"] >= 2, cells["sd"] ** 2 / cells["k"], np.nan)
-            replicates |= {int(k) for k in cells["k"] if k >= 2}
-            ids = {v: list(g.loc[g[by] == v, "trial_id"]) for v in cells.index}
-            key = key if isinstance(key, tuple) else (key,)
-            what = ", ".join([str(key[0])] + [f"{c} {v}" for c, v in zip(within, key[1:1 + len(within)])])
-            text = f"{what}: {by} {cells.index[0]}: {cells['mean'].iloc[0]:.4g}"
-            for i in range(1, len(cells)):
-                a, b = cells.index[i - 1], cells.index[i]
-                gap = cells["mean"].iloc[i] - cells["mean"].iloc[i - 1]
-                sigma, kind = _gap_sigma(cells.loc[a], cells.loc[b], ids[a], ids[b], samples or {})
-                if math.isfinite(sigma):
-                    band = Z_NOISE * sigma
-                    verdict = "better" if gap < -band else "worse" if gap > band else "within noise"
-                    detail = f"Δ {_signed(gap)}, {Z_NOISE:g}σ {band:.3g}"
-                    kinds |= {kind} - {None}
-                else:  # no noise estimate on one side: the loss must fall, as before noise was measured
-                    verdict = "better" if gap < 0 else "worse"
-                    detail = f"Δ {_signed(gap)}"
-                    untested += 1
-                verdicts.append(verdict)
-                mark = "" if verdict == "better" else f": {verdict}"
-                text += f" → {by} {b}: {cells['mean'].iloc[i]:.4g} ({detail}{mark})"
-            comps.append(text)
-        if not comps:
-            out.append({"finding": name, "held": None, "evidence": f"no two finished trials differ only in {by}"})
-            return
-        held = False if "worse" in verdicts else True if all(v == "better" for v in verdicts) else UNRESOLVED
-        noise = " + ".join([_NOISE_KINDS[k] for k in sorted(kinds)]
-                           + ([f"replicate spread where a configuration has {_seed_counts(replicates)} seeds"] if replicates else []))
-        if not noise:
-            noise = "no noise estimate: gaps not tested against noise"
-        else:
-            noise = f"gaps tested against {Z_NOISE:g}σ of the noise ({noise})" + (
-                f"; {untested} step(s) without a noise estimate compared strictly" if untested else "")
-        out.append({"finding": name, "held": held, "evidence": f"{loss_col}, " + "; ".join(comps) + f"; {noise}"})
-
-    compare("size", ["patch"], SIZE_FINDING)
-    compare("patch", ["size"], PATCH_FINDING)
+    out.append(_loss_finding(t, fixed, "size", ["patch"], SIZE_FINDING, loss_col, samples or {}))
+    out.append(_loss_finding(t, fixed, "patch", ["size"], PATCH_FINDING, loss_col, samples or {}))
     if fd_col and fd_col in t and t[fd_col].notna().sum() >= 3:
         if is_isoflop_design(t):
             out.append(_fd_on_frontier(t, fd_col, fd_name))

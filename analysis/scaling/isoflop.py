@@ -98,6 +98,75 @@ class IsoflopOptima:
                 "l_opt_fit": self.l_opt_fit.as_dict() if self.l_opt_fit else None, "notes": list(self.notes)}
 
 
+def _noise(y: np.ndarray, resid: np.ndarray, m: np.ndarray, std: np.ndarray) -> tuple[float, np.ndarray, int, str]:
+    """(s², weights, degrees of freedom, "seeds" | "residuals" | "") of one budget's parabola: the pooled
+    within-size variance of single runs when sizes have replicates (each mean weighted 1/m), else the
+    residual variance, else none."""
+    rep_dof, dof_res = int((m - 1).sum()), len(y) - 3
+    if rep_dof > 0:  # pooled within-size variance of single runs -> variance of each mean
+        return float(((m - 1) * std ** 2).sum() / rep_dof), 1.0 / m, rep_dof, "seeds"
+    if dof_res > 0:
+        return float(resid @ resid) / dof_res, np.ones_like(y), dof_res, "residuals"
+    return 0.0, np.ones_like(y), 0, ""
+
+
+def _budget_parabola(b, g: pd.DataFrame, n: str, cval: float, level: float,
+                     min_sizes: int) -> tuple[dict, pd.DataFrame]:
+    """One budget of fit_isoflop_optima: (its row of the budget table, its points with the parabola's
+    fitted values). `g`: the budget's (size, mean loss, std, count) rows, by size."""
+    x, y, m = np.log(g[n].to_numpy(float)), g["mean"].to_numpy(float), g["count"].to_numpy(float)
+    pts = pd.DataFrame({"budget": b, "compute": cval, "n": g[n].to_numpy(float), "loss": y,
+                        "loss_std": g["std"].to_numpy(float), "n_rep": m.astype(int), "fitted": math.nan})
+    i_best = int(np.argmin(y))
+    row = {"budget": b, "compute": cval, "n_sizes": int(len(g)), "n_runs": int(m.sum()),
+           "best_n": float(np.exp(x[i_best])), "best_loss": float(y[i_best]),
+           "n_opt": math.nan, "n_opt_lo": math.nan, "n_opt_hi": math.nan, "log_n_opt_se": math.nan,
+           "loss_opt": math.nan, "loss_opt_lo": math.nan, "loss_opt_hi": math.nan,
+           "coef": None, "noise": math.nan, "noise_from": "",
+           "grid_decades": float((x.max() - x.min()) / math.log(10)),
+           "offset_decades": math.nan, "rms_resid": math.nan, "bracketed": False, "note": ""}
+    if len(g) < min_sizes:
+        row["note"] = f"{len(g)} size(s): a parabola needs at least {min_sizes}; add sizes"
+        return row, pts
+    X = np.column_stack([x ** 2, x, np.ones_like(x)])
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    c2, c1, c0 = (float(c) for c in coef)
+    row["coef"] = [c2, c1, c0]
+    resid = y - X @ coef
+    pts["fitted"] = X @ coef
+    # how far the parabola misses the measured means (the figure's residual panel shows each point)
+    row["rms_resid"] = float(np.sqrt(np.mean(resid ** 2)))
+    s2, w, dof, row["noise_from"] = _noise(y, resid, m, g["std"].to_numpy(float))
+    row["noise"] = math.sqrt(s2)
+    edge = "below" if i_best == 0 else "above" if i_best == len(g) - 1 else None
+    if c2 <= 0:
+        row["note"] = "optimum not bracketed: the losses do not curve upwards; add sizes on both sides"
+        return row, pts
+    v = -c1 / (2 * c2)
+    if edge is None and not (x.min() < v < x.max()):
+        edge = "below" if v <= x.min() else "above"
+    # delta method: Var(coef) = s² (XᵀX)⁻¹ Xᵀ W X (XᵀX)⁻¹ with W = diag(w) (replicate means: w = 1/m)
+    xtx_inv = np.linalg.pinv(X.T @ X)
+    cov = s2 * xtx_inv @ (X.T * w) @ X @ xtx_inv
+    gv = np.array([c1 / (2 * c2 ** 2), -1 / (2 * c2), 0.0])
+    gl = np.array([c1 ** 2 / (4 * c2 ** 2), -c1 / (2 * c2), 1.0])
+    se_v = math.sqrt(max(0.0, float(gv @ cov @ gv)))
+    se_l = math.sqrt(max(0.0, float(gl @ cov @ gl)))
+    tq = _t_quantile(dof, level) if s2 > 0 else 0.0
+    row.update(n_opt=math.exp(v), log_n_opt_se=se_v, n_opt_lo=math.exp(v - tq * se_v),
+               n_opt_hi=math.exp(v + tq * se_v), loss_opt=c0 - c1 ** 2 / (4 * c2),
+               offset_decades=float((v - (x.min() + x.max()) / 2) / math.log(10)))
+    row["loss_opt_lo"], row["loss_opt_hi"] = _positive_interval(row["loss_opt"], se_l, tq)
+    row["loss_opt_se"] = se_l
+    if edge is not None:
+        row["note"] = (f"optimum not bracketed: add a size {edge} "
+                       f"({'smallest' if edge == 'below' else 'largest'} trained size is the best or the "
+                       f"vertex lies outside the grid); not used in the N_opt fit")
+    else:
+        row["bracketed"] = True
+    return row, pts
+
+
 def fit_isoflop_optima(df: pd.DataFrame, budget: str = "budget", n: str = "n", loss: str = "loss",
                        compute: str | None = "compute", bootstrap: int = 1000, seed: int = 0,
                        level: float = CI_LEVEL, min_sizes: int = 3, min_budgets: int = 3) -> IsoflopOptima:
@@ -142,72 +211,9 @@ def fit_isoflop_optima(df: pd.DataFrame, budget: str = "budget", n: str = "n", l
             pd.Series({b: float(b) for b in d[budget].unique()}))
     rows, pts = [], []
     for b, g in agg.groupby(budget, sort=True):
-        g = g.sort_values(n)
-        cval = float(c_of.get(b, math.nan))
-        x, y, m = np.log(g[n].to_numpy(float)), g["mean"].to_numpy(float), g["count"].to_numpy(float)
-        pts.append(pd.DataFrame({"budget": b, "compute": cval, "n": g[n].to_numpy(float), "loss": y,
-                                 "loss_std": g["std"].to_numpy(float), "n_rep": m.astype(int), "fitted": math.nan}))
-        i_best = int(np.argmin(y))
-        row = {"budget": b, "compute": cval, "n_sizes": int(len(g)), "n_runs": int(m.sum()),
-               "best_n": float(np.exp(x[i_best])), "best_loss": float(y[i_best]),
-               "n_opt": math.nan, "n_opt_lo": math.nan, "n_opt_hi": math.nan, "log_n_opt_se": math.nan,
-               "loss_opt": math.nan, "loss_opt_lo": math.nan, "loss_opt_hi": math.nan,
-               "coef": None, "noise": math.nan, "noise_from": "",
-               "grid_decades": float((x.max() - x.min()) / math.log(10)),
-               "offset_decades": math.nan, "rms_resid": math.nan, "bracketed": False, "note": ""}
-        if len(g) < min_sizes:
-            row["note"] = f"{len(g)} size(s): a parabola needs at least {min_sizes}; add sizes"
-            rows.append(row)
-            continue
-        X = np.column_stack([x ** 2, x, np.ones_like(x)])
-        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-        c2, c1, c0 = (float(c) for c in coef)
-        row["coef"] = [c2, c1, c0]
-        resid = y - X @ coef
-        pts[-1]["fitted"] = X @ coef
-        # how far the parabola misses the measured means (the figure's residual panel shows each point)
-        row["rms_resid"] = float(np.sqrt(np.mean(resid ** 2)))
-        dof_res = len(g) - 3
-        rep_dof = int((m - 1).sum())
-        if rep_dof > 0:  # pooled within-size variance of single runs -> variance of each mean
-            s2 = float(((m - 1) * g["std"].to_numpy(float) ** 2).sum() / rep_dof)
-            w = 1.0 / m
-            dof = rep_dof
-            row["noise_from"] = "seeds"
-        elif dof_res > 0:
-            s2, w, dof = float(resid @ resid) / dof_res, np.ones_like(y), dof_res
-            row["noise_from"] = "residuals"
-        else:
-            s2, w, dof = 0.0, np.ones_like(y), 0
-        row["noise"] = math.sqrt(s2)
-        edge = "below" if i_best == 0 else "above" if i_best == len(g) - 1 else None
-        if c2 <= 0:
-            row["note"] = "optimum not bracketed: the losses do not curve upwards; add sizes on both sides"
-            rows.append(row)
-            continue
-        v = -c1 / (2 * c2)
-        if edge is None and not (x.min() < v < x.max()):
-            edge = "below" if v <= x.min() else "above"
-        # delta method: Var(coef) = s² (XᵀX)⁻¹ Xᵀ W X (XᵀX)⁻¹ with W = diag(w) (replicate means: w = 1/m)
-        xtx_inv = np.linalg.pinv(X.T @ X)
-        cov = s2 * xtx_inv @ (X.T * w) @ X @ xtx_inv
-        gv = np.array([c1 / (2 * c2 ** 2), -1 / (2 * c2), 0.0])
-        gl = np.array([c1 ** 2 / (4 * c2 ** 2), -c1 / (2 * c2), 1.0])
-        se_v = math.sqrt(max(0.0, float(gv @ cov @ gv)))
-        se_l = math.sqrt(max(0.0, float(gl @ cov @ gl)))
-        tq = _t_quantile(dof, level) if s2 > 0 else 0.0
-        row.update(n_opt=math.exp(v), log_n_opt_se=se_v, n_opt_lo=math.exp(v - tq * se_v),
-                   n_opt_hi=math.exp(v + tq * se_v), loss_opt=c0 - c1 ** 2 / (4 * c2),
-                   offset_decades=float((v - (x.min() + x.max()) / 2) / math.log(10)))
-        row["loss_opt_lo"], row["loss_opt_hi"] = _positive_interval(row["loss_opt"], se_l, tq)
-        row["loss_opt_se"] = se_l
-        if edge is not None:
-            row["note"] = (f"optimum not bracketed: add a size {edge} "
-                           f"({'smallest' if edge == 'below' else 'largest'} trained size is the best or the "
-                           f"vertex lies outside the grid); not used in the N_opt fit")
-        else:
-            row["bracketed"] = True
+        row, p = _budget_parabola(b, g.sort_values(n), n, float(c_of.get(b, math.nan)), level, min_sizes)
         rows.append(row)
+        pts.append(p)
     budgets = pd.DataFrame(rows)
     points = pd.concat(pts, ignore_index=True) if pts else pd.DataFrame(
         columns=["budget", "compute", "n", "loss", "loss_std", "n_rep", "fitted"])
