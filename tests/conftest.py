@@ -1,10 +1,12 @@
-"""Shared fixtures: real WebDataset shards of the built-in digits, and tiny study files on them."""
+"""Shared fixtures: real WebDataset shards of the built-in digits, the one-node Slurm cluster, the
+three-host network-namespace cluster; the environment each test leaves behind; the xdist groups.
+
+Plain helpers live in tests/support/ (no test module imports another test module or this file:
+tests/test_test_layout.py)."""
 
 from __future__ import annotations
 
 import os
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -12,9 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.netns import HOSTS, SBIN, START, STOP, free_net, missing_piece
+from tests.support.slurm import FINAL_STATES, SLURM_START, SLURM_STOP, cluster_exports, job_info, submitted_job
+from tests.support.study import ditscale
+
+# Kept until test_slurm*.py and test_phema.py import them from tests.support (another engineer edits those
+# files now); tests/test_test_layout.py fails while any test module still imports this file.
+from tests.support.study import ROOT, tiny_study, write_study  # noqa: F401  (re-exported for the moment)
 
 
 @pytest.fixture(scope="session")
@@ -27,51 +34,10 @@ def digits_dir(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_study(digits: Path, name: str, **sections) -> dict:
-    """A one-trial study of the smallest DiT on `digits`; `sections` update its sections."""
-    study = {
-        "name": name,
-        "data": {"shards": str(digits / "train-{000000..000003}.tar"), "val_shards": str(digits / "val-000000.tar"),
-                 "image_size": 16, "channels": 1, "num_workers": 0},
-        "model": {"family": "dit", "size": "XXS", "patch": 4},
-        "train": {"steps": 30, "batch_size": 32, "lr": 1.0e-3, "precision": "fp32", "zero_stage": 2,
-                  "log_every": 5, "checkpoint_every": 10, "ema_decay": 0.99},
-        "eval": {"fid_samples": 0, "val_batches": 0},
-        "resources": {"workers_per_trial": 1},
-        "tracking": {"system_metrics": False},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict) and isinstance(study.get(section), dict):
-            study[section].update(values)
-        else:
-            study[section] = values
-    return study
-
-
-def write_study(path: Path, study: dict) -> Path:
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
-    return path
-
-
-def ditscale(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600,
-             check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess (as a user would), in `cwd`."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("MLFLOW_TRACKING_URI", None) if env is None or "MLFLOW_TRACKING_URI" not in env else None
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=full_env, text=True,
-                          capture_output=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"ditscale {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-                             f"\n--- stderr\n{proc.stderr[-6000:]}")
-    return proc
-
-
 # --- the one-node Slurm cluster (tests/test_slurm*.py, test_credentials.py) ------------------------------
 # One session fixture here, not imported into test modules: an imported session fixture is a separate
-# instance per module, and two clusters on the test cluster's fixed ports cannot both start.
-
-SLURM_START = ROOT / "slurm" / "testing" / "start-local-cluster.sh"
-SLURM_STOP = ROOT / "slurm" / "testing" / "stop-local-cluster.sh"
+# instance per module, and two clusters on the test cluster's fixed ports cannot both start. Under
+# pytest-xdist every test that uses it runs on one worker (the "slurm" group, below).
 
 
 @pytest.fixture(scope="session")
@@ -107,8 +73,115 @@ def slurm_cluster():
             shutil.rmtree(state, ignore_errors=True)
 
 
-def cluster_exports(stdout: str) -> dict:
-    """The `export NAME=VALUE` lines a start script printed (values quoted for the shell): its state
-    folder (DITSCALE_SLURM_STATE / DITSCALE_NETNS_STATE, printed first, so also by a failed start) and,
-    once the cluster is up, SLURM_CONF."""
-    return {name: shlex.split(value)[0] for name, value in re.findall(r"^export (\w+)=(.+)$", stdout, re.MULTILINE)}
+@pytest.fixture
+def submit(slurm_cluster):
+    """submit(study_path, *options) -> Job, through `ditscale slurm submit`; cancels leftovers."""
+    jobs = []
+
+    def run(study: Path, *options: str):
+        proc = ditscale("slurm", "submit", str(study), "--nodes", "1", *options, cwd=study.parent,
+                        env={"SLURM_CONF": slurm_cluster})
+        jobs.append(submitted_job(slurm_cluster, proc.stdout))
+        return jobs[-1]
+
+    yield run
+    for job in jobs:
+        if job_info(job.conf, job.id).get("JobState") not in FINAL_STATES:
+            job.cancel()
+
+
+# --- the three-host cluster of network namespaces (tests/test_netns_*.py) -----------------------------------
+# One per module (test_netns_hostloss.py loses hosts of its cluster on purpose).
+
+
+@pytest.fixture(scope="module")
+def netns_cluster():
+    """{"conf", "name", "net", "state"} of a running three-host cluster, stopped (and checked gone) at the end."""
+    problem = missing_piece()
+    if problem:
+        if os.environ.get("DITSCALE_REQUIRE_SLURM") == "1":
+            pytest.fail(f"DITSCALE_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+    name = f"dsn{os.getpid() % 1000000}"  # namespaces, hostnames, bridge: dsnPID-h1.., dsnPID-br
+    net = free_net()
+    env = {**{k: v for k, v in os.environ.items() if k != "DITSCALE_NETNS_STATE"}, "PATH": SBIN,
+           "DITSCALE_NETNS_HOSTS": str(HOSTS), "DITSCALE_NETNS_NAME": name, "DITSCALE_NETNS_NET": net}
+    t0 = time.monotonic()
+    state = None  # the private folder the start script makes and prints first
+    try:
+        try:
+            proc = subprocess.run([str(START)], capture_output=True, text=True, timeout=180, env=env)
+            out, err, rc = proc.stdout, proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as timeout:
+            out, err, rc = timeout.stdout or "", timeout.stderr or "", "timeout"
+            out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x for x in (out, err))
+        exported = cluster_exports(out)
+        state = Path(exported["DITSCALE_NETNS_STATE"]) if "DITSCALE_NETNS_STATE" in exported else None
+        assert rc == 0, f"the namespace cluster did not start ({rc}):\n{out}\n{err}"
+        print(f"netns cluster {name} on {net}.0/24: up after {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        yield {"conf": exported["SLURM_CONF"], "name": name, "net": net, "state": state}
+    finally:  # also when the start failed half-way: it recorded what it created
+        if state is not None:
+            subprocess.run([str(STOP), str(state)], capture_output=True, timeout=180, env=env)
+        left = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                            env=env).stdout.split() if ns.startswith(f"{name}-")]
+        bridge = subprocess.run(["ip", "link", "show", "dev", f"{name}-br"], capture_output=True, env=env)
+        assert not left and bridge.returncode != 0, f"stop-netns-cluster.sh left {left} / bridge {name}-br behind"
+        if state is not None:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+# --- what a test leaves behind --------------------------------------------------------------------------
+# Code the tests call in-process sets process-wide state on purpose where it runs in a worker (MASTER_PORT,
+# RAY_AUTH_TOKEN_PATH, GLOO_SOCKET_IFNAME, ...: harness/common/process_group.py, launch/local_ray.py); a
+# later test would inherit it, and so would every `ditscale` it starts. Each test gets the environment and
+# working directory it started with back; the tests that changed them are listed at the end of the run.
+
+_LEAKS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment(request):
+    before, cwd = dict(os.environ), os.getcwd()
+    yield
+    after = dict(os.environ)
+    changed = sorted(k for k in before.keys() | after.keys()
+                     if before.get(k) != after.get(k) and k != "PYTEST_CURRENT_TEST")  # pytest's own
+    for key in changed:
+        if key in before:
+            os.environ[key] = before[key]
+        else:
+            del os.environ[key]
+    moved = os.getcwd() != cwd
+    if moved:
+        os.chdir(cwd)
+    if changed or moved:
+        _LEAKS.append(f"{request.node.nodeid}: {', '.join(changed)}{' cwd' if moved else ''}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _LEAKS:
+        terminalreporter.write_sep("-", "tests that changed os.environ or the cwd (restored after each)")
+        for line in _LEAKS:
+            terminalreporter.write_line(line)
+
+
+# --- pytest-xdist: which tests must share one worker ---------------------------------------------------------
+# `-n 2 --dist loadgroup` (pyproject.toml): tests in one xdist_group run on one worker, one after another.
+# The one-node Slurm cluster binds fixed ports (one per session, so one worker), and the Slurm and
+# network-namespace tests start munge, slurmctld and Ray nodes machine-wide: they run together on one
+# worker, and the CPU-bound Ray/DeepSpeed tests on the other.
+
+SERIAL_FIXTURES = {"slurm_cluster": "slurm", "submit": "slurm", "netns_cluster": "slurm"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): tests that pytest-xdist runs on one worker")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (its loadgroup suffix)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        groups = {SERIAL_FIXTURES[f] for f in item.fixturenames if f in SERIAL_FIXTURES}
+        if groups and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))

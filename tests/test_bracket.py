@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import tiny_study, write_study
+from tests.support import tiny_study, write_study
 
 GEOMS = [(50, "g50"), (100, "g100"), (200, "g200"), (400, "g400"), (700, "g700"), (900, "g900"), (1600, "g1600")]
 

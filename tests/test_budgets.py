@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.conftest import ditscale, tiny_study, write_study
+from tests.support import ditscale, tiny_study, write_study
 
 
 def _trials(digits_dir, tmp_path, grid=None, **train):

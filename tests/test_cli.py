@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.test_flops import PAPER_GFLOPS
+from tests.support.dit_paper import PAPER_GFLOPS
 
 
 def ditscale(*args, check=True):

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, tiny_study, write_study
-from tests.test_slurm import submit  # noqa: F401  (fixture: submit(study, *options) -> Job on conftest's slurm_cluster)
+from tests.support import ROOT, tiny_study, write_study
 
 _CLEAN = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
           "SLURM_JOB_ID")
@@ -241,7 +240,7 @@ echo "PASSWORD_SHA=$(printf %s "${MLFLOW_TRACKING_PASSWORD:-}" | sha256sum | cut
 def test_the_job_gets_the_password_from_its_environment_not_its_command_line(submit, cred_study, tmp_path):  # noqa: F811
     """The real sbatch and slurmctld: neither `scontrol show job` nor the job's log shows the password,
     and the job's environment holds it."""
-    from tests.test_slurm import job_info, slurm
+    from tests.support.slurm import job_info, slurm
 
     probe = tmp_path / "probe.sbatch"
     probe.write_text(PROBE)

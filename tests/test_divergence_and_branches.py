@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_study, write_study
+from tests.support import tiny_study, write_study
 
 TRACES = Path(__file__).parent / "data" / "loss_traces.json"
 FACTOR = 3.0  # the budget trials' default (harness/config.py: DEFAULT_BUDGET_DIVERGENCE)

@@ -23,7 +23,9 @@ from PIL import Image
 
 import harness.assets as assets
 from harness.errors import UserError
-from tests.conftest import ditscale, tiny_study, write_study
+from tests.support import ditscale, tiny_study, write_study
+from tests.support.evaluation import evaluation_trial as _trial
+from tests.support.evaluation import evaluator as _evaluator
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
@@ -72,38 +74,6 @@ def digit_folders(digits_dir, tmp_path_factory):
         for i, image in enumerate(batch["images"][keep.numpy()]):
             Image.fromarray(image[:, :, 0]).save(root / name / f"{i:04d}.png")  # grayscale, as packed
     return root / "low", root / "high"
-
-
-def _trial(digits: Path, tmp_path: Path, **eval_section):
-    from harness.config import TrialConfig
-
-    study = tiny_study(digits, "evaluate", eval={"fid_samples": 96, "sampling_steps": 4, "cfg_scale": [1.0, 3.0],
-                                                 "batch_size": 32, "val_batches": 2, **eval_section},
-                       resources={"workers_per_trial": 1, "storage": str(tmp_path / "runs")},
-                       tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "system_metrics": False})
-    return TrialConfig.model_validate(study)
-
-
-def _evaluator(trial):
-    from harness.evaluation.evaluator import Evaluator
-    from harness.trial.build import build_denoiser, build_objective_for, dataset_info
-    from harness.common.process_group import DistInfo
-
-    dist = DistInfo(0, 1, 0, torch.device("cpu"))
-    info = dataset_info(trial)
-    torch.manual_seed(0)
-    model, conditioner = build_denoiser(trial, info, dist.device)
-    _perturb(model)
-    return Evaluator(trial, info, conditioner, build_objective_for(trial), dist), model.eval()
-
-
-def _perturb(model) -> None:
-    """A freshly built DiT ignores its condition (adaLN-Zero): give the zero-initialised layers weights."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
 
 
 # --- Fréchet distance: our numbers are clean-fid's ----------------------------------------------------
@@ -612,7 +582,7 @@ def test_two_ranks_give_the_numbers_of_one(digits_dir, tmp_path, lenet):
 def test_training_evaluates_every_n_steps_under_zero3_on_two_ranks(digits_dir, tmp_path, lenet):
     import mlflow
 
-    from tests.test_train import _torchrun
+    from tests.support.procs import torchrun as _torchrun
 
     study = write_study(tmp_path / "s.yaml", tiny_study(
         digits_dir, "evaltrain", train={"zero_stage": 3, "steps": 20},
@@ -780,7 +750,7 @@ def test_standin_training_gives_the_same_weights_whatever_the_threads_and_isa(tm
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support import ROOT
 
     script = tmp_path / "train.py"
     script.write_text(_STANDIN_SCRIPT)

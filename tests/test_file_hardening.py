@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from harness.errors import UserError
-from tests.conftest import ROOT, ditscale, tiny_study, write_study
+from tests.support import ROOT, ditscale, tiny_study, write_study
 
 
 def _mount_tmpfs(where: Path, options: str) -> None:

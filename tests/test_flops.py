@@ -7,12 +7,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import build_model
 from models.flops import count_model, dit_count, latent_geometry, training_gflops
+from tests.support.dit_paper import PAPER_GFLOPS  # DiT paper, Table 4 (also test_cli's)
 
-# DiT paper, Table 4: forward Gflops (multiply-adds) at 256x256 px = 32x32x4 latents.
-PAPER_GFLOPS = {
-    "S/8": 0.36, "S/4": 1.41, "S/2": 6.06, "B/8": 1.42, "B/4": 5.56, "B/2": 23.01,
-    "L/8": 5.01, "L/4": 19.70, "L/2": 80.71, "XL/8": 7.39, "XL/4": 29.05, "XL/2": 118.64,
-}
 
 
 @pytest.mark.parametrize("short,paper", PAPER_GFLOPS.items())

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import ditscale, tiny_study, write_study
+from tests.support import ditscale, tiny_study, write_study
 
 SIZES = ["d1w32", "d1w64", "d2w64", "d2w96"]  # the surface L(N, D) needs >= 4 sizes and >= 10 runs
 BUDGETS = [5e8, 1e9, 2e9]

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_study, write_study
+from tests.support import tiny_study, write_study
+from tests.support.procs import free_port as _free_port
 
 FD_METRIC = re.compile(r"^(fid|fd_).*")
 
@@ -208,16 +209,8 @@ def test_study_view_and_links(tmp_path, digits_dir):
 # --- the UI in a real browser --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Page:
-    """One tab of headless Chromium (the DevTools-protocol client of tests/test_analysis.py)."""
+    """One tab of headless Chromium (the DevTools-protocol client of tests/support/chromium.py)."""
 
     def __init__(self, browser, width: int = 2400):
         self.b = browser
@@ -329,11 +322,10 @@ def _wait_healthy(uri: str, server: subprocess.Popen, tmp_path: Path, timeout: f
 
 @pytest.mark.slow
 def test_the_printed_link_opens_the_study_on_its_trials_in_chromium(tmp_path, digits_dir):
-    from tests.test_analysis import _CDP, _chromium
+    from tests.support.chromium import CDP as _CDP
+    from tests.support.chromium import chromium_or_skip
 
-    binary = _chromium()
-    if binary is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    binary = chromium_or_skip()
     t0 = time.time()
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"

@@ -18,7 +18,7 @@ import torch
 
 from harness import assets
 from harness.errors import UserError
-from tests.conftest import ditscale, tiny_study, write_study
+from tests.support import ditscale, tiny_study, write_study
 
 DINO_FOLDER = "metrics/facebook--dinov2-large"
 CLIP_FOLDER = "metrics/openai--clip-vit-large-patch14-336"
@@ -168,7 +168,8 @@ def test_too_few_embeddings_for_cmmd_is_an_error():
 
 
 def test_evaluator_logs_fd_dinov2_and_cmmd_from_the_assets_folder(digits_dir, tmp_path, tiny_assets):
-    from tests.test_evaluate import _evaluator, _trial
+    from tests.support.evaluation import evaluation_trial as _trial
+    from tests.support.evaluation import evaluator as _evaluator
 
     trial = _trial(digits_dir, tmp_path, metrics=["fd_dinov2", "cmmd"], fid_samples=96, cfg_scale=[1.0],
                    reference_samples=128, val_batches=0)

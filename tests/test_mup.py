@@ -216,7 +216,7 @@ torch.distributed.destroy_process_group()
 @pytest.mark.parametrize("stage", [2, 3])
 def test_per_role_learning_rates_reach_deepspeed_on_two_ranks(tmp_path, digits_dir, stage):
     from harness.config import expand_grid, load_study
-    from tests.conftest import ROOT, tiny_study, write_study
+    from tests.support import ROOT, tiny_study, write_study
 
     study = tiny_study(digits_dir, f"mup{stage}", model={"parametrization": "mup", "mup_base_width": 32},
                        train={"zero_stage": stage, "lr": 1e-3}, resources={"workers_per_trial": 2})

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, ditscale, tiny_study, write_study
-from tests.test_netns_cluster import SBIN, netns_cluster, submitted  # noqa: F401  (netns_cluster: a fixture)
-from tests.test_slurm import FINAL_STATES, Job, assert_one_finished_run_per_trial, job_info, slurm
+from tests.support import ROOT, ditscale, tiny_study, write_study
+from tests.support.netns import SBIN, submitted
+from tests.support.slurm import FINAL_STATES, Job, assert_one_finished_run_per_trial, job_info, slurm
 
 HOST_SCRIPT = ROOT / "slurm" / "testing" / "netns-host.sh"
 EVERY = 10   # train.checkpoint_every

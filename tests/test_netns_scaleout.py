@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_study, write_study
-from tests.test_netns_cluster import netns_cluster, run_to_completion, submitted  # noqa: F401  (netns_cluster: a fixture)
-from tests.test_slurm import SBATCH
+from tests.support import tiny_study, write_study
+from tests.support.netns import run_to_completion, submitted
+from tests.support.slurm import SBATCH
 
 _CLEAN_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_MODE",
               "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "DITSCALE_RAY_AUTH")

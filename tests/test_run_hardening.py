@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, ditscale, tiny_study, write_study
+from tests.support import ROOT, ditscale, tiny_study, write_study
+from tests.support.procs import free_port as _free_port
 
 _AUTH_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_MODE",
              "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -39,12 +40,6 @@ def _env(**extra: str) -> dict:
     """This environment without tracking, Ray-auth or torchrun variables, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in _AUTH_ENV}
     return {**env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -361,14 +356,14 @@ def test_long_study_name_is_refused_up_front_and_a_failed_sweep_fails_its_parent
     assert len(lines) == 1 and lines[0].startswith("name:") and "100" in lines[0], lines
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 
-    # A failure after the parent run opened: no Ray cluster where --address auto looks (an empty Ray
-    # temp folder, so that no other Ray on this machine is found).
+    # A failure after the parent run opened: joining a Ray cluster at a head that cannot exist (.invalid,
+    # RFC 2606). Not `--address auto`: Ray's "auto" falls back to any raylet on the machine, found by its
+    # command line (ray._private.services.find_gcs_addresses, whatever the temp folder), so any other Ray
+    # running then (a concurrent test, another session's sweep) was joined and this test failed.
     study = write_study(tmp_path / "s.yaml", _small(digits_dir, "failing"))
-    ray_tmp = tmp_path / "no-ray"
-    ray_tmp.mkdir()
-    proc = ditscale("sweep", str(study), "--no-report", "--address", "auto", cwd=tmp_path, check=False, timeout=300,
-                    env={"RAY_TMPDIR": str(ray_tmp)})
-    assert proc.returncode != 0 and "Could not find any running Ray" in proc.stderr, proc.stderr[-3000:]
+    proc = ditscale("sweep", str(study), "--no-report", "--address", "no-ray-head.invalid:6379", cwd=tmp_path,
+                    check=False, timeout=300)
+    assert proc.returncode != 0 and "cannot resolve 'no-ray-head.invalid'" in proc.stderr, proc.stderr[-3000:]
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import ditscale, tiny_study, write_study
+from tests.support import ditscale, tiny_study, write_study
 
 
 def _study(digits, name):
@@ -66,7 +66,7 @@ def test_grid_on_local_ray_with_fault_recovery_and_resume(tmp_path, digits_dir):
     assert "mlflow ui --backend-store-uri" in proc.stdout and "Report:" in proc.stdout
 
     # The report of this small real sweep renders with its figures (issue 9's check, reused).
-    from tests.test_analysis import check_report
+    from tests.support.synthetic import check_report
 
     index = check_report(uri, name, tmp_path / "report", parent_run_id=parents[0].info.run_id)
     # patch 4 vs 2 at lr 1e-3, judged from the trials' per-sample validation losses (gathered from both

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 TESTING = ROOT / "slurm" / "testing"
 SBATCH = ROOT / "slurm" / "sweep.sbatch"

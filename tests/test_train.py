@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ditscale, tiny_study, write_study
-from tests.test_phema import (
+from tests.support import ditscale, tiny_study, write_study
+from tests.support.phema import (
     EMA_CHOICE,
     POSTHOC,
     check_ema_choice,
     check_snapshots_after_kill_and_resume,
     saved_posthoc_state,
 )
+from tests.support.procs import free_port as _free_port
+from tests.support.procs import torchrun as _torchrun
 
 
 def _runs(uri: str, experiment: str):
@@ -38,21 +39,6 @@ def _loss_history(client, run_id: str) -> list[tuple[int, float]]:
 
 def _checkpoints(storage: Path, name: str) -> list[str]:
     return sorted(p.name for p in storage.glob(f"{name}/*/checkpoints/step-*"))
-
-
-def _torchrun(study: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "harness.cli", "train", str(study), *extra]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True, timeout=900)
-    assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

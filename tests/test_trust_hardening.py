@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ditscale, tiny_study, write_study
+from tests.support import ditscale, tiny_study, write_study
 
 
 def _mode(path: Path) -> int:
@@ -160,7 +160,8 @@ def test_inception_weights_are_verified_and_the_assets_copy_is_preferred(tmp_pat
 def test_report_removes_only_its_own_files_and_stays_inside_reports(tmp_path, monkeypatch):
     import mlflow
 
-    from tests.test_analysis import DIT_GFLOPS, _law_loss, log_synthetic_sweep
+    from tests.support.synthetic import DIT_GFLOPS, log_synthetic_sweep
+    from tests.support.synthetic import law_loss as _law_loss
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfgs = [{"family": "dit", "size": s, "patch": 8, "steps": 300, "gflops": DIT_GFLOPS[(s, 8)]} for s in ("S", "B")]
