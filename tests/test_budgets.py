@@ -8,6 +8,7 @@ import math
 import pytest
 
 from tests.support import ditscale, tiny_study, write_study
+from tests.support.behaviours import Behaviours
 
 
 def _trials(digits_dir, tmp_path, grid=None, **train):
@@ -157,56 +158,67 @@ def test_branches_match_standalone_and_divergence_is_a_concluded_status(digits_d
     healthy = [r for r in got if r.data.params["train.lr"] != "50.0"]
     trunk = [r for r in healthy if r.data.tags.get("ditscale.role") == "trunk"]
     branches = [r for r in healthy if "branch_of" in r.data.tags]
-    assert len(trunk) == 1 and len(branches) == 2 and len(healthy) == 3 and len(got) == 6
-    assert {r.data.tags["branch_of"] for r in branches} == {trunk[0].data.tags["trial_id"]}
-    assert all(r.data.tags["ditscale.status"] == "finished" for r in healthy)
-    # The diverged trunk's branches: concluded as diverged, naming the trunk, each in its own run.
-    (bad_trunk,) = [r for r in got if r.data.params["train.lr"] == "50.0" and r.data.tags.get("ditscale.role") == "trunk"]
+    bad_trunks = [r for r in got if r.data.params["train.lr"] == "50.0" and r.data.tags.get("ditscale.role") == "trunk"]
+    assert len(bad_trunks) == 1, [r.data.tags for r in got]  # the one diverging trunk: the checks below read it
+    bad_trunk = bad_trunks[0]
     bad_id = bad_trunk.data.tags["trial_id"]
-    assert bad_trunk.data.tags["ditscale.status"].startswith("diverged: "), bad_trunk.data.tags
     bad_branches = [r for r in got if r.data.tags.get("branch_of") == bad_id]
-    assert [r.data.tags["ditscale.status"] for r in bad_branches] == [f"diverged (trunk {bad_id})"] * 2
     alone_runs = runs("branches-alone")
     standalone = {int(r.data.params["train.seed"]): r for r in alone_runs if r.data.params["train.lr"] != "50.0"}
-    assert set(branches[0].data.params) == set(standalone[0].data.params), "a branch has a standalone trial's params"
-    long_branch = next(r for r in branches if r.data.params["train.steps"] == "60")
-    assert long_branch.data.metrics["step"] == 60 and long_branch.data.metrics["samples_seen"] == 60 * 32
-    noise = abs(standalone[0].data.metrics["val_loss"] - standalone[1].data.metrics["val_loss"])
-    gap = abs(long_branch.data.metrics["val_loss"] - standalone[0].data.metrics["val_loss"])
-    print(f"\nval_loss: branch {long_branch.data.metrics['val_loss']:.4f}, standalone seed 0 "
-          f"{standalone[0].data.metrics['val_loss']:.4f}, seed 1 {standalone[1].data.metrics['val_loss']:.4f}; "
-          f"gap {gap:.4f}, run-to-run noise {noise:.4f}")
-    assert gap <= max(2 * noise, 0.02 * standalone[0].data.metrics["val_loss"]), (gap, noise)
+    long_branch = next((r for r in branches if r.data.params["train.steps"] == "60"), None)
+    checks = Behaviours()  # seven behaviours of these two sweeps, each reported by name
+
+    with checks("each branch is its own finished trial run of the one trunk (tag branch_of)"):
+        assert len(trunk) == 1 and len(branches) == 2 and len(healthy) == 3 and len(got) == 6
+        assert {r.data.tags["branch_of"] for r in branches} == {trunk[0].data.tags["trial_id"]}
+        assert all(r.data.tags["ditscale.status"] == "finished" for r in healthy)
+    with checks("a diverged trunk's branches conclude as diverged, naming the trunk, each in its own run"):
+        assert bad_trunk.data.tags["ditscale.status"].startswith("diverged: "), bad_trunk.data.tags
+        assert [r.data.tags["ditscale.status"] for r in bad_branches] == [f"diverged (trunk {bad_id})"] * 2
+    with checks("a branch has a standalone trial's params and trains its steps"):
+        assert set(branches[0].data.params) == set(standalone[0].data.params), "a branch has a standalone trial's params"
+        assert long_branch.data.metrics["step"] == 60 and long_branch.data.metrics["samples_seen"] == 60 * 32
+    with checks("a branch ends at the standalone trial's val_loss within run-to-run noise"):
+        noise = abs(standalone[0].data.metrics["val_loss"] - standalone[1].data.metrics["val_loss"])
+        gap = abs(long_branch.data.metrics["val_loss"] - standalone[0].data.metrics["val_loss"])
+        print(f"\nval_loss: branch {long_branch.data.metrics['val_loss']:.4f}, standalone seed 0 "
+              f"{standalone[0].data.metrics['val_loss']:.4f}, seed 1 {standalone[1].data.metrics['val_loss']:.4f}; "
+              f"gap {gap:.4f}, run-to-run noise {noise:.4f}")
+        assert gap <= max(2 * noise, 0.02 * standalone[0].data.metrics["val_loss"]), (gap, noise)
     # The divergence rule's state (harness/trial/divergence.py) counts every step once, step 1 (judged on
     # its own) included, and travels in the checkpoint.
-    import torch
+    with checks("the divergence state counts every step and travels in the checkpoint"):
+        import torch
 
-    final = (tmp_path / "runs" / "branches-alone" / standalone[0].data.tags["trial_id"] / "checkpoints"
-             / "step-00000060" / "mp_rank_00_model_states.pt")
-    smoothed = torch.load(final, weights_only=False, map_location="cpu")["smoothed_loss"]
-    assert smoothed["steps"] == 60 and 0 < smoothed["minimum"] < 3 * standalone[0].data.metrics["loss"], smoothed
+        final = (tmp_path / "runs" / "branches-alone" / standalone[0].data.tags["trial_id"] / "checkpoints"
+                 / "step-00000060" / "mp_rank_00_model_states.pt")
+        smoothed = torch.load(final, weights_only=False, map_location="cpu")["smoothed_loss"]
+        assert smoothed["steps"] == 60 and 0 < smoothed["minimum"] < 3 * standalone[0].data.metrics["loss"], smoothed
 
     # Divergence: the trial with a learning rate far too high stopped as diverged; the sweep went on
     # (and exited 0), and a second sweep does not train it again.
-    statuses = {(r.data.params["train.lr"], r.data.params["train.seed"]): r.data.tags["ditscale.status"]
-                for r in alone_runs}
-    assert statuses[("50.0", "0")].startswith("diverged"), statuses
-    assert statuses[("50.0", "0")].count(" at step ") == 1, statuses
-    assert all(v == "finished" for k, v in statuses.items() if k[0] != "50.0"), statuses
-    assert first.returncode == 0, first.stderr[-3000:]
-    again = ditscale("sweep", str(paths["branches-alone"]), "--no-report", cwd=tmp_path, timeout=600)
-    assert "3 of 3 trials already finished or diverged" in again.stdout
+    with checks("a diverged trial stops, the sweep goes on and exits 0, a second sweep does not train it"):
+        statuses = {(r.data.params["train.lr"], r.data.params["train.seed"]): r.data.tags["ditscale.status"]
+                    for r in alone_runs}
+        assert statuses[("50.0", "0")].startswith("diverged"), statuses
+        assert statuses[("50.0", "0")].count(" at step ") == 1, statuses
+        assert all(v == "finished" for k, v in statuses.items() if k[0] != "50.0"), statuses
+        assert first.returncode == 0, first.stderr[-3000:]
+        again = ditscale("sweep", str(paths["branches-alone"]), "--no-report", cwd=tmp_path, timeout=600)
+        assert "3 of 3 trials already finished or diverged" in again.stdout
 
     # Heal: the long branch is lost (its run failed, its folder gone) and so are the finished trunk's
     # checkpoints: the next sweep trains the trunk again, then the branch; the diverged ones stay concluded.
-    client.set_tag(long_branch.info.run_id, "ditscale.status", "failed: node lost")
-    study_runs = tmp_path / "runs" / "branches"
-    shutil.rmtree(study_runs / long_branch.data.tags["trial_id"])
-    shutil.rmtree(study_runs / trunk[0].data.tags["trial_id"] / "checkpoints")
-    healed = ditscale("sweep", str(paths["branches"]), "--no-report", cwd=tmp_path, timeout=1500)
-    assert f"trunk {trunk[0].data.tags['trial_id']}: its checkpoint at step 45 is gone" in healed.stdout, healed.stdout
-    assert "3 of 4 trials already finished or diverged" in healed.stdout  # the 2 diverged ones among them
-    after = {r.data.tags["trial_id"]: r.data.tags["ditscale.status"] for r in runs("branches")}
-    assert after[long_branch.data.tags["trial_id"]] == "finished" and after[trunk[0].data.tags["trial_id"]] == "finished"
-    assert (study_runs / trunk[0].data.tags["trial_id"] / "checkpoints" / "step-00000045").is_dir()
-    assert [after[r.data.tags["trial_id"]] for r in bad_branches] == [f"diverged (trunk {bad_id})"] * 2
+    with checks("a lost branch whose trunk's checkpoints are gone is trained again, trunk first"):
+        client.set_tag(long_branch.info.run_id, "ditscale.status", "failed: node lost")
+        study_runs = tmp_path / "runs" / "branches"
+        shutil.rmtree(study_runs / long_branch.data.tags["trial_id"])
+        shutil.rmtree(study_runs / trunk[0].data.tags["trial_id"] / "checkpoints")
+        healed = ditscale("sweep", str(paths["branches"]), "--no-report", cwd=tmp_path, timeout=1500)
+        assert f"trunk {trunk[0].data.tags['trial_id']}: its checkpoint at step 45 is gone" in healed.stdout, healed.stdout
+        assert "3 of 4 trials already finished or diverged" in healed.stdout  # the 2 diverged ones among them
+        after = {r.data.tags["trial_id"]: r.data.tags["ditscale.status"] for r in runs("branches")}
+        assert after[long_branch.data.tags["trial_id"]] == "finished" and after[trunk[0].data.tags["trial_id"]] == "finished"
+        assert (study_runs / trunk[0].data.tags["trial_id"] / "checkpoints" / "step-00000045").is_dir()
+        assert [after[r.data.tags["trial_id"]] for r in bad_branches] == [f"diverged (trunk {bad_id})"] * 2
+    checks.done()
