@@ -185,3 +185,18 @@ def pytest_collection_modifyitems(config, items):
         groups = {SERIAL_FIXTURES[f] for f in item.fixturenames if f in SERIAL_FIXTURES}
         if groups and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(groups.pop()))
+        if getattr(config.option, "loadgroup", False):
+            _group_suffix(item)
+
+
+def _group_suffix(item) -> None:
+    """xdist's loadgroup schedules by a suffix of the node id (`nodeid@group`), which pytest-xdist 3.8 sets
+    as `item._nodeid`; pytest 9.2 derives `Item.nodeid` from `item._id`, so that suffix is lost and each
+    group's tests are spread over both workers (measured: two Slurm tests on gw0 and gw1). Set it where
+    pytest 9.2 reads it; older pytest (no `_id`) takes xdist's own."""
+    marks = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                    for m in item.iter_markers("xdist_group")})
+    if marks and hasattr(item, "_id") and "@" not in item.nodeid:
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(marks)}")

@@ -51,7 +51,8 @@ class Job:
         return self.log.read_text(errors="replace") if self.log.is_file() else "(no log yet)"
 
     def fail(self, why: str):
-        pytest.fail(f"job {self.id}: {why}\n--- job {job_info(self.conf, self.id)}\n--- log tail\n{self.text()[-8000:]}")
+        pytest.fail(f"job {self.id}: {why}\n--- job {job_info(self.conf, self.id)}\n"
+                    f"--- log tail\n{self.text()[-8000:]}")
 
     def wait_for(self, what: str, ok, timeout: float, poll: float = 0.5) -> dict:
         deadline = time.monotonic() + timeout
