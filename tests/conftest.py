@@ -137,7 +137,7 @@ def netns_cluster():
 # later test would inherit it, and so would every `ditscale` it starts. Each test gets the environment and
 # working directory it started with back; the tests that changed them are listed at the end of the run.
 
-_LEAKS: list[str] = []
+LEAK = "environment changed"  # a user property of the test's report (xdist sends it to the controller)
 
 
 @pytest.fixture(autouse=True)
@@ -156,14 +156,17 @@ def _restore_environment(request):
     if moved:
         os.chdir(cwd)
     if changed or moved:
-        _LEAKS.append(f"{request.node.nodeid}: {', '.join(changed)}{' cwd' if moved else ''}")
+        request.node.user_properties.append((LEAK, ", ".join(changed + (["cwd"] if moved else []))))
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _LEAKS:
+    leaks = sorted({(report.nodeid, value) for reports in terminalreporter.stats.values() for report in reports
+                    if getattr(report, "when", None) == "teardown"
+                    for name, value in getattr(report, "user_properties", ()) if name == LEAK})
+    if leaks:
         terminalreporter.write_sep("-", "tests that changed os.environ or the cwd (restored after each)")
-        for line in _LEAKS:
-            terminalreporter.write_line(line)
+        for nodeid, value in leaks:
+            terminalreporter.write_line(f"{nodeid}: {value}")
 
 
 # --- pytest-xdist: which tests must share one worker ---------------------------------------------------------
