@@ -222,7 +222,8 @@ def test_one_gather_updates_the_ema_and_the_posthoc_profiles_together():
         assert torch.equal(ema_a.shadow[n], ema_b.shadow[n])
         assert all(torch.equal(a[n], b[n]) for a, b in zip(ph_a.shadows, ph_b.shadows))
     with pytest.raises(ValueError, match="different gather"):
-        other = PowerFunctionEMA(together, (0.05,), gather=lambda params, modifier_rank=None: zero_b(params, modifier_rank))
+        other = PowerFunctionEMA(together, (0.05,),
+                                 gather=lambda params, modifier_rank=None: zero_b(params, modifier_rank))
         update_together(together, ema_b, other)
     stranger = PowerFunctionEMA(nn.Linear(3, 4), (0.05,))  # built from another network
     stranger.gather = zero_b

@@ -17,6 +17,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a trained trial (val loss, FID, samples) from its checkpoint",
                        description="Sample from the trial's EMA weights and log val_loss, fid_cfg* (or the named "
                                    "stand-in fd_<extractor>_cfg*), kid and sample grids into its MLflow run. "
+                                   "With eval.ema_sigma_rels (a trial trained with train.posthoc_ema) the EMA is "
+                                   "instead, as at the end of a trial, the listed width with the lowest validation "
+                                   "loss, rebuilt from the trial folder's snapshots at the checkpoint's step "
+                                   "(val_loss_ema<width> for each, param eval.ema_sigma_rel_best). "
                                    "Runs alone or under torchrun (sampling is spread over the ranks).")
     p.add_argument("config", help="study YAML file")
     p.add_argument("--trial", type=int, default=None,

@@ -4,7 +4,9 @@ The EMA weights of the checkpoint go into the trial's model (harness/trial/build
 training does) and the Evaluator runs on them, alone or under torchrun (sampling spread over the
 ranks); rank 0 logs into the trial's MLflow run. The checkpoint is chosen as a resumed trial chooses
 one (harness/trial/checkpoint.py, choose_checkpoint): a newest tag whose EMA cannot be read or loaded
-is named in a warning and the next older one is used.
+is named in a warning and the next older one is used. With eval.ema_sigma_rels the weights evaluated are
+the best post-hoc EMA width's at the checkpoint's step, chosen as at the end of a trial
+(harness/trial/posthoc_ema.py, choose_at_checkpoint).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from harness.evaluation.evaluator import Evaluator
 from harness.tracking import STATUS_TAG, RunLogger, experiment_id, find_trial_run, open_trial_run, resolve_tracking_uri
 from harness.trial.build import build_trial
 from harness.trial.checkpoint import EMA_FILE, choose_checkpoint, ema_unreadable, eval_candidates, step_of_checkpoint
+from harness.trial.posthoc_ema import choose_at_checkpoint, log_checkpoint_choice
 from models.ema import EMA
 
 
@@ -48,12 +51,16 @@ def evaluate_checkpoint(trial, checkpoint: str | None = None, *, device: str | N
     step = step_of_checkpoint(path)
     ema.copy_to(model)
     model.to(dist.device).eval()
-    evaluator = Evaluator(override_trial(trial, eval_overrides), built.info, built.conditioner, built.objective,
-                          dist, progress=progress)
+    evaluated = override_trial(trial, eval_overrides)
+    choice = choose_at_checkpoint(trial, evaluated, built, dist, model, step)  # eval.ema_sigma_rels: the best width
+    evaluator = Evaluator(evaluated, built.info, built.conditioner, built.objective, dist, progress=progress)
     metrics, images = evaluator.run(model, step)
+    metrics.update(choice.metrics() if choice is not None else {})
     run_id = None
     if log and dist.is_main:
         run_id = log_evaluation(trial, metrics, images, step, evaluator.tags())
+    if dist.is_main:
+        log_checkpoint_choice(trial, run_id, choice)
     return metrics, images, run_id
 
 

@@ -11,7 +11,6 @@ Checkpoints (harness/trial/checkpoint.py) live in the trial folder (harness/path
 
 from __future__ import annotations
 
-import math
 import random
 import socket
 import time
@@ -33,7 +32,7 @@ from harness.trial.batches import TrainBatches
 from harness.trial.build import build_trial
 from harness.trial.checkpoint import TrialState, came_from_trunk, prepare_checkpoint_root, resume, save_checkpoint
 from harness.trial.engine import build_engine
-from harness.trial.posthoc_ema import BEST_PARAM, FINAL_EMA_TAG, EMAChoice, PosthocEMA, choose_sigma_rel
+from harness.trial.posthoc_ema import EMAChoice, PosthocEMA, ema_chooser, log_ema_choice
 from harness.trial.startup import StartupPhases
 from harness.trial.stopping import StopRequests
 from models.ema import EMA
@@ -94,7 +93,7 @@ def train_trial(
                if trial.train.posthoc_ema.sigma_rels else None)  # train.posthoc_ema: EDM2's profiles, snapshots
     evaluator = Evaluator(trial, built.info, built.conditioner, built.objective, dist)
 
-    choose_ema = _ema_chooser(trial, built, dist, gather) if trial.eval.ema_sigma_rels else None
+    choose_ema = ema_chooser(trial, built, dist, trial_dir(trial), gather) if trial.eval.ema_sigma_rels else None
     state = resume(engine, ema, dist, ckpt_root, resume_from, phema=posthoc.ema if posthoc else None)
     if came_from_trunk(ckpt_root, state.step):
         state.run_id = None  # the trunk's run: a branch logs into its own
@@ -250,9 +249,10 @@ class Trainer:
         self.state.samples_seen += self.cfg.batch_size
         self.window.samples += self.cfg.batch_size
         self.window.steps += 1
-        self.ema.update(self.engine.module)
-        if self.posthoc is not None:  # every rank (a ZeRO-3 gather); rank 0 writes its snapshots
-            self.posthoc.update(self.engine.module, self.state.step)
+        if self.posthoc is None:
+            self.ema.update(self.engine.module)
+        else:  # every rank: both EMAs from one ZeRO-3 gather; rank 0 writes the snapshots
+            self.posthoc.update(self.engine.module, self.state.step, running=self.ema)
         if first:
             self.phases.mark("first_step")
             self.last["startup_s"] = self.phases.total()
@@ -339,36 +339,11 @@ class Trainer:
         """Rank 0: the param eval.ema_sigma_rel_best and a tag saying the final evaluation used it."""
         if self.logger is None:
             return
-        client, run_id, best = self.logger.client, self.logger.run_id, f"{choice.best:g}"
-        logged = client.get_run(run_id).data.params.get(BEST_PARAM)
-        if logged is None:
-            client.log_param(run_id, BEST_PARAM, best)
-        elif logged != best:  # re-evaluated after a resume and the choice flipped: MLflow params are immutable
-            print(f"{self.tag} {BEST_PARAM} stays {logged} (logged before); this evaluation used {best}", flush=True)
-        self.logger.set_tag(FINAL_EMA_TAG, choice.tag())
-        losses = " ".join(f"{s:g}: {v:.5g}" for s, v in choice.val_losses.items())
-        print(f"{self.tag} post-hoc EMA val_loss by sigma_rel {losses}; evaluated sigma_rel {best} "
-              f"({choice.seconds:.1f} s to choose)", flush=True)
+        log_ema_choice(self.logger, choice, lambda line: print(f"{self.tag} {line}", flush=True))
 
     def _report(self, checkpoint: Path | None) -> None:
         if self.report is not None:
             self.report(dict(self.last), checkpoint)
-
-
-def _ema_chooser(trial: TrialConfig, built, dist: DistInfo, gather) -> ChooseEMA:
-    """eval.ema_sigma_rels: (module, step) -> the EMAChoice of harness/trial/posthoc_ema.choose_sigma_rel,
-    scoring each width with a second evaluator that computes the validation loss only (eval.fid_samples 0:
-    no sampling), on the same fixed samples as the trial's evaluator."""
-    val_only = trial.model_copy(update={"eval": trial.eval.model_copy(update={"fid_samples": 0})})
-    evaluator = Evaluator(val_only, built.info, built.conditioner, built.objective, dist)
-
-    def choose(module: torch.nn.Module, step: int) -> EMAChoice:
-        def validate(m: torch.nn.Module) -> float:
-            return evaluator.run(m, step)[0].get("val_loss", math.nan)
-
-        return choose_sigma_rel(trial_dir(trial), trial.eval.ema_sigma_rels, step, module, validate, dist, gather)
-
-    return choose
 
 
 def _worker_hostnames() -> list[str]:

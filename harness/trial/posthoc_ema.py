@@ -30,7 +30,9 @@ import json
 import math
 import os
 import re
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +43,8 @@ from harness.common.process_group import broadcast_object
 from harness.errors import UserError
 from harness.files import atomic_write, atomic_write_text, disk_full, not_writable_message, write_refused
 from harness.paths import BRANCH_MARKER
-from models.ema import EMA
-from models.phema import PowerFunctionEMA, check_sigma_rel, sigma_rel_to_gamma, solve_weights_and_error
+from models.ema import EMA, update_together
+from models.phema import MAX_SIGMA_REL, PowerFunctionEMA, check_sigma_rel, sigma_rel_to_gamma, solve_weights_and_error
 
 PHEMA_DIR = "phema"
 MANIFEST = "profiles.json"
@@ -83,10 +85,11 @@ class PosthocEMA:
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.steps
 
-    def update(self, model, step: int) -> list[Path]:
-        """After optimizer step `step` (every rank): update the profiles, then write the snapshots if it is a
-        snapshot step (rank 0). Returns the files written."""
-        self.ema.update(model)
+    def update(self, model, step: int, running: EMA | None = None) -> list[Path]:
+        """After optimizer step `step` (every rank): update the profiles (and the trial's running EMA,
+        `running`, from the same read of the weights: one ZeRO-3 gather per step, not two), then write the
+        snapshots if it is a snapshot step (rank 0). Returns the files written."""
+        update_together(model, *([running] if running is not None else []), self.ema)
         if self.ema.num_updates != step:  # the profiles' t must be the trial's step, or every beta is wrong
             raise RuntimeError(f"post-hoc EMA at update {self.ema.num_updates}, the trial at step {step}")
         if not self.is_main or not self.due(step):
@@ -194,11 +197,13 @@ def _trunk(trial_dir: Path) -> tuple[Path, int] | None:
         raise UserError(f"{marker}: unreadable ({type(err).__name__}: {err})") from None
 
 
-def plan_reconstruction(trial_dir: str | os.PathLike, sigma_rel: float, step: int | None = None) -> Plan:
+def plan_reconstruction(trial_dir: str | os.PathLike, sigma_rel: float, step: int | None = None,
+                        step_from: str = "--step") -> Plan:
     """The snapshots and weights that rebuild the EMA of width `sigma_rel` at `step` (default: the last
     snapshot step) in a trial folder: every snapshot of every tracked profile up to `step`. Raises
     UserError (one line, naming the flag or file) for a sigma_rel outside (0, 0.3], a step beyond the
-    last snapshot, or a snapshot that should be there and is not."""
+    last snapshot, or a snapshot that should be there and is not. `step_from` names where the step came
+    from in those lines (the flag; `ditscale eval` says --checkpoint)."""
     trial_dir = Path(trial_dir)
     try:
         sigma_rel = check_sigma_rel(sigma_rel, "--sigma-rel")
@@ -227,12 +232,12 @@ def plan_reconstruction(trial_dir: str | os.PathLike, sigma_rel: float, step: in
     if step is None:
         step = last
     if step < 1 or step > last:
-        raise UserError(f"--step: {step} is beyond the last snapshot (step {last})" if step > last
-                        else f"--step: {step} must be >= 1")
+        raise UserError(f"{step_from}: {step} is beyond the last snapshot (step {last})" if step > last
+                        else f"{step_from}: {step} must be >= 1")
     every = manifest["snapshot_every"]
     if step % every and step != manifest["steps"] and all(n != step for _, n in found):
         # Between snapshots the profile's newest part (after the previous one) is in no snapshot: the fit is poor.
-        raise UserError(f"--step: {step} is not a snapshot step (every {every} steps and the last, "
+        raise UserError(f"{step_from}: {step} is not a snapshot step (every {every} steps and the last, "
                         f"{manifest['steps']}); the nearest earlier one is {step - step % every}")
     expected = set(range(every, step + 1, every)) | ({manifest["steps"]} if manifest["steps"] <= step else set())
     snapshots = []
@@ -323,23 +328,43 @@ class EMAChoice:
 
     def tag(self) -> str:
         return (f"post-hoc EMA sigma_rel={self.best:g} (best validation loss of eval.ema_sigma_rels "
-                f"{[float(f'{s:g}') for s in self.val_losses]}), reconstructed at step {self.step} "
-                f"from {self.snapshots} snapshots")
+                f"{self._listed()}), reconstructed at step {self.step} from {self.snapshots} snapshots")
+
+    def _listed(self) -> list[float]:
+        return [float(f"{s:g}") for s in self.val_losses]
+
+    def edge_warning(self) -> str | None:
+        """One line when the best width is the smallest or the largest of several listed (with a finite
+        loss): the loss still fell at that edge, so the best width may lie outside the list, and the
+        evaluation used a width that is not the optimum. None otherwise (and at 0.3: no profile is wider)."""
+        listed = list(self.val_losses)
+        if len(listed) < 2 or not math.isfinite(self.val_losses[self.best]):
+            return None
+        if self.best == min(listed):
+            side, beyond = "smallest", "below it"
+        elif self.best == max(listed) and self.best < MAX_SIGMA_REL:
+            side, beyond = "largest", f"above it (up to {MAX_SIGMA_REL:g})"
+        else:
+            return None
+        return (f"warning: eval.ema_sigma_rels: the best sigma_rel, {self.best:g}, is the {side} listed "
+                f"({self._listed()}), so the best width may lie {beyond}; extend eval.ema_sigma_rels past it")
 
 
-def choose_sigma_rel(trial_dir, sigma_rels, step: int, module, validate, dist, gather=None) -> EMAChoice:
+def choose_sigma_rel(trial_dir, sigma_rels, step: int, module, validate, dist, gather=None,
+                     step_from: str = "--step") -> EMAChoice:
     """Collective (every rank calls it). For each width: rank 0 rebuilds its EMA from the trial folder's
     snapshots at `step`, every rank receives the weights (a broadcast; the snapshots need not be on every
     node's disk), and `validate(module)` (the evaluator's validation loss, a collective) scores them in
     `module`; the module's own weights are restored afterwards. The lowest loss wins (a non-finite loss
     never does; a tie goes to the first listed). Rank 0 keeps the best width's weights, so every rank
-    ends with the same, whatever their losses' last digits. The caller puts the module in eval mode."""
+    ends with the same, whatever their losses' last digits. The caller puts the module in eval mode.
+    `step_from` names the step's origin in a reconstruction error (plan_reconstruction)."""
     started = time.perf_counter()
     holder = EMA(module, decay=1.0, gather=gather)  # a full fp32 copy of the weights, refilled per width
     losses: dict[float, float] = {}
     best, best_state, snapshots = None, None, 0
     for sigma_rel in sigma_rels:
-        state, snapshots = _reconstructed(trial_dir, sigma_rel, step, dist.is_main)
+        state, snapshots = _reconstructed(trial_dir, sigma_rel, step, dist.is_main, step_from)
         _share(holder, state, dist)
         with holder.swapped_into(module):
             losses[float(sigma_rel)] = float(validate(module))
@@ -355,13 +380,14 @@ def _score(loss: float) -> float:
     return loss if math.isfinite(loss) else math.inf
 
 
-def _reconstructed(trial_dir, sigma_rel: float, step: int, is_main: bool) -> tuple[dict | None, int]:
+def _reconstructed(trial_dir, sigma_rel: float, step: int, is_main: bool,
+                   step_from: str = "--step") -> tuple[dict | None, int]:
     """(rank 0: the rebuilt state dict, else None; the snapshots used). A failure on rank 0 (a missing
     snapshot: one line naming the file) is raised on every rank, so none waits in a collective for it."""
     state, snapshots, error = None, 0, None
     if is_main:
         try:
-            plan = plan_reconstruction(trial_dir, sigma_rel, step)
+            plan = plan_reconstruction(trial_dir, sigma_rel, step, step_from)
             state, snapshots = reconstruct(plan), len(plan.snapshots)
         except UserError as err:
             error = str(err)
@@ -382,3 +408,71 @@ def _share(holder: EMA, state: dict | None, dist) -> None:
     if dist.world_size > 1 and tdist.is_initialized():
         for name in sorted(holder.shadow):  # the same order on every rank
             tdist.broadcast(holder.shadow[name], src=0)
+
+
+ChooseEMA = Callable[[torch.nn.Module, int], EMAChoice]
+
+
+def ema_chooser(trial, built, dist, folder: Path, gather=None, step_from: str = "--step") -> ChooseEMA:
+    """eval.ema_sigma_rels, as the end of a trial (harness/trial/loop.py) and `ditscale eval`
+    (harness/trial/evaluate_checkpoint.py) both use it: (module, step) -> the EMAChoice of choose_sigma_rel
+    over the snapshots in `folder` (the trial folder that trained them), scoring each width with a second
+    evaluator that computes the validation loss only (eval.fid_samples 0: no sampling), on the same fixed
+    samples as the trial's evaluator. `built` is harness/trial/build.build_trial's result."""
+    from harness.evaluation.evaluator import Evaluator  # not needed by `ditscale ema reconstruct`
+
+    val_only = trial.model_copy(update={"eval": trial.eval.model_copy(update={"fid_samples": 0})})
+    evaluator = Evaluator(val_only, built.info, built.conditioner, built.objective, dist)
+
+    def choose(module: torch.nn.Module, step: int) -> EMAChoice:
+        def validate(m: torch.nn.Module) -> float:
+            return evaluator.run(m, step)[0].get("val_loss", math.nan)
+
+        return choose_sigma_rel(folder, trial.eval.ema_sigma_rels, step, module, validate, dist, gather, step_from)
+
+    return choose
+
+
+def log_ema_choice(logger, choice: EMAChoice, say: Callable[[str], None]) -> None:
+    """Rank 0, after the evaluation that used the choice: into the run (`logger`, a harness.tracking.RunLogger;
+    None: nothing logged) the param eval.ema_sigma_rel_best and a tag saying the evaluation used it; and
+    through `say` one line with every width's loss, plus the edge warning when there is one."""
+    best = f"{choice.best:g}"
+    if logger is not None:
+        logged = logger.client.get_run(logger.run_id).data.params.get(BEST_PARAM)
+        if logged is None:
+            logger.client.log_param(logger.run_id, BEST_PARAM, best)
+        elif logged != best:  # re-evaluated (a resume, `ditscale eval`) and the choice flipped: params are immutable
+            say(f"{BEST_PARAM} stays {logged} (logged before); this evaluation used {best}")
+        logger.set_tag(FINAL_EMA_TAG, choice.tag())
+    losses = " ".join(f"{s:g}: {v:.5g}" for s, v in choice.val_losses.items())
+    say(f"post-hoc EMA val_loss by sigma_rel {losses}; evaluated sigma_rel {best} ({choice.seconds:.1f} s to choose)")
+    warning = choice.edge_warning()
+    if warning is not None:
+        say(warning)
+
+
+def choose_at_checkpoint(trial, evaluated, built, dist, module, step: int) -> EMAChoice | None:
+    """`ditscale eval` (harness/trial/evaluate_checkpoint.py) of a trial whose evaluation lists
+    eval.ema_sigma_rels (`evaluated`: the trial with the command's eval.* overrides): as at the end of the
+    trial, each width is rebuilt at the checkpoint's step from the snapshots in the trial's own folder
+    (`trial`'s: overrides change the trial id, not where it trained) and scored by its validation loss;
+    `module` is left carrying the best width's weights for the full evaluation. None without the field."""
+    if not evaluated.eval.ema_sigma_rels:
+        return None
+    from harness.paths import trial_dir
+
+    choice = ema_chooser(evaluated, built, dist, trial_dir(trial), step_from="--checkpoint")(module, step)
+    choice.weights.copy_to(module)
+    return choice
+
+
+def log_checkpoint_choice(trial, run_id: str | None, choice: EMAChoice | None) -> None:
+    """Rank 0 of `ditscale eval`, after log_ema_choice's pattern: into the trial's run (`run_id`; None with
+    --no-log) and on stderr, so that --json's stdout stays JSON."""
+    if choice is None:
+        return
+    from harness.tracking import RunLogger, resolve_tracking_uri
+
+    logger = RunLogger(resolve_tracking_uri(trial.tracking.uri), run_id) if run_id else None
+    log_ema_choice(logger, choice, lambda line: print(line, file=sys.stderr, flush=True))
