@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .registry import parse_model_name
+from .registry import ModelSpec, as_spec
 
 # Latent-diffusion convention of the DiT paper: the SD VAE downsamples by 8 into 4 channels.
 VAE_DOWNSAMPLE = 8
@@ -58,7 +58,7 @@ def _linear(n_in: int, n_out: int, bias: bool = True) -> int:
 
 
 def dit_count(
-    name: str,
+    model: ModelSpec | str,
     input_size: int = 32,
     in_channels: int = 4,
     num_classes: int = 1000,
@@ -66,9 +66,11 @@ def dit_count(
     class_dropout_prob: float = 0.1,
     mlp_ratio: float = 4.0,
 ) -> ModelCount:
-    spec = parse_model_name(name)
+    spec = as_spec(model)
     if spec.family != "dit":
-        raise ValueError(f"{name} is not a DiT")
+        raise ValueError(f"{spec.name} is not a DiT")
+    if (spec.attention, spec.qk_norm) != ("joint", None):
+        raise ValueError(f"{spec.name}: attention={spec.attention!r} and qk_norm apply to MM-DiT only")
     D, p, L = spec.hidden, spec.patch, spec.depth
     if input_size % p:
         raise ValueError(f"patch {p} does not divide input size {input_size}")
@@ -100,7 +102,7 @@ def dit_count(
         + 2 * D * D + N * D * p * p * out_channels  # final layer
     )
     return ModelCount(
-        name=name, family="dit", depth=L, hidden=D, heads=spec.heads, patch=p, input_size=input_size,
+        name=spec.name, family="dit", depth=L, hidden=D, heads=spec.heads, patch=p, input_size=input_size,
         in_channels=in_channels, tokens=N, params=trainable + params_fixed, trainable_params=trainable,
         gflops=macs / 1e9,
     )
@@ -114,10 +116,10 @@ SD3_POOLED_DIM = 2048
 
 
 def mmdit_count(
-    name: str,
+    model: ModelSpec | str,
     input_size: int = 32,
     in_channels: int = 4,
-    attention: str = "joint",
+    attention: str | None = None,  # with a name only ("joint" when not given): a spec carries its variant
     qk_norm: str | None = None,
     text_tokens: int = SD3_TEXT_TOKENS,
     context_dim: int = SD3_CONTEXT_DIM,
@@ -129,11 +131,10 @@ def mmdit_count(
     class_dropout_prob: float = 0.0,  # accepted for symmetry with build_model; no effect on counts
 ) -> ModelCount:
     """Parameters and forward multiply-adds of `MMDiT` (models/mmdit.py), text stream included."""
-    spec = parse_model_name(name)
+    spec = as_spec(model, attention, qk_norm)
     if spec.family != "mmdit":
-        raise ValueError(f"{name} is not an MM-DiT")
-    if attention not in ("joint", "split"):
-        raise ValueError(f"attention must be joint or split, got {attention!r}")
+        raise ValueError(f"{spec.name} is not an MM-DiT")
+    attention, qk_norm = spec.attention, spec.qk_norm
     D, p, L, H = spec.hidden, spec.patch, spec.depth, spec.heads
     if input_size % p:
         raise ValueError(f"patch {p} does not divide input size {input_size}")
@@ -179,20 +180,21 @@ def mmdit_count(
         + 2 * D * D + Ni * D * p * p * out_channels
     )
     return ModelCount(
-        name=name, family="mmdit", depth=L, hidden=D, heads=H, patch=p, input_size=input_size,
+        name=spec.name, family="mmdit", depth=L, hidden=D, heads=H, patch=p, input_size=input_size,
         in_channels=in_channels, tokens=Ni, params=trainable, trainable_params=trainable, gflops=macs / 1e9,
         attention=attention, qk_norm=qk_norm, text_tokens=Nt, context_dim=context_dim, pooled_dim=pooled_dim,
     )
 
 
-def count_model(name: str, input_size: int, in_channels: int, **kwargs) -> ModelCount:
-    """Analytic counts for any preset name at a given model input size and channel count."""
-    family = parse_model_name(name).family
-    if family == "dit":
-        return dit_count(name, input_size=input_size, in_channels=in_channels, **kwargs)
-    if family == "mmdit":
-        return mmdit_count(name, input_size=input_size, in_channels=in_channels, **kwargs)
-    raise AssertionError(family)
+def count_model(model: ModelSpec | str, input_size: int, in_channels: int, **kwargs) -> ModelCount:
+    """Analytic counts of a spec (or a typed name, with `attention=` / `qk_norm=` for an MM-DiT) at a given
+    model input size and channel count. Needs no torch: planning and budgets count without building."""
+    spec = as_spec(model, kwargs.pop("attention", None), kwargs.pop("qk_norm", None))
+    if spec.family == "dit":
+        return dit_count(spec, input_size=input_size, in_channels=in_channels, **kwargs)
+    if spec.family == "mmdit":
+        return mmdit_count(spec, input_size=input_size, in_channels=in_channels, **kwargs)
+    raise AssertionError(spec.family)
 
 
 def latent_geometry(image_size: int) -> tuple[int, int]:

@@ -10,9 +10,10 @@ params (its sin-cos table is a buffer and is not counted).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from models.flops import count_model, latent_geometry
-from models.registry import list_presets
+from models.registry import ATTENTIONS, preset_specs
 
 GFLOPS_CONVENTION = "forward GFLOPs = multiply-adds of one forward pass, as in the DiT paper"
 
@@ -26,11 +27,11 @@ def model_rows(image_size: int | None = None, input_size: int | None = None, cha
         default_channels = 4
     channels = default_channels if channels is None else channels
     rows = []
-    for name in list_presets():
-        variants = [{"attention": "joint"}, {"attention": "split"}] if name.startswith("MMDiT-") else [{}]
-        for extra in variants:
+    for spec in preset_specs():
+        for attention in ATTENTIONS if spec.family == "mmdit" else ("joint",):
             try:
-                rows.append(count_model(name, input_size=input_size, in_channels=channels, **extra).as_dict())
+                rows.append(count_model(replace(spec, attention=attention), input_size=input_size,
+                                        in_channels=channels).as_dict())
             except ValueError:  # patch does not divide this input size
                 break
     return rows

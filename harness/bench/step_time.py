@@ -48,7 +48,7 @@ def _dit_inputs(input_size: int, channels: int) -> Callable[[int, torch.device],
 
 
 def _ours(spec: ModelSpec, input_size: int, channels: int) -> Contender:
-    model = build_model(spec.name, input_size=input_size, in_channels=channels, num_classes=NUM_CLASSES)
+    model = build_model(spec, input_size=input_size, in_channels=channels, num_classes=NUM_CLASSES)
     return Contender(f"ditscale {spec.name}", model, _dit_inputs(input_size, channels),
                      lambda m, a: m(a["x"], a["t"], a["y"]))
 
@@ -81,9 +81,9 @@ def _mmdit_inputs(input_size: int, channels: int) -> Callable[[int, torch.device
 
 
 def _ours_mmdit(spec: ModelSpec, input_size: int, channels: int) -> Contender:
-    model = build_model(spec.name, input_size=input_size, in_channels=channels, context_dim=SD3_CONTEXT_DIM,
-                        pooled_dim=SD3_POOLED_DIM, attention="joint")
-    return Contender(f"ditscale {spec.name} (joint)", model, _mmdit_inputs(input_size, channels),
+    model = build_model(spec, input_size=input_size, in_channels=channels, context_dim=SD3_CONTEXT_DIM,
+                        pooled_dim=SD3_POOLED_DIM)  # a typed name parses to SD3's joint attention
+    return Contender(f"ditscale {spec.name} ({spec.attention})", model, _mmdit_inputs(input_size, channels),
                      lambda m, a: m(a["x"], a["t"], a["context"], a["pooled"]))
 
 
@@ -178,7 +178,7 @@ def run_bench(
 ) -> dict:
     try:
         spec = parse_model_name(name)
-        count = count_model(name, input_size=input_size, in_channels=channels)
+        count = count_model(spec, input_size=input_size, in_channels=channels)
     except ValueError as err:
         raise UserError(str(err)) from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
