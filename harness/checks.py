@@ -1,5 +1,5 @@
 """Cross-field rules of a trial, checked before anything starts: what pydantic's per-field checks in
-harness/config.py cannot see (the patch divides the image, the batch divides across workers, the
+harness/schema.py cannot see (the patch divides the image, the batch divides across workers, the
 schedule fits the steps, `train.deepspeed` makes sense, the shards exist). Each problem is one line
 that names the dotted field to change.
 """
@@ -7,13 +7,9 @@ that names the dotted field to change.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from harness.data.shards import shard_urls
-from models.registry import parse_model_name
-
-if TYPE_CHECKING:  # the schema imports these rules: only the names here
-    from harness.config import TrainConfig, TrialConfig
+from harness.schema import TrainConfig, TrialConfig
 
 DEFAULT_COOLDOWN = 0.2            # WSD: Hagele et al. 2024 found 10-20 % cooldowns match cosine
 MAX_IMAGE_SIZE = 65536            # data.image_size: anything larger is a typo, not a dataset
@@ -232,7 +228,7 @@ def check_trial(trial: TrialConfig, check_files: bool = True) -> list[str]:
     problems = []
     m, d, t, r = trial.model, trial.data, trial.train, trial.resources
     try:
-        spec = parse_model_name(trial.model_name)
+        spec = m.spec()
     except ValueError as err:
         return [f"model.size: {err}"]
     if spec.hidden % spec.heads:
