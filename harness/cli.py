@@ -2,9 +2,9 @@
 
     models, bench      harness/bench/commands.py
     data               harness/data/commands.py (stats: harness/evaluation/data_stats.py)
-    train              harness/trial/commands.py
+    train, eval        harness/trial/commands.py
     plan, sweep, slurm harness/launch/commands.py
-    eval, assets       harness/evaluation/commands.py
+    assets             harness/evaluation/commands.py
     ema                harness/ema/commands.py
     report             here (analysis/report.py)
 
@@ -22,13 +22,13 @@ from harness.bench.commands import add_bench, add_models
 from harness.data.commands import add_data
 from harness.ema.commands import add_ema
 from harness.errors import UserError
-from harness.evaluation.commands import add_assets, add_eval
+from harness.evaluation.commands import add_assets
 from harness.evaluation.data_stats import add_data_stats
 from harness.files import not_writable_message, require_writable, write_refused
 from harness.launch.commands import add_plan, add_slurm, add_sweep
 from harness.paths import report_dir
 from harness.tracking import redact
-from harness.trial.commands import add_train
+from harness.trial.commands import add_eval, add_train
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

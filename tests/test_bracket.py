@@ -130,7 +130,7 @@ def test_an_added_trial_is_the_budgets_trial_resized_and_recorded_once(digits_di
     (so a size once in the grid gets its old trial id back), and its record is written once."""
     from harness.config import expand_grid, load_study
     from harness.launch.bracket import added_trial, bracket_folder, budget_key, load_added, write_record
-    from harness.trial.budget import resolve_budgets
+    from harness.study import resolve_budgets
 
     trials = resolve_budgets(expand_grid(load_study(_isoflop(digits_dir, tmp_path))))
     keys = {budget_key(t) for t in trials}
@@ -158,7 +158,7 @@ def test_a_record_whose_run_was_never_tagged_is_tagged_by_the_next_sweep(digits_
     from harness.config import expand_grid, load_study
     from harness.launch.bracket import ADDED_BY_TAG, ADDED_WHY_TAG, added_trial, bracket_folder, tag_recorded
     from harness.launch.bracket import load_added, write_record
-    from harness.trial.budget import resolve_budgets
+    from harness.study import resolve_budgets
 
     trials = resolve_budgets(expand_grid(load_study(_isoflop(digits_dir, tmp_path))))
     new = added_trial(trials[0], "d1w32")

@@ -31,7 +31,7 @@ def _per_step(trial) -> float:
 
 
 def test_budget_gives_steps_rounded_to_the_nearest_step(digits_dir, tmp_path):
-    from harness.trial.budget import resolve_budgets
+    from harness.study import resolve_budgets
 
     trials = _trials(digits_dir, tmp_path, flops=1.0, grid={"train.flops": [7.3e11, 2.2e12], "model.size": ["XXS", "XS"]})
     ids_before = [t.trial_id for t in trials]
@@ -58,7 +58,7 @@ def test_exactly_one_of_steps_and_flops(digits_dir, tmp_path):
 
 def test_budget_too_small_and_coinciding_budgets_name_the_field_and_trial(digits_dir, tmp_path):
     from harness.config import StudyError
-    from harness.trial.budget import resolve_budgets
+    from harness.study import resolve_budgets
 
     trials = _trials(digits_dir, tmp_path, flops=1.0)
     with pytest.raises(StudyError, match=r"train.flops: 1 buys less than one step of DiT-XXS/4 .*trial 0"):

@@ -34,7 +34,7 @@ def test_section_valued_grid_axis_moves_fields_together():
 
 def test_dit_isoflop_resolves_its_budgets_and_shares_trunks():
     from harness.launch.branches import plan_branches, plan_compute
-    from harness.trial.budget import flops_per_step, resolve_budgets
+    from harness.study import flops_per_step, resolve_budgets
 
     # written by `ditscale plan` (tests/test_plan.py checks it against its header): 6 budgets x 5 sizes x 3 LRs
     trials = resolve_budgets(expand_grid(load_study(Path("experiments/dit_isoflop.yaml"), check_files=False)))
@@ -55,7 +55,7 @@ def test_embedded_studies_have_what_the_report_needs():
     """smoke: 4 DiT sizes at each of 2 patches (a law from >= 4 sizes, and DiT's findings to check);
     isoflop_smoke: >= 3 budgets x >= 4 sizes on WSD trunks with cooldown branches, muP."""
     from harness.launch.branches import plan_branches
-    from harness.trial.budget import resolve_budgets
+    from harness.study import resolve_budgets
 
     smoke = expand_grid(load_study(Path("experiments/smoke.yaml"), check_files=False))
     assert {t.model.patch for t in smoke} == {2, 4}

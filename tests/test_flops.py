@@ -49,3 +49,39 @@ def test_training_compute_convention():
     assert training_gflops(2.0, 1000) == 6000.0
     with pytest.raises(ValueError):
         latent_geometry(100)
+
+
+def test_the_model_section_is_one_spec_for_the_builder_the_counter_and_the_name():
+    """A study's model section gives one typed spec (harness/schema.py ModelConfig.spec()): its name is printed
+    from it, the FLOP counter and the builder read it, and a typed name parses to the same spec."""
+    from harness.config import ModelConfig
+    from models.registry import parse_model_name
+
+    spec = ModelConfig(family="mmdit", size="4", patch=2, attention="split", qk_norm="rms_norm").spec()
+    assert (spec.name, spec.depth, spec.hidden, spec.heads, spec.attention) == ("MMDiT-d4/2", 4, 256, 4, "split")
+    kw = {"input_size": 8, "in_channels": 4, "text_tokens": 5, "context_dim": 24, "pooled_dim": 10}
+    by_name = count_model("MMDiT-d4/2", attention="split", qk_norm="rms_norm", **kw)
+    assert count_model(spec, **kw) == by_name != count_model("MMDiT-d4/2", **kw)  # the variant counts
+    with pytest.raises(TypeError, match="carries attention"):
+        count_model(spec, attention="joint", **kw)  # one source of the variant
+    with torch.device("meta"):
+        model = build_model(spec, input_size=8, in_channels=4, context_dim=24, pooled_dim=10)
+    assert model.attention == "split" and sum(p.numel() for p in model.parameters()) == by_name.params
+    assert ModelConfig(size="d2w64", patch=4).spec() == parse_model_name("DiT-d2w64/4")
+
+
+def test_counting_a_study_needs_no_torch(tmp_path):
+    """Budgets and the plan count FLOPs from the spec alone: `load_trials` on a train.flops study imports no
+    torch (before #28 it built the model's info through a torch-importing module)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    study = Path(__file__).resolve().parent.parent / "experiments" / "isoflop_smoke.yaml"
+    code = ("import sys\nfrom harness.study import load_trials, planned_count\n"
+            f"trials = load_trials({str(study)!r}, check_files=False).trials\n"
+            "assert all(t.train.flops and t.train.steps for t in trials)\n"
+            "print(len(trials), planned_count(trials[0]).count.gflops, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    count, gflops, torch_loaded = out.stdout.split()
+    assert int(count) > 1 and float(gflops) > 0 and torch_loaded == "False", out.stdout

@@ -117,10 +117,13 @@ def test_the_graph_sees_imports_inside_functions():
     assert "models.layers" in graph["models.dit"]
 
 
-def test_imports_for_annotations_only_are_not_edges():
-    # harness.checks names the schema's types for annotations; the schema imports the checks
-    assert "harness.config" not in import_graph()["harness.checks"]
-    assert "harness.checks" in import_graph()["harness.config"]
+def test_imports_for_annotations_only_are_edges_only_with_type_only(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                              "    from models.b import B\n")
+    (tmp_path / "models" / "b.py").write_text("B = 1\n")
+    assert "models.b" not in import_graph(root=tmp_path)["models.a"]
+    assert "models.b" in import_graph(type_only=True, root=tmp_path)["models.a"]
 
 
 def test_a_planted_cycle_is_found():
@@ -129,7 +132,8 @@ def test_a_planted_cycle_is_found():
 
 
 def test_no_import_cycles():
-    cycles = _cycles(import_graph())
+    """Type-only imports count: a circle of annotations is still two modules that need each other."""
+    cycles = _cycles(import_graph(type_only=True))
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
@@ -155,8 +159,9 @@ ROOMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("common", ("harness.common", "harness.errors", "harness.files", "harness.credentials", "harness.assets",
                 "harness.hardware", "harness.options")),         # helpers every room shares
     ("data", ("harness.data",)),
-    ("study", ("harness.config", "harness.checks", "harness.paths", "harness.tracking", "harness.tracking_inputs",
-               "harness.tracking_view")),                        # the schema, its rules, MLflow's conventions
+    ("study", ("harness.schema", "harness.config", "harness.checks", "harness.study", "harness.paths",
+               "harness.tracking", "harness.tracking_inputs", "harness.tracking_view")),
+    # the schema, its rules, loading (trials and budgets), MLflow's conventions
     ("evaluation", ("harness.evaluation",)),                     # metrics; the loop runs the Evaluator
     ("trial", ("harness.trial",)),                               # one trial; it evaluates with evaluation/
     ("ema", ("harness.ema",)),                                   # post-hoc EMA of a trained trial
@@ -166,14 +171,9 @@ ROOMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cli", ("harness.cli", "harness")),                         # the command line and the package itself
 )
 
-# Back-imports waiting for their file to be free: the `ditscale eval` handler rebuilds a trained trial
-# (budgets, harness/trial/evaluate_checkpoint.py), so it belongs beside `ditscale train` in
-# harness/trial/commands.py; it was being edited for post-hoc EMA when the rooms were ordered (#28).
-# test_pending_back_imports_still_exist makes this list shrink when they move.
-PENDING_BACK_IMPORTS = {
-    ("harness.evaluation.commands", "harness.trial.budget"),
-    ("harness.evaluation.commands", "harness.trial.evaluate_checkpoint"),
-}
+# Back-imports waiting for their file to be free (none now); test_pending_back_imports_still_exist makes this
+# list shrink when they move.
+PENDING_BACK_IMPORTS: set[tuple[str, str]] = set()
 
 # What analysis/ may read of the other packages (tests/test_analysis.py checks the same at run time:
 # no torch): MLflow's conventions, the error type, the preset sizes and compute rule, the noise estimator.

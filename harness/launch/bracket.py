@@ -31,10 +31,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import TrialConfig
+from harness.checks import check_trial
+from harness.config import StudyError, TrialConfig
 from harness.credentials import public_config
 from harness.files import write_once
 from harness.paths import study_dir
+from harness.study import resolve_budgets
 
 ADDED_BY_TAG = "ditscale.added_by"
 ADDED_WHY_TAG = "ditscale.added_why"
@@ -193,10 +195,6 @@ def plan_round(study, trials: list[TrialConfig], records: list[tuple[TrialConfig
 
 def added_trial(member: TrialConfig, size: str) -> TrialConfig:
     """The budget's trial with model.size = `size`, its steps resolved from train.flops as the grid's are."""
-    from harness.checks import check_trial
-    from harness.config import StudyError
-    from harness.trial.budget import resolve_budgets
-
     raw = member.model_dump(mode="python")
     raw["model"]["size"] = size
     raw["train"]["steps"] = None

@@ -6,7 +6,7 @@ schedule, so one long constant-LR run, with a cooldown branched from it at each 
 budget of an isoFLOP grid for about the price of the longest one.
 
 Plan: trials with `train.schedule: wsd` and `train.branch: true` are grouped by everything but their
-length (harness/trial/budget.py: length_free_key). A group of two or more gets a trunk: the same
+length (harness/study.py: length_free_key). A group of two or more gets a trunk: the same
 trial with the warm-up and then a constant LR, trained to the last branch point and checkpointed at
 every branch point (`train.save_at`). A branch is the user's trial unchanged: it starts from the
 trunk's checkpoint at (its steps - its cooldown steps), where its own WSD schedule starts to cool
@@ -25,9 +25,9 @@ from pathlib import Path
 from harness.checks import DEFAULT_COOLDOWN, cooldown_steps
 from harness.config import StudyError, TrialConfig
 from harness.paths import checkpoint_root
+from harness.study import length_free_key
 from harness.trial.checkpoint import (BRANCH_MARKER, EMA_FILE, LATEST, TAG_PATTERN, prepare_checkpoint_root,
                                      tag_for)
-from harness.trial.budget import length_free_key
 
 TRUNK_ROLE = "trunk"
 

@@ -30,11 +30,13 @@ import json
 import math
 from pathlib import Path
 
-from harness.config import TrialConfig
+from harness.checks import check_trial
+from harness.config import StudyError, TrialConfig
 from harness.credentials import public_config
 from harness.files import write_once
 from harness.errors import UserError
 from harness.paths import study_dir
+from harness.study import resolve_budgets
 
 ROLE = "ladder"                  # the value of ditscale.role (harness.tracking.ROLE_TAG) on a ladder run
 FOLDER = "ladder"                # runs/<study>/ladder/<trial_id>.json
@@ -231,10 +233,6 @@ def _fd(fits: dict, pred: dict) -> dict:
 def ladder_trial(base: TrialConfig, size: str, budget: float) -> TrialConfig:
     """An ordinary trial: the grid's settings with model.size = the snapped geometry and train.flops = the
     ladder budget (steps resolved from it, as for the grid's trials)."""
-    from harness.checks import check_trial
-    from harness.config import StudyError
-    from harness.trial.budget import resolve_budgets
-
     raw = base.model_dump(mode="python")
     raw["model"]["size"] = size
     raw["train"].update(flops=float(budget), steps=None, save_at=[])

@@ -1,8 +1,8 @@
 """The plan of a study, printed by `ditscale sweep --dry-run` (and before every sweep): one row per
 trial with its model, size, budget, length and compute. Starts nothing: no Ray, no MLflow.
 
-Budget trials (`train.flops`) get their step count here (harness/trial/budget.py), before anything runs.
-A plan needs no data: the counts take the image size and channels from the study, the number of classes
+Budget trials (`train.flops`) come with their step count (harness.study.load_trials), before anything runs.
+A plan needs no data (nor torch): the counts take the image size and channels from the study, the number of classes
 from `data.num_classes` or the shards' dataset.json (else 1000), and the training split's size (for
 epochs) from dataset.json when it is here; `data_lines` says which.
 
@@ -23,16 +23,14 @@ from pathlib import Path
 import yaml
 
 from harness.checks import cooldown_steps
-from harness.config import StudyError, TrialConfig, expand_grid, load_study
+from harness.config import TrialConfig, load_study
 from harness.data.shards import shard_name, shard_urls
 from harness.errors import UserError
 from harness.files import atomic_write_text
 from harness.launch import planner
 from harness.launch.branches import plan_branches, plan_compute
-from harness.trial.budget import resolve_budgets
-from harness.trial.build import _count_kwargs, dataset_info
-from models.flops import count_model, training_gflops
-from models.registry import model_name
+from harness.study import BudgetError, count_trial, load_trials, planned_count
+from models.flops import training_gflops
 
 
 def train_images(trial: TrialConfig, manifest: dict) -> int | None:
@@ -46,19 +44,20 @@ def train_images(trial: TrialConfig, manifest: dict) -> int | None:
 
 
 def plan_rows(trials: list[TrialConfig]) -> list[dict]:
-    resolve_budgets(trials)
+    """One row per trial (budgets resolved: harness.study.load_trials)."""
     rows = []
     for i, trial in enumerate(trials):
-        info = dataset_info(trial, need_manifest=False)
+        planned = planned_count(trial)
+        count = planned.count
         images = trial.train.steps * trial.train.batch_size
-        split = train_images(trial, info.manifest)
+        split = train_images(trial, planned.manifest)
         rows.append({
             "trial": i, "trial_id": trial.trial_id, "model": trial.model_name, "size": trial.model.size,
             "attention": trial.model.attention if trial.model.family == "mmdit" else "-",
-            "objective": trial.objective.kind, "params": info.params, "budget": trial.train.flops,
+            "objective": trial.objective.kind, "params": count.params, "budget": trial.train.flops,
             "steps": trial.train.steps, "batch": trial.train.batch_size, "images": images,
-            "images_per_param": images / info.params, "fwd_gflops": info.forward_gflops,
-            "train_gflops": training_gflops(info.forward_gflops, images),
+            "images_per_param": images / count.params, "fwd_gflops": count.gflops,
+            "train_gflops": training_gflops(count.gflops, images),
             "train_images": split, "epochs": images / split if split else None,
             "workers": trial.resources.workers_per_trial,
         })
@@ -101,7 +100,7 @@ def data_lines(trials: list[TrialConfig]) -> list[str]:
         key = (d.shards, d.image_size, d.channels, d.num_classes)
         if key in out:
             continue
-        info = dataset_info(trial, need_manifest=False)
+        info = planned_count(trial)
         urls, missing = shard_urls(d.shards)
         split = train_images(trial, info.manifest)
         classes = (f"{d.num_classes} classes (data.num_classes)" if d.num_classes else
@@ -145,12 +144,11 @@ def _base_trial(study) -> TrialConfig:
 
 def _params_of(trial: TrialConfig):
     """size -> parameters of that size in this study (its image size, channels, classes, text geometry)."""
-    info = dataset_info(trial, need_manifest=False)
-    kwargs = _count_kwargs(trial, info.num_classes, info.text)
+    planned = planned_count(trial)
 
     def params(size: str) -> int:
-        name = model_name(trial.model.family, size, trial.model.patch)
-        return count_model(name, input_size=trial.data.image_size, in_channels=trial.data.channels, **kwargs).params
+        spec = trial.model.model_copy(update={"size": size}).spec()
+        return count_trial(trial, planned.num_classes, planned.text, spec).params
     return params
 
 
@@ -311,14 +309,13 @@ def write_plan(base: str, budgets: str, center: str | None, from_report: str | N
     body = yaml.safe_dump(raw, sort_keys=False, width=110)
     with tempfile.TemporaryDirectory() as scratch:  # the file as written must load and plan before it is kept
         (Path(scratch) / out_path.name).write_text(body)
-        trials = expand_grid(load_study(Path(scratch) / out_path.name, check_files=False, max_trials=None),
-                             max_trials=None)
         try:
-            rows = plan_rows(trials)
-        except StudyError as err:  # a budget too small for a planned size's schedule, ...: one line
+            trials = load_trials(Path(scratch) / out_path.name, check_files=False, max_trials=None).trials
+        except BudgetError as err:  # a budget too small for a planned size's schedule, ...: one line
             more = f" (and {len(err.problems) - 1} more like it)" if len(err.problems) > 1 else ""
             raise UserError(f"--budgets: a planned trial does not fit the base's train settings: {err.problems[0]}"
                             f"{more}") from None
+    rows = plan_rows(trials)
     costs = cost_lines(rows, trials, ladder_list, law)
     atomic_write_text(out_path, _header(argv, law, trial.model.family, sizes, spread,
                                         compute_lines(rows, trials, None) + costs) + body)

@@ -11,7 +11,7 @@ isoFLOP parabola of that budget is sampled on both sides of its vertex: Czech et
 (arXiv 2603.22339) showed the fitted optimum is biased when the size grid is off-centre.
 
 Budgets C are in the harness's convention: multiply-adds of training, 3 × forward × images, i.e. the
-logged `train_gflops` × 1e9 (models/flops.py, harness/trial/budget.py), the value of `train.flops`.
+logged `train_gflops` × 1e9 (models/flops.py, harness/study.py), the value of `train.flops`.
 """
 
 from __future__ import annotations

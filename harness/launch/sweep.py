@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.checks import ema_warnings
-from harness.config import MAX_TRIALS, TrialConfig, expand_grid, load_study
+from harness.config import MAX_TRIALS, TrialConfig
 from harness.launch import bracket
 from harness.launch.branches import (Trunk, branch_point, branch_ready, plan_branches, plan_compute, rewind_trunk,
                                      trunk_checkpoint)
@@ -26,6 +26,7 @@ from harness.launch.plan import data_lines, plan_json, plan_output, plan_rows, p
 from harness.launch.study_lock import study_lock
 from harness.launch.tune_trial import conclude_branch, run_tune_trial, storage_probe, trial_resources
 from harness.paths import checkpoint_root, stop_file
+from harness.study import load_trials
 from harness.tracking import (check_tracking_uri, close_parent_run, concluded, open_parent_run, redact, redact_uri,
                               resolve_tracking_uri, sweep_state)
 from harness.tracking_view import study_link
@@ -37,8 +38,7 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
               max_concurrent: int | None = None, report: bool = True, max_trials: int | None = MAX_TRIALS,
               as_json: bool = False) -> dict:
     # The shards are checked only when something will train: a dry run plans where the data is not.
-    study = load_study(config_path, overrides, max_trials=max_trials, check_files=not dry_run)
-    trials = expand_grid(study, max_trials=max_trials)
+    study, trials = load_trials(config_path, overrides, max_trials=max_trials, check_files=not dry_run)
     rows = plan_rows(trials)
     trunks, _ = plan_branches(trials)
     with plan_output(as_json):  # --json: the table goes to stderr, stdout holds only the JSON

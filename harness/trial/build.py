@@ -15,9 +15,9 @@ import torch.nn as nn
 from harness.config import TrialConfig
 from harness.data.shards import manifest_of_shards
 from harness.errors import UserError
-from harness.trial.conditioning import (CaptionDenoiser, Conditioner, TextGeometry, build_word_encoder,
-                                        load_frozen_encoder, sd3_text_geometry, text_geometry)
-from models.flops import count_model
+from harness.study import TextGeometry, count_trial
+from harness.trial.conditioning import (CaptionDenoiser, Conditioner, build_word_encoder, load_frozen_encoder,
+                                        text_geometry)
 from models.mup import apply_mup
 from models.objectives import build_objective
 from models.registry import build_model
@@ -33,24 +33,18 @@ class DatasetInfo:
     text: TextGeometry | None = None  # MM-DiT: the text tokens it reads
 
 
-def dataset_info(trial: TrialConfig, need_manifest: bool = True, frozen_encoder=None) -> DatasetInfo:
-    """need_manifest=False (planning, dry runs): tolerate absent shards and fall back to 1000 classes."""
+def dataset_info(trial: TrialConfig, frozen_encoder=None) -> DatasetInfo:
+    """What the trial's data says (classes, pixels or latents, text geometry) and its model's counts from
+    it; the sample geometry checked against the study. (Planning counts without data: harness.study.)"""
     manifest = manifest_of_shards(trial.data.shards)
-    num_classes = trial.data.num_classes or manifest.get("num_classes") or (None if need_manifest else 1000)
+    num_classes = trial.data.num_classes or manifest.get("num_classes")
     if trial.data.conditioning == "class" and not num_classes:
         raise UserError("data.num_classes: not set, and no dataset.json beside data.shards says it")
-    if need_manifest:
-        _check_geometry(trial, manifest)
-    kind = manifest.get("kind", "pixels")
-    text = None
-    if trial.model.family == "mmdit":
-        # Planning (dry run) before embeddings were packed: SD3's geometry stands in for the FLOP table.
-        guess = not need_manifest and trial.data.text_encoder == "precomputed" and not manifest.get("text_encoder")
-        text = sd3_text_geometry() if guess else text_geometry(trial, manifest, frozen_encoder)
-    count = count_model(trial.model_name, input_size=trial.data.image_size, in_channels=trial.data.channels,
-                        **_count_kwargs(trial, num_classes, text))
-    return DatasetInfo(num_classes=num_classes, kind=kind, manifest=manifest, forward_gflops=count.gflops,
-                       params=count.params, text=text)
+    _check_geometry(trial, manifest)
+    text = text_geometry(trial, manifest, frozen_encoder) if trial.model.family == "mmdit" else None
+    count = count_trial(trial, num_classes, text)
+    return DatasetInfo(num_classes=num_classes, kind=manifest.get("kind", "pixels"), manifest=manifest,
+                       forward_gflops=count.gflops, params=count.params, text=text)
 
 
 def _check_geometry(trial: TrialConfig, manifest: dict) -> None:
@@ -64,27 +58,17 @@ def _check_geometry(trial: TrialConfig, manifest: dict) -> None:
         raise UserError(f"data.image_size: {trial.data.image_size}, but the shards hold {height}x{height} samples")
 
 
-def _count_kwargs(trial: TrialConfig, num_classes: int | None, text: TextGeometry | None) -> dict:
-    if trial.model.family == "dit":
-        return {"num_classes": num_classes, "learn_sigma": trial.model.learn_sigma,
-                "class_dropout_prob": trial.model.class_dropout_prob}
-    return {"attention": trial.model.attention, "qk_norm": trial.model.qk_norm, "learn_sigma": trial.model.learn_sigma,
-            "text_tokens": text.tokens, "context_dim": text.context_dim, "pooled_dim": text.pooled_dim}
-
-
 def build_denoiser(trial: TrialConfig, info: DatasetInfo, device, frozen_encoder=None) -> tuple[nn.Module, Conditioner]:
     """(the module DeepSpeed trains, the batch -> model-input converter that goes with it)."""
-    m, d = trial.model, trial.data
-    if m.family == "dit":
-        module = build_model(trial.model_name, input_size=d.image_size, in_channels=d.channels,
-                             num_classes=info.num_classes, learn_sigma=m.learn_sigma,
-                             class_dropout_prob=m.class_dropout_prob)
+    m, d, spec = trial.model, trial.data, trial.model.spec()
+    if spec.family == "dit":
+        module = build_model(spec, input_size=d.image_size, in_channels=d.channels, num_classes=info.num_classes,
+                             learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob)
         if m.parametrization == "mup":
             apply_mup(module, m.mup_base_width)
         return module, Conditioner(trial, device)
-    backbone = build_model(trial.model_name, input_size=d.image_size, in_channels=d.channels,
-                           context_dim=info.text.context_dim, pooled_dim=info.text.pooled_dim,
-                           attention=m.attention, qk_norm=m.qk_norm, learn_sigma=m.learn_sigma,
+    backbone = build_model(spec, input_size=d.image_size, in_channels=d.channels, context_dim=info.text.context_dim,
+                           pooled_dim=info.text.pooled_dim, learn_sigma=m.learn_sigma,
                            class_dropout_prob=m.class_dropout_prob)
     if m.parametrization == "mup":
         apply_mup(backbone, m.mup_base_width)

@@ -18,8 +18,6 @@ serve sampling (evaluation picks the labels or captions to generate).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
@@ -29,18 +27,11 @@ from harness.data.shards import expand_shards, open_shard
 from harness.data.tario import iter_samples
 from harness.data.text_embeddings import load_encoder
 from harness.errors import UserError
-from models.flops import SD3_CONTEXT_DIM, SD3_POOLED_DIM, SD3_TEXT_TOKENS
+from harness.study import BUILTIN_TEXT, TextGeometry
+from harness.study import text_geometry as study_text_geometry
 from models.text import WordEncoder
 
-BUILTIN_TEXT = {"dim": 256, "max_length": 32, "layers": 2}
 _VOCAB_SCAN_LIMIT = 200_000  # captions read to build the builtin encoder's vocabulary
-
-
-@dataclass(frozen=True)
-class TextGeometry:
-    tokens: int
-    context_dim: int
-    pooled_dim: int
 
 
 class CaptionDenoiser(nn.Module):
@@ -139,23 +130,10 @@ def load_frozen_encoder(trial: TrialConfig, device: torch.device):
                         assets=trial.resources.assets)
 
 
-def sd3_text_geometry() -> TextGeometry:
-    """SD3's text geometry: the guess for FLOP tables when the real one is not known yet."""
-    return TextGeometry(SD3_TEXT_TOKENS, SD3_CONTEXT_DIM, SD3_POOLED_DIM)
-
-
 def text_geometry(trial: TrialConfig, manifest: dict, frozen_encoder=None) -> TextGeometry:
-    """Token count and widths of the text the MM-DiT reads (for building it and counting FLOPs)."""
-    route = trial.data.text_encoder
-    if route == "builtin":
-        return TextGeometry(BUILTIN_TEXT["max_length"], BUILTIN_TEXT["dim"], BUILTIN_TEXT["dim"])
-    if route == "precomputed":
-        meta = manifest.get("text_encoder") or {}
-        if not meta:
-            raise UserError("data.text_encoder: precomputed, but the shards' dataset.json lists no text "
-                            "embeddings; pack with `ditscale data pack ... --text-encoder SPEC`")
-        return TextGeometry(int(meta["tokens"]), int(meta["token_dim"]), int(meta["pooled_dim"]))
-    if frozen_encoder is None:  # planning without loading the encoder
-        return sd3_text_geometry()
+    """Token count and widths of the text the MM-DiT reads (for building it and counting FLOPs): a loaded
+    frozen encoder's, probed; else what the study and dataset.json say (harness.study.text_geometry)."""
+    if frozen_encoder is None:
+        return study_text_geometry(trial, manifest)
     probe = frozen_encoder.encode(["a"])
     return TextGeometry(probe.tokens.shape[1], probe.tokens.shape[2], probe.pooled.shape[1])

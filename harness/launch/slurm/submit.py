@@ -39,9 +39,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import expand_grid, load_study
+from harness.config import load_study
 from harness.errors import UserError
 from harness.paths import StudyPaths, study_paths
+from harness.study import load_trials
 from harness.tracking import URL_RE, redact_uri, split_credentials
 
 TEMPLATE = Path(__file__).resolve().parents[3] / "slurm" / "sweep.sbatch"
@@ -52,6 +53,7 @@ MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def load(config: str, overrides, check_files: bool = True):
+    """The study alone (its paths, for the node helpers); `prepare` loads its trials too."""
     return load_study(config, overrides, check_files=check_files)
 
 
@@ -289,11 +291,10 @@ def prepare(config: str, overrides=(), *, nodes: int = 1, gpus_per_node: int = 0
         raise UserError("--cpus-per-task: at least 1")
     if signal_seconds < 60:
         raise UserError("--signal-seconds: at least 60 (Slurm sends the warning signal with a 60 s resolution)")
-    study = load(config, overrides)
+    study, trials = load_trials(config, overrides)  # budgets too: a bad one is found before sbatch
     check_mlflow_server(study, mlflow_server, mlflow_auth, mlflow_insecure=mlflow_insecure)
     overrides, credentials = _take_set_credentials(overrides)
     _check_export(sbatch_args, credentials, mlflow_auth)
-    trials = expand_grid(study)
     paths = study_paths(study)
     cpus = cpus_per_task or _cpus_per_node(trials, nodes, gpus_per_node, partition_cpus(partition))
     _check_fits(trials, nodes, gpus_per_node, cpus)
