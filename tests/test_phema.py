@@ -158,7 +158,8 @@ def check_snapshots_after_kill_and_resume(tmp_path, study, name: str, resumed_fr
     at that step; the resumed run continues them at the right step (a profile restarted at t = 1 fails the
     step check in PosthocEMA.update) and leaves every snapshot step covered; snapshots the killed run wrote
     after its checkpoint are rewritten. Then `ditscale ema reconstruct` writes a state dict that loads
-    strictly and evaluates."""
+    strictly and evaluates, and `ditscale eval` chooses the EMA as the trial did
+    (check_eval_command_chooses_as_the_trial_did)."""
     from harness.config import expand_grid, load_study
     from harness.trial.build import build_trial
     from tests.conftest import ditscale
@@ -191,6 +192,36 @@ def check_snapshots_after_kill_and_resume(tmp_path, study, name: str, resumed_fr
     with torch.no_grad():
         y = model(torch.randn(2, 1, 16, 16), torch.tensor([10.0, 500.0]), y=torch.tensor([1, 2]))
     assert torch.isfinite(y).all()
+    check_eval_command_chooses_as_the_trial_did(tmp_path, study, name, steps)
+
+
+def check_eval_command_chooses_as_the_trial_did(tmp_path, study, name: str, steps: int) -> None:
+    """`ditscale eval` of the trained trial (eval EMA_CHOICE) honours eval.ema_sigma_rels as the end of the
+    trial did: each width rebuilt at the checkpoint's step and scored by its validation loss (the trial's
+    numbers: the same weights, the same fixed samples), the full evaluation on the best, the param and tag
+    logged. It logs into a second MLflow store (--set tracking.uri, not part of the trial's identity: the same
+    trial folder), so that the trial's own run keeps its one final evaluation for check_ema_choice."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.trial.posthoc_ema import BEST_PARAM, FINAL_EMA_TAG
+    from tests.conftest import ditscale
+
+    other = f"sqlite:///{tmp_path / 'eval.db'}"
+    proc = ditscale("eval", str(study), "--json", "--set", f"tracking.uri={other}", cwd=tmp_path)
+    metrics = json.loads(proc.stdout)["metrics"]
+    per_sigma = {s: metrics[f"val_loss_ema{s:g}"] for s in EMA_CHOICE["ema_sigma_rels"]}
+    best = min(per_sigma, key=per_sigma.get)
+    assert metrics["val_loss"] == pytest.approx(per_sigma[best], rel=1e-6), (metrics, per_sigma)
+    assert "post-hoc EMA val_loss by sigma_rel" in proc.stderr
+    trained_client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (trained,) = trained_client.search_runs([trained_client.get_experiment_by_name(name).experiment_id])
+    for s, value in per_sigma.items():
+        assert value == pytest.approx(trained.data.metrics[f"val_loss_ema{s:g}"], rel=1e-5), (s, per_sigma)
+    client = MlflowClient(other)
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert run.data.params[BEST_PARAM] == f"{best:g}" == trained.data.params[BEST_PARAM]
+    assert f"sigma_rel={best:g}" in run.data.tags[FINAL_EMA_TAG] and f"at step {steps}" in run.data.tags[FINAL_EMA_TAG]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, f"val_loss_ema{best:g}")] == [steps]
 
 
 def _trial(sigma_rels=(0.05, 0.1), every=10, steps=35):
@@ -275,6 +306,12 @@ def test_bad_input_is_one_line_naming_the_flag_or_file(tmp_path, capsys):
     for args, message in cases:
         rc, err = _cli(capsys, str(tmp_path / "t"), *args, "--out", out)
         assert rc == 2 and len(err) == 1 and message in err[0], (args, err)
+    # `ditscale eval` reconstructs at its checkpoint's step, and says so (posthoc_ema.choose_at_checkpoint).
+    from harness.errors import UserError
+    from harness.trial.posthoc_ema import plan_reconstruction
+
+    with pytest.raises(UserError, match=r"^--checkpoint: 25 is not a snapshot step"):
+        plan_reconstruction(tmp_path / "t", 0.07, 25, step_from="--checkpoint")
     (tmp_path / "t" / "phema" / "0.1-00000020.pt").unlink()
     rc, err = _cli(capsys, str(tmp_path / "t"), "--sigma-rel", "0.07", "--out", out)
     assert rc == 2 and len(err) == 1 and "0.1-00000020.pt: snapshot missing" in err[0], err
@@ -358,6 +395,34 @@ def test_the_width_with_the_lowest_validation_loss_is_chosen(tmp_path):
     losses = iter([math.nan, 1.0])
     nan_first = choose_sigma_rel(tmp_path, [0.03, 0.2], 35, model, lambda m: next(losses), one)
     assert nan_first.best == 0.2
+
+
+def test_a_best_width_at_the_edge_of_the_list_is_one_warning_line():
+    """Short runs often choose the smallest listed width (README: half the smoke trials chose 0.02): the
+    loss was still falling there, so the optimum may lie outside eval.ema_sigma_rels. One line naming the
+    field, once per choice; none for an inner best, a single width, a NaN, or a largest width of 0.3 (no
+    profile is wider)."""
+    from harness.trial.posthoc_ema import EMAChoice, log_ema_choice
+
+    def choice(losses: dict[float, float]) -> EMAChoice:
+        best = min((s for s in losses if math.isfinite(losses[s])), key=losses.get, default=next(iter(losses)))
+        return EMAChoice(best, losses, weights=None, step=100, snapshots=8, seconds=0.5)
+
+    low = choice({0.02: 0.10, 0.05: 0.11, 0.1: 0.12}).edge_warning()
+    assert low == ("warning: eval.ema_sigma_rels: the best sigma_rel, 0.02, is the smallest listed "
+                   "([0.02, 0.05, 0.1]), so the best width may lie below it; extend eval.ema_sigma_rels past it")
+    high = choice({0.05: 0.12, 0.2: 0.10}).edge_warning()
+    assert "0.2, is the largest listed" in high and "above it (up to 0.3)" in high
+    inner, single, at_most, nans = {0.02: 0.11, 0.05: 0.10, 0.1: 0.12}, {0.05: 0.1}, {0.1: 0.2, 0.3: 0.1}, {
+        0.05: math.nan, 0.1: math.nan}
+    for quiet in (inner, single, at_most, nans):
+        assert choice(quiet).edge_warning() is None, quiet
+    lines: list[str] = []
+    log_ema_choice(None, choice({0.02: 0.10, 0.05: 0.11, 0.1: 0.12}), lines.append)
+    assert len(lines) == 2 and lines[0].startswith("post-hoc EMA val_loss by sigma_rel 0.02: 0.1 ") and lines[1] == low
+    lines.clear()
+    log_ema_choice(None, choice({0.02: 0.11, 0.05: 0.10, 0.1: 0.12}), lines.append)
+    assert len(lines) == 1 and "warning" not in lines[0]
 
 
 def _choose_on_rank(rank: int, folder: str, out: str) -> None:
@@ -537,3 +602,90 @@ def test_the_init_share_warning_is_not_given_when_the_only_evaluation_uses_the_p
 
     assert ema_warnings(load(EMA_CHOICE)) == []
     assert ema_warnings(load({**EMA_CHOICE, "every": 10})) and ema_warnings(load({"val_batches": 1}))
+
+
+# -- ZeRO-3 on two ranks: the same snapshots and reconstruction as ZeRO-0 -------------------------------------
+
+_ZERO_RANKS = """
+import sys
+import torch
+from harness.config import expand_grid, load_study
+from harness.trial.loop import train_trial
+
+# Both trials in one torchrun (one process group, DeepSpeed imported once): ZeRO-0, then ZeRO-3.
+for trial in expand_grid(load_study(sys.argv[1])):
+    result = train_trial(trial)  # destroys its engine when done
+    assert result.status == "finished", result.status
+    if torch.distributed.get_rank() == 0:
+        print("TRIAL", trial.train.zero_stage, trial.trial_id, flush=True)
+# An orderly exit: without it a rank can leave while gloo's threads still serve its peer, and the
+# peer aborts at exit (seen once in CI, tests/test_mup.py).
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_zero3_on_two_ranks_gives_the_reconstruction_of_zero0(tmp_path, digits_dir):
+    """Two real trials on 2 gloo ranks from the same seed and data, ZeRO-0 and ZeRO-3 (partitioned weights:
+    every EMA read is a gather, both EMAs from one), each tracking the post-hoc EMA profiles and choosing
+    its final EMA by eval.ema_sigma_rels. The reconstruction of a width between the tracked ones, the
+    running EMA and the choice must agree. Tolerance: ZeRO-3 reduce-scatters the gradients into partitions
+    and steps AdamW on flat partitions where ZeRO-0 all-reduces and steps per tensor: the weights may differ
+    by rounding (vectorised kernels over other memory layouts), though a sum over 2 ranks has one order and
+    the measured difference is exactly 0 (fp32, gloo, 2 CPU ranks, DeepSpeed 0.19.8). The bound is 1e-4 of
+    what choosing another width moves the weights (the largest difference between the 0.05 and 0.10
+    reconstructions, 5.3e-4 at step 10): far above rounding, far below any error in what an EMA reads."""
+    import os
+    import subprocess
+    import sys
+
+    from harness.common.net import free_port
+    from harness.trial.posthoc_ema import plan_reconstruction, reconstruct
+    from tests.conftest import ROOT, tiny_study, write_study
+
+    steps = 10  # 2 snapshots per profile (steps 5 and 10): the fewest a reconstruction takes
+    study = write_study(tmp_path / "s.yaml", tiny_study(
+        digits_dir, "zero", train={"steps": steps, "checkpoint_every": steps, "log_every": 5, **POSTHOC,
+                                   "posthoc_ema": {"sigma_rels": [0.05, 0.10], "snapshot_every": 5}},
+        eval=EMA_CHOICE, resources={"workers_per_trial": 2}, grid={"train.zero_stage": [0, 3]}))
+    (tmp_path / "ranks.py").write_text(_ZERO_RANKS)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(tmp_path / "ranks.py"), str(study)],
+                          cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ids = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("TRIAL "))
+    assert set(ids) == {"0", "3"}, proc.stdout[-3000:]
+    folder = {stage: tmp_path / "runs" / "zero" / trial_id for stage, trial_id in ids.items()}
+
+    rebuilt = {stage: reconstruct(plan_reconstruction(folder[stage], 0.07, steps)) for stage in folder}
+    scale = {stage: max(float((reconstruct(plan_reconstruction(folder[stage], 0.05, steps))[k]
+                               - reconstruct(plan_reconstruction(folder[stage], 0.10, steps))[k]).abs().max())
+                        for k in rebuilt[stage]) for stage in folder}
+    diff = max(float((rebuilt["3"][k] - rebuilt["0"][k]).abs().max()) for k in rebuilt["0"])
+    assert set(rebuilt["3"]) == set(rebuilt["0"])
+    last = {stage: folder[stage] / "checkpoints" / f"step-{steps:08d}" for stage in folder}
+    running = {stage: torch.load(last[stage] / "ema.pt", weights_only=True) for stage in folder}
+    ema_diff = max(float((running["3"]["shadow"][k] - running["0"]["shadow"][k]).abs().max())
+                   for k in running["0"]["shadow"])
+    print(f"ZeRO-3 vs ZeRO-0 on 2 ranks: reconstruction of 0.07 max |diff| {diff:.3g} "
+          f"(0.05 vs 0.10: {scale['0']:.3g}), running EMA max |diff| {ema_diff:.3g}")
+    assert 0 < scale["0"] and diff <= 1e-4 * scale["0"] and ema_diff <= 1e-4 * scale["0"], (diff, ema_diff, scale)
+    # ZeRO-3 really partitioned the weights: each rank saved its own part of the model.
+    saved = {stage: sorted(p.name for p in last[stage].glob("*model_states.pt")) for stage in folder}
+    assert saved["3"] == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)], saved
+    assert saved["0"] == ["mp_rank_00_model_states.pt"], saved
+    # The end of each trial chose its EMA alike (eval.ema_sigma_rels under ZeRO-3: gathered swaps).
+    from mlflow.tracking import MlflowClient
+
+    from harness.trial.posthoc_ema import BEST_PARAM
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {r.data.params["train.zero_stage"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("zero").experiment_id])}
+    assert runs["3"].data.params[BEST_PARAM] == runs["0"].data.params[BEST_PARAM]
+    for s in EMA_CHOICE["ema_sigma_rels"]:
+        key = f"val_loss_ema{s:g}"
+        assert runs["3"].data.metrics[key] == pytest.approx(runs["0"].data.metrics[key], rel=1e-5), key
