@@ -19,10 +19,6 @@ from tests.support.netns import HOSTS, SBIN, START, STOP, free_net, missing_piec
 from tests.support.slurm import FINAL_STATES, SLURM_START, SLURM_STOP, cluster_exports, job_info, submitted_job
 from tests.support.study import ditscale
 
-# Kept until test_slurm*.py and test_phema.py import them from tests.support (another engineer edits those
-# files now); tests/test_test_layout.py fails while any test module still imports this file.
-from tests.support.study import ROOT, tiny_study, write_study  # noqa: F401  (re-exported for the moment)
-
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:

@@ -11,10 +11,7 @@ study and asserts every file exists and was logged to the sweep's parent run.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,97 +24,24 @@ import pandas as pd
 import pytest
 
 from analysis import runs, scaling
-
-# DiT paper, Table 4: forward GFLOPs (multiply-adds) at 256 px; parameter counts (millions)
-DIT_GFLOPS = {("S", 8): 0.36, ("S", 4): 1.41, ("S", 2): 6.06, ("B", 8): 1.42, ("B", 4): 5.56, ("B", 2): 23.01,
-              ("L", 8): 5.01, ("L", 4): 19.70, ("L", 2): 80.71, ("XL", 8): 7.39, ("XL", 4): 29.05, ("XL", 2): 118.64}
-DIT_PARAMS_M = {"S": 33.0, "B": 130.0, "L": 458.0, "XL": 675.0}
-BATCH = 256
-
-# the law the synthetic loss follows: y = E + A * C^(-alpha), C = training GFLOPs (multiply-adds)
-TRUE_ALPHA, TRUE_E = 0.3, 0.1
-TRUE_A = 2.0 * (3 * 0.36 * BATCH * 2000) ** TRUE_ALPHA  # reducible part 2.0 at the smallest compute
-
+from tests.support.chromium import CDP as _CDP
+from tests.support.chromium import chromium_or_skip
+from tests.support.chromium import keep_artifacts as _keep_artifacts
+from tests.support.chromium import keep_artifacts_file as _keep_artifacts_file
+from tests.support.synthetic import (  # synthetic sweeps in a real MLflow store; the report's check
+    BATCH,
+    DIT_GFLOPS,
+    DIT_PARAMS_M,
+    TRUE_A,
+    TRUE_ALPHA,
+    TRUE_E,
+    check_report,
+    log_synthetic_sweep,
+)
+from tests.support.synthetic import client as _client
+from tests.support.synthetic import law_loss as _law_loss
 
 # --- a synthetic sweep in real MLflow -------------------------------------------------------------
-
-
-def _client(uri):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def log_synthetic_sweep(uri: str, experiment: str, configs: list[dict], loss_fn, fd_fn=None, n_logs: int = 6,
-                        n_evals: int = 3, seed: int = 0, params_metric: bool = False,
-                        artifact_root: Path | None = None, se_fn=None) -> dict:
-    """Log one sweep: a parent run and one child run per config, the way the harness does.
-
-    configs: dicts with family, size, patch, attention, objective, steps, gflops (forward, per image)
-    and optionally params. loss_fn(cfg, step, compute, rng) -> loss; fd_fn likewise for the stand-in
-    Fréchet distance (fd_lenet, per CFG scale), se_fn for val_loss's standard error (se_val_loss).
-    Returns {"parent": run_id, "runs": {trial_id: run_id}}."""
-    from mlflow.entities import Metric, Param
-
-    c = _client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(
-        experiment, artifact_location=(artifact_root / experiment).as_uri() if artifact_root else None)
-    rng = np.random.default_rng(seed)
-    parent = c.create_run(exp_id, tags={"ditscale.sweep": "true", "mlflow.runName": f"sweep-{experiment}"}).info.run_id
-    c.log_batch(parent, params=[Param("grid", json.dumps({"model.size": sorted({x["size"] for x in configs})})),
-                                Param("n_trials", str(len(configs)))])
-    out, status = {}, []
-    for cfg in configs:
-        family, attention = cfg["family"], cfg.get("attention", "joint")
-        model = f"DiT-{cfg['size']}/{cfg['patch']}" if family == "dit" else f"MMDiT-{cfg['size']}/{cfg['patch']}"
-        flat = {"name": experiment, "data.image_size": "32", "data.channels": "4", "model.family": family,
-                "model.size": cfg["size"], "model.patch": str(cfg["patch"]), "model.attention": attention,
-                "model.qk_norm": "", "objective.kind": cfg.get("objective", "ddpm"), "train.steps": str(cfg["steps"]),
-                "train.batch_size": str(BATCH), "train.lr": "0.0001", "train.betas": "[0.9, 0.999]",
-                "train.precision": "bf16", "eval.cfg_scale": "[1.0, 1.5]", "eval.feature_extractor": "auto",
-                "tracking.uri": ""}
-        trial_id = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
-        tags = {"family": family, "size": cfg["size"], "patch": str(cfg["patch"]),
-                "objective": flat["objective.kind"], "attention": attention if family == "mmdit" else "",
-                "model": model, "trial_id": trial_id, "ditscale.status": "running", "mlflow.parentRunId": parent,
-                "mlflow.runName": f"{model}-{trial_id[:6]}"}
-        run_id = c.create_run(exp_id, tags=tags).info.run_id
-        c.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
-        steps = np.unique(np.linspace(cfg["steps"] / n_logs, cfg["steps"], n_logs).round().astype(int))
-        evals = set(steps[-n_evals:].tolist()) if n_evals else set()
-        now = int(time.time() * 1000)
-        batch = [Metric("startup_s", 3.0, now, 1)]
-        if params_metric:
-            batch.append(Metric("params", cfg["params"], now, 0))
-        for step in steps:
-            samples = float(step * BATCH)
-            compute = 3 * cfg["gflops"] * samples
-            m = {"loss": loss_fn(cfg, step, compute, rng), "lr": 1e-4, "grad_norm": 1.0, "img_per_s": 100.0,
-                 "tflops": 1.0, "data_wait_frac": 0.01, "corrupt_samples": 0.0, "samples_seen": samples,
-                 "train_gflops": compute, "step": float(step)}
-            if step in evals:
-                m["val_loss"] = loss_fn(cfg, step, compute, rng)
-                if se_fn is not None:
-                    m["se_val_loss"] = se_fn(cfg, step, compute, rng)
-                if fd_fn is not None:
-                    for cfg_scale in (1.0, 1.5):
-                        m[f"fd_lenet_cfg{cfg_scale}"] = fd_fn(cfg, step, compute, rng) / cfg_scale
-                    m["kid"] = fd_fn(cfg, step, compute, rng) / 100
-            batch += [Metric(k, float(v), now, int(step)) for k, v in m.items()]
-        for i in range(0, len(batch), 900):
-            c.log_batch(run_id, metrics=batch[i:i + 900])
-        c.set_tag(run_id, "ditscale.status", "finished")
-        c.set_terminated(run_id, "FINISHED")
-        out[trial_id] = run_id
-        status.append({"trial_id": trial_id, "model": model, "status": "finished"})
-    c.log_text(parent, json.dumps(status), "trial_status.json")
-    c.set_terminated(parent, "FINISHED")
-    return {"parent": parent, "runs": out, "experiment_id": exp_id}
-
-
-def _law_loss(cfg, step, compute, rng):
-    return (TRUE_E + TRUE_A * compute ** -TRUE_ALPHA) * (1 + 0.01 * rng.standard_normal())
 
 
 def _law_configs() -> list[dict]:
@@ -246,38 +170,6 @@ def test_frontier_and_compute_optimal_size():
 
 
 # --- the report ----------------------------------------------------------------------------------
-
-def check_report(tracking_uri: str, experiment: str, out_dir: Path, parent_run_id: str | None = None,
-                 expect_figures: list[str] | None = None, **kw) -> Path:
-    """Build the report of a study and assert it is complete: index.html, report.md, the PNGs it
-    references, trials.csv/.parquet (one row per trial) — all logged under report/ to the sweep's
-    parent run. Reusable for a real sweep: check_report(uri, "smoke", tmp_path / "report")."""
-    from analysis.report import ARTIFACT_DIR, build_report
-
-    index = build_report(tracking_uri, experiment, parent_run_id=parent_run_id, out_dir=out_dir, **kw)
-    assert index == Path(out_dir) / "index.html" and index.is_file()
-    html = index.read_text()
-    md = (index.parent / "report.md").read_text()
-    assert "the analysis stopped early" not in md, md.split("## Notes")[-1]
-    pngs = sorted(p.name for p in index.parent.glob("*.png"))
-    assert pngs, "the report has no figure"
-    for name in pngs:
-        assert f"src='{name}'" in html and f"]({name})" in md
-        assert (index.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in expect_figures or []:
-        assert name in pngs, f"{name} missing; notes: {md.split('## Notes')[-1][:2000]}"
-    assert "http://" not in html.replace(tracking_uri, "") and "https://" not in html and "<script" not in html
-    trials = pd.read_csv(index.parent / "trials.csv")
-    assert len(trials) == len(runs.load_trials(tracking_uri, experiment, parent_run_id)) > 0
-    assert len(pd.read_parquet(index.parent / "trials.parquet")) == len(trials)
-    assert "multiply-adds" in html and "multiply-adds" in md
-    parent = parent_run_id or runs.find_parent_run(tracking_uri, experiment)
-    assert parent, "no sweep parent run to log the report to"
-    logged = {Path(a.path).name for a in _client(tracking_uri).list_artifacts(parent, ARTIFACT_DIR)}
-    missing = {"index.html", "report.md", "trials.csv", "trials.parquet", *pngs} - logged
-    assert not missing, f"not logged to the parent run: {missing}"
-    return index
-
 
 def _chinchilla_loss(cfg, step, compute, rng):
     d = step * BATCH
@@ -585,112 +477,8 @@ def test_report_shows_the_unresolved_state_and_the_new_metric_is_not_a_loss(stor
 
 # --- the HTML in a real browser -------------------------------------------------------------------
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-def _keep_artifacts(folder: Path) -> None:
-    dest = os.environ.get("DITSCALE_ARTIFACTS")
-    if dest:
-        shutil.copytree(folder, Path(dest) / folder.name, dirs_exist_ok=True)
-
-
-class _CDP:
-    """Chrome DevTools Protocol over --remote-debugging-pipe (fd 3: to the browser, fd 4: from it)."""
-
-    def __init__(self, binary: str, profile: Path):
-        import fcntl
-
-        def high(fd: int) -> int:  # move a child-side pipe end above 9, clear of fds 3 and 4
-            moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
-            os.close(fd)
-            return moved
-
-        self._to_r, self._to_w = os.pipe()
-        self._from_r, self._from_w = os.pipe()
-        self._to_r, self._from_w = high(self._to_r), high(self._from_w)
-        args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-extensions", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-                "--remote-debugging-pipe", "--window-size=1280,2000", "about:blank"]
-
-        # the browser reads fd 3 and writes fd 4: let a shell put the pipe ends there
-        shell = f'exec "$0" "$@" 3<&{self._to_r} 4>&{self._from_w} {self._to_r}<&- {self._from_w}>&-'
-        profile.mkdir(parents=True, exist_ok=True)
-        self.log = profile.parent / "chromium-stderr.log"  # a file, so a chatty browser never blocks on a pipe
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(["bash", "-c", shell, *args], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=log, pass_fds=(self._to_r, self._from_w))
-        os.close(self._to_r)
-        os.close(self._from_w)
-        self._buf = b""
-        self._id = 0
-        self.events: list[dict] = []
-
-    def _read_message(self, deadline: float) -> dict:
-        import select
-
-        while b"\0" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no answer from chromium")
-            ready, _, _ = select.select([self._from_r], [], [], left)
-            if ready:
-                chunk = os.read(self._from_r, 1 << 20)
-                if not chunk:
-                    raise RuntimeError("chromium closed the pipe: " + self.log.read_text(errors="replace")[-2000:])
-                self._buf += chunk
-        msg, self._buf = self._buf.split(b"\0", 1)
-        return json.loads(msg)
-
-    def send(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 30):
-        self._id += 1
-        msg = {"id": self._id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(self._to_w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self._read_message(deadline)
-            if reply.get("id") == self._id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply.get("result", {})
-            self.events.append(reply)
-
-    def wait_for(self, method: str, timeout: float = 30) -> dict:
-        for i, ev in enumerate(self.events):
-            if ev.get("method") == method:
-                return self.events.pop(i)
-        deadline = time.monotonic() + timeout
-        while True:
-            ev = self._read_message(deadline)
-            if ev.get("method") == method:
-                return ev
-            self.events.append(ev)
-
-    def close(self) -> None:
-        try:
-            self.send("Browser.close", timeout=5)
-        except Exception:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._to_w)
-        os.close(self._from_r)
-
-
 def test_report_html_loads_in_headless_chromium(built_report, tmp_path):
-    binary = _chromium()
-    if binary is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    binary = chromium_or_skip()
     index, _ = built_report
     browser = _CDP(binary, tmp_path / "profile")
     try:
@@ -732,13 +520,6 @@ def test_report_html_loads_in_headless_chromium(built_report, tmp_path):
     assert "image_metrics_vs_loss.png" in {src for src, ok in loaded if ok}, loaded
     assert screenshot.stat().st_size > 10_000
     print(f"\nscreenshot: {screenshot}")
-
-
-def _keep_artifacts_file(path: Path) -> None:
-    dest = os.environ.get("DITSCALE_ARTIFACTS")
-    if dest:
-        Path(dest).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, Path(dest) / path.name)
 
 
 # the torch-free contract modules analysis may import from harness/ and models/ (one home per rule)

@@ -380,11 +380,10 @@ def test_budget_report_with_holdout_none_has_no_held_out_section(budget_report, 
 
 
 def test_budget_report_renders_in_headless_chromium(budget_report, tmp_path):
-    from tests.test_analysis import _CDP, _chromium
+    from tests.support.chromium import CDP as _CDP
+    from tests.support.chromium import chromium_or_skip
 
-    binary = _chromium()
-    if binary is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    binary = chromium_or_skip()
     index, _, _ = budget_report
     browser = _CDP(binary, tmp_path / "profile")
     try:

@@ -24,13 +24,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-# the one-node cluster is a session fixture in conftest (one cluster for every module that submits)
-from tests.conftest import ROOT, cluster_exports, ditscale, tiny_study, write_study  # noqa: F401  (cluster_exports: re-exported)
+# the one-node cluster (slurm_cluster) and submit(study, *options) are fixtures in conftest
+from tests.support import ROOT, ditscale, tiny_study, write_study
+from tests.support.slurm import (
+    SBATCH,
+    Job,
+    assert_one_finished_run_per_trial,
+    slurm,
+)
 
-SBATCH = ROOT / "slurm" / "sweep.sbatch"
 SMOKE = ROOT / "experiments" / "smoke.yaml"
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
 
 
 # --- rendering (no Slurm needed) -----------------------------------------------------------------
@@ -173,102 +176,6 @@ def test_submit_without_sbatch_says_where_to_run_it(study_file):
 
 
 # --- a real one-node cluster ---------------------------------------------------------------------
-
-
-def slurm(conf: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(args), env={**os.environ, "SLURM_CONF": conf}, capture_output=True, text=True,
-                          timeout=60)
-    if check:
-        assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr}"
-    return proc
-
-
-def job_info(conf: str, job_id: str) -> dict:
-    out = slurm(conf, "scontrol", "-o", "show", "job", job_id).stdout
-    return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
-
-
-class Job:
-    def __init__(self, conf: str, job_id: str, log: Path):
-        self.conf, self.id, self.log = conf, job_id, log
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.is_file() else "(no log yet)"
-
-    def fail(self, why: str):
-        pytest.fail(f"job {self.id}: {why}\n--- job {job_info(self.conf, self.id)}\n--- log tail\n{self.text()[-8000:]}")
-
-    def wait_for(self, what: str, ok, timeout: float, poll: float = 0.5) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            info = job_info(self.conf, self.id)
-            if ok(info):
-                return info
-            if info.get("JobState") in FINAL_STATES:
-                self.fail(f"ended {info['JobState']} while waiting for {what}")
-            if time.monotonic() > deadline:
-                self.fail(f"no {what} within {timeout:.0f}s (state {info.get('JobState')})")
-            time.sleep(poll)
-
-    def wait_done(self, timeout: float) -> dict:
-        return self.wait_for("the end of the job", lambda i: i.get("JobState") in FINAL_STATES, timeout, poll=2)
-
-    def cancel(self):
-        slurm(self.conf, "scancel", self.id, check=False)
-
-
-def submitted_job(conf: str, submit_output: str) -> Job:
-    """The Job that `ditscale slurm submit`'s output says it submitted (its log path may hold spaces)."""
-    job_id = re.search(r"^Submitted job (\d+)", submit_output, re.MULTILINE)
-    log = re.search(r"^  log:\s+(.+)$", submit_output, re.MULTILINE)
-    assert job_id and log, submit_output
-    return Job(conf, job_id.group(1), Path(log.group(1)))
-
-
-@pytest.fixture
-def submit(slurm_cluster):
-    """submit(study_path, *options) -> Job, through `ditscale slurm submit`; cancels leftovers."""
-    jobs = []
-
-    def run(study: Path, *options: str) -> Job:
-        proc = ditscale("slurm", "submit", str(study), "--nodes", "1", *options, cwd=study.parent,
-                        env={"SLURM_CONF": slurm_cluster})
-        jobs.append(submitted_job(slurm_cluster, proc.stdout))
-        return jobs[-1]
-
-    yield run
-    for job in jobs:
-        if job_info(job.conf, job.id).get("JobState") not in FINAL_STATES:
-            job.cancel()
-
-
-def trial_runs(uri: str, experiment: str):
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(tracking_uri=uri)
-    exp = c.get_experiment_by_name(experiment)
-    assert exp is not None, f"no MLflow experiment {experiment!r} in {uri}"
-    return c, c.search_runs([exp.experiment_id], filter_string="tags.trial_id != ''", max_results=1000)
-
-
-def assert_one_finished_run_per_trial(study: Path, overrides=()):
-    from harness.config import expand_grid, load_study
-
-    cwd = os.getcwd()
-    os.chdir(study.parent)
-    try:
-        s = load_study(study, list(overrides))
-        trials = expand_grid(s)
-    finally:
-        os.chdir(cwd)
-    uri = f"sqlite:///{study.parent.resolve() / 'mlflow.db'}"
-    client, runs = trial_runs(uri, s.name)
-    ids = [r.data.tags["trial_id"] for r in runs]
-    assert sorted(ids) == sorted(t.trial_id for t in trials), f"trial runs {ids}: duplicates or missing"
-    for r in runs:
-        assert r.info.status == "FINISHED" and r.data.tags.get("ditscale.status") == "finished", (
-            r.info.run_id, r.info.status, r.data.tags.get("ditscale.status"))
-    return client, runs, trials
 
 
 def _smoke_overrides(digits: Path) -> list[str]:

@@ -27,11 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ditscale, tiny_study, write_study
-from tests.test_slurm import (  # noqa: F401  (fixture: submit(study, *options) -> Job on conftest's slurm_cluster)
-    SBATCH,
-    submit,
-)
+from tests.support import ditscale, tiny_study, write_study
+from tests.support.slurm import SBATCH  # submit(study, *options) -> Job: a fixture in conftest
 
 PROBE = """#!/bin/bash
 #SBATCH --nodes=1

@@ -1,6 +1,7 @@
 """Post-hoc EMA checks that tests/test_train.py::test_kill_and_resume_continues_the_same_run runs on its
-real trial (train POSTHOC, eval EMA_CHOICE): the snapshots after a SIGKILL and a resume, and the final
-evaluation's EMA chosen by validation loss (tests/test_phema.py holds the post-hoc EMA's own tests)."""
+real trial (train POSTHOC, eval EMA_CHOICE): the snapshots after a SIGKILL and a resume, `ditscale eval`'s
+choice of the EMA, and the final evaluation's EMA chosen by validation loss (tests/test_phema.py holds the
+post-hoc EMA's own tests)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def check_snapshots_after_kill_and_resume(tmp_path, study, name: str, resumed_fr
     at that step; the resumed run continues them at the right step (a profile restarted at t = 1 fails the
     step check in PosthocEMA.update) and leaves every snapshot step covered; snapshots the killed run wrote
     after its checkpoint are rewritten. Then `ditscale ema reconstruct` writes a state dict that loads
-    strictly and evaluates."""
+    strictly and evaluates, and `ditscale eval` chooses the EMA as the trial did
+    (check_eval_command_chooses_as_the_trial_did)."""
     from harness.config import expand_grid, load_study
     from harness.trial.build import build_trial
 
@@ -71,6 +73,35 @@ def check_snapshots_after_kill_and_resume(tmp_path, study, name: str, resumed_fr
     with torch.no_grad():
         y = model(torch.randn(2, 1, 16, 16), torch.tensor([10.0, 500.0]), y=torch.tensor([1, 2]))
     assert torch.isfinite(y).all()
+    check_eval_command_chooses_as_the_trial_did(tmp_path, study, name, steps)
+
+
+def check_eval_command_chooses_as_the_trial_did(tmp_path, study, name: str, steps: int) -> None:
+    """`ditscale eval` of the trained trial (eval EMA_CHOICE) honours eval.ema_sigma_rels as the end of the
+    trial did: each width rebuilt at the checkpoint's step and scored by its validation loss (the trial's
+    numbers: the same weights, the same fixed samples), the full evaluation on the best, the param and tag
+    logged. It logs into a second MLflow store (--set tracking.uri, not part of the trial's identity: the same
+    trial folder), so that the trial's own run keeps its one final evaluation for check_ema_choice."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.trial.posthoc_ema import BEST_PARAM, FINAL_EMA_TAG
+
+    other = f"sqlite:///{tmp_path / 'eval.db'}"
+    proc = ditscale("eval", str(study), "--json", "--set", f"tracking.uri={other}", cwd=tmp_path)
+    metrics = json.loads(proc.stdout)["metrics"]
+    per_sigma = {s: metrics[f"val_loss_ema{s:g}"] for s in EMA_CHOICE["ema_sigma_rels"]}
+    best = min(per_sigma, key=per_sigma.get)
+    assert metrics["val_loss"] == pytest.approx(per_sigma[best], rel=1e-6), (metrics, per_sigma)
+    assert "post-hoc EMA val_loss by sigma_rel" in proc.stderr
+    trained_client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (trained,) = trained_client.search_runs([trained_client.get_experiment_by_name(name).experiment_id])
+    for s, value in per_sigma.items():
+        assert value == pytest.approx(trained.data.metrics[f"val_loss_ema{s:g}"], rel=1e-5), (s, per_sigma)
+    client = MlflowClient(other)
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert run.data.params[BEST_PARAM] == f"{best:g}" == trained.data.params[BEST_PARAM]
+    assert f"sigma_rel={best:g}" in run.data.tags[FINAL_EMA_TAG] and f"at step {steps}" in run.data.tags[FINAL_EMA_TAG]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, f"val_loss_ema{best:g}")] == [steps]
 
 
 EMA_CHOICE = {"val_batches": 1, "ema_sigma_rels": [0.05, 0.1]}  # the eval section of the end-to-end trial
