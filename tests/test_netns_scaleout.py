@@ -156,27 +156,25 @@ def test_submit_passes_the_server_options_to_the_script_and_never_the_password(s
 # --- the batch script's server section, run for real with stand-ins ---------------------------------
 
 
-def _stub_job(folder: Path, study_uri: str = "") -> dict:
-    """Stand-ins for everything sweep.sbatch calls but bash, python and ps: a one-node job on `node1`
-    whose Ray steps and sweep do nothing, and an `mlflow` that records its arguments and environment and
-    then waits to be stopped (as a server does)."""
+def _stub_job(folder: Path, study_uri: str | None = None) -> dict:
+    """Stand-ins for everything sweep.sbatch calls but bash, python, ps and ditscale's own `slurm paths` and
+    `slurm node mlflow-server start|stop` (a study in `folder`/study.yaml): a one-node job on `node1` whose
+    Ray steps and sweep do nothing, an `mlflow` that records its arguments and environment and then waits
+    to be stopped (as a server does), and a wait that says it is up (the stand-in answers nothing)."""
     bin_dir = folder / "bin"
     bin_dir.mkdir()
-    slurm_dir = folder / "runs" / "stub" / "slurm"
-    paths = "".join(f"{k}={v}\n" for k, v in (
-        ("STUDY_NAME", "stub"), ("STUDY_DIR", slurm_dir.parent), ("STOP_FILE", slurm_dir.parent / "STOP"),
-        ("SLURM_DIR", slurm_dir), ("TRACKING_URI", f"sqlite:///{folder}/mlflow.db"),
-        ("TRACKING_URI_SHOWN", f"sqlite:///{folder}/mlflow.db"), ("REPORT", folder / "r.html"),
-        ("STUDY_TRACKING_URI_SHOWN", study_uri)))
+    study = tiny_study(folder / "no-data", "stub")
+    if study_uri:
+        study["tracking"] = {"uri": study_uri}
+    write_study(folder / "study.yaml", study)
     rec = shlex.quote(str(folder / "record"))
     scripts = {
         "ditscale": ("#!/bin/bash\n"
-                     f'case "$1 $2" in\n'
-                     f"  'slurm paths') cat <<'EOF'\n{paths}EOF\n;;\n"
-                     "  'slurm node-ip') echo 10.9.8.7 ;;\n"
-                     "  'slurm free-port') echo 5999 ;;\n"
-                     f"  'slurm wait-mlflow') echo \"wait-mlflow $*\" >> {rec} ;;\n"
-                     "  'slurm wait-ray') ;;\n"
+                     'case "$1 $2 $3 $4" in\n'
+                     f"  'slurm node mlflow-server wait') echo \"mlflow-server wait $*\" >> {rec}; echo http://10.9.8.7:5999 ;;\n"
+                     "  'slurm paths '*|'slurm node mlflow-server '*) exec python -m harness.cli \"$@\" ;;\n"
+                     "  'slurm node-ip '*) echo 10.9.8.7 ;;\n"
+                     "  'slurm wait-ray '*|'slurm node '*) ;;\n"
                      f"  'sweep '*) echo \"sweep MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI\" >> {rec} ;;\n"
                      "  *) exit 1 ;;\n"
                      "esac\n"),
@@ -193,7 +191,7 @@ def _stub_job(folder: Path, study_uri: str = "") -> dict:
            if not k.startswith(("RAY_", "DITSCALE_", "SLURM_", "MLFLOW_"))}
     return env | {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin", "SLURM_JOB_ID": "78",
                   "SLURM_JOB_NODELIST": "node1", "SLURMD_NODENAME": "node1", "DITSCALE_RAY_AUTH": "disabled",
-                  "DITSCALE_RAY_TMPDIR": str(folder)}
+                  "DITSCALE_RAY_TMPDIR": str(folder), "DITSCALE_MLFLOW_PORT": "5999"}
 
 
 def test_the_job_starts_its_server_with_the_credentials_in_its_environment_only_and_stops_it(tmp_path):
@@ -220,7 +218,8 @@ def test_the_job_starts_its_server_with_the_credentials_in_its_environment_only_
     assert oct(server_dir.stat().st_mode & 0o777) == "0o700"
     leaks = [f for f in _files_containing(tmp_path, password) if f != str(tmp_path / "record")]  # the stand-in's
     assert not leaks, f"the password was written to {leaks}"
-    assert "wait-mlflow slurm wait-mlflow --uri http://10.9.8.7:5999" in record and "--auth" in record
+    wait = next(line for line in record.splitlines() if line.startswith("mlflow-server wait"))
+    assert f"--mlflow-server {server_dir} --mlflow-auth" in wait, wait
     assert "sweep MLFLOW_TRACKING_URI=http://10.9.8.7:5999" in record  # the sweep logs through it
     pid = int(re.search(r"mlflow pid (\d+)", record).group(1))
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], \
@@ -236,10 +235,11 @@ def test_the_job_refuses_auth_without_credentials_or_a_study_with_its_own_store(
                           cwd=tmp_path / "a", capture_output=True, text=True, timeout=60, env=env, check=False)
     assert proc.returncode == 2 and "MLFLOW_TRACKING_PASSWORD" in proc.stderr, proc.stderr
     (tmp_path / "b").mkdir()
-    env = _stub_job(tmp_path / "b", study_uri="http://***@tracker:5000")
+    env = _stub_job(tmp_path / "b", study_uri="http://bob:s3cret@tracker:5000")
     proc = subprocess.run(["bash", str(SBATCH), "--mlflow-server", "srv", "study.yaml"], cwd=tmp_path / "b",
                           capture_output=True, text=True, timeout=60, env=env, check=False)
     assert proc.returncode == 2 and "tracking.uri=http://***@tracker:5000" in proc.stderr, proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     # Neither --mlflow-auth nor --mlflow-insecure: no open server (issue 26).
     (tmp_path / "c").mkdir()
@@ -307,7 +307,7 @@ def test_what_the_nodes_of_a_joined_cluster_are_asked(tmp_path):
 
 @pytest.mark.slow
 def test_a_study_across_three_hosts_logs_through_the_jobs_mlflow_server_with_basic_auth(
-        netns_cluster, digits_dir, tmp_path):  # noqa: F811
+        netns_cluster, digits_dir, tmp_path):
     """`ditscale slurm submit --nodes 3 --mlflow-server --mlflow-auth`: Ray's head (and the server) on
     host 1, workers on hosts 2 and 3, each joined by its own bridge address; two trials side by side, one
     of them with two workers on two hosts training with DeepSpeed over gloo between them. Every trial
@@ -369,7 +369,7 @@ def test_a_study_across_three_hosts_logs_through_the_jobs_mlflow_server_with_bas
 
 
 @pytest.fixture(scope="module")
-def hosts_ray(netns_cluster):  # noqa: F811
+def hosts_ray(netns_cluster):
     """Ray on hosts 1 (head) and 2, token auth, one CPU each; yields (address, env for its clients)."""
     name, net = netns_cluster["name"], netns_cluster["net"]
     state = Path(tempfile.mkdtemp(prefix="dsr-"))  # short: Ray's socket paths have a length limit

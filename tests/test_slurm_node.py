@@ -1,17 +1,23 @@
 """The node side of a Slurm job as pure functions: the head-loss watch's decisions (harness/launch/slurm/
 watch.py), `ray start`'s command line, the Ray token file and the private temp folders (node.py), and the
-study's paths read from the sweep's own options. Fast: no Slurm, no Ray. The same code runs for real in
+study's paths read from the sweep's own options, the job's MLflow server's command line and its stop
+(mlflow_server.py). Fast: no Slurm, no Ray, no MLflow server. The same code runs for real in
 tests/test_netns_hostloss.py (a head host lost: the workers requeue the job) and tests/test_slurm.py."""
 
 from __future__ import annotations
 
+import configparser
+import json
 import os
+import signal
 import stat
+import subprocess
+import time
 
 import pytest
 
 from harness.errors import UserError
-from harness.launch.slurm import node
+from harness.launch.slurm import mlflow_server, node
 from harness.launch.slurm.watch import (
     ENDING,
     HEAD_UP,
@@ -142,3 +148,64 @@ def test_paths_reads_the_sweeps_own_options(digits_dir, tmp_path):
     assert found["SLURM_DIR"] == str(tmp_path.resolve() / "my runs" / "other" / "slurm")
     proc = ditscale("slurm", "paths", str(study), "--bogus", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--bogus" in proc.stderr
+
+
+def test_the_mlflow_servers_credentials_go_to_its_environment_never_its_command_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-never-in-argv")
+    args = mlflow_server.server_args(tmp_path, "10.1.2.3", 5999, 1, auth=True)
+    assert args[:4] == ["mlflow", "server", "--app-name", "basic-auth"] and "pw-never-in-argv" not in " ".join(args)
+    assert f"sqlite:///{tmp_path}/mlflow.db" in args and "10.1.2.3:5999,localhost:*,127.0.0.1:*" in args
+    env = mlflow_server.server_env(tmp_path, auth=True)
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == "pw-never-in-argv" and env["MLFLOW_AUTH_ADMIN_USERNAME"] == "alice"
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == str(tmp_path / "basic_auth.ini")
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD" not in mlflow_server.server_env(tmp_path, auth=False)
+    assert "--uvicorn-opts" in mlflow_server.server_args(tmp_path, "10.1.2.3", 5999, 4, auth=False)
+
+
+def _state(folder, pid, started):
+    (folder / "server-91.state").write_text(json.dumps({"pid": pid, "started": started}))
+
+
+def test_stopping_the_server_ends_its_whole_session_and_never_signals_a_reused_pid(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SLURM_JOB_ID", "91")
+    monkeypatch.setenv("DITSCALE_MLFLOW_STOP_TIMEOUT", "5")
+    # The server and a process it started, both in its session; the child ignores SIGTERM (killed after 5 s).
+    ready = tmp_path / "ready"
+    server = subprocess.Popen(["bash", "-c", f"bash -c 'trap \"\" TERM; touch {ready}; sleep 300' & wait"],
+                              start_new_session=True)
+    for _ in range(600):  # until the child has set its trap (a loaded machine takes a while)
+        if ready.exists():
+            break
+        time.sleep(0.1)
+    _state(tmp_path, server.pid, node.start_time(server.pid))
+    t0 = time.monotonic()
+    mlflow_server.stop(tmp_path)
+    assert server.wait(timeout=10) is not None and not mlflow_server._session_alive(server.pid)
+    assert 4 < time.monotonic() - t0 < 15, "the child that ignores SIGTERM was killed after the timeout"
+    assert "did not stop within 5s" in capsys.readouterr().out
+    assert not (tmp_path / "server-91.state").exists()
+    # A pid whose start time is not the recorded one (the server gone, the pid reused): left alone.
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        _state(tmp_path, other.pid, "1")
+        mlflow_server.stop(tmp_path)
+        assert other.poll() is None
+    finally:
+        other.send_signal(signal.SIGKILL)
+        other.wait()
+    mlflow_server.stop(tmp_path)  # no state: nothing to do, nothing said
+    assert capsys.readouterr().out.count("MLflow server stopped") == 1
+
+
+def test_the_auth_config_is_private_holds_no_secret_and_reads_back_a_folder_with_a_percent(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-not-in-the-file")
+    folder = tmp_path / "srv 50%"
+    mlflow_server._prepare(folder, auth=True)
+    ini = folder / "basic_auth.ini"
+    parsed = configparser.ConfigParser()  # MLflow reads it so, interpolation on
+    parsed.read(ini)
+    assert parsed["mlflow"]["database_uri"] == f"sqlite:///{folder}/auth.db"
+    assert "pw-not-in-the-file" not in ini.read_text()
+    assert stat.S_IMODE(ini.stat().st_mode) == 0o600 and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert (folder / "artifacts").is_dir()

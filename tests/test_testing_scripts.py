@@ -267,15 +267,15 @@ def test_netns_host_never_runs_a_command_planted_in_netns_env(folder, how, tmp_p
 def _stub_job(folder: Path, ray_tmp: Path, record: Path) -> dict:
     """Stand-ins for what sweep.sbatch calls (srun runs the step's command here, on `node1`): `ray start`
     records its temp folder and the mode and owner of the folder around it, then blocks as `ray start
-    --block` does until it is signalled; the sweep does nothing."""
+    --block` does until it is signalled; waiting for Ray waits for that record (as the real wait waits for
+    the head to answer); the sweep does nothing."""
     bin_dir = folder / "bin"
     bin_dir.mkdir()
     slurm_dir = folder / "runs" / "stub" / "slurm"
     paths = "".join(f"{k}={shlex.quote(str(v))}\n" for k, v in (
         ("STUDY_NAME", "stub"), ("STUDY_DIR", slurm_dir.parent), ("STOP_FILE", slurm_dir.parent / "STOP"),
         ("SLURM_DIR", slurm_dir), ("TRACKING_URI", f"sqlite:///{folder}/mlflow.db"),
-        ("TRACKING_URI_SHOWN", f"sqlite:///{folder}/mlflow.db"), ("REPORT", folder / "r.html"),
-        ("STUDY_TRACKING_URI_SHOWN", "")))
+        ("TRACKING_URI_SHOWN", f"sqlite:///{folder}/mlflow.db"), ("REPORT", folder / "r.html")))
     rec = shlex.quote(str(record))
     scripts = {
         "ditscale": ("#!/bin/bash\n"
@@ -283,7 +283,9 @@ def _stub_job(folder: Path, ray_tmp: Path, record: Path) -> dict:
                      f"  'slurm paths') cat <<'EOF'\n{paths}EOF\n;;\n"
                      "  'slurm node-ip') echo 10.9.8.7 ;;\n"
                      "  'slurm node') exec python -m harness.cli \"$@\" ;;\n"
-                     "  'slurm wait-ray'|'sweep '*) ;;\n"
+                     f"  'slurm wait-ray') for _ in $(seq 600); do grep -q '^temp ' {rec} 2>/dev/null && exit 0; "
+                     "sleep 0.1; done; exit 1 ;;\n"
+                     "  'sweep '*) ;;\n"
                      "  *) exit 1 ;;\n"
                      "esac\n"),
         "ray": ("#!/bin/bash\n"

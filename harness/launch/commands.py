@@ -7,14 +7,14 @@ argument errors stay instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 from pathlib import Path
 
-from harness.common.net import free_port
 from harness.config import MAX_TRIALS
 from harness.errors import UserError
-from harness.launch.slurm import node, submit
+from harness.launch.slurm import mlflow_server, node, submit
 from harness.launch.slurm.submit import DEFAULT_SIGNAL_SECONDS
 from harness.options import add_set_option
 from harness.paths import study_paths
@@ -83,18 +83,19 @@ def _cmd_stop_file(args: argparse.Namespace) -> int:
 
 def _cmd_paths(args: argparse.Namespace) -> int:
     """The study's paths for the batch script, one `KEY=value` a line (read with `read`, never evaluated),
-    from the sweep's own command line: the sweep's parser reads its options (--set, ...)."""
+    from the sweep's own command line: the sweep's parser reads its options (--set, ...). The job's
+    --mlflow-server options are refused here as `ditscale slurm submit` refuses them, in one line."""
     parser = argparse.ArgumentParser(prog="ditscale")
     add_sweep(parser.add_subparsers())
     sweep = parser.parse_args(["sweep", *args.sweep_args])
     study = submit.load(sweep.config, sweep.set, check_files=False)
+    submit.check_mlflow_server(study, args.mlflow_server is not None, args.mlflow_auth,
+                               mlflow_insecure=args.mlflow_insecure)
     p = study_paths(study)
     for key, value in (("STUDY_NAME", p.name), ("STUDY_DIR", p.study_dir), ("STOP_FILE", p.stop_file),
                        ("SLURM_DIR", p.slurm_dir), ("TRACKING_URI", p.tracking_uri),
                        # what the job may print: the URI without credentials
-                       ("TRACKING_URI_SHOWN", redact_uri(p.tracking_uri)), ("REPORT", p.report),
-                       # --mlflow-server refuses a study that names its own store: as shown, never used
-                       ("STUDY_TRACKING_URI_SHOWN", redact_uri(study.tracking.uri) or "")):
+                       ("TRACKING_URI_SHOWN", redact_uri(p.tracking_uri)), ("REPORT", p.report)):
         if "\n" in str(value) or "\r" in str(value):
             raise UserError(f"{key}: {str(value)!r} holds a line break, which the batch script cannot read; "
                             "rename it (name, resources.storage or tracking.uri)")
@@ -104,17 +105,6 @@ def _cmd_paths(args: argparse.Namespace) -> int:
 
 def _cmd_node_ip(args: argparse.Namespace) -> int:
     print(node.node_ip(args.toward))
-    return 0
-
-
-def _cmd_free_port(args: argparse.Namespace) -> int:
-    print(free_port(args.host))
-    return 0
-
-
-def _cmd_wait_mlflow(args: argparse.Namespace) -> int:
-    node.wait_for_mlflow(args.uri, args.timeout, args.watch_pid, auth=args.auth)
-    print(f"MLflow server at {args.uri}: up{' (basic auth)' if args.auth else ''}", flush=True)
     return 0
 
 
@@ -139,6 +129,31 @@ def _cmd_node_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_node_stop_ray(args: argparse.Namespace) -> int:
+    node.stop_ray(args.head, args.head_pid, args.workers, args.workers_pid, args.cpus)
+    return 0
+
+
+def _cmd_node_mlflow_server(args: argparse.Namespace) -> int:
+    if args.action == "start":
+        mlflow_server.start(args.mlflow_server, mlflow_server.server_ip(args.head_ip), args.mlflow_auth)
+    elif args.action == "wait":
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the URI, for the batch shell
+            uri = mlflow_server.wait(args.mlflow_server)
+        print(uri, flush=True)
+    else:
+        mlflow_server.stop(args.mlflow_server)
+    return 0
+
+
+def _add_mlflow_server_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    """The batch script's own options (`sbatch slurm/sweep.sbatch --mlflow-server DIR --mlflow-auth ...`)."""
+    parser.add_argument("--mlflow-server", type=Path, required=required, default=None, metavar="DIR",
+                        help="the job's MLflow server's folder")
+    parser.add_argument("--mlflow-auth", action="store_true", help="MLflow's basic-auth app")
+    parser.add_argument("--mlflow-insecure", action="store_true", help="no authentication")
+
+
 def _add_node(ss: argparse._SubParsersAction) -> None:
     """`ditscale slurm node ...`: the batch script's steps on the nodes (harness/launch/slurm/node.py)."""
     nodes = ss.add_parser("node").add_subparsers(dest="node_command", required=True)
@@ -155,6 +170,19 @@ def _add_node(ss: argparse._SubParsersAction) -> None:
     s = nodes.add_parser("token", help="write a fresh Ray token file: exclusive, no symlink, mode 600")
     s.add_argument("path")
     s.set_defaults(func=_cmd_node_token)
+    s = nodes.add_parser("stop-ray", help="the batch shell's Ray stop: ray-stop on the nodes left, the steps' end")
+    s.add_argument("--head", required=True, help="the head's node")
+    s.add_argument("--head-pid", type=int, default=None, help="the head's srun step")
+    s.add_argument("--workers", default="", help="the workers' nodes (a Slurm node list)")
+    s.add_argument("--workers-pid", type=int, default=None, help="the workers' srun step")
+    s.add_argument("--cpus", type=int, required=True, help="the steps' CPUs per task")
+    s.set_defaults(func=_cmd_node_stop_ray)
+    s = nodes.add_parser("mlflow-server", help="the job's MLflow server: start (returns at once), wait (prints "
+                         "its URI), stop (harness/launch/slurm/mlflow_server.py)")
+    s.add_argument("action", choices=["start", "wait", "stop"])
+    s.add_argument("--head-ip", default=None, help="start: the head's address (the server's, on the head)")
+    _add_mlflow_server_options(s, required=True)
+    s.set_defaults(func=_cmd_node_mlflow_server)
 
 
 def add_slurm(sub: argparse._SubParsersAction) -> None:
@@ -203,6 +231,7 @@ def add_slurm(sub: argparse._SubParsersAction) -> None:
 
     # Helpers for slurm/sweep.sbatch (not listed in the help).
     s = ss.add_parser("paths")
+    _add_mlflow_server_options(s, required=False)
     s.add_argument("sweep_args", nargs=argparse.REMAINDER, help="STUDY.yaml [ditscale sweep options]")
     s.set_defaults(func=_cmd_paths)
     _add_node(ss)
@@ -210,17 +239,6 @@ def add_slurm(sub: argparse._SubParsersAction) -> None:
     s = ss.add_parser("node-ip")
     s.add_argument("--toward", default=None, help="the head node's address (workers)")
     s.set_defaults(func=_cmd_node_ip)
-
-    s = ss.add_parser("free-port")
-    s.add_argument("host")
-    s.set_defaults(func=_cmd_free_port)
-
-    s = ss.add_parser("wait-mlflow")
-    s.add_argument("--uri", required=True)
-    s.add_argument("--timeout", type=float, default=180.0)
-    s.add_argument("--watch-pid", type=int, action="append", default=[])
-    s.add_argument("--auth", action="store_true", help="also check MLFLOW_TRACKING_USERNAME/PASSWORD")
-    s.set_defaults(func=_cmd_wait_mlflow)
 
     s = ss.add_parser("wait-ray")
     s.add_argument("--address", required=True)

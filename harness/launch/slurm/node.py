@@ -1,6 +1,7 @@
 """What slurm/sweep.sbatch runs on the nodes of its allocation: in the batch shell (the head node's address,
-the study's paths, the per-job Ray token, waiting for Ray and the job's MLflow server) and in its srun steps
-(`ditscale slurm node ray head|worker`: one Ray node per Slurm node; `ditscale slurm node ray-stop`).
+the per-job Ray token, waiting for Ray and the job's MLflow server, stopping Ray: `ditscale slurm node
+stop-ray`) and in its srun steps (`ditscale slurm node ray head|worker`: one Ray node per Slurm node;
+`ditscale slurm node ray-stop`).
 
 A Ray node's temp folder is r/ inside a private folder `$RAY_TMP_BASE-NODE.XXXXXX` made here like
 `mktemp -d` (a random name, made atomically, mode 0700, this user's): job ids are predictable and /tmp is
@@ -12,7 +13,10 @@ only when it is a folder (not a symlink), this user's and mode 0700 (`ours`).
 
 Stopping: `ray-stop` sends SIGTERM to that one `ray start` process, which drains its node and stops Ray's
 processes in order (signalling the whole step would hit the GCS at the same moment, and the workers would
-wait 30 s for it to drain). A worker whose Ray ends by itself runs the head-loss watch (watch.py).
+wait 30 s for it to drain). The batch shell's `stop-ray` first leaves the stop mark (RAY_STOP_MARK): a
+worker whose Ray then ends knows the job is ending, and a step that has not started `ray start` yet starts
+nothing (a stop before its pid file exists would otherwise find no pid). A worker whose Ray ends by itself
+runs the head-loss watch (watch.py).
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ def gloo_interface(ray_ip: str) -> str | None:
     connect over loopback. Where the name resolves to nothing of this node's but loopback (no DNS entry;
     Debian's 127.0.1.1), gloo gets the interface of the node's Ray address instead; where it resolves
     properly it is left alone (and single-node groups keep their transport on loopback:
-    harness/trial/distributed.py). None: leave GLOO_SOCKET_IFNAME as it is."""
+    harness/common/process_group.py). None: leave GLOO_SOCKET_IFNAME as it is."""
     if shutil.which("ip") is None:
         return None
     try:
@@ -355,11 +359,18 @@ def run_ray_node(role: str, ip: str | None, head_ip: str, port: int, cpus: int, 
         if iface:
             env["GLOO_SOCKET_IFNAME"] = iface
     head_watch = prepare_watch() if role == "worker" else None
+    stop_mark = Path(env.get("RAY_STOP_MARK", "/nonexistent"))
+    if stop_mark.exists():  # the job ended before this step got this far: nothing to start
+        return 0
     folder = private_folder(f"{base}-{node}")
     cmd = ray_start_args(role, ip, port, cpus, gpus, folder / "r", f"{head_ip}:{port}",
                          env.get("DITSCALE_RAY_DASHBOARD", "auto"))
     proc = subprocess.Popen(cmd)
     (folder / PID_FILE).write_text(f"{proc.pid} {start_time(proc.pid)}\n")
+    # The batch shell makes the mark before `ray-stop` reads the pid files: a stop that came between the
+    # look above and the pid file would find no pid to signal, so look again now that the file is there.
+    if stop_mark.exists():
+        proc.send_signal(signal.SIGTERM)
     signalled = []
 
     def forward(signum, _frame):  # Slurm ending the step: `ray start` stops its node in order
@@ -387,3 +398,90 @@ def stop_ray_node() -> None:
                 os.kill(int(pid), signal.SIGTERM)
         except (OSError, ValueError):
             pass
+
+
+
+# --- the batch shell's Ray stop (`ditscale slurm node stop-ray`) -----------------------------------
+
+
+def _log(text: str) -> None:
+    """One line of the job's log, as the batch script's own `log` writes them."""
+    print(f"[ditscale {time.strftime('%F %T')}] {text}", flush=True)
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """`scontrol show hostnames NODELIST`: node1,node[3-4] -> [node1, node3, node4]."""
+    if not nodelist:
+        return []
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
+    return out.stdout.split()
+
+
+def live_nodes(nodes: list[str]) -> list[str]:
+    """Those of `nodes` still in the job's allocation (Slurm removes a node it declared DOWN: --no-kill);
+    all of them when squeue does not answer."""
+    try:
+        now = subprocess.run(["squeue", "-h", "-j", os.environ["SLURM_JOB_ID"], "-o", "%N"], capture_output=True,
+                             text=True, timeout=30, check=False).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        now = ""
+    if not now:
+        return nodes
+    left = set(hostnames(now))
+    return [n for n in nodes if n in left]
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie the batch shell has not reaped yet has exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        pass
+
+
+def stop_step(pid: int, nodes: list[str], name: str, cpus: int, timeout: float) -> None:
+    """`ditscale slurm node ray-stop` on those of `nodes` still in the job (an srun step beside the Ray
+    step `pid`, a child of the batch shell; SIGTERM to that step when this cannot run), then wait for the
+    step to end: killed after `timeout` seconds."""
+    live = live_nodes(nodes)
+    step = ["srun", "--overlap", "--export=ALL", "--ntasks-per-node=1", f"--cpus-per-task={cpus}",
+            "--kill-on-bad-exit=0", f"--nodes={len(live)}", f"--ntasks={len(live)}", f"--nodelist={','.join(live)}",
+            "ditscale", "slurm", "node", "ray-stop"]
+    if not live or subprocess.run(step, stderr=subprocess.DEVNULL, check=False).returncode != 0:
+        _kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(1)
+    if _running(pid):
+        _log(f"Ray ({name}) did not stop within {timeout:g}s: killing its step")
+        _kill(pid, signal.SIGTERM)
+        time.sleep(2)
+        _kill(pid, signal.SIGKILL)
+
+
+def stop_ray(head: str, head_pid: int | None, workers: str, workers_pid: int | None, cpus: int) -> None:
+    """The batch shell's Ray stop: the stop mark first (the workers' Ray ends now: not a lost head; a step
+    not started yet starts nothing), the workers' step, then the head's (the head drains the workers);
+    each node's step removes its Ray temp folder. Says which nodes the job lost."""
+    _log("stopping Ray")
+    mark = os.environ["RAY_STOP_MARK"]
+    try:
+        Path(mark).touch()
+    except OSError as err:
+        _log(f"cannot create the stop mark {mark}: {err.strerror}")
+    timeout = float(os.environ.get("DITSCALE_STOP_TIMEOUT", "60"))
+    if workers_pid:
+        stop_step(workers_pid, hostnames(workers), "workers", cpus, timeout)
+    if head_pid:
+        stop_step(head_pid, [head], "head", cpus, timeout)
+    allocated = hostnames(os.environ["SLURM_JOB_NODELIST"])
+    live = live_nodes(allocated)
+    if len(live) < len(allocated):
+        _log(f"nodes lost during the job: {len(allocated)} allocated, {len(live)} left ({','.join(live)})")
