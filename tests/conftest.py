@@ -166,7 +166,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # --- pytest-xdist: which tests must share one worker ---------------------------------------------------------
-# `-n 2 --dist loadgroup` (pyproject.toml): tests in one xdist_group run on one worker, one after another.
+# `-n 2 --dist loadgroup` (scripts/test): tests in one xdist_group run on one worker, one after another.
 # The one-node Slurm cluster binds fixed ports (one per session, so one worker), and the Slurm and
 # network-namespace tests start munge, slurmctld and Ray nodes machine-wide: they run together on one
 # worker, and the CPU-bound Ray/DeepSpeed tests on the other.
