@@ -182,7 +182,7 @@ def disk_full(err: BaseException, folder: str | os.PathLike) -> bool:
 OWNER_FILE = ".owner"  # inside a scratch folder: which process made it (to tell a dead one's leftovers)
 
 
-def _start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     """The process's start time (clock ticks after boot, field 22 of /proc/PID/stat, proc(5)): with the
     pid it names one process, so a reused pid is told apart. None: no such process (or no /proc)."""
     try:
@@ -201,7 +201,7 @@ def _boot_id() -> str | None:
 
 def _this_process() -> dict:
     return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(),
-            "start": _start_time(os.getpid())}
+            "start": process_start_time(os.getpid())}
 
 
 def _provably_dead(folder: Path) -> bool:
@@ -220,7 +220,7 @@ def _provably_dead(folder: Path) -> bool:
     if marker.get("boot") is not None and marker.get("boot") != _boot_id():
         return True
     pid = marker.get("pid")
-    return isinstance(pid, int) and pid != os.getpid() and _start_time(pid) != marker["start"]
+    return isinstance(pid, int) and pid != os.getpid() and process_start_time(pid) != marker["start"]
 
 
 def reap_scratch_folders(parent: str | os.PathLike, name: str) -> list[Path]:

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from harness.errors import UserError
+from harness.files import process_start_time
 from harness.launch.slurm import mlflow_server, node
 from harness.launch.slurm.watch import (
     ENDING,
@@ -133,7 +134,7 @@ def test_private_folders_are_ours_and_others_are_not(tmp_path):
     (tmp_path / "ray-7-0-n1.link12").symlink_to(folder)
     assert not node.ours(loose) and not node.ours(tmp_path / "ray-7-0-n1.link12")
     assert node.node_folders(str(tmp_path / "ray-7-0"), "n1") == [str(folder)]
-    assert node.start_time(os.getpid()) and node.start_time(2**22 + 1) is None
+    assert process_start_time(os.getpid()) and process_start_time(2**22 + 1) is None
 
 
 def test_paths_reads_the_sweeps_own_options(digits_dir, tmp_path):
@@ -178,7 +179,7 @@ def test_stopping_the_server_ends_its_whole_session_and_never_signals_a_reused_p
         if ready.exists():
             break
         time.sleep(0.1)
-    _state(tmp_path, server.pid, node.start_time(server.pid))
+    _state(tmp_path, server.pid, process_start_time(server.pid))
     t0 = time.monotonic()
     mlflow_server.stop(tmp_path)
     assert server.wait(timeout=10) is not None and not mlflow_server._session_alive(server.pid)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from harness.common.net import free_port
 from harness.errors import UserError
-from harness.launch.slurm.node import MLFLOW_CREDENTIALS, node_ip, start_time, wait_for_mlflow
+from harness.files import process_start_time
+from harness.launch.slurm.node import MLFLOW_CREDENTIALS, node_ip, wait_for_mlflow
 
 AUTH_INI = ("[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{folder}/auth.db\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
@@ -105,7 +106,7 @@ def start(folder: Path, ip: str, auth: bool, tries: int = 1) -> dict:
         except OSError as err:
             raise UserError(f"--mlflow-server: cannot run `mlflow server` ({err.strerror}): is MLflow installed "
                             "in the job's environment (DITSCALE_VENV)?") from None
-    state = {"pid": proc.pid, "started": start_time(proc.pid), "uri": f"http://{ip}:{port}", "ip": ip, "auth": auth,
+    state = {"pid": proc.pid, "started": process_start_time(proc.pid), "uri": f"http://{ip}:{port}", "ip": ip, "auth": auth,
              "offset": offset, "tries": tries}
     statefile.write_text(json.dumps(state) + "\n")
     log(f"MLflow server starting at {state['uri']} (store sqlite:///{folder}/mlflow.db, "
@@ -138,7 +139,7 @@ def stop(folder: Path) -> None:
     if state is None:
         return
     sid = state["pid"]
-    if start_time(sid) == state["started"]:
+    if process_start_time(sid) == state["started"]:
         timeout = float(os.environ.get("DITSCALE_MLFLOW_STOP_TIMEOUT", "20"))
         deadline = time.monotonic() + timeout
         _signal_session(sid, signal.SIGTERM)

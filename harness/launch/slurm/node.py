@@ -38,6 +38,7 @@ import urllib.request
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.files import process_start_time
 from harness.launch.slurm.watch import after_ray_exit, prepare_watch
 
 MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -267,15 +268,6 @@ def ours(folder: str | Path) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700
 
 
-def start_time(pid: int) -> str | None:
-    """Field 22 of /proc/PID/stat (the start time, proc(5)): with the pid, names one process for good."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()[19]
-
-
 def private_folder(prefix: str) -> Path:
     """`prefix` + '.' + six random letters and digits, made with mode 0700 (as `mktemp -d PREFIX.XXXXXX`)."""
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
@@ -366,7 +358,7 @@ def run_ray_node(role: str, ip: str | None, head_ip: str, port: int, cpus: int, 
     cmd = ray_start_args(role, ip, port, cpus, gpus, folder / "r", f"{head_ip}:{port}",
                          env.get("DITSCALE_RAY_DASHBOARD", "auto"))
     proc = subprocess.Popen(cmd)
-    (folder / PID_FILE).write_text(f"{proc.pid} {start_time(proc.pid)}\n")
+    (folder / PID_FILE).write_text(f"{proc.pid} {process_start_time(proc.pid)}\n")
     # The batch shell makes the mark before `ray-stop` reads the pid files: a stop that came between the
     # look above and the pid file would find no pid to signal, so look again now that the file is there.
     if stop_mark.exists():
@@ -394,7 +386,7 @@ def stop_ray_node() -> None:
     for folder in node_folders(os.environ["RAY_TMP_BASE"], node):
         try:
             pid, started = (Path(folder) / PID_FILE).read_text().split()
-            if start_time(int(pid)) == started:
+            if process_start_time(int(pid)) == started:
                 os.kill(int(pid), signal.SIGTERM)
         except (OSError, ValueError):
             pass
