@@ -13,7 +13,7 @@ the best width per size (table), and one sentence on whether one fixed width wou
 every size, with what the best fixed width would have cost against the validation noise (se_val_loss).
 
 Only pandas/matplotlib: the metric and param names are copies of harness/trial/posthoc_ema's (which
-imports torch); tests/test_phema.py checks they agree.
+imports torch); tests/trial/test_phema.py checks they agree.
 
     figure(trials, out, fig, notes)   in analysis/analyse.py: the figure (when runs have val_loss_ema* metrics)
     blocks(trials)                    in analysis/sections.py: the heading, table and sentence

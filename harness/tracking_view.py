@@ -2,7 +2,7 @@
 per trial, best val_loss first, with the quality metrics and the parameters the grid varies as columns.
 
 Two things in MLflow 3.17's UI stand in the way of a plain experiment link (both read in its bundle,
-mlflow/server/js/build/static/js, and seen in headless Chromium; tests/test_mlflow_ui.py):
+mlflow/server/js/build/static/js, and seen in headless Chromium; tests/launch/test_mlflow_ui.py):
 
 - It opens every experiment as the sidebar's GenAI / Model training switch says, and that switch starts
   on GenAI in a fresh browser (remembered per browser, in localStorage): an experiment of trials opens on

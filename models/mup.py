@@ -32,7 +32,7 @@ MMDiT-d{D}: 64; the DiT paper's S/B/L: 64), so by default the attention stays sp
 heads widen, give the base model's head width d_b: the scale is sqrt(d_b) / d, sp's 1/sqrt(d) at the
 base width, falling as 1/d beyond it.
 
-At w = b the model and its learning rates are sp's, bit for bit (tests/test_mup.py checks every preset
+At w = b the model and its learning rates are sp's, bit for bit (tests/models/test_mup.py checks every preset
 geometry). sp itself, the official model, is never touched by this module.
 """
 

@@ -2,7 +2,7 @@
 three-host network-namespace cluster; the environment each test leaves behind; the xdist groups.
 
 Plain helpers live in tests/support/ (no test module imports another test module or this file:
-tests/test_test_layout.py)."""
+tests/repo/test_test_layout.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def digits_dir(tmp_path_factory) -> Path:
     return out
 
 
-# --- the one-node Slurm cluster (tests/test_slurm*.py, test_credentials.py) ------------------------------
+# --- the one-node Slurm cluster (tests/slurm/test_slurm*.py, tests/launch/test_credentials.py) ------------------------------
 # One session fixture here, not imported into test modules: an imported session fixture is a separate
 # instance per module, and two clusters on the test cluster's fixed ports cannot both start. Under
 # pytest-xdist every test that uses it runs on one worker (the "slurm" group, below).
@@ -86,7 +86,7 @@ def submit(slurm_cluster):
             job.cancel()
 
 
-# --- the three-host cluster of network namespaces (tests/test_netns_*.py) -----------------------------------
+# --- the three-host cluster of network namespaces (tests/slurm/test_netns_*.py) -----------------------------------
 # One per module (test_netns_hostloss.py loses hosts of its cluster on purpose).
 
 

@@ -1,6 +1,6 @@
 """Arguments and handlers of `ditscale data pack|verify|bench` (argparse only at import time).
 `ditscale data stats` (FID reference statistics) is added by harness/evaluation/data_stats.py: it runs
-evaluation's feature networks, and data/ sits below evaluation/ (tests/test_layout.py, ROOMS)."""
+evaluation's feature networks, and data/ sits below evaluation/ (tests/repo/test_layout.py, ROOMS)."""
 
 from __future__ import annotations
 

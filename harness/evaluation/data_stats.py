@@ -2,7 +2,7 @@
 
 The action sits under `ditscale data` because it reads a dataset folder, but it runs evaluation's
 feature networks (clean-fid's Inception, the named stand-ins), so it lives in this room and harness.cli
-adds it to the data actions: data/ never imports evaluation/ (tests/test_layout.py, ROOMS). torch and
+adds it to the data actions: data/ never imports evaluation/ (tests/repo/test_layout.py, ROOMS). torch and
 the networks load in the handler, so that `ditscale --help` stays instant."""
 
 from __future__ import annotations

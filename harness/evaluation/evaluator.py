@@ -18,7 +18,7 @@ What `run` measures (metrics are valid on rank 0):
                            images and noise, by the collapsed-strata estimator (one sample per timestep
                            stratum; `stratified_standard_error`). It covers a fresh draw of images, so
                            it exceeds the spread over eval.seed alone (same images, each used once):
-                           0.0063 vs 0.0024 in tests/test_evaluate.py. Named so that analysis/runs.py
+                           0.0063 vs 0.0024 in tests/evaluation/test_evaluate.py. Named so that analysis/runs.py
                            never takes it for a loss (its regexes match val_loss*, not se_*).
     fid_cfg<s>, kid_cfg<s> clean-fid's FID / KID of eval.fid_samples images sampled with the EMA
                            weights, eval.sampler, eval.sampling_steps and CFG scale s, decoded with

@@ -5,7 +5,7 @@ The FID of record is clean-fid's: its TorchScript Inception-v3, its "clean" resi
 299 x 299 on float images), `frechet_distance` on the features' mean and covariance, and
 `kernel_distance` for KID. Images go through exactly the steps clean-fid applies to an image file
 (uint8 RGB -> resize -> tensor), so a folder of our samples scores the same here as with
-`cleanfid.fid.compute_fid` (tests/test_evaluate.py checks it).
+`cleanfid.fid.compute_fid` (tests/evaluation/test_evaluate.py checks it).
 
 Without the Inception weights (see harness/assets.py) a stand-in network trained on the dataset
 (harness/evaluation/standin.py) is used and its metrics are named `fd_<name>` / `kd_<name>`, never fid / kid.
@@ -318,7 +318,7 @@ def frechet_distance_spread(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np
     N-sample SD (half-sampling, McCarthy 1969; subsampling, Politis, Romano & Wolf 1999). The FD is not
     a mean and its variance falls a little faster than 1/N in high dimension, so the estimate runs high:
     conservative. Measured on Gaussian features against the SD over fresh draws: 0.99x at d = 32,
-    N = 256 (tests/test_evaluate.py), 1.3x at d = 144, N = 512, where bootstrap resamples (with
+    N = 256 (tests/evaluation/test_evaluate.py), 1.3x at d = 144, N = 512, where bootstrap resamples (with
     replacement) gave 1.6x. The FD of N samples is a random quantity (Chong & Forsyth 2020, "Effectively
     Unbiased FID and Inception Score", CVPR); the report compares FD gaps with this spread.
 

@@ -186,7 +186,7 @@ def train_standin(name: str, images: np.ndarray, targets: torch.Tensor, config: 
     pinned (default): trained on the CPU in a child process with PINNED_ENV (ATen's CPU kernels are
     chosen once per process, so only a fresh process can pin them), deterministic algorithms, fixed
     seeds and data order: the same weights, bit for bit, whatever the machine's ISA and thread count
-    (tests/test_evaluate.py). pinned=False trains here, faster, reproducible only on this machine."""
+    (tests/evaluation/test_evaluate.py). pinned=False trains here, faster, reproducible only on this machine."""
     if pinned:
         net, meta = _train_pinned(name, images, targets, config, steps, batch_size, seed, holdout)
         return net.to(device).eval(), meta

@@ -22,7 +22,7 @@ of the jump. A single outlier step moves the EMA by 1/N of its size: harmless. A
 loss's level (r > factor) crosses the threshold after N ln((r - 1) / (r - factor)) steps: 4 steps for
 r = 30, 55 for r = 4 (at factor 3).
 
-Measured (tests/test_divergence_and_branches.py, on the real traces in tests/data/loss_traces.json):
+Measured (tests/trial/test_divergence_and_branches.py, on the real traces in tests/data/loss_traces.json):
 on 8 healthy DDPM and rectified-flow runs at batch 32 (4,037 steps; at log_every 1, 5 and 20) it never
 fired, the smoothed loss rising at most 1.21 x its minimum (1.12 at the usual learning rates); the
 single-window rule fired on 5 of them (DDPM at steps 77-136). On 8 runs that blow up (learning rate

@@ -1,5 +1,5 @@
 """An Evaluator (harness/evaluation/evaluator.py) on a tiny trial of the digits, for the evaluation tests
-(tests/test_evaluate.py, tests/test_modern_metrics.py)."""
+(tests/evaluation/test_evaluate.py, tests/evaluation/test_modern_metrics.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The three-host Slurm cluster of network namespaces (slurm/testing/start-netns-cluster.sh).
 
-The cluster is the module fixture `netns_cluster` in tests/conftest.py (tests/test_netns_*.py); these
+The cluster is the module fixture `netns_cluster` in tests/conftest.py (tests/slurm/test_netns_*.py); these
 are the plain helpers around it."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Post-hoc EMA checks that tests/test_train.py::test_kill_and_resume_continues_the_same_run runs on its
+"""Post-hoc EMA checks that tests/trial/test_train.py::test_kill_and_resume_continues_the_same_run runs on its
 real trial (train POSTHOC, eval EMA_CHOICE): the snapshots after a SIGKILL and a resume, `ditscale eval`'s
-choice of the EMA, and the final evaluation's EMA chosen by validation loss (tests/test_phema.py holds the
+choice of the EMA, and the final evaluation's EMA chosen by validation loss (tests/trial/test_phema.py holds the
 post-hoc EMA's own tests)."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def saved_posthoc_state(tmp_path, name: str, step: int) -> dict:
 
 def check_snapshots_after_kill_and_resume(tmp_path, study, name: str, resumed_from: int, steps: int,
                                           saved: dict) -> None:
-    """Called by tests/test_train.py::test_kill_and_resume_continues_the_same_run after its trial (train
+    """Called by tests/trial/test_train.py::test_kill_and_resume_continues_the_same_run after its trial (train
     POSTHOC, snapshot_every 10) was SIGKILLed and resumed from `resumed_from` to `steps`.
 
     A resumed trial draws a fresh data stream (harness/trial/batches.py), so its weights after the resume
@@ -108,7 +108,7 @@ EMA_CHOICE = {"val_batches": 1, "ema_sigma_rels": [0.05, 0.1]}  # the eval secti
 
 
 def check_ema_choice(client, run) -> None:
-    """Called by tests/test_train.py::test_kill_and_resume_continues_the_same_run (eval EMA_CHOICE): at the
+    """Called by tests/trial/test_train.py::test_kill_and_resume_continues_the_same_run (eval EMA_CHOICE): at the
     last step each width's validation loss is logged, the param names the argmin, and the final val_loss
     (the full evaluation's) is that width's."""
     from harness.trial.posthoc_ema import BEST_PARAM, FINAL_EMA_TAG
