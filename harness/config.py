@@ -93,6 +93,11 @@ def _known_field(dotted: str) -> bool:
     return dotted in _FIELDS or dotted in _SECTIONS or dotted.startswith("train.deepspeed.")
 
 
+# The study's own sections that `--set` may change like a trial's fields (`--set ladder.budgets=[4.8e12]`),
+# but that are not grid axes or points: a ladder or bracketing belongs to the study, not to one trial.
+_STUDY_SETTABLE = {f for f in _field_paths(Study) if f.split(".")[0] in ("ladder", "bracket")} | {"ladder", "bracket"}
+
+
 # --- loading and validation ----------------------------------------------------------------
 
 
@@ -147,7 +152,7 @@ def read_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     raw = _read_yaml(Path(path))
     for text in overrides:
         key, value = parse_override(text)
-        if not _known_field(key) and not key.startswith("grid."):
+        if not _known_field(key) and not key.startswith("grid.") and key not in _STUDY_SETTABLE:
             raise StudyError([f"--set {key}: unknown field"])
         if key.startswith("grid."):
             raw.setdefault("grid", {})[key[len("grid."):]] = value

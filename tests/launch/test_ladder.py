@@ -78,6 +78,25 @@ def test_the_dry_run_says_the_ladder_comes_after_the_grid(digits_dir, tmp_path, 
     assert "ladder: 1 trial(s) at 8e+09 (4x) the grid's largest budget" in out, out[-2000:]
 
 
+def test_set_overrides_the_ladder_and_bracketing_like_any_study_field(digits_dir, tmp_path, capsys):
+    """`--set ladder.budgets=[...]` (and bracket.max_extra_sizes) reach the study, validated as if written in
+    the file; they stay study sections, not grid axes, and a misspelt key is still an unknown field."""
+    from harness.cli import main
+    from harness.config import StudyError, load_study
+
+    path = _isoflop_study(digits_dir, tmp_path)
+    assert load_study(path, overrides=["ladder.budgets=[8e9, 1.6e10]"]).ladder.budgets == [8e9, 1.6e10]
+    assert load_study(path, overrides=["bracket.max_extra_sizes=2"]).bracket.max_extra_sizes == 2
+    for text, message in [("ladder.budgets=[1e9]", r"^ladder.budgets: 1e\+09 is not above the grid's largest"),
+                          ("ladder.budget=[8e9]", r"^--set ladder.budget: unknown field$"),
+                          ("grid.ladder.budgets=[8e9]", r"^grid.ladder.budgets: not a study field$")]:
+        with pytest.raises(StudyError, match=message) as err:
+            load_study(path, overrides=[text])
+        assert len(str(err.value).splitlines()) == 1, str(err.value)
+    assert main(["sweep", str(path), "--dry-run", "--set", "ladder.budgets=[8e9]"]) == 0
+    assert "ladder: 1 trial(s) at 8e+09 (4x) the grid's largest budget" in capsys.readouterr().out
+
+
 # --- the prediction ----------------------------------------------------------------------------------
 
 
