@@ -24,10 +24,10 @@ from pathlib import Path
 
 from harness.checks import DEFAULT_COOLDOWN, cooldown_steps
 from harness.config import StudyError, TrialConfig
-from harness.paths import checkpoint_root
+from harness.paths import BRANCH_MARKER, checkpoint_root
 from harness.study import length_free_key
-from harness.trial.checkpoint import (BRANCH_MARKER, EMA_FILE, LATEST, TAG_PATTERN, prepare_checkpoint_root,
-                                     tag_for)
+# The checkpoint layout without torch: planning (and `ditscale sweep --dry-run`) imports this module.
+from harness.trial.checkpoint_files import EMA_FILE, LATEST, TAG_PATTERN, prepare_checkpoint_root, tag_for
 
 TRUNK_ROLE = "trunk"
 

@@ -30,8 +30,7 @@ from harness.study import load_trials
 from harness.tracking import (check_tracking_uri, close_parent_run, concluded, open_parent_run, redact, redact_uri,
                               resolve_tracking_uri, sweep_state)
 from harness.tracking_view import study_link
-from harness.trial.checkpoint import tag_for
-from harness.trial.engine import check_deepspeed_configs
+from harness.trial.checkpoint_files import tag_for
 
 
 def run_sweep(config_path: str, overrides: list[str] = (), address: str | None = None, dry_run: bool = False,
@@ -55,6 +54,9 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
         if as_json:
             print(plan_json(rows))
         return {"planned": len(trials), "ran": 0}
+    # Imported here, not at the top: it imports torch, which a dry run does not need (seconds, ~0.5 GB).
+    from harness.trial.engine import check_deepspeed_configs
+
     check_deepspeed_configs(trials)  # DeepSpeed's own config class, before anything starts
     with study_lock(trials[0]):  # one sweep of a study at a time
         return _sweep(study, trials, trunks, address, max_concurrent, report, source=config_path)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import zipfile
@@ -39,14 +38,11 @@ from harness.common.process_group import DistInfo
 from harness.errors import UserError
 from harness.files import atomic_write_text, disk_full, not_writable_message, write_refused
 from harness.paths import BRANCH_MARKER, checkpoint_root
+from harness.trial.checkpoint_files import EMA_FILE, LATEST, PRUNING_PREFIX, SAVING_PREFIX, tag_for, tag_step
+from harness.trial.checkpoint_files import prepare_checkpoint_root  # noqa: F401 - where the trial's callers find it
 from harness.trial.divergence import SmoothedLoss
 from harness.trial.posthoc_ema import load_phema, save_phema
 
-EMA_FILE = "ema.pt"
-LATEST = "latest"
-TAG_PATTERN = re.compile(r"step-(\d+)")
-PRUNING_PREFIX = ".pruning-"  # a tag being removed is renamed first: never half a tag under a step-* name
-SAVING_PREFIX = ".saving-"    # a tag being written: renamed to its step-* name once complete
 T = TypeVar("T")
 
 
@@ -63,10 +59,6 @@ class TrialState:
     smoothed_loss: SmoothedLoss = field(default_factory=SmoothedLoss)
 
 
-def tag_for(step: int) -> str:
-    return f"step-{step:08d}"
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -80,29 +72,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def prepare_checkpoint_root(root: Path) -> Path:
-    """Create the trial folder and its checkpoints/ folder, both mode 0700 (chmod, so the umask does not
-    matter; a folder that already exists, e.g. made by Ray or an older version, is tightened too)."""
-    try:
-        for folder in (root.parent, root):
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if folder.stat().st_uid == os.geteuid():
-                os.chmod(folder, 0o700)
-    except OSError as err:  # `ditscale train` checks this up front; a sweep's trial meets it here
-        if not write_refused(err):
-            raise
-        raise UserError(not_writable_message(root, "resources.storage", err.strerror or str(err))) from None
-    return root
-
-
 def _warn(dist: DistInfo, message: str) -> None:
     if dist.is_main:
         print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _step_of(name: str) -> int | None:
-    match = TAG_PATTERN.fullmatch(name)
-    return int(match.group(1)) if match else None
 
 
 def _latest_tag(root: Path) -> str | None:
@@ -111,7 +83,7 @@ def _latest_tag(root: Path) -> str | None:
         tag = (root / LATEST).read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return tag if _step_of(tag) is not None else None
+    return tag if tag_step(tag) is not None else None
 
 
 def prune_checkpoints(root: Path, keep: int, current: str, also_keep: Iterable[int] = ()) -> list[str]:
@@ -119,11 +91,11 @@ def prune_checkpoints(root: Path, keep: int, current: str, also_keep: Iterable[i
     the one `latest` names, nor those of the steps `also_keep` (train.save_at: a trunk's branch points);
     tags newer than `current` (left by a run that fell back to an older one) are not touched. Returns
     the tags removed. Call it on rank 0 after a complete save."""
-    now = _step_of(current)
+    now = tag_step(current)
     if now is None:
         return []
     tags = sorted(((step, p.name) for p in root.iterdir()
-                   if p.is_dir() and (step := _step_of(p.name)) is not None and step <= now), reverse=True)
+                   if p.is_dir() and (step := tag_step(p.name)) is not None and step <= now), reverse=True)
     protected = {current, _latest_tag(root)} | {name for _, name in tags[:max(1, keep)]}
     branch_points = set(also_keep)
     protected |= {name for step, name in tags if step in branch_points}
@@ -223,9 +195,9 @@ def _candidates(root: Path, resume_from: dict | None, without_pointer: bool = Fa
         first = None
     else:
         return []
-    below = _step_of(first.name) if first is not None else None
+    below = tag_step(first.name) if first is not None else None
     older = sorted(((step, p) for p in (root.iterdir() if root.is_dir() else [])
-                    if p.is_dir() and (step := _step_of(p.name)) is not None and (p / EMA_FILE).is_file()
+                    if p.is_dir() and (step := tag_step(p.name)) is not None and (p / EMA_FILE).is_file()
                     and (below is None or step < below)), key=lambda sp: sp[0], reverse=True)
     return ([first] if first is not None else []) + [p for _, p in older]
 

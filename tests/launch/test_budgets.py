@@ -123,6 +123,25 @@ def test_dry_run_prints_budgets_steps_images_and_the_branched_compute(digits_dir
     assert "WSD branches: 1 trunk(s) serve 3 trials" in out and "trained independently" in out
 
 
+def test_dry_run_of_a_branched_study_imports_no_torch(digits_dir, tmp_path):
+    """`ditscale sweep --dry-run` plans WSD trunks (harness/launch/branches.py, which needs the checkpoint
+    layout) without importing torch, DeepSpeed, Ray or MLflow: it used to import torch through
+    harness/trial/checkpoint.py and harness/trial/engine.py."""
+    import subprocess
+    import sys
+
+    study = tiny_study(digits_dir, "dry-torch", train={"steps": 40, "schedule": "wsd", "cooldown": 0.25},
+                       grid={"train.steps": [40, 80]})
+    path = write_study(tmp_path / "s.yaml", study)
+    code = ("import sys\nfrom harness.cli import main\n"
+            f"assert main(['sweep', {str(path)!r}, '--dry-run']) == 0\n"
+            "print('heavy', [m for m in ('torch', 'deepspeed', 'ray', 'mlflow') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WSD branches: 1 trunk(s) serve 2 trials" in proc.stdout, proc.stdout
+    assert proc.stdout.splitlines()[-1] == "heavy []", proc.stdout[-2000:]
+
+
 @pytest.mark.slow
 def test_branches_match_standalone_and_divergence_is_a_concluded_status(digits_dir, tmp_path):
     """Two WSD lengths branched from one trunk on real Ray + DeepSpeed: each branch is its own MLflow
