@@ -28,8 +28,13 @@ from harness.paths import BRANCH_MARKER, checkpoint_root
 from harness.study import length_free_key
 # The checkpoint layout without torch: planning (and `ditscale sweep --dry-run`) imports this module.
 from harness.trial.checkpoint_files import EMA_FILE, LATEST, TAG_PATTERN, prepare_checkpoint_root, tag_for
+from harness.trial.divergence import divergence_step
 
 TRUNK_ROLE = "trunk"
+# What a branch needs of its trunk (trunk_need): start from it; train the trunk again up to its branch
+# point (rewind_trunk); nothing (the branch is concluded as diverged with its trunk); the trunk's own run,
+# not yet concluded, trains it anyway.
+READY, REWIND, DIVERGED, TRAIN = "ready", "rewind", "diverged", "train"
 
 
 @dataclass
@@ -111,6 +116,25 @@ def branch_ready(trunk: TrialConfig, branch: TrialConfig) -> bool:
     """Whether the branch can start or resume: it has checkpoints of its own, or its trunk has the
     one at its branch point (with the EMA, which is written first)."""
     return (checkpoint_root(branch) / LATEST).is_file() or (trunk_checkpoint(trunk, branch) / EMA_FILE).is_file()
+
+
+def trunk_need(trunk_status: str, point: int, ready: bool) -> str:
+    """What a branch starting at step `point` needs of a trunk whose MLflow status is `trunk_status`
+    (branch_ready says `ready`): READY, REWIND, DIVERGED or TRAIN.
+
+    A trunk that concluded but lacks the checkpoint (a deleted folder) is trained again through the
+    branch point when it passed that point in health: it finished, or it diverged only at a later step
+    (the loop judges a step before checkpointing it, so the checkpoint of the step that diverged is never
+    written: that step and later ones are the diverged ones). A branch point at or after the divergence,
+    or a diverged status that names no step, concludes the branch as diverged with its trunk."""
+    if ready:
+        return READY
+    if trunk_status == "finished":
+        return REWIND
+    if trunk_status.startswith("diverged"):
+        step = divergence_step(trunk_status)
+        return REWIND if step is not None and point < step else DIVERGED
+    return TRAIN
 
 
 def rewind_trunk(trunk: TrialConfig, step: int) -> str | None:

@@ -17,8 +17,8 @@ from pathlib import Path
 from harness.checks import ema_warnings
 from harness.config import MAX_TRIALS, TrialConfig
 from harness.launch import bracket
-from harness.launch.branches import (Trunk, branch_point, branch_ready, plan_branches, plan_compute, rewind_trunk,
-                                     trunk_checkpoint)
+from harness.launch.branches import (DIVERGED, REWIND, Trunk, branch_point, branch_ready, plan_branches, plan_compute,
+                                     rewind_trunk, trunk_checkpoint, trunk_need)
 from harness.launch.ladder import kept_ladder_lines, ladder_pending, prepare_ladder
 from harness.launch.ladder import plan_line as ladder_plan_line
 from harness.launch.local_ray import max_concurrent_trials, start_ray, stop_ray
@@ -31,6 +31,7 @@ from harness.tracking import (check_tracking_uri, close_parent_run, concluded, o
                               resolve_tracking_uri, sweep_state)
 from harness.tracking_view import study_link
 from harness.trial.checkpoint_files import tag_for
+from harness.trial.divergence import divergence_step
 
 
 def run_sweep(config_path: str, overrides: list[str] = (), address: str | None = None, dry_run: bool = False,
@@ -215,9 +216,10 @@ def _run_phases(study, todo: list[TrialConfig], trunks: list[Trunk], uri: str, p
     """First the trials that train alone and the trunks that unfinished branches need, then the
     branches (each starts from its trunk's checkpoint; harness/launch/branches.py).
 
-    A trunk is trained when it has not concluded, and trained again (once per sweep) when it finished
-    but a branch's checkpoint is gone (a deleted folder): rewind_trunk. Branches that still cannot start
-    are settled without Ray (settle_branches): `diverged (trunk <id>)` when the trunk diverged before
+    A trunk is trained when it has not concluded, and trained again (once per sweep) when a branch's
+    checkpoint is gone (a deleted folder) and the trunk passed that branch point in health (it finished,
+    or diverged only later): rewind_trunk, branches.trunk_need. Branches that still cannot start are
+    settled without Ray (settle_branches): `diverged (trunk <id>)` when the trunk diverged at or before
     their branch point, else failed with one line naming the trunk's folder."""
     trunk_of = {b.trial_id: trunk.trial for trunk in trunks for b in trunk.branches}
     branches = [t for t in todo if t.trial_id in trunk_of]
@@ -239,19 +241,22 @@ def _run_phases(study, todo: list[TrialConfig], trunks: list[Trunk], uri: str, p
 
 
 def _trunks_to_retrain(branches: list[TrialConfig], trunk_of: dict, trunk_state: dict) -> set[str]:
-    """Finished trunks that a branch still needs but whose checkpoint at its branch point is gone:
-    each is rewound to train again through the earliest missing branch point (a diverged trunk is not:
-    it would diverge again)."""
+    """Concluded trunks that a branch still needs but whose checkpoint at its branch point is gone, and
+    that passed that point in health (finished, or diverged at a later step: branches.trunk_need): each
+    is rewound to train again through the earliest missing branch point. A trunk that diverged at or
+    before the branch point is not (its branches conclude as diverged)."""
     missing: dict[str, int] = {}
     for b in branches:
         trunk = trunk_of[b.trial_id]
-        if trunk_state[trunk.trial_id] == "finished" and not branch_ready(trunk, b):
+        if trunk_need(trunk_state[trunk.trial_id], branch_point(b), branch_ready(trunk, b)) == REWIND:
             missing[trunk.trial_id] = min(missing.get(trunk.trial_id, branch_point(b)), branch_point(b))
     for tid, step in missing.items():
         trunk = next(t for t in trunk_of.values() if t.trial_id == tid)
         tag = rewind_trunk(trunk, step)
         gone = checkpoint_root(trunk) / tag_for(step)
-        print(f"trunk {tid}: its checkpoint at step {step} is gone ({gone}); training it again from "
+        diverged = divergence_step(trunk_state[tid])
+        why = f" (it diverged only at step {diverged}, after it)" if diverged is not None else ""
+        print(f"trunk {tid}: its checkpoint at step {step} is gone ({gone}){why}; training it again from "
               f"{tag or 'the start'}")
     return set(missing)
 
@@ -259,8 +264,9 @@ def _trunks_to_retrain(branches: list[TrialConfig], trunk_of: dict, trunk_state:
 def settle_branches(branches: list[TrialConfig], trunk_of: dict, trunk_state: dict, retrained: set[str], uri: str,
                     parent_run_id: str | None) -> tuple[list[TrialConfig], dict]:
     """(branches that can start, {trial_id: status} of those that cannot, recorded in their MLflow runs):
-    `diverged (trunk <id>)` when the trunk diverged (a concluded status, not an error), else
-    `failed: ...` in one line naming the checkpoint and the trunk's trial folder."""
+    `diverged (trunk <id>)` when the trunk diverged at or before their branch point (a concluded status,
+    not an error; branches.trunk_need), else `failed: ...` in one line naming the checkpoint and the
+    trunk's trial folder."""
     ready, settled = [], {}
     for b in branches:
         trunk = trunk_of[b.trial_id]
@@ -268,7 +274,7 @@ def settle_branches(branches: list[TrialConfig], trunk_of: dict, trunk_state: di
             ready.append(b)
             continue
         state = trunk_state.get(trunk.trial_id, "new")
-        if state.startswith("diverged"):
+        if trunk_need(state, branch_point(b), False) == DIVERGED:
             status = f"diverged (trunk {trunk.trial_id})"
         else:
             again = " after training it again" if trunk.trial_id in retrained else ""

@@ -38,6 +38,7 @@ loss even when `train.log_every` is large: a blow-up inside the first log window
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 SMOOTHING_STEPS = 50   # EMA time constant in optimizer steps (decay 1 - 1/50 per step)
@@ -88,6 +89,17 @@ class SmoothedLoss:
         if not data:
             return cls()
         return cls(ema=float(data["ema"]), steps=int(data["steps"]), minimum=float(data["minimum"]))
+
+
+# The step that SmoothedLoss.judge names at the end of every `diverged: ...` status it returns.
+_DIVERGED_AT = re.compile(r"diverged: .* at step (\d+)")
+
+
+def divergence_step(status: str) -> int | None:
+    """The optimizer step at which a trial stopped as diverged, read from its status (the MLflow tag
+    ditscale.status, written from judge's message); None for any other status, or one without a step."""
+    match = _DIVERGED_AT.fullmatch(status.strip())
+    return int(match.group(1)) if match else None
 
 
 def _decay() -> float:

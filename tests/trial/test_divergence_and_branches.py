@@ -228,6 +228,70 @@ def test_branches_a_trunk_cannot_serve_are_settled_in_mlflow_without_ray(digits_
     assert line in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("status, point, ready, need", [
+    ("finished", 30, True, "ready"),
+    ("diverged: smoothed loss 9 > 3 x its minimum 1 at step 50", 60, True, "ready"),  # its own checkpoints
+    ("finished", 30, False, "rewind"),
+    ("diverged: smoothed loss 9 > 3 x its minimum 1 (moving average over ~50 steps) at step 50", 30, False, "rewind"),
+    ("diverged: non-finite loss (nan) at step 50", 49, False, "rewind"),
+    ("diverged: non-finite loss (nan) at step 50", 50, False, "diverged"),  # step 50 was never checkpointed
+    ("diverged: smoothed loss 9 > 3 x its minimum 1 at step 50", 60, False, "diverged"),
+    ("diverged: loss 0.17 > 3 x its running minimum 0.05", 30, False, "diverged"),  # no step named: as before
+    ("failed: node lost", 30, False, "train"),
+    ("running", 30, False, "train"),
+    ("new", 30, False, "train"),
+])
+def test_trunk_need_retrains_a_trunk_that_diverged_after_the_branch_point(status, point, ready, need):
+    """A branch whose trunk checkpoint is gone is diverged only when its point is at or after the step
+    where the trunk diverged; before it, the trunk passed the point in health and is trained again."""
+    from harness.launch.branches import trunk_need
+    from harness.trial.divergence import SmoothedLoss, divergence_step
+
+    assert trunk_need(status, point, ready) == need
+    # the step is read from the very message the rule writes
+    judge = SmoothedLoss()
+    for step in range(1, 100):
+        judge.judge(0.1, 1, FACTOR, step)
+    assert divergence_step(judge.judge(5.0, 1, FACTOR, 100) or "") is None  # one step x50: not yet
+    message = next(m for step in range(101, 200) if (m := judge.judge(5.0, 1, FACTOR, step)))
+    assert divergence_step(message) == int(message.rsplit(" ", 1)[1]) > 100
+    assert divergence_step(f"diverged (trunk {'a' * 12})") is None
+
+
+def test_a_trunk_that_diverged_after_a_lost_branch_point_is_rewound_not_blamed(digits_dir, tmp_path, capsys):
+    """The trunk diverged at step 50; the checkpoint at the 40-step branch's point (30) was deleted: the
+    sweep rewinds the trunk to train it again through step 30 (before #26's follow-up its branch was
+    concluded `diverged (trunk ...)`). If the retrained trunk still lacks it, the branch fails in one
+    line; the 80-step branch (point 60, after the divergence) concludes as diverged. Real MLflow (sqlite)."""
+    from harness.launch.branches import plan_branches
+    from harness.launch.sweep import _trunks_to_retrain, settle_branches
+    from harness.paths import checkpoint_root
+    from harness.tracking import RunLogger, open_trial_run, sweep_state
+
+    _, trials = _wsd_trials(digits_dir, tmp_path, steps=(40, 80), cooldown=0.25)
+    (trunk,) = plan_branches(trials)[0]
+    short, long = trunk.branches
+    uri, tid = trunk.trial.tracking.uri, trunk.trial.trial_id
+    trunk_of = {b.trial_id: trunk.trial for b in trunk.branches}
+    RunLogger(uri, open_trial_run(trunk.trial, uri)).close(
+        "diverged: smoothed loss 9 > 3 x its minimum 1 (moving average over ~50 steps) at step 50")
+    root = checkpoint_root(trunk.trial)
+    for step in (10, 20, 40):  # 30 (the short branch's point) deleted; 40 the last before the divergence
+        (root / f"step-{step:08d}").mkdir(parents=True)
+        (root / f"step-{step:08d}" / "ema.pt").write_bytes(b"x")
+    (root / "latest").write_text("step-00000040")
+    state = sweep_state(uri, trunk.trial.name, [trunk.trial])
+
+    assert _trunks_to_retrain([short, long], trunk_of, state) == {tid}
+    assert (root / "latest").read_text() == "step-00000020"  # it trains again through step 30
+    assert f"trunk {tid}: its checkpoint at step 30 is gone" in capsys.readouterr().out
+    # the retrained trunk (diverged again at 50) still has no step 30: the short branch fails, the long
+    # one (point 60, after the divergence) is diverged with its trunk
+    _, settled = settle_branches([short, long], trunk_of, state, {tid}, uri, None)
+    assert settled[short.trial_id].startswith("failed: ") and "after training it again" in settled[short.trial_id]
+    assert settled[long.trial_id] == f"diverged (trunk {tid})"
+
+
 # --- 3. absurd config values ---------------------------------------------------------------------------------
 
 
