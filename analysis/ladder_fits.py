@@ -28,6 +28,7 @@ def grid_fits(uri: str, experiment: str, grid_ids: set[str], bootstrap: int = IS
         raise UserError(f"ladder.budgets: the grid's trials logged no {GRID_LOSS_KEY} to fit "
                         "(set eval.val_batches > 0)")
     usable, _ = study.split_usable(trials, y_col)
+    check_one_law(usable)
     fd = runs.primary_fd_metric(histories["key"].unique()) if not histories.empty else None
     fd_col = f"final_{fd['key']}" if fd is not None and f"final_{fd['key']}" in usable else None
     rows = study.budget_rows(usable, y_col, fd_col)
@@ -40,3 +41,17 @@ def grid_fits(uri: str, experiment: str, grid_ids: set[str], bootstrap: int = IS
         loss_fd = scaling.fit_loss_to_fd(rows["loss"], rows["fd"], bootstrap=bootstrap, seed=seed)
     return {"rows": rows, "k": k, "surface": surf, "isoflop": iso, "loss_fd": loss_fd,
             "fd_key": fd["key"] if fd_col else None, "trial_ids": sorted(rows["trial_id"].astype(str))}
+
+
+def check_one_law(trials) -> None:
+    """A ladder predicts one law; the report fits one per group of trials (analysis.study.analysis_groups:
+    per patch, objective, ...). The study's validation refuses such a grid before anything runs (harness/
+    launch/ladder.py one_law_problems, which says why); this catches a grid whose logged trials still fall
+    into several groups (e.g. trials of an older file in the same experiment), so that the registered
+    prediction is never a law pooled across them."""
+    groups = study.analysis_groups(trials)
+    if len(groups) > 1:
+        labels = "; ".join(study.group_label(g) for g, _ in groups)
+        raise UserError(f"ladder.budgets: the grid's finished trials fall into {len(groups)} groups the report "
+                        f"fits separately ({labels}); a ladder extrapolates one law, so it is not predicted from a "
+                        "fit pooled across them: one study per group, each with its own ladder")

@@ -198,8 +198,10 @@ def _ladder_problems(study: Study, trials: list[TrialConfig]) -> list[str]:
     if any(b is None for b in grid):
         return [("ladder.budgets: a ladder extrapolates an isoFLOP design; give the grid's trials train.flops "
                  "budgets (not train.steps)")]
+    from harness.launch.ladder import one_law_problems  # the ladder's rule, with its reasons (imported late: it imports us)
+
     return [f"ladder.budgets: {b:.3g} is not above the grid's largest budget {max(grid):.3g}; a ladder predicts "
-            "beyond the fitted budgets" for b in budgets if b <= max(grid)]
+            "beyond the fitted budgets" for b in budgets if b <= max(grid)] + one_law_problems(trials)
 
 
 def _bracket_problems(study: Study, trials: list[TrialConfig]) -> list[str]:

@@ -16,6 +16,25 @@ def _points(losses, sizes=((100, "g100"), (200, "g200"), (400, "g400"))):
     return [(p, s, loss) for (p, s), loss in zip(sizes, losses)]
 
 
+def test_a_budgets_sizes_are_compared_within_one_patch_and_objective_never_pooled():
+    """Bracketing decides per budget among trials equal in everything but size and seed: a grid over the patch,
+    the objective or the LR brackets each value on its own (the minimum over sizes of a pooled budget would
+    mix laws); seeds of one size are one point."""
+    from harness.launch.bracket import budget_key
+    from harness.schema import TrialConfig
+
+    def trial(size="d1w32", patch=4, kind="ddpm", lr=1e-3, seed=0, flops=1e9):
+        return TrialConfig.model_validate({"name": "s", "data": {"shards": "x-{0..1}.tar", "image_size": 16,
+                                                                 "channels": 1},
+                                           "model": {"size": size, "patch": patch}, "objective": {"kind": kind},
+                                           "train": {"flops": flops, "batch_size": 32, "lr": lr, "seed": seed}})
+
+    key = budget_key(trial())
+    assert budget_key(trial(size="d2w64", seed=1)) == key
+    for other in (trial(patch=2), trial(kind="rectified_flow"), trial(lr=2e-3), trial(flops=2e9)):
+        assert budget_key(other) != key
+
+
 def test_a_minimum_at_the_largest_size_adds_the_next_larger_geometry_at_the_same_log_spacing():
     from harness.launch.bracket import next_size
 

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from tests.support import ditscale, tiny_study, write_study
 
@@ -76,6 +77,67 @@ def test_the_dry_run_says_the_ladder_comes_after_the_grid(digits_dir, tmp_path, 
     assert run_sweep(str(path), dry_run=True)["planned"] == 12
     out = capsys.readouterr().out
     assert "ladder: 1 trial(s) at 8e+09 (4x) the grid's largest budget" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("axis, values", [("model.patch", [2, 4]), ("objective.kind", ["ddpm", "rectified_flow"]),
+                                          ("train.batch_size", [16, 32])])
+def test_a_grid_that_varies_another_axis_is_refused_before_anything_runs(digits_dir, tmp_path, capsys, axis, values):
+    """A ladder extrapolates one law; the report fits one per patch (objective, ...): pooling them into one
+    prediction is refused in validation and in the dry run, in one line naming ladder.budgets and the axis
+    (harness/launch/ladder.py one_law_problems says why refuse rather than one ladder per group)."""
+    from harness.cli import main
+    from harness.config import StudyError, load_study
+
+    path = _isoflop_study(digits_dir, tmp_path, ladder={"budgets": [8e9]})
+    raw = yaml.safe_load(path.read_text())
+    raw["grid"][axis] = values
+    write_study(path, raw)
+    with pytest.raises(StudyError, match=rf"^ladder.budgets: the grid varies {axis} \({values[0]}, {values[1]}\) "
+                                         "besides size, budget, learning rate and seed") as err:
+        load_study(path)
+    assert len(str(err.value).splitlines()) == 1, str(err.value)
+    assert main(["sweep", str(path), "--dry-run"]) != 0
+    assert f"ladder.budgets: the grid varies {axis}" in capsys.readouterr().err
+    del raw["ladder"]  # the same grid without a ladder is an ordinary study: the refusal is the ladder's
+    assert len(load_study(write_study(path, raw)).grid[axis]) == 2
+
+
+def test_a_grid_over_lr_seed_and_size_tied_settings_is_one_law():
+    """What the fits fold into one law (the LR tuned per size, seeds averaged, a setting tied one-to-one to
+    the size) passes; a patch tied to the size is still its own experiment."""
+    from harness.launch.ladder import one_law_problems, varying_fields
+    from harness.schema import TrialConfig
+
+    def trial(size, flops, **train):
+        return TrialConfig.model_validate({"name": "s", "data": {"shards": "x-{0..1}.tar", "image_size": 16,
+                                                                 "channels": 1},
+                                           "model": {"size": size, "patch": train.pop("patch", 4)},
+                                           "train": {"flops": flops, "batch_size": 32, **train}})
+
+    grid = [trial(s, c, lr=lr, seed=seed, warmup_steps=w)
+            for s, w in (("d1w32", 10), ("d2w64", 20)) for c in (1e9, 2e9) for lr in (1e-3, 2e-3) for seed in (0, 1)]
+    assert varying_fields(grid) == {} and one_law_problems(grid) == []
+    tied_patch = [trial("d1w32", 1e9, patch=2), trial("d2w64", 1e9, patch=4)]
+    assert list(varying_fields(tied_patch)) == ["model.patch"] and len(one_law_problems(tied_patch)) == 1
+
+
+def test_the_ladders_fit_refuses_logged_trials_of_several_groups():
+    """The fit behind a registration (analysis.ladder_fits) checks the logged trials too: trials that the
+    report fits as two laws (two patches) are never pooled into one prediction; an LR axis is one law."""
+    from analysis.ladder_fits import check_one_law
+    from harness.errors import UserError
+
+    def frame(patches, lrs):
+        n = len(patches)
+        return pd.DataFrame({"arch": ["dit"] * n, "size": ["d1w32", "d2w64"] * (n // 2), "patch": patches,
+                             "objective": ["ddpm"] * n, "model.size": ["d1w32", "d2w64"] * (n // 2),
+                             "model.patch": patches, "train.flops": ["1e9"] * n, "train.lr": lrs})
+
+    check_one_law(frame(["4"] * 4, ["0.001", "0.001", "0.002", "0.002"]))
+    with pytest.raises(UserError, match=r"^ladder.budgets: the grid's finished trials fall into 2 groups .*patch 2.*"
+                                        r"patch 4") as err:
+        check_one_law(frame(["2", "2", "4", "4"], ["0.001"] * 4))
+    assert len(str(err.value).splitlines()) == 1
 
 
 def test_set_overrides_the_ladder_and_bracketing_like_any_study_field(digits_dir, tmp_path, capsys):
