@@ -143,9 +143,9 @@ def one_law_problems(trials: list[TrialConfig]) -> list[str]:
     groups, beyond what `ditscale plan` printed and the dry run lists (one trial per ladder budget), and a
     registration is found by its budget alone. So the sweep refuses, and the line says how to get each
     group's ladder: one study per value (e.g. the same file with `--set grid.model.patch=[2] --set name=...`
-    when the patch is a grid axis), each with its own ladder. (Bracketing needs no such rule: it decides per budget among trials equal in
-    everything but size and seed, harness/launch/bracket.py budget_key, so a patch grid brackets each
-    patch on its own.)"""
+    when the patch is a grid axis), each with its own ladder. (Bracketing needs no such rule: it decides per
+    budget among trials equal in everything but size and seed, harness/launch/bracket.py budget_key, so a
+    patch grid brackets each patch on its own.)"""
     varying = varying_fields(trials)
     if not varying:
         return []

@@ -122,9 +122,23 @@ class Law:
 
 # Liang et al. 2024 ("Scaling Laws for Diffusion Transformers", arXiv 2410.08184), their fitted compute-optimal
 # size (in-context DiT, rectified flow, 1e17..6e18 FLOPs): N_opt = 0.0009 · C_L^0.5681 (and D_opt =
-# 186.8535 · C_L^0.4319; N_opt · D_opt = C_L / 5.95, i.e. their C_L = 6·N·D with D in tokens: 2 FLOPs per
-# multiply-add, the backward pass = 2 forwards). Ours counts multiply-adds, 3 × forward × images, and a
-# transformer's forward is ≈ N multiply-adds per token, so C_L ≈ 2 · C (ours).
+# 186.8535 · C_L^0.4319; N_opt · D_opt = C_L / 5.95, i.e. their C_L = 6·N·D with D in tokens (inferred, see
+# below): 2 FLOPs per multiply-add, the backward pass = 2 forwards). Ours counts multiply-adds, 3 × forward ×
+# images, and a transformer's forward is ≈ N multiply-adds per token, so C_L ≈ 2 · C (ours).
+# What is checked and what is not (searched 2026-12-07; the paper's own text was not readable here, only its
+# abstract):
+#   confirmed, from two independent write-ups of the paper: N_opt = 0.0009 · C^0.5681 and D_opt = 186.8535 ·
+#     C^0.4319 (with L = 2.3943 · C^-0.0273), fitted on budgets 1e17..6e18 (a paper-notes page on the ICLR 2026
+#     version, en.papernotes.org/ICLR2026/image_generation/scaling_laws_for_diffusion_transformers/, and an
+#     OpenReview reviewer's summary of the submission, openreview.net/forum?id=T985gm4sDA); the exponents alone
+#     also in emergentmind.com/papers/2410.08184. The numbers agree with each other: 6 · 0.0009 · 186.8535 =
+#     1.009, so N_opt · D_opt = C / 6 (their C = 6ND) to 1 %; and 0.0009 · (1.5e21)^0.5681 = 9.65e8 against
+#     the ~958.3M parameters the write-up quotes for their 1.5e21 check (0.7 % apart: 0.0009 is rounded; 958.3M
+#     implies 0.000894).
+#   not confirmed: that their D counts tokens (so that C_L = 2 · C ours) rather than images. Inferred: at 6e18
+#     their law gives N_opt ≈ 4.2e7 and D_opt ≈ 2.4e10: 0.9 passes over their 108M image-text pairs at 256
+#     tokens per image (assumed: 256 px, an 8x VAE, patch 2), the write-up's "one epoch" setting, but about
+#     220 passes if D counted images. If D were images, --center liang2024 would sit ~256^0.57 ≈ 23x too high.
 LIANG_CENTER = "liang2024"        # `--center liang2024`
 LIANG_K, LIANG_A = 0.0009, 0.5681
 LIANG_FLOPS_PER_OURS = 2.0
@@ -132,7 +146,9 @@ LIANG_SOURCE = "Liang et al. 2024 (arXiv 2410.08184)"
 
 
 def liang_law(anchor: float = 1e18) -> Law:
-    """Liang et al.'s N_opt(C) with C in our convention: N_opt = 0.0009 · (2 C)^0.5681 (see LIANG_K)."""
+    """Liang et al.'s N_opt(C) with C in our convention: N_opt = 0.0009 · (2 C)^0.5681. The coefficient and
+    exponent are confirmed from two write-ups of the paper (not from its own text); that their D counts tokens,
+    which gives the factor 2, is inferred, not confirmed (the comment above LIANG_CENTER says how)."""
     n0 = LIANG_K * (LIANG_FLOPS_PER_OURS * anchor) ** LIANG_A
     return Law(n0, anchor, LIANG_A, (
         f"{LIANG_SOURCE}: N_opt = {LIANG_K:g} * C_L^{LIANG_A:g} with C_L in their FLOPs "
