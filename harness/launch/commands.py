@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness.config import MAX_TRIALS
 from harness.errors import UserError
-from harness.launch.slurm import mlflow_server, node, submit
+from harness.launch.slurm import allocation, mlflow_server, node, submit
 from harness.launch.slurm.submit import DEFAULT_SIGNAL_SECONDS
 from harness.options import add_set_option
 from harness.paths import study_paths
@@ -104,7 +104,7 @@ def _cmd_paths(args: argparse.Namespace) -> int:
 
 
 def _cmd_node_ip(args: argparse.Namespace) -> int:
-    print(node.node_ip(args.toward))
+    print(node.head_ip() if args.head else node.node_ip(args.toward))
     return 0
 
 
@@ -124,8 +124,8 @@ def _cmd_node_ray_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_node_token(args: argparse.Namespace) -> int:
-    node.write_token(args.path)
+def _cmd_node_allocation(args: argparse.Namespace) -> int:
+    sys.stdout.write(allocation.prepare(args.slurm_dir))
     return 0
 
 
@@ -167,9 +167,10 @@ def _add_node(ss: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_cmd_node_ray)
     s = nodes.add_parser("ray-stop", help="SIGTERM to this node's `ray start` of this start of the job")
     s.set_defaults(func=_cmd_node_ray_stop)
-    s = nodes.add_parser("token", help="write a fresh Ray token file: exclusive, no symlink, mode 600")
-    s.add_argument("path")
-    s.set_defaults(func=_cmd_node_token)
+    s = nodes.add_parser("allocation", help="the job's settings as KEY=value lines for the batch script, and its "
+                         "Ray token (harness/launch/slurm/allocation.py)")
+    s.add_argument("--slurm-dir", required=True, help="the study's slurm/ folder (the token, the stop mark)")
+    s.set_defaults(func=_cmd_node_allocation)
     s = nodes.add_parser("stop-ray", help="the batch shell's Ray stop: ray-stop on the nodes left, the steps' end")
     s.add_argument("--head", required=True, help="the head's node")
     s.add_argument("--head-pid", type=int, default=None, help="the head's srun step")
@@ -238,6 +239,8 @@ def add_slurm(sub: argparse._SubParsersAction) -> None:
 
     s = ss.add_parser("node-ip")
     s.add_argument("--toward", default=None, help="the head node's address (workers)")
+    s.add_argument("--head", action="store_true", help="the head's: DITSCALE_RAY_HEAD_IP when set; never loopback "
+                   "in a job of several nodes")
     s.set_defaults(func=_cmd_node_ip)
 
     s = ss.add_parser("wait-ray")

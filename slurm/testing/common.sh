@@ -1,8 +1,8 @@
 # shellcheck shell=bash disable=SC2154  # state (and SLURM_CONF): set by the sourcing script
 # What the test clusters' scripts share (sourced; slurm/testing/*-cluster.sh, netns-host.sh): their
 # private state folder, processes known by their recorded identity, munged with this cluster's own key
-# and socket, cancelling the cluster's jobs. The caller sets `state` (the checked state folder) and,
-# for cancel_jobs, SLURM_CONF.
+# and socket, cancelling the cluster's jobs, the stop scripts' common start. The caller sets `state` (the
+# checked state folder; stop_recorded sets it) and, for cancel_jobs, SLURM_CONF.
 #
 # These scripts run as root, so nothing in the state folder may come from anyone else: a folder in
 # /tmp that another local user made first (or one left over from an earlier run, whose pids have been
@@ -187,6 +187,23 @@ state_arg() {
     [ -n "$given" ] || return 0
     why=$(state_open "$kind" "$given") || { echo "$script: $why" >&2; exit 1; }
     echo "$why"
+}
+
+# stop_recorded SCRIPT KIND [DIR]: what both stop scripts do first. The state folder is DIR, else
+# $DITSCALE_<KIND>_STATE (neither: usage, exit 2; one that no longer exists: nothing to stop, exit 0),
+# checked by state_arg and set as `state`; then the cluster's jobs are cancelled, every daemon recorded
+# in STATE/pids is stopped (all at once: each takes a second or two to exit) and their pid files go.
+stop_recorded() {
+    local script=$1 kind=$2 var="DITSCALE_${2^^}_STATE" given daemons
+    given=${3:-${!var:-}}
+    [ -n "$given" ] || { echo "$script: usage: $script.sh STATE (the folder ${script/stop/start}.sh printed), or set $var" >&2; exit 2; }
+    [ -e "$given" ] || [ -L "$given" ] || exit 0
+    state=$(state_arg "$script" "$kind" "$given") || exit 1
+    export SLURM_CONF="$state/slurm.conf"
+    if running slurmctld; then cancel_jobs; fi
+    mapfile -t daemons < <(recorded)   # slurmd (one per host), slurmctld, munged
+    stop_pids "${daemons[@]}"
+    rm -f "$state/pids" "$state"/slurmd*.pid "$state/slurmctld.pid" "$state/munge/munged.pid"
 }
 
 # read_netns_env FILE: set NAME and HOSTS from start-netns-cluster.sh's netns.env, read as data (never

@@ -14,15 +14,5 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=slurm/testing/common.sh
 . "$here/common.sh"
 
-given=${1:-${DITSCALE_SLURM_STATE:-}}
-[ -n "$given" ] || { echo "stop-local-cluster: usage: stop-local-cluster.sh STATE (the folder start-local-cluster.sh printed), or set DITSCALE_SLURM_STATE" >&2; exit 2; }
-[ -e "$given" ] || [ -L "$given" ] || exit 0
-state=$(state_arg stop-local-cluster slurm "$given") || exit 1
-export SLURM_CONF="$state/slurm.conf"
-
-if running slurmctld; then cancel_jobs; fi
-# The daemons recorded in the state folder: slurmd, slurmctld, munged.
-mapfile -t daemons < <(recorded slurmd; recorded slurmctld; recorded munged)
-stop_pids "${daemons[@]}"
-rm -f "$state/pids" "$state/slurmd.pid" "$state/slurmctld.pid" "$state/munge/munged.pid"
+stop_recorded stop-local-cluster slurm "${1:-}"   # the daemons recorded in the state folder: slurmd, slurmctld, munged
 exit 0

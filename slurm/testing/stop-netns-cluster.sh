@@ -18,17 +18,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=slurm/testing/common.sh
 . "$here/common.sh"
 
-given=${1:-${DITSCALE_NETNS_STATE:-}}
-[ -n "$given" ] || { echo "stop-netns-cluster: usage: stop-netns-cluster.sh STATE (the folder start-netns-cluster.sh printed), or set DITSCALE_NETNS_STATE" >&2; exit 2; }
-[ -e "$given" ] || [ -L "$given" ] || exit 0
-state=$(state_arg stop-netns-cluster netns "$given") || exit 1
-export SLURM_CONF="$state/slurm.conf"
-
-if running slurmctld; then cancel_jobs; fi
-# The daemons, all at once (each takes a second or two to exit): slurmd's, slurmctld, munged.
-mapfile -t daemons < <(recorded)
-stop_pids "${daemons[@]}"
-rm -f "$state/pids" "$state"/slurmd-*.pid "$state/slurmctld.pid" "$state/munge/munged.pid"
+stop_recorded stop-netns-cluster netns "${1:-}"   # the daemons: slurmd's, slurmctld, munged
 
 [ -f "$state/netns.record" ] || exit 0
 read_netns_env "$state/netns.env" \

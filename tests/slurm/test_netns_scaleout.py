@@ -157,9 +157,9 @@ def test_submit_passes_the_server_options_to_the_script_and_never_the_password(s
 
 
 def _stub_job(folder: Path, study_uri: str | None = None) -> dict:
-    """Stand-ins for everything sweep.sbatch calls but bash, python, ps and ditscale's own `slurm paths` and
-    `slurm node mlflow-server start|stop` (a study in `folder`/study.yaml): a one-node job on `node1` whose
-    Ray steps and sweep do nothing, an `mlflow` that records its arguments and environment and then waits
+    """Stand-ins for everything sweep.sbatch calls but bash, python, ps and ditscale's own `slurm paths`,
+    `slurm node allocation` and `slurm node mlflow-server start|stop` (a study in `folder`/study.yaml): a
+    one-node job on `node1` whose Ray steps and sweep do nothing, an `mlflow` that records its arguments and environment and then waits
     to be stopped (as a server does), and a wait that says it is up (the stand-in answers nothing)."""
     bin_dir = folder / "bin"
     bin_dir.mkdir()
@@ -172,7 +172,8 @@ def _stub_job(folder: Path, study_uri: str | None = None) -> dict:
         "ditscale": ("#!/bin/bash\n"
                      'case "$1 $2 $3 $4" in\n'
                      f"  'slurm node mlflow-server wait') echo \"mlflow-server wait $*\" >> {rec}; echo http://10.9.8.7:5999 ;;\n"
-                     "  'slurm paths '*|'slurm node mlflow-server '*) exec python -m harness.cli \"$@\" ;;\n"
+                     "  'slurm paths '*|'slurm node allocation '*|'slurm node mlflow-server '*) "
+                     "exec python -m harness.cli \"$@\" ;;\n"
                      "  'slurm node-ip '*) echo 10.9.8.7 ;;\n"
                      "  'slurm wait-ray '*|'slurm node '*) ;;\n"
                      f"  'sweep '*) echo \"sweep MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI\" >> {rec} ;;\n"

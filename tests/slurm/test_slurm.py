@@ -46,6 +46,9 @@ def test_batch_script_is_valid_bash_with_the_documented_defaults():
     assert all(i < first_cmd for i, line in enumerate(lines) if line.startswith("#SBATCH"))
     assert "ditscale sweep" in text and "--address" in text and "scontrol requeue" in text
     assert "RAY_AUTH_MODE" in text and "ditscale slurm node ray" in text and "srun" in text
+    # Orchestration a cluster admin reads in one pass (issue 28): what the nodes do is Python, and what
+    # ditscale prints is assigned by name, never evaluated.
+    assert len(lines) <= 150 and not re.search(r"^\s*eval\b|\beval \"", text, re.MULTILINE), len(lines)
 
 
 def test_render_replaces_options_and_keeps_sbatch_lines_first():

@@ -7,18 +7,20 @@ tests/slurm/test_netns_hostloss.py (a head host lost: the workers requeue the jo
 from __future__ import annotations
 
 import configparser
+import fnmatch
 import json
 import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
 
 from harness.errors import UserError
 from harness.files import process_start_time
-from harness.launch.slurm import mlflow_server, node
+from harness.launch.slurm import allocation, mlflow_server, node
 from harness.launch.slurm.watch import (
     ENDING,
     HEAD_UP,
@@ -125,15 +127,20 @@ def test_the_token_file_is_fresh_private_and_never_through_a_symlink(tmp_path):
 
 
 def test_private_folders_are_ours_and_others_are_not(tmp_path):
-    folder = node.private_folder(str(tmp_path / "ray-7-0-n1"))
-    assert folder.name.startswith("ray-7-0-n1.") and len(folder.name) == len("ray-7-0-n1.") + 6
+    old = os.umask(0o277)  # a umask that would leave the folder unusable: the folder is 0700 all the same
+    try:
+        folder = node.private_folder(str(tmp_path / "sub" / "ray-7-0-n1"))
+    finally:
+        os.umask(old)
+    assert folder.parent == tmp_path / "sub" and fnmatch.fnmatchcase(folder.name, "ray-7-0-n1" + node.SUFFIX), folder
     assert node.ours(folder) and stat.S_IMODE(folder.stat().st_mode) == 0o700
-    loose = tmp_path / "ray-7-0-n1.AbCdEf"
+    loose = tmp_path / "sub" / "ray-7-0-n1.abcd_efg"   # the same shape, but not private: not ours
     loose.mkdir(mode=0o755)
     loose.chmod(0o755)
-    (tmp_path / "ray-7-0-n1.link12").symlink_to(folder)
-    assert not node.ours(loose) and not node.ours(tmp_path / "ray-7-0-n1.link12")
-    assert node.node_folders(str(tmp_path / "ray-7-0"), "n1") == [str(folder)]
+    (tmp_path / "sub" / "ray-7-0-n1.link1234").symlink_to(folder)
+    (tmp_path / "sub" / "ray-7-0-n1.other.abcd1234").mkdir(mode=0o700)   # node "n1.other"'s, not n1's
+    assert not node.ours(loose) and not node.ours(tmp_path / "sub" / "ray-7-0-n1.link1234")
+    assert node.node_folders(str(tmp_path / "sub" / "ray-7-0"), "n1") == [str(folder)]
     assert process_start_time(os.getpid()) and process_start_time(2**22 + 1) is None
 
 
@@ -210,3 +217,81 @@ def test_the_auth_config_is_private_holds_no_secret_and_reads_back_a_folder_with
     assert "pw-not-in-the-file" not in ini.read_text()
     assert stat.S_IMODE(ini.stat().st_mode) == 0o600 and stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert (folder / "artifacts").is_dir()
+
+
+# --- the allocation as the batch script reads it (allocation.py) ------------------------------------
+
+JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n[1-3]"}
+
+
+def test_the_allocation_gives_the_batch_script_its_nodes_ports_folders_and_auth(tmp_path):
+    """Every value sweep.sbatch reads, from Slurm's variables alone; bash's ${A:-${B:-default}} order."""
+    env = JOB | {"SLURM_RESTART_COUNT": "2", "SLURM_CPUS_ON_NODE": "16", "SLURM_GPUS_PER_NODE": "a100:4"}
+    got = allocation.settings(env, ["n1", "n2", "n3"], tmp_path)
+    assert list(got) == list(allocation.KEYS)
+    assert got == {
+        "RESTART": "2", "NODES": "n1 n2 n3", "NODE_COUNT": "3", "HEAD": "n1", "WORKERS": "n2,n3",
+        "CPUS": "16", "GPUS": "4", "PORT": str(10000 + 1000 * ((4242 + 2) % 22)), "JOIN_TIMEOUT": "300",
+        "RAY_TMP_BASE": "/tmp/ray-4242-2", "RAY_STOP_MARK": f"{tmp_path}/.ray-stopping-4242-2",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_AUTH_MODE": "token",
+        "TOKEN_FILE": f"{tmp_path}/.ray-token-4242"}
+    # A restart moves the port (its previous start may still hold the old one); the user's choices win.
+    assert allocation.settings(JOB | {"SLURM_RESTART_COUNT": "3"}, ["n1"], tmp_path)["PORT"] != got["PORT"]
+    mine = allocation.settings(JOB | {"SLURM_CPUS_PER_TASK": "8", "SLURM_CPUS_ON_NODE": "16", "DITSCALE_RAY_PORT": "20000",
+                                      "DITSCALE_GPUS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "2", "DITSCALE_RAY_TMPDIR": "/scratch",
+                                      "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5", "RAY_AUTH_TOKEN": "t"}, ["n1"], tmp_path)
+    assert (mine["CPUS"], mine["GPUS"], mine["PORT"], mine["RAY_TMP_BASE"], mine["WORKERS"]) == \
+        ("8", "1", "20000", "/scratch/ray-4242-0", "")
+    assert (mine["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"], mine["TOKEN_FILE"]) == ("5", "")  # the user's token
+    off = allocation.settings(JOB | {"RAY_AUTH_MODE": "disabled"}, ["n1"], tmp_path)
+    assert (off["RAY_AUTH_MODE"], off["TOKEN_FILE"], off["CPUS"], off["GPUS"]) == ("disabled", "", "1", "0")
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"DITSCALE_RAY_AUTH": "tokn"}, "DITSCALE_RAY_AUTH=tokn: must be token or disabled"),
+    ({"RAY_AUTH_MODE": "maybe"}, "RAY_AUTH_MODE=maybe"),
+    ({"DITSCALE_RAY_PORT": "65000"}, "DITSCALE_RAY_PORT=65000"),
+    ({"DITSCALE_RAY_PORT": "12x"}, "DITSCALE_RAY_PORT=12x"),
+    ({"DITSCALE_GPUS_PER_NODE": "two"}, "DITSCALE_GPUS_PER_NODE=two"),
+    ({"SLURM_CPUS_PER_TASK": "0"}, "SLURM_CPUS_PER_TASK=0"),
+    ({"DITSCALE_JOIN_TIMEOUT": "soon"}, "DITSCALE_JOIN_TIMEOUT=soon"),
+    ({"SLURM_JOB_ID": ""}, "run slurm/sweep.sbatch with sbatch"),
+])
+def test_a_bad_setting_is_one_line_naming_its_variable_and_writes_no_token(tmp_path, env, needle):
+    with pytest.raises(UserError) as err:
+        allocation.settings(JOB | env, ["n1"], tmp_path)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError, match="names no node"):
+        allocation.settings(JOB, [], tmp_path)
+    with pytest.raises(UserError, match="line break"):
+        allocation.as_lines(allocation.settings(JOB | {"DITSCALE_RAY_TMPDIR": "/a\nHEAD=x"}, ["n1"], tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_allocation_command_writes_the_token_it_names(tmp_path):
+    """`ditscale slurm node allocation` as sweep.sbatch runs it (a stand-in scontrol expands the node list):
+    KEY=value lines, and the token file they name, private; a bad setting is one line and no token."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames n[1-3]" ] && echo n1 n2 n3\n')
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DITSCALE_", "SLURM_"))}
+    env |= JOB | {"PATH": f"{tmp_path / 'bin'}:{env['PATH']}"}
+    slurm_dir = tmp_path / "slurm"
+    slurm_dir.mkdir()
+    cmd = [sys.executable, "-m", "harness.cli", "slurm", "node", "allocation", "--slurm-dir", str(slurm_dir)]
+    proc = subprocess.run(cmd, env=env | {"DITSCALE_RAY_AUTH": "nope"}, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "DITSCALE_RAY_AUTH=nope" in proc.stderr
+    assert list(slurm_dir.iterdir()) == []
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    got = dict(line.split("=", 1) for line in out.splitlines())
+    assert (got["NODES"], got["HEAD"], got["WORKERS"]) == ("n1 n2 n3", "n1", "n2,n3")
+    token = slurm_dir / ".ray-token-4242"
+    assert got["TOKEN_FILE"] == str(token) and stat.S_IMODE(token.stat().st_mode) == 0o600
+
+
+def test_the_head_address_is_the_users_or_never_loopback_on_several_nodes(monkeypatch):
+    assert node.head_ip({"DITSCALE_RAY_HEAD_IP": "10.1.2.3", "SLURM_JOB_NUM_NODES": "4"}) == "10.1.2.3"
+    monkeypatch.setattr(node, "node_ip", lambda toward=None: "127.0.1.1")
+    assert node.head_ip({"SLURM_JOB_NUM_NODES": "1"}) == "127.0.1.1"   # one node: loopback is enough
+    with pytest.raises(UserError, match=r"found no address but loopback \(127\.0\.1\.1\).*DITSCALE_RAY_IFACE"):
+        node.head_ip({"SLURM_JOB_NUM_NODES": "2", "SLURMD_NODENAME": "n1"})

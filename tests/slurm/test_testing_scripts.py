@@ -13,7 +13,8 @@ killed any pid from a planted *.pid, and netns-host.sh sourced a planted netns.e
   or namespace inode recorded when they were made, and signals only processes whose start time is the
   one recorded (/proc/PID/stat field 22);
 - netns.env is parsed (NAME, HOSTS, strict patterns), never sourced: a command in it does not run;
-- slurm/sweep.sbatch gives Ray a temp folder inside a mktemp -d folder of its own on each node, and
+- slurm/sweep.sbatch gives Ray a temp folder inside a private folder of its own on each node
+  (tempfile.mkdtemp: NAME.XXXXXXXX, mode 0700), and
   signals or removes only folders of that pattern that are the user's and mode 0700: a folder or pid
   file planted under the old predictable name (ray-JOBID-RESTART-NODE) is neither used nor touched.
 
@@ -315,18 +316,18 @@ def test_the_job_gives_ray_a_private_temp_folder_and_touches_no_planted_one(tmp_
     # user: a world-writable folder for Ray, a pid file naming an unrelated process, a folder with content.
     planted = {ray_tmp / "ray-78-1-node1": None, ray_tmp / "ray-78-0-node1": "theirs\n",
                # the new pattern, but another user's: never signalled through, never removed
-               ray_tmp / "ray-78-1-node1.AbCdEf": None, ray_tmp / "ray-78-0-node1.AbCdEf": None}
+               ray_tmp / "ray-78-1-node1.abcd_efg": None, ray_tmp / "ray-78-0-node1.abcd_efg": None}
     for path, content in planted.items():
         path.mkdir(mode=0o777)
         if content:
             (path / "file").write_text(content)
     (ray_tmp / "ray-78-1-node1.pid").write_text(f"{victim}\n")
-    (ray_tmp / "ray-78-1-node1.AbCdEf" / "ray.pid").write_text(f"{victim} {_start_time(victim)}\n")
+    (ray_tmp / "ray-78-1-node1.abcd_efg" / "ray.pid").write_text(f"{victim} {_start_time(victim)}\n")
     for path in [*planted, ray_tmp / "ray-78-1-node1.pid"]:
         for p in [path, *path.rglob("*")]:
             os.chown(p, NOBODY, NOBODY)
     # A process naming the planted previous-start folder on its command line, as Ray's daemons do.
-    lookalike = subprocess.Popen(["bash", "-c", 'exec -a "$0/r/raylet" sleep 300', str(ray_tmp / "ray-78-0-node1.AbCdEf")])
+    lookalike = subprocess.Popen(["bash", "-c", 'exec -a "$0/r/raylet" sleep 300', str(ray_tmp / "ray-78-0-node1.abcd_efg")])
     record = tmp_path / "record"
     env = _stub_job(tmp_path, ray_tmp, record)
     try:
@@ -339,7 +340,7 @@ def test_the_job_gives_ray_a_private_temp_folder_and_touches_no_planted_one(tmp_
         temp = [line.split() for line in lines if line.startswith("temp ")]
         assert len(temp) == 1, lines
         _, folder, uid, mode = temp[0]
-        assert re.fullmatch(re.escape(str(ray_tmp / "ray-78-1-node1.")) + r"[A-Za-z0-9]{6}/r", folder), folder
+        assert re.fullmatch(re.escape(str(ray_tmp / "ray-78-1-node1.")) + r"[a-z0-9_]{8}/r", folder), folder
         assert Path(folder).parent not in planted and (uid, mode) == (str(os.geteuid()), "700"), temp[0]
         assert "ray stopped" in lines, f"`ray start` was not stopped through its pid file: {lines}"
         assert elapsed < 20, f"the job waited {elapsed:.0f}s for Ray to stop"

@@ -2,7 +2,9 @@
 
 - submit.py: the login-node side: render slurm/sweep.sbatch with the job's options, check what would
   fail later, save the script and `sbatch` it;
-- node.py: what the batch script runs on the nodes (the head's address, the Ray token, the waits for
+- allocation.py: the allocation as the batch script uses it (nodes, CPUs, GPUs, port, Ray's temp folders,
+  stop mark, auth mode) as KEY=value lines, and the job's Ray token;
+- node.py: what the batch script runs on the nodes (the head's address, the Ray token file, the waits for
   Ray and the job's MLflow server; a Ray node in each srun step, its stop, and the batch shell's Ray stop);
 - mlflow_server.py: the job's own MLflow server (--mlflow-server): start, wait, stop;
 - watch.py: a worker's watch over its Ray head, which requeues the job when the head's host is lost.

@@ -1,11 +1,11 @@
-"""What slurm/sweep.sbatch runs on the nodes of its allocation: in the batch shell (the head node's address,
-the per-job Ray token, waiting for Ray and the job's MLflow server, stopping Ray: `ditscale slurm node
-stop-ray`) and in its srun steps (`ditscale slurm node ray head|worker`: one Ray node per Slurm node;
-`ditscale slurm node ray-stop`).
+"""What slurm/sweep.sbatch runs on the nodes of its allocation: in the batch shell (the per-job Ray token
+file, for allocation.py; waiting for Ray and the job's MLflow server; stopping Ray: `ditscale slurm node
+stop-ray`) and in its srun steps (the head's address: `ditscale slurm node-ip --head`; `ditscale slurm node
+ray head|worker`: one Ray node per Slurm node; `ditscale slurm node ray-stop`).
 
-A Ray node's temp folder is r/ inside a private folder `$RAY_TMP_BASE-NODE.XXXXXX` made here like
-`mktemp -d` (a random name, made atomically, mode 0700, this user's): job ids are predictable and /tmp is
-shared, so nobody can make the folder first, and Ray makes r/ world-writable itself: the private folder
+A Ray node's temp folder is r/ inside a private folder `$RAY_TMP_BASE-NODE.XXXXXXXX` made here by
+tempfile.mkdtemp (a random name, made atomically, mode 0700, this user's): job ids are predictable and /tmp
+is shared, so nobody can make the folder first, and Ray makes r/ world-writable itself: the private folder
 around it keeps others out. The pid of `ray start` and its start time (field 22 of /proc/PID/stat, proc(5))
 are written beside r/, so that a reused pid is never signalled. Named after the node, so that nodes sharing
 /tmp (or DITSCALE_RAY_TMPDIR) each find their own; such a folder is used, signalled through or removed
@@ -32,6 +32,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -114,6 +115,20 @@ def node_ip(toward: str | None = None) -> str:
     except OSError:
         pass
     return "127.0.0.1"
+
+
+def head_ip(env=None) -> str:
+    """The Ray head's address, found on the head node (`ditscale slurm node-ip --head`, an srun step there):
+    DITSCALE_RAY_HEAD_IP when set (when the address found is not the one the other nodes reach), else
+    `node_ip()`. Loopback in a job of several nodes (SLURM_JOB_NUM_NODES), which the others cannot reach,
+    is refused in one line."""
+    env = os.environ if env is None else env
+    ip = env.get("DITSCALE_RAY_HEAD_IP") or node_ip()
+    if ip.startswith("127.") and int(env.get("SLURM_JOB_NUM_NODES") or 1) > 1:
+        raise UserError(f"the head node {env.get('SLURMD_NODENAME') or socket.gethostname()} found no address but "
+                        f"loopback ({ip}), which the other nodes cannot reach: set DITSCALE_RAY_IFACE to the network "
+                        "interface the nodes share (or DITSCALE_RAY_HEAD_IP)")
+    return ip
 
 
 def gloo_interface(ray_ip: str) -> str | None:
@@ -268,24 +283,25 @@ def ours(folder: str | Path) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700
 
 
+SUFFIX = ".????????"   # what tempfile.mkdtemp adds after the prefix's '.': 8 of [a-z0-9_]
+
+
 def private_folder(prefix: str) -> Path:
-    """`prefix` + '.' + six random letters and digits, made with mode 0700 (as `mktemp -d PREFIX.XXXXXX`)."""
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        folder = Path(f"{prefix}.{''.join(secrets.choice(alphabet) for _ in range(6))}")
-        try:
-            folder.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        folder.chmod(0o700)  # whatever the umask
-        return folder
-    raise UserError(f"cannot make a private Ray temp folder {prefix}.XXXXXX")
+    """`prefix` + '.' + eight random characters, made atomically with mode 0700 by tempfile.mkdtemp (as
+    `mktemp -d PREFIX.XXXXXXXX`), whose random names are those of SUFFIX."""
+    parent = Path(prefix).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=Path(prefix).name + ".", dir=parent))
+    except OSError as err:
+        raise UserError(f"cannot make a private Ray temp folder {prefix}.XXXXXXXX: {err.strerror}") from None
+    folder.chmod(0o700)  # whatever the umask
+    return folder
 
 
 def node_folders(base: str, node: str) -> list[str]:
     """This node's private folders of one start of the job (RAY_TMP_BASE = DIR/ray-JOB-RESTART) that are ours."""
-    return [f for f in glob.glob(glob.escape(f"{base}-{node}") + ".??????") if ours(f)]
+    return [f for f in glob.glob(glob.escape(f"{base}-{node}") + SUFFIX) if ours(f)]
 
 
 def clear_previous_starts(base: str, node: str, restart: int, keep: bool) -> None:
