@@ -39,6 +39,8 @@ from models.registry import size_order
 log = logging.getLogger("analysis")
 # harness.evaluation.features.DETECTOR_TAG (a torch module, so not imported here; tests check they agree)
 DETECTOR_TAG = "ditscale.detector"
+# harness.trial.checkpoint.REWINDS_TAG (torch too): [[step, time_ms], ...], where a resumed run went back
+REWINDS_TAG = "ditscale.rewinds"
 
 TAG_COLUMNS = ("family", "size", "patch", "objective", "attention", "model")
 
@@ -197,7 +199,8 @@ def load_histories(tracking_uri: str | None, experiment: str, parent_run_id: str
     """Long table of metric histories: run_id, trial_id, key, step, value, timestamp (ms).
 
     keys: a list of metric names, a regex (str), or None for every metric of every run. `runs`
-    (from trial_runs) avoids searching MLflow again."""
+    (from trial_runs) avoids searching MLflow again. A run that was rewound and trained again (tag
+    REWINDS_TAG) gives its latest pass only: one point per step, none left over from the pass it replaced."""
     c = client(tracking_uri)
     if runs is None:
         runs = trial_runs(tracking_uri, experiment, parent_run_id)
@@ -205,15 +208,34 @@ def load_histories(tracking_uri: str | None, experiment: str, parent_run_id: str
     rows: list[tuple] = []
     for r in runs:
         tid = r.data.tags.get(TRIAL_ID_TAG)
+        run_rewinds = _rewinds(r)
         for key in sorted(r.data.metrics):
             if pattern is not None and not pattern.search(key):
                 continue
             if pattern is None and keys is not None and key not in keys:
                 continue
-            for m in c.get_metric_history(r.info.run_id, key):
-                rows.append((r.info.run_id, tid, key, int(m.step), float(m.value), int(m.timestamp)))
+            history = c.get_metric_history(r.info.run_id, key)
+            rewinds = [] if key.startswith("system/") else run_rewinds  # system metrics count their own steps
+            for m in history:
+                if not any(m.step > step and m.timestamp < at for step, at in rewinds):
+                    rows.append((r.info.run_id, tid, key, int(m.step), float(m.value), int(m.timestamp)))
     df = pd.DataFrame(rows, columns=["run_id", "trial_id", "key", "step", "value", "timestamp"])
     return df.sort_values(["run_id", "key", "step", "timestamp"], kind="stable").reset_index(drop=True)
+
+
+def _rewinds(run) -> list[tuple[int, int]]:
+    """The run's rewinds (harness/trial/checkpoint.py record_rewind): (step, time_ms) pairs; a point at a
+    later step logged before that time belongs to a pass that was rewound and trained again, so only the
+    latest pass is read. A malformed tag is ignored with a warning naming the run."""
+    raw = run.data.tags.get(REWINDS_TAG)
+    if not raw:
+        return []
+    try:
+        return [(int(step), int(at)) for step, at in json.loads(raw)]
+    except (ValueError, TypeError) as err:
+        log.warning("run %s: tag %s not read (%s); its metric histories may hold rewound steps twice",
+                    run.info.run_id, REWINDS_TAG, err)
+        return []
 
 
 def load_val_samples(tracking_uri: str | None, trials: pd.DataFrame) -> dict[str, pd.DataFrame]:

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ from harness.trial.divergence import SmoothedLoss
 from harness.trial.posthoc_ema import load_phema, save_phema
 
 T = TypeVar("T")
+# A run tag: JSON [[step, time_ms], ...], one pair per resume that went back behind what the run had
+# logged (record_rewind). analysis/runs.py (REWINDS_TAG there) reads it; tests check the names agree.
+REWINDS_TAG = "ditscale.rewinds"
+MAX_REWINDS = 100  # the newest kept: 100 pairs stay far below MLflow's 8000-character tag values
 
 
 @dataclass
@@ -339,3 +344,30 @@ def came_from_trunk(root: Path, step: int) -> bool:
     its trunk's checkpoint): then its MLflow run id is the trunk's, not the branch's."""
     marker = root / BRANCH_MARKER
     return marker.is_file() and json.loads(marker.read_text()).get("step") == step
+
+
+def record_rewind(client, run_id: str, step: int, now_ms: int | None = None) -> bool:
+    """Before a trial that resumed at `step` logs anything, mark in its MLflow run (REWINDS_TAG) that the
+    points it logged earlier at steps after `step` are superseded by what it logs from now on. True when
+    the run had logged beyond `step` (then the pair is added), else False (nothing to supersede).
+
+    Why a mark and not a cleaned run: MLflow cannot delete a metric's points, and a WSD trunk rewound
+    because a branch point's checkpoint was deleted (harness/launch/branches.py: rewind_trunk), or any trial
+    resumed from a checkpoint older than its last log, logs those steps a second time into the same run.
+    A new run per rewind would split one trial's history (and the run id that its checkpoints, its
+    branches' `branch_of` and the sweeps' parent tags name) or copy it point by point. With the mark,
+    analysis/runs.py load_histories keeps, for each pair (S, T), only the points at steps <= S or logged
+    at T or later: the latest pass, one value per step (best_*, loss_tail and the curves read that). The
+    final values (MLflow's latest, highest step then newest) are already the latest pass's once it reaches
+    the run's highest step, as a finished trial does. `T` is rank 0's clock, which stamps the points it
+    logs next; the superseded points were logged before this process started (a restart apart)."""
+    run = client.get_run(run_id)
+    if run.data.metrics.get("step", 0) <= step:  # the highest step logged (the `step` metric's value)
+        return False
+    try:
+        pairs = json.loads(run.data.tags.get(REWINDS_TAG, "[]"))
+    except ValueError:  # a hand-edited tag: start it again rather than fail the trial
+        pairs = []
+    pairs.append([int(step), int(now_ms if now_ms is not None else time.time() * 1000)])
+    client.set_tag(run_id, REWINDS_TAG, json.dumps(pairs[-MAX_REWINDS:], separators=(",", ":")))
+    return True

@@ -30,7 +30,8 @@ from harness.paths import checkpoint_root, stop_file, trial_dir
 from harness.tracking import RunLogger, open_trial_run, resolve_tracking_uri
 from harness.trial.batches import TrainBatches
 from harness.trial.build import build_trial
-from harness.trial.checkpoint import TrialState, came_from_trunk, prepare_checkpoint_root, resume, save_checkpoint
+from harness.trial.checkpoint import (TrialState, came_from_trunk, prepare_checkpoint_root, record_rewind, resume,
+                                     save_checkpoint)
 from harness.trial.engine import build_engine
 from harness.trial.posthoc_ema import EMAChoice, PosthocEMA, ema_chooser, log_ema_choice
 from harness.trial.startup import StartupPhases
@@ -109,6 +110,7 @@ def train_trial(
         if run_id is None:
             state.run_id = open_trial_run(trial, uri, run_id=state.run_id, parent_run_id=parent_run_id)
         logger = RunLogger(uri, state.run_id, system_metrics=trial.tracking.system_metrics)
+        record_rewind(logger.client, state.run_id, state.step)  # before logging: a rewound trunk logs steps again
         # Model size as metrics, so analysis can fit loss against parameters and compute.
         logger.log_metrics({"params": float(built.info.params), "forward_gflops": built.info.forward_gflops},
                            state.step)

@@ -323,3 +323,46 @@ def test_non_finite_or_absurd_budgets_are_rejected_naming_train_flops(digits_dir
         load_trials(path, [f"train.flops={flops}"])
     assert str(err.value).startswith("train.flops"), str(err.value)
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_rewound_run_reads_as_its_latest_pass_only(tmp_path):
+    """A trunk trained again from step 20 (rewind_trunk) logs steps 25.. a second time into its run:
+    record_rewind marks the run before the new pass logs, and the analysis then reads one series, the
+    latest (best_loss, steps, the curves), not the union of both. Real MLflow (sqlite)."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    from analysis import runs as analysis_runs
+    from harness.trial.checkpoint import REWINDS_TAG, record_rewind
+
+    assert analysis_runs.REWINDS_TAG == REWINDS_TAG
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = mlflow.MlflowClient(uri)
+    run_id = c.create_run(c.create_experiment("rewind"), tags={"trial_id": "t" * 12}).info.run_id
+    t0 = 1_700_000_000_000
+
+    def log_pass(steps, loss, start):
+        c.log_batch(run_id, metrics=[m for s in steps for m in (Metric("loss", loss(s), start + s, s),
+                                                                   Metric("step", float(s), start + s, s))])
+
+    log_pass(range(5, 55, 5), lambda s: 1.0 if s <= 20 else 0.2, t0)  # the first pass, to step 50
+    c.log_batch(run_id, metrics=[Metric("system/cpu_utilization_percentage", 50.0, t0, 400)])  # its own steps
+    assert not record_rewind(c, run_id, 50)  # resumed where it had logged to: nothing superseded
+    assert REWINDS_TAG not in c.get_run(run_id).data.tags
+    assert record_rewind(c, run_id, 20, now_ms=t0 + 1000)
+    log_pass(range(25, 50, 5), lambda s: 0.5, t0 + 2000)  # the second pass, stopped at 45 (killed, diverged)
+    assert json.loads(c.get_run(run_id).data.tags[REWINDS_TAG]) == [[20, t0 + 1000]]
+
+    run = c.get_run(run_id)
+    hist = analysis_runs.load_histories(uri, "rewind", runs=[run])
+    loss = hist[hist["key"] == "loss"]
+    assert loss["step"].tolist() == list(range(5, 50, 5))  # once each; the first pass's step 50 is gone
+    assert loss.set_index("step")["value"].to_dict() == {s: 1.0 if s <= 20 else 0.5 for s in range(5, 50, 5)}
+    assert len(hist[hist["key"] == "system/cpu_utilization_percentage"]) == 1
+    trials = analysis_runs.load_trials(uri, "rewind", runs=[run])  # its own histories: loss, val_loss, ...
+    assert trials.loc[0, "best_loss"] == 0.5 and trials.loc[0, "steps"] == 45
+    # a second rewind adds a pair; a hand-broken tag is ignored with a warning, not an error
+    assert record_rewind(c, run_id, 10, now_ms=t0 + 3000)
+    assert json.loads(c.get_run(run_id).data.tags[REWINDS_TAG]) == [[20, t0 + 1000], [10, t0 + 3000]]
+    c.set_tag(run_id, REWINDS_TAG, "not json")
+    assert len(analysis_runs.load_histories(uri, "rewind", runs=[c.get_run(run_id)])) == len(hist) + 12  # both passes
