@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 _SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "key", "credential", "auth")
 
@@ -15,8 +16,6 @@ def redact_uri(uri: str | None) -> str | None:
     still the one to connect with; this is the only form that goes into params, artifacts and output."""
     if not uri or "://" not in uri:
         return uri
-    from urllib.parse import parse_qsl, urlencode
-
     scheme, rest = uri.split("://", 1)
     # The last `@` before any query: a password with an unescaped `/` still counts as user-info.
     at = rest[:min([i for i in (rest.find("?"), rest.find("#")) if i >= 0], default=len(rest))].rfind("@")
@@ -53,8 +52,6 @@ def redact(text) -> str:
     (the values of MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN, passwords taken out of tracking
     URIs, raw and percent-encoded) -> `***`. The one filter for everything ditscale writes or prints
     about a failure: MLflow puts the request URL into its errors ("API request to http://u:pw@... failed")."""
-    from urllib.parse import quote
-
     text = URL_RE.sub(lambda m: redact_uri(m.group()), str(text))
     known = {os.environ.get(k, "") for k in SECRET_VARS} | _secrets
     for secret in sorted(known, key=len, reverse=True):  # longest first: a secret inside another goes with it
@@ -82,8 +79,6 @@ def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
     The password is remembered for redact."""
     if not uri or not uri.startswith(("http://", "https://")):
         return uri, {}
-    from urllib.parse import unquote
-
     scheme, rest = uri.split("://", 1)
     # The last `@` before any query, as redact_uri reads it: a password with an unescaped `/` is still one.
     at = rest[:min([i for i in (rest.find("?"), rest.find("#")) if i >= 0], default=len(rest))].rfind("@")

@@ -14,9 +14,13 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -81,8 +85,6 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail early, in one line, when an HTTP tracking server cannot be reached."""
     if not uri.startswith(("http://", "https://")):
         return
-    import base64
-
     bare = take_credentials(uri)
     request = urllib.request.Request(bare.rstrip("/") + "/health")
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
@@ -118,8 +120,6 @@ def safe_folder_name(name: str) -> str:
     else (`/`, `\\`, spaces, control characters) becomes `_`, leading dots are dropped (no `..`, no
     hidden folder), and a name that had to change gets a short hash of the original, so two names
     never share a folder. Long names are cut to 120 characters (plus the hash)."""
-    import hashlib
-
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")
     if safe == name and 0 < len(safe) <= 120:
         return safe
@@ -256,8 +256,6 @@ class RunLogger:
             self._system = _start_system_metrics(uri, run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -333,9 +331,6 @@ def sweep_state(uri: str, experiment: str, trials) -> dict[str, str]:
 def open_parent_run(uri: str, study, trials, source: str | None = None) -> str:
     """One parent run per sweep invocation: the grid as params, the study file as an artifact and
     (`source`, its path) as the run's source, which its trials' runs copy."""
-    import json
-    import time
-
     c = client(uri)
     exp_id = experiment_id(uri, study.name)
     job = os.environ.get("SLURM_JOB_ID")
@@ -419,8 +414,6 @@ def _status_rows(trials, state: dict[str, str]) -> list[dict]:
 
 def _log_trial_table(c, run_id: str, trials, state: dict[str, str]) -> None:
     """trial_status.json and trial_status.md on the parent run."""
-    import json
-
     rows = _status_rows(trials, state)
     c.log_text(run_id, json.dumps(rows, indent=1), "trial_status.json")
     lines = ["| trial_id | model | attention | objective | status |", "|---|---|---|---|---|"]

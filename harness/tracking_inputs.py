@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
@@ -100,8 +101,6 @@ def dataset_inputs(trial) -> list:
 def log_dataset_inputs(client, run_id: str, trial) -> None:
     """Log the trial's dataset inputs on its run; a failure is reported in one line and training goes on
     (the inputs describe the run, they are not needed to train it)."""
-    import time
-
     from harness.credentials import redact
 
     def warn(err: Exception) -> None:

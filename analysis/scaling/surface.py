@@ -9,6 +9,7 @@ compute-optimal allocation N_opt(C), D_opt(C) for C = k · N · D; fit_loss_surf
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -190,8 +191,6 @@ def _one_blas_thread():
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover
-        import contextlib
-
         return contextlib.nullcontext()
     return threadpool_limits(1)
 

@@ -4,6 +4,8 @@
 Importing this package is cheap (no torch); the heavy modules load on first use.
 """
 
+import importlib
+
 from harness.data.errors import DataError
 
 _LAZY = {
@@ -22,7 +24,5 @@ __all__ = ["DataError", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'harness.data' has no attribute {name!r}")

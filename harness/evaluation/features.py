@@ -19,6 +19,7 @@ rename a finished temporary file into place, so concurrent trials never race or 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -356,8 +357,6 @@ def _blas_threads():
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
-        import contextlib
-
         return contextlib.nullcontext()
     return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
 

@@ -20,7 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -201,11 +205,6 @@ def train_standin(name: str, images: np.ndarray, targets: torch.Tensor, config: 
 
 
 def _train_pinned(name, images, targets, config, steps, batch_size, seed, holdout) -> tuple[nn.Module, dict]:
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
     root = str(Path(__file__).resolve().parents[2])  # the checkout: the child imports this same code
     with tempfile.TemporaryDirectory(prefix="ditscale-standin-") as tmp:
         job = {"name": name, "config": config, "steps": steps, "batch_size": batch_size, "seed": seed,

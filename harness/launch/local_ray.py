@@ -18,12 +18,16 @@ reset, and ray.data's autoscaling coordinator (pre-warmed); each fails soft or i
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from harness.config import TrialConfig
 from harness.errors import UserError
@@ -92,8 +96,6 @@ def _embedded_ray_auth() -> None:
     workers find through RAY_AUTH_TOKEN_PATH, inherited from this process. The token is never printed nor
     logged; the folder goes when the Ray does. A RAY_AUTH_TOKEN[_PATH] of the user's (for joining other
     clusters) is set aside meanwhile. DITSCALE_RAY_AUTH=disabled turns authentication off."""
-    import secrets
-
     mode = os.environ.get(RAY_AUTH_ENV, "token").strip().lower() or "token"
     if mode not in ("token", "disabled"):
         raise UserError(f"{RAY_AUTH_ENV}={mode!r}: use token or disabled")
@@ -113,8 +115,6 @@ def _embedded_ray_auth() -> None:
 def stop_ray() -> None:
     """Stop the embedded Ray, or the node start_ray started to join a cluster; remove the embedded Ray's
     token and restore the auth variables it replaced."""
-    import shutil
-
     import ray
 
     try:
@@ -256,8 +256,6 @@ def _ray_executable() -> str:
     beside = Path(sys.executable).parent / "ray"
     if beside.is_file():
         return str(beside)
-    import shutil
-
     found = shutil.which("ray")
     if not found:
         raise UserError("--address: the `ray` command is not installed beside this Python")
@@ -298,9 +296,6 @@ def _start_joining_node(address: str, gcs_ip: str, gcs_port: int, timeout: float
 
 
 def _stop_joining_node(timeout: float = 30.0) -> None:
-    import shutil
-    import signal
-
     proc, folder = _joining.pop("proc", None), _joining.pop("folder", None)
     if proc is not None:
         if proc.poll() is None:
@@ -350,8 +345,6 @@ def _look(paths: dict, endpoints: dict, patience: float = 10.0) -> dict:
 
 def _shared_paths(trial: TrialConfig, probe: Path) -> tuple[dict, dict]:
     """{label: local path} and {label: (host, port)} that every Ray node must see / reach."""
-    from urllib.parse import urlsplit
-
     from harness.data.shards import shard_urls
 
     paths = {"resources.storage": str(Path(probe).resolve())}

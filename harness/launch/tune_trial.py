@@ -25,7 +25,9 @@ the trial folder makes it once), to exercise recovery; `k:ID` limits it to trial
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import logging
 import os
 import tempfile
 import time
@@ -47,8 +49,6 @@ FAULT_ENV = "DITSCALE_FAULT_AT_STEP"
 def _worker_loop(config: dict) -> None:
     """Runs in every Ray Train worker: the same loop as `ditscale train`, with Ray reporting."""
     entered = time.time()  # before the heavy imports (torch, DeepSpeed): start-up phase boundary
-    import logging
-
     import ray.train
 
     # Ray Train logs every report and checkpoint at INFO; the loop prints its own line per interval.
@@ -121,8 +121,6 @@ def _process_group_scope(in_process: bool):
             import deepspeed.comm
 
             deepspeed.comm.destroy_process_group()
-        import gc
-
         import torch
 
         gc.collect()  # the finished trial's engine, optimizer state and loaders

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Callable
 
@@ -138,8 +139,6 @@ def check_deepspeed_configs(trials: list[TrialConfig]) -> None:
     raw = [trial for trial in trials if trial.train.deepspeed]
     if not raw:
         return
-    import logging
-
     from pydantic import ValidationError
 
     ds_logger = logging.getLogger("DeepSpeed")
