@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from models import build_model
-from models.ema import EMA
+from models.ema import EMA, update_together
+from models.phema import PowerFunctionEMA
 from tests.support.paths import ROOT
 
 
@@ -187,23 +188,28 @@ def test_gather_is_entered_around_reads_and_writes_of_partitioned_weights():
         assert (zero.full[names[n]] == 9.0).all()
 
 
-def test_partitioned_weights_without_gather_are_an_error():
-    # Outside a gather a ZeRO-3 parameter is empty; DeepSpeed tags such parameters with `ds_id`.
+def _partitioned_net():
+    """A net as ZeRO-3 leaves it outside a gather: every parameter empty, tagged with `ds_id` as DeepSpeed does."""
     model = _net()
     FakeZeRO3(model)
     for i, p in enumerate(model.parameters()):
         p.ds_id = i
-    with pytest.raises(ValueError, match="gather"):
-        EMA(model)
+    return model
+
+
+@pytest.mark.parametrize("build", [
+    pytest.param(lambda model: EMA(model), id="EMA"),
+    pytest.param(lambda model: PowerFunctionEMA(model, (0.05, 0.1)), id="PowerFunctionEMA"),  # the post-hoc EMA
+])
+def test_partitioned_weights_without_gather_are_an_error(build):
+    with pytest.raises(ValueError, match="gather=deepspeed.zero.GatheredParameters"):
+        build(_partitioned_net())
 
 
 def test_one_gather_updates_the_ema_and_the_posthoc_profiles_together():
     """Under ZeRO-3 a read of the weights is an all-gather of every parameter: a trial that keeps the running
     EMA and the post-hoc EMA's profiles (models/phema.py) updates both inside one gather per step, with the
     same results as two separate updates."""
-    from models.ema import update_together
-    from models.phema import PowerFunctionEMA
-
     separate, together = _net(), _net()
     zero_a, zero_b = FakeZeRO3(separate), FakeZeRO3(together)
     ema_a, ph_a = EMA(separate, decay=0.9, gather=zero_a), PowerFunctionEMA(separate, (0.05, 0.1), gather=zero_a)
@@ -230,17 +236,6 @@ def test_one_gather_updates_the_ema_and_the_posthoc_profiles_together():
     stranger.gather = zero_b
     with pytest.raises(ValueError, match="do not match"):
         update_together(together, ema_b, stranger)
-
-
-def test_the_posthoc_ema_refuses_partitioned_weights_without_gather_as_the_ema_does():
-    from models.phema import PowerFunctionEMA
-
-    model = _net()
-    FakeZeRO3(model)
-    for i, p in enumerate(model.parameters()):
-        p.ds_id = i
-    with pytest.raises(ValueError, match="gather=deepspeed.zero.GatheredParameters"):
-        PowerFunctionEMA(model, (0.05, 0.1))
 
 
 _REAL_ZERO3 = """
