@@ -28,6 +28,7 @@ does not match is an error naming it, never used.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import sys
@@ -287,6 +288,20 @@ def missing_metric_weights(metric: str, assets: str | os.PathLike | None = None)
             f"${ASSETS_ENV} at DIR")
 
 
+def write_fetched(folder: str | os.PathLike, name: str, revision: str) -> None:
+    """FETCHED_FILE in `folder`: the hub repository and revision `assets fetch` put there (JSON, so any
+    name or revision string round-trips; `assets status` reads it back with read_fetched)."""
+    (Path(folder) / FETCHED_FILE).write_text(json.dumps({"name": name, "revision": revision}) + "\n")
+
+
+def read_fetched(folder: str | os.PathLike) -> dict:
+    """What write_fetched wrote in `folder`; {} for a folder placed by hand (no record) or an unreadable one."""
+    try:
+        return json.loads((Path(folder) / FETCHED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def fetch_metric_weights(metric: str, dest: str | os.PathLike) -> Path:
     """`metric`'s network at its pinned revision -> DEST/metrics/<hub name> (config, preprocessor config,
     one weights file: safetensors when the revision has it)."""
@@ -302,7 +317,7 @@ def fetch_metric_weights(metric: str, dest: str | os.PathLike) -> Path:
         with atomic_folder(out) as tmp:
             snapshot_download(repo_id=name, revision=revision, local_dir=str(tmp),
                               allow_patterns=["config.json", "preprocessor_config.json", weights])
-            (tmp / FETCHED_FILE).write_text(f'{{"name": "{name}", "revision": "{revision}"}}\n')
+            write_fetched(tmp, name, revision)
     except StopIteration:
         raise UserError(f"assets fetch --metric {metric}: {name}@{revision} has none of {WEIGHT_FILES}") from None
     except Exception as err:  # noqa: BLE001 - hub/network errors come in many types

@@ -4,7 +4,6 @@ rebuilds a trained trial, so it lives beside `ditscale train` in harness/trial/c
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from harness import assets
@@ -80,11 +79,8 @@ def _metric_status(metric: str, folder: str | None) -> str:
         return f"{metric}: missing -> a study listing it in eval.metrics stops before training; " \
                f"run `ditscale assets fetch --dest DIR --metric {metric}`"
     name, pinned, what = assets.METRIC_WEIGHTS[metric]
-    try:  # written by `assets fetch`; a folder placed by hand has none, so its revision is unknown
-        fetched = json.loads((found / assets.FETCHED_FILE).read_text())
-    except (OSError, ValueError):
-        fetched = {}
-    revision = fetched.get("revision")
+    # written by `assets fetch`; a folder placed by hand has none, so its revision is unknown
+    revision = assets.read_fetched(found).get("revision")
     origin = (f"{name} at the pinned revision {pinned[:12]}" if revision == pinned
               else f"{name} at revision {revision[:12]}, NOT the pinned {pinned[:12]}" if revision
               else f"placed by hand, revision unknown (the pinned one is {name} {pinned[:12]})")

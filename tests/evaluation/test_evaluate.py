@@ -30,12 +30,7 @@ from tests.support.evaluation import evaluator as _evaluator
 # --- fixtures ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def no_inception(tmp_path, monkeypatch):
-    """Inception absent everywhere (clean-fid's /tmp place and the assets folder), whatever this machine holds."""
-    monkeypatch.setattr(assets, "cleanfid_dir", lambda: tmp_path / "cleanfid-place")
-    monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "no-assets"))
-    monkeypatch.delenv(assets.DOWNLOAD_ENV, raising=False)
+# Inception is absent in every test here: tests/evaluation/conftest.py (no_inception).
 
 
 @pytest.fixture(scope="session")

@@ -25,14 +25,6 @@ DINO_FOLDER = "metrics/facebook--dinov2-large"
 CLIP_FOLDER = "metrics/openai--clip-vit-large-patch14-336"
 
 
-@pytest.fixture(autouse=True)
-def no_inception(tmp_path, monkeypatch):
-    """Inception absent (the FID path falls back to its stand-in), whatever this machine holds."""
-    monkeypatch.setattr(assets, "cleanfid_dir", lambda: tmp_path / "cleanfid-place")
-    monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "no-assets"))
-    monkeypatch.delenv(assets.DOWNLOAD_ENV, raising=False)
-
-
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory) -> Path:
     """An assets folder with random-weight DINOv2 and CLIP vision networks of tiny width."""
@@ -251,7 +243,6 @@ def test_assets_status_lists_each_metric_network_with_its_revision_or_the_fetch_
     """`ditscale assets status` says, per eval.metrics network, whether evaluation will find it and whether it
     is the pinned revision; a missing one gets the fetch command (the line a study would stop with)."""
     import argparse
-    import json
     import shutil
 
     from harness.evaluation.commands import _cmd_assets_status
@@ -259,7 +250,7 @@ def test_assets_status_lists_each_metric_network_with_its_revision_or_the_fetch_
     folder = tmp_path / "assets"
     shutil.copytree(tiny_assets, folder)
     name, pinned, _ = assets.METRIC_WEIGHTS["fd_dinov2"]
-    (folder / DINO_FOLDER / assets.FETCHED_FILE).write_text(json.dumps({"name": name, "revision": pinned}))
+    assets.write_fetched(folder / DINO_FOLDER, name, pinned)  # as `assets fetch` records it
     shutil.rmtree(folder / CLIP_FOLDER)
     assert _cmd_assets_status(argparse.Namespace(assets=str(folder))) == 0
     lines = {ln.split(":", 1)[0]: ln for ln in capsys.readouterr().out.splitlines()}
@@ -268,3 +259,12 @@ def test_assets_status_lists_each_metric_network_with_its_revision_or_the_fetch_
     (folder / DINO_FOLDER / assets.FETCHED_FILE).unlink()  # placed by hand
     _cmd_assets_status(argparse.Namespace(assets=str(folder)))
     assert "revision unknown" in capsys.readouterr().out
+
+
+def test_the_fetch_record_is_json_whatever_the_strings_hold(tmp_path):
+    """`assets fetch`'s record reads back as written even with a quote or a backslash in it (it was built with an
+    f-string, which wrote invalid JSON for those); an unreadable record reads as none (a folder placed by hand)."""
+    assets.write_fetched(tmp_path, 'org/"odd\\name', "abc")
+    assert assets.read_fetched(tmp_path) == {"name": 'org/"odd\\name', "revision": "abc"}
+    (tmp_path / assets.FETCHED_FILE).write_text('{"name": "broken')
+    assert assets.read_fetched(tmp_path) == {}
