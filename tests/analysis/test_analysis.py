@@ -481,24 +481,13 @@ def test_report_html_loads_in_headless_chromium(built_report, tmp_path):
     index, _ = built_report
     browser = _CDP(binary, tmp_path / "profile")
     try:
-        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page", "Runtime", "Log"):
-            browser.send(f"{domain}.enable", session=session)
-        browser.send("Emulation.setDeviceMetricsOverride",
-                     {"width": 1280, "height": 2000, "deviceScaleFactor": 1, "mobile": False}, session=session)
-        browser.send("Page.navigate", {"url": index.resolve().as_uri()}, session=session)
-        browser.wait_for("Page.loadEventFired")
-        images = browser.send("Runtime.evaluate", {
-            "expression": "JSON.stringify(Array.from(document.images).map(i => [i.getAttribute('src'), "
-                          "i.complete && i.naturalWidth > 0]))", "returnByValue": True}, session=session)
+        session = browser.open_page(index.resolve().as_uri(), viewport=(1280, 2000))
+        loaded = browser.images(session)
         shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False},
                             session=session)
-        title = browser.send("Runtime.evaluate", {"expression": "document.title", "returnByValue": True},
-                             session=session)["result"]["value"]
-        headings = browser.send("Runtime.evaluate", {
-            "expression": "Array.from(document.querySelectorAll('h3, h4')).map(h => h.textContent).join('\\n')",
-            "returnByValue": True}, session=session)["result"]["value"]
+        title = browser.evaluate(session, "document.title")
+        headings = browser.evaluate(
+            session, "Array.from(document.querySelectorAll('h3, h4')).map(h => h.textContent).join('\\n')")
     finally:
         browser.close()
     import base64
@@ -506,11 +495,8 @@ def test_report_html_loads_in_headless_chromium(built_report, tmp_path):
     screenshot = tmp_path / "report-screenshot.png"
     screenshot.write_bytes(base64.b64decode(shot["data"]))
     _keep_artifacts_file(screenshot)
-    errors = [ev for ev in browser.events if ev.get("method") == "Runtime.exceptionThrown"
-              or (ev.get("method") == "Runtime.consoleAPICalled" and ev["params"]["type"] in ("error", "assert"))
-              or (ev.get("method") == "Log.entryAdded" and ev["params"]["entry"]["level"] == "error")]
+    errors = browser.errors()
     assert not errors, json.dumps(errors, indent=1)[:4000]
-    loaded = json.loads(images["result"]["value"])
     assert loaded and all(ok for _, ok in loaded), f"images that did not load: {[s for s, ok in loaded if not ok]}"
     assert len(loaded) == len(list(index.parent.glob("*.png")))
     assert title == "Scaling report: report-study"

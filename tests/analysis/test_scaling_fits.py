@@ -163,13 +163,15 @@ def test_holdout_predicts_the_largest_budget_and_computes_the_error_it_states():
     assert ho.ok and ho.budget == df["budget"].max() and ho.n_fit_budgets == 3
     held = df[df["budget"] == ho.budget].groupby("n")["loss"].mean()
     assert ho.measured == pytest.approx(held.min()) and ho.measured_n == pytest.approx(held.idxmin())
-    assert ho.error_pct == pytest.approx(100 * (ho.predicted - ho.measured) / ho.measured, rel=1e-12)
+    # one sign convention in the whole report (issue 27, the Extrapolation section's): measured − predicted
+    assert ho.error_pct == pytest.approx(100 * (ho.measured - ho.predicted) / ho.measured, rel=1e-12)
+    assert ho.error_pct != pytest.approx(100 * (ho.predicted - ho.measured) / ho.measured, rel=1e-6)
     assert abs(ho.error_pct) < 3 and ho.predicted_ci[0] <= ho.predicted <= ho.predicted_ci[1]
     # the surface was fitted without the held-out budget
     assert ho.surface.n == int((df["budget"] != ho.budget).sum())
-    assert f"{ho.error_pct:+.2f} %" in ho.describe()
+    assert f"error (measured − predicted) / measured {ho.error_pct:+.2f} %" in ho.describe()
     assert ho.fd_key == "fd" and ho.fd_error_pct == pytest.approx(
-        100 * (ho.fd_predicted - ho.fd_measured) / ho.fd_measured) and abs(ho.fd_error_pct) < 10
+        100 * (ho.fd_measured - ho.fd_predicted) / ho.fd_measured) and abs(ho.fd_error_pct) < 10
     two = scaling.holdout_prediction(df[df["budget"] < ho.budget / 50], k=6.0, bootstrap=0)
     assert not two.ok and "at least 3" in two.warning
 
@@ -350,8 +352,9 @@ def test_budget_report_reads_from_the_answer_down(budget_report):
     fits = json.loads((index.parent / "fits.json").read_text())
     (ho,) = [f for f in fits if f["relation"] == "held-out prediction"]
     assert ho["fitted"] and ho["n_fit_budgets"] == 3
-    assert ho["error_pct"] == pytest.approx(100 * (ho["predicted"] - ho["measured"]) / ho["measured"])
+    assert ho["error_pct"] == pytest.approx(100 * (ho["measured"] - ho["predicted"]) / ho["measured"])
     assert f"{ho['error_pct']:+.2f} %" in md and abs(ho["error_pct"]) < 3
+    assert "error (measured − predicted) / measured" in md.split("Held-out prediction")[1]
     assert ho["fd_key"] == "fd_lenet_cfg1.5" and math.isfinite(ho["fd_error_pct"])
     (surf,) = [f for f in fits if f["relation"] == "loss surface L(N, D)"]
     print(f"\nsurface: alpha {surf['alpha']:.4f} {surf['alpha_ci']}, beta {surf['beta']:.4f} {surf['beta_ci']} "
@@ -387,28 +390,16 @@ def test_budget_report_renders_in_headless_chromium(budget_report, tmp_path):
     index, _, _ = budget_report
     browser = _CDP(binary, tmp_path / "profile")
     try:
-        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page", "Runtime", "Log"):
-            browser.send(f"{domain}.enable", session=session)
-        browser.send("Page.navigate", {"url": index.resolve().as_uri()}, session=session)
-        browser.wait_for("Page.loadEventFired")
-        images = browser.send("Runtime.evaluate", {
-            "expression": "JSON.stringify(Array.from(document.images).map(i => [i.getAttribute('src'), "
-                          "i.complete && i.naturalWidth > 0]))", "returnByValue": True}, session=session)
-        heads = browser.send("Runtime.evaluate", {
-            "expression": "JSON.stringify(Array.from(document.querySelectorAll('h2')).map(h => h.textContent))",
-            "returnByValue": True}, session=session)
+        session = browser.open_page(index.resolve().as_uri())
+        loaded = browser.images(session)
+        h2 = json.loads(browser.evaluate(
+            session, "JSON.stringify(Array.from(document.querySelectorAll('h2')).map(h => h.textContent))"))
     finally:
         browser.close()
-    errors = [ev for ev in browser.events if ev.get("method") == "Runtime.exceptionThrown"
-              or (ev.get("method") == "Runtime.consoleAPICalled" and ev["params"]["type"] in ("error", "assert"))
-              or (ev.get("method") == "Log.entryAdded" and ev["params"]["entry"]["level"] == "error")]
+    errors = browser.errors()
     assert not errors, json.dumps(errors, indent=1)[:4000]
-    loaded = json.loads(images["result"]["value"])
     assert loaded and all(ok for _, ok in loaded), [s for s, ok in loaded if not ok]
     assert len(loaded) == len(list(index.parent.glob("*.png")))
-    h2 = json.loads(heads["result"]["value"])
     assert h2[0] == "What the study found" and h2.index("Figures") < h2.index("Fits not claimed") < h2.index(
         "Conventions")
 

@@ -126,6 +126,38 @@ class CDP:
                 return ev
             self.events.append(ev)
 
+    def open_page(self, url: str, viewport: tuple[int, int] | None = None) -> str:
+        """A new tab (`viewport`: its width and height) that records Page, Runtime and Log events, at `url`
+        once its load event fired; its session id, for evaluate."""
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log"):
+            self.send(f"{domain}.enable", session=session)
+        if viewport:
+            self.send("Emulation.setDeviceMetricsOverride", {"width": viewport[0], "height": viewport[1],
+                                                             "deviceScaleFactor": 1, "mobile": False}, session=session)
+        self.send("Page.navigate", {"url": url}, session=session)
+        self.wait_for("Page.loadEventFired")
+        return session
+
+    def evaluate(self, session: str, expression: str):
+        """The value of a JavaScript expression in the page of `session`."""
+        return self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True},
+                         session=session)["result"]["value"]
+
+    def images(self, session: str) -> list[tuple[str, bool]]:
+        """(src, loaded) of every <img> of the page: loaded = complete with a non-zero natural width."""
+        return [tuple(pair) for pair in json.loads(self.evaluate(session, (
+            "JSON.stringify(Array.from(document.images).map(i => [i.getAttribute('src'), "
+            "i.complete && i.naturalWidth > 0]))")))]
+
+    def errors(self) -> list[dict]:
+        """The events seen so far that report a page error: an uncaught exception, console.error or
+        console.assert, an error-level log entry."""
+        return [ev for ev in self.events if ev.get("method") == "Runtime.exceptionThrown"
+                or (ev.get("method") == "Runtime.consoleAPICalled" and ev["params"]["type"] in ("error", "assert"))
+                or (ev.get("method") == "Log.entryAdded" and ev["params"]["entry"]["level"] == "error")]
+
     def close(self) -> None:
         try:
             self.send("Browser.close", timeout=5)
