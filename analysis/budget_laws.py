@@ -43,7 +43,8 @@ CONVENTIONS = [
     "report then extrapolates how many budgets would narrow them (width ∝ 1/√budgets). A law is claimed only "
     "when identified: no exponent interval at its fitter's bound or wider than its estimate. Held-out: with at "
     "least 3 budgets the largest is left out, predicted from the others and compared; error % = 100 · "
-    "(predicted − measured) / measured. FD is predicted through FD = k · loss^a fitted across the other trials.",
+    "(measured − predicted) / measured (positive: the law predicted too low), as in the Extrapolation section. "
+    "FD is predicted through FD = k · loss^a fitted across the other trials.",
 ]
 
 SURFACE_BOOTSTRAP = 200  # refits of the 5-parameter surface (each from the best optima of the full fit)
@@ -158,7 +159,8 @@ def _figures(res: dict, out: Path, stem: str, y_label: str, fig) -> None:
             f"x: {PARAMS_LABEL}; y: {y_label} at the largest budget; red: predicted by the surface fitted on the "
             "smaller budgets (band: 95 % bootstrap interval, clipped to the plotted range — the points and half "
             "their span either side; a triangle at the edge marks a size whose interval runs beyond it, "
-            f"{_band_extent(res['holdout'])}); black: measured (error bars: seed spread).")
+            f"{_band_extent(res['holdout'])}); black: measured (error bars: seed spread). The title's error: "
+            "100 · (measured − predicted) / measured.")
 
 
 def _band_extent(ho) -> str:

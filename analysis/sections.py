@@ -172,7 +172,8 @@ def _holdout(rep: Report) -> list[Block]:
                       f"{fmt(h.fd_measured)}, error {h.fd_error_pct:+.2f} %") if h.fd_key else "–"])
     return [h3("Held-out prediction"),
             table(["group", "held-out C", "budgets fitted", "predicted best loss [95 %]", "measured best loss",
-                   "error", "inside interval", "isoFLOP law L_opt(C) [95 %]", "FD"], rows)]
+                   "error (measured − predicted) / measured", "inside interval", "isoFLOP law L_opt(C) [95 %]",
+                   "FD"], rows)]
 
 
 def _allocation(rep: Report) -> list[Block]:

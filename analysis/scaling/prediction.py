@@ -172,7 +172,7 @@ class HoldoutPrediction:
     measured: float = math.nan  # best replicate-mean loss measured at that budget
     measured_std: float = math.nan
     measured_n: float = math.nan
-    error_pct: float = math.nan  # 100 · (predicted − measured) / measured
+    error_pct: float = math.nan  # 100 · (measured − predicted) / measured: > 0 when the law predicted too low
     covered: bool | None = None  # measured inside the predicted interval
     isoflop_predicted: float = math.nan  # L_opt(C) from the approach-2 law fitted on the other budgets
     isoflop_predicted_ci: tuple[float, float] | None = None
@@ -180,7 +180,7 @@ class HoldoutPrediction:
     fd_predicted: float = math.nan
     fd_predicted_ci: tuple[float, float] | None = None
     fd_measured: float = math.nan
-    fd_error_pct: float = math.nan
+    fd_error_pct: float = math.nan  # 100 · (measured − predicted) / measured, as error_pct
     isoflop_not_identified: str | None = None  # why the L_opt(C) law behind isoflop_predicted is not identified
     surface: LossSurfaceFit | None = field(default=None, repr=False)
     points: pd.DataFrame | None = field(default=None, repr=False)  # the held-out sizes: n, d, measured, predicted, lo, hi
@@ -196,7 +196,7 @@ class HoldoutPrediction:
         ci = format_interval
         txt = (f"fitted on the {self.n_fit_budgets} smaller budgets, the surface predicts the best loss at the "
                f"largest budget (C = {self.compute:.4g}) as {self.predicted:.4g} {ci(self.predicted_ci)}; "
-               f"measured {self.measured:.4g}; error {self.error_pct:+.2f} % "
+               f"measured {self.measured:.4g}; error (measured − predicted) / measured {self.error_pct:+.2f} % "
                f"({'inside' if self.covered else 'outside'} the interval)")
         if math.isfinite(self.isoflop_predicted):
             txt += f"; the isoFLOP law L_opt(C) predicts {self.isoflop_predicted:.4g} {ci(self.isoflop_predicted_ci)}"
@@ -226,7 +226,9 @@ def holdout_prediction(df: pd.DataFrame, budget: str = "budget", compute: str = 
     every other budget; its prediction at each (N, D) trained at the held-out budget gives the predicted
     best loss there = the minimum over those sizes (interval: the bootstrap distribution of that
     minimum). Measured: the lowest replicate-mean loss at the held-out budget. error % = 100 ·
-    (predicted − measured) / measured. The approach-2 law L_opt(C) from the other budgets is given
+    (measured − predicted) / measured, positive when the law predicted too low a loss: the convention of
+    issue 27 and of the ladder's Extrapolation section (analysis/extrapolation.py), so one sign means one
+    thing throughout the report. The approach-2 law L_opt(C) from the other budgets is given
     beside it when it can be fitted. With `fd`, a loss → FD relation (fit_loss_to_fd) over the other
     budgets' runs turns the predicted loss into a predicted FD, compared with the lowest FD measured
     at the held-out budget. As Liang et al. 2024 checked their law on a larger budget than they fitted."""
@@ -262,7 +264,7 @@ def holdout_prediction(df: pd.DataFrame, budget: str = "budget", compute: str = 
     j = int(np.argmin(t["measured"].to_numpy(float)))
     out.measured, out.measured_n = float(t["measured"].iloc[j]), float(t[n].iloc[j])
     out.measured_std = float(t["std"].iloc[j]) if math.isfinite(t["std"].iloc[j]) else math.nan
-    out.error_pct = 100.0 * (out.predicted - out.measured) / out.measured
+    out.error_pct = 100.0 * (out.measured - out.predicted) / out.measured
     if out.predicted_ci:
         out.covered = bool(out.predicted_ci[0] <= out.measured <= out.predicted_ci[1])
     iso = fit_isoflop_optima(train.assign(**{budget: train[budget]}), budget=budget, n=n, loss=loss, compute=compute,
@@ -281,7 +283,7 @@ def holdout_prediction(df: pd.DataFrame, budget: str = "budget", compute: str = 
             out.fd_key = fd
             out.fd_predicted = float(rel.predict(out.predicted))
             out.fd_measured = float(test.groupby(n)[fd].mean().min())
-            out.fd_error_pct = 100.0 * (out.fd_predicted - out.fd_measured) / out.fd_measured
+            out.fd_error_pct = 100.0 * (out.fd_measured - out.fd_predicted) / out.fd_measured
             ends = [out.predicted] + list(out.predicted_ci or [])
             vals = []
             for x in ends:
