@@ -5,7 +5,8 @@
     <trial folder>/checkpoints/.saving-step-X/  a tag being written; renamed to step-X once complete
 
 A save that fails for want of space (torch.save's "enforce fail at inline_container.cc") or permission
-is one line naming the checkpoint folder; its partial files go with the hidden folder.
+is one line naming the checkpoint folder (on every rank, naming the rank that failed: save_checkpoint);
+its partial files go with the hidden folder.
 
 The client state DeepSpeed stores with each tag carries the trial state (step, images seen, MLflow
 run, resumes) and every rank's RNG state, so a resumed trial continues where it stopped.
@@ -21,6 +22,7 @@ save, rank 0 keeps the newest `train.keep_checkpoints` tags (never the one just 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -122,41 +124,143 @@ def prune_checkpoints(root: Path, keep: int, current: str, also_keep: Iterable[i
 def save_checkpoint(engine, ema, dist: DistInfo, root: Path, state: TrialState, keep: int | None = None,
                     also_keep: Iterable[int] = (), phema=None) -> Path:
     """DeepSpeed checkpoint on all ranks; EMA (replicated) written by rank 0 beside it. With `keep`,
-    rank 0 then prunes the trial's older tags but those of `also_keep` (prune_checkpoints; DeepSpeed's
-    save ends with a barrier, so every rank has finished writing by then)."""
+    rank 0 then prunes the trial's older tags but those of `also_keep` (prune_checkpoints; every rank
+    has finished writing by then).
+
+    A write that fails on some ranks only (a full or read-only disk on one node, a bug) ends the save on
+    every rank alike, in bounded time: the failing rank's DeepSpeed writes record their error instead of
+    raising (_writes_recorded), so it still takes part in every collective of DeepSpeed's save (a rank
+    that left DeepSpeed midway would leave the others waiting in its closing barrier, up to the process
+    group's timeout, 30 min by default, while it waited for them in another collective); then every
+    rank's outcome is gathered before rank 0 publishes the tag, so a tag missing one rank's files is
+    never named by `latest`. A full disk or refused write is a UserError on every rank (one line naming
+    the rank and the folder); another error is raised as is on the rank that met it, a RuntimeError
+    naming that rank on the others."""
     tag = tag_for(state.step)
     rng = [None] * dist.world_size
     tdist.all_gather_object(rng, _rng_state())
     client = {"step": state.step, "samples_seen": state.samples_seen, "run_id": state.run_id,
               "resumes": state.resumes, "smoothed_loss": state.smoothed_loss.to_dict(), "rng": rng}
-    # Written under a hidden name, renamed to step-* when complete (every rank's files and the EMA;
-    # DeepSpeed's save ends with a barrier), then `latest` is pointed at it: a save cut short by a full
-    # disk, a crash or a kill leaves no step-* folder that resume or `ditscale eval` could take.
+    # Written under a hidden name, renamed to step-* when complete (every rank's files and the EMA,
+    # agreed on by every rank), then `latest` is pointed at it: a save cut short by a full disk, a crash
+    # or a kill leaves no step-* folder that resume or `ditscale eval` could take.
     path, staging = root / tag, root / f"{SAVING_PREFIX}{tag}"
-    problem = None
+    error = None
     try:
         if dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)  # an earlier save of this step that was cut short
-        engine.save_checkpoint(str(root), tag=staging.name, client_state=client, save_latest=False)
+        with _writes_recorded(engine) as failed:
+            engine.save_checkpoint(str(root), tag=staging.name, client_state=client, save_latest=False)
+        if failed:
+            raise failed[0]
         if dist.is_main:
             torch.save(ema.state_dict(), staging / EMA_FILE)
             save_phema(phema, staging)  # post-hoc EMA profiles (train.posthoc_ema), when tracked
+    except Exception as err:  # noqa: BLE001 - every rank's outcome is agreed on below, then raised
+        error = err
+    mine = _failure(error, root, path)
+    outcome = _save_outcome(dist, mine)
+    if outcome is None and dist.is_main:
+        try:
             _publish(root, staging, tag)
-    except Exception as err:
-        problem = _save_problem(err, root, path)  # measured before the partial files go
+        except Exception as err:  # noqa: BLE001 - as above
+            error = err
+            mine = _failure(error, root, path)
+    if outcome is None:  # rank 0's rename, agreed: also holds the other ranks until it is done
+        outcome = _save_outcome(dist, mine)
+    if outcome is not None:
         if dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)
-        if problem is None:
-            raise
-    problem = _agree(dist, problem)  # also holds the other ranks until rank 0 has renamed the tag
-    if problem is not None:
-        raise UserError(problem)
+        _raise_save_failure(outcome, mine, error, dist, path)
     if keep is not None and dist.is_main:
         try:
             prune_checkpoints(root, keep, tag, also_keep)
         except OSError as err:  # housekeeping: the trial goes on
             _warn(dist, f"could not prune old checkpoints in {root}: {err}")
     return path
+
+
+# DeepSpeed's own writes during engine.save_checkpoint (DeepSpeed 0.19): the checkpoint engine's
+# makedirs and save (every file), and rank 0's copy of the ZeRO recovery scripts.
+_DEEPSPEED_WRITES = (("checkpoint_engine", "makedirs"), ("checkpoint_engine", "save"), (None, "_copy_recovery_script"))
+
+
+@contextlib.contextmanager
+def _writes_recorded(engine):
+    """Within the block, a failing DeepSpeed write on this rank is recorded in the yielded list and skipped
+    (as are the writes after it) instead of raising, so that this rank goes on through DeepSpeed's save and
+    meets the other ranks in its barriers. DeepSpeed's checkpoint engine is its pluggable interface for
+    checkpoint I/O (deepspeed/runtime/checkpoint_engine); the methods are wrapped on the instances for the
+    one call, then restored."""
+    failed: list[Exception] = []
+
+    def recorded(write):
+        def call(*args, **kwargs):
+            if failed:  # the tag is lost already: write nothing more of it
+                return None
+            try:
+                return write(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - recorded, raised after DeepSpeed's save
+                failed.append(err)
+                return None
+        return call
+
+    wrapped = []
+    for owner_name, method in _DEEPSPEED_WRITES:
+        owner = getattr(engine, owner_name, None) if owner_name else engine
+        if owner is not None and callable(getattr(owner, method, None)):
+            wrapped.append((owner, method, owner.__dict__.get(method)))
+            setattr(owner, method, recorded(getattr(owner, method)))
+    try:
+        yield failed
+    finally:
+        for owner, method, own in reversed(wrapped):
+            if own is None:
+                delattr(owner, method)  # the class's method again
+            else:
+                setattr(owner, method, own)
+
+
+@dataclass
+class _SaveFailure:
+    why: str    # one line
+    user: bool  # a full disk or a refused write (the user's to fix), else an error of ours
+
+
+def _failure(error: Exception | None, root: Path, path: Path) -> _SaveFailure | None:
+    """This rank's failure, classified while the partial files are still there (a full disk is told by
+    the free space where torch gives no errno: harness.files.disk_full)."""
+    if error is None:
+        return None
+    problem = _save_problem(error, root, path)
+    if problem is not None:
+        return _SaveFailure(problem, True)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return _SaveFailure(f"{type(error).__name__}: {first}", False)
+
+
+def _save_outcome(dist: DistInfo, mine: _SaveFailure | None) -> tuple[int, _SaveFailure] | None:
+    """Every rank's failure gathered (a collective: every rank calls it): the first failing rank and its
+    failure, or None when every rank succeeded."""
+    found = [mine]
+    if dist.world_size > 1 and tdist.is_initialized():
+        found = [None] * dist.world_size
+        tdist.all_gather_object(found, mine)
+    return next(((rank, failure) for rank, failure in enumerate(found) if failure is not None), None)
+
+
+def _raise_save_failure(outcome: tuple[int, _SaveFailure], mine: _SaveFailure | None, error: Exception | None,
+                        dist: DistInfo, path: Path) -> None:
+    """Every rank raises: this rank's own error if it was not a full disk or refused write (its traceback),
+    else a UserError for a full disk or refused write (the same line on every rank), else a RuntimeError
+    naming the rank that failed."""
+    if mine is not None and not mine.user:
+        raise error
+    rank, failure = outcome
+    prefix = f"rank {rank}: " if dist.world_size > 1 else ""
+    if failure.user:
+        raise UserError(prefix + failure.why)
+    raise RuntimeError(f"checkpoint {path} not saved: {prefix}{failure.why}")
 
 
 def _publish(root: Path, staging: Path, tag: str) -> None:
