@@ -185,7 +185,7 @@ def test_branches_match_standalone_and_divergence_is_a_concluded_status(digits_d
     alone_runs = runs("branches-alone")
     standalone = {int(r.data.params["train.seed"]): r for r in alone_runs if r.data.params["train.lr"] != "50.0"}
     long_branch = next((r for r in branches if r.data.params["train.steps"] == "60"), None)
-    checks = Behaviours()  # seven behaviours of these two sweeps, each reported by name
+    checks = Behaviours()  # eight behaviours of these two sweeps, each reported by name
 
     with checks("each branch is its own finished trial run of the one trunk (tag branch_of)"):
         assert len(trunk) == 1 and len(branches) == 2 and len(healthy) == 3 and len(got) == 6
@@ -240,4 +240,16 @@ def test_branches_match_standalone_and_divergence_is_a_concluded_status(digits_d
         assert after[long_branch.data.tags["trial_id"]] == "finished" and after[trunk[0].data.tags["trial_id"]] == "finished"
         assert (study_runs / trunk[0].data.tags["trial_id"] / "checkpoints" / "step-00000045").is_dir()
         assert [after[r.data.tags["trial_id"]] for r in bad_branches] == [f"diverged (trunk {bad_id})"] * 2
+    # The retrained trunk logged its steps a second time into its run: the run says where it went back
+    # (harness/trial/checkpoint.py record_rewind) and the analysis reads the latest pass only.
+    with checks("a retrained trunk's run reads as one series, its latest pass"):
+        import json
+
+        from analysis.runs import load_histories
+
+        trunk_run = client.get_run(trunk[0].info.run_id)
+        assert [step for step, _ in json.loads(trunk_run.data.tags["ditscale.rewinds"])] == [0], trunk_run.data.tags
+        raw = [m.step for m in client.get_metric_history(trunk_run.info.run_id, "loss")]
+        read = load_histories(f"sqlite:///{tmp_path / 'mlflow.db'}", "branches", keys=["loss"], runs=[trunk_run])
+        assert len(raw) > len(read) and read["step"].is_unique and sorted(read["step"]) == sorted(set(raw)), raw
     checks.done()
