@@ -22,9 +22,24 @@ from pydantic import BaseModel, ValidationError
 
 from harness.checks import check_trial
 from harness.errors import UserError
+from harness.one_law import one_law_problems
 from harness.schema import (  # noqa: F401  (the schema's names, where the study's readers have always found them)
-    DEFAULT_BUDGET_DIVERGENCE, STUDY_ONLY, BracketConfig, DataConfig, EvalConfig, LadderConfig, ModelConfig,
-    ObjectiveConfig, PosthocEMAConfig, ResourcesConfig, Study, TrackingConfig, TrainConfig, TrialConfig, flatten)
+    DEFAULT_BUDGET_DIVERGENCE,
+    STUDY_ONLY,
+    BracketConfig,
+    DataConfig,
+    EvalConfig,
+    LadderConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    PosthocEMAConfig,
+    ResourcesConfig,
+    Study,
+    TrackingConfig,
+    TrainConfig,
+    TrialConfig,
+    flatten,
+)
 
 
 class StudyError(UserError):
@@ -198,7 +213,6 @@ def _ladder_problems(study: Study, trials: list[TrialConfig]) -> list[str]:
     if any(b is None for b in grid):
         return [("ladder.budgets: a ladder extrapolates an isoFLOP design; give the grid's trials train.flops "
                  "budgets (not train.steps)")]
-    from harness.launch.ladder import one_law_problems  # the ladder's rule, with its reasons (imported late: it imports us)
 
     return [f"ladder.budgets: {b:.3g} is not above the grid's largest budget {max(grid):.3g}; a ladder predicts "
             "beyond the fitted budgets" for b in budgets if b <= max(grid)] + one_law_problems(trials)

@@ -160,8 +160,8 @@ ROOMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("common", ("harness.common", "harness.errors", "harness.files", "harness.credentials", "harness.assets",
                 "harness.hardware", "harness.options")),         # helpers every room shares
     ("data", ("harness.data",)),
-    ("study", ("harness.schema", "harness.config", "harness.checks", "harness.study", "harness.paths",
-               "harness.tracking", "harness.tracking_inputs", "harness.tracking_view")),
+    ("study", ("harness.schema", "harness.config", "harness.checks", "harness.study", "harness.one_law",
+               "harness.paths", "harness.tracking", "harness.tracking_inputs", "harness.tracking_view")),
     # the schema, its rules, loading (trials and budgets), MLflow's conventions
     ("evaluation", ("harness.evaluation",)),                     # metrics; the loop runs the Evaluator
     ("trial", ("harness.trial",)),                               # one trial; it evaluates with evaluation/
