@@ -35,7 +35,6 @@ from harness.config import StudyError, TrialConfig
 from harness.credentials import public_config
 from harness.errors import UserError
 from harness.files import write_once
-from harness.one_law import LAW_AXES, one_law_problems, varying_fields  # noqa: F401  (the ladder's rule)
 from harness.paths import study_dir
 from harness.study import resolve_budgets
 

@@ -84,7 +84,7 @@ def test_the_dry_run_says_the_ladder_comes_after_the_grid(digits_dir, tmp_path, 
 def test_a_grid_that_varies_another_axis_is_refused_before_anything_runs(digits_dir, tmp_path, capsys, axis, values):
     """A ladder extrapolates one law; the report fits one per patch (objective, ...): pooling them into one
     prediction is refused in validation and in the dry run, in one line naming ladder.budgets and the axis
-    (harness/launch/ladder.py one_law_problems says why refuse rather than one ladder per group)."""
+    (harness/one_law.py one_law_problems says why refuse rather than one ladder per group)."""
     from harness.cli import main
     from harness.config import StudyError, load_study
 
@@ -105,7 +105,7 @@ def test_a_grid_that_varies_another_axis_is_refused_before_anything_runs(digits_
 def test_a_grid_over_lr_seed_and_size_tied_settings_is_one_law():
     """What the fits fold into one law (the LR tuned per size, seeds averaged, a setting tied one-to-one to
     the size) passes; a patch tied to the size is still its own experiment."""
-    from harness.launch.ladder import one_law_problems, varying_fields
+    from harness.one_law import one_law_problems, varying_fields
     from harness.schema import TrialConfig
 
     def trial(size, flops, **train):
