@@ -157,7 +157,7 @@ def test_a_submit_directory_with_spaces_quotes_and_hash_runs_on_slurm(submit, ha
 
 def _stubs(folder: Path, slurm_dir: Path, record: Path) -> dict:
     """Stand-ins for what sweep.sbatch calls before its Ray step: `ditscale slurm paths`, ray,
-    scontrol (`ditscale slurm node token`, which writes the token file, is the real one); srun records
+    scontrol (`ditscale slurm node allocation`, which writes the token file, is the real one); srun records
     the token file's mode, owner and content, then fails (the script stops there, as when the head
     node's IP cannot be found)."""
     bin_dir = folder / "bin"
