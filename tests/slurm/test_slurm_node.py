@@ -190,7 +190,10 @@ def test_stopping_the_server_ends_its_whole_session_and_never_signals_a_reused_p
     t0 = time.monotonic()
     mlflow_server.stop(tmp_path)
     assert server.wait(timeout=10) is not None and not mlflow_server._session_alive(server.pid)
-    assert 4 < time.monotonic() - t0 < 15, "the child that ignores SIGTERM was killed after the timeout"
+    # At least the 5 s timeout; the upper bound only says it did not wait for the child's `sleep 300` (on a
+    # loaded machine the kill and the session's end took over 15 s once).
+    elapsed = time.monotonic() - t0
+    assert 4 < elapsed < 120, f"the child that ignores SIGTERM was killed after the timeout ({elapsed:.1f}s)"
     assert "did not stop within 5s" in capsys.readouterr().out
     assert not (tmp_path / "server-91.state").exists()
     # A pid whose start time is not the recorded one (the server gone, the pid reused): left alone.
