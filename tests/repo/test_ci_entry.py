@@ -52,3 +52,29 @@ def test_scripts_test_is_pytest_with_the_callers_arguments():
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert "pytest" in done.stdout + done.stderr
+
+
+def test_scripts_test_keeps_the_files_order_unless_asked_to_shuffle(tmp_path):
+    """DITSCALE_TEST_ORDER: files (default) turns pytest-randomly off, random leaves it on, an integer is the
+    seed; anything else is one line before pytest starts. A stand-in `python` first on PATH prints what
+    pytest would have been given."""
+    (tmp_path / "python").write_text('#!/bin/sh\necho "$@"\n')
+    (tmp_path / "python").chmod(0o755)
+    script = ROOT / "scripts" / "test"
+
+    def given(order: str | None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "DITSCALE_TEST_ORDER"}
+        env["PATH"] = f"{tmp_path}{os.pathsep}{env['PATH']}"
+        if order is not None:
+            env["DITSCALE_TEST_ORDER"] = order
+        return subprocess.run([str(script), "-k", "x"], check=False, env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    assert given(None).stdout.split() == "-m pytest -q -n 2 --dist loadgroup -p no:randomly -k x".split()
+    assert given("files").stdout == given(None).stdout
+    assert given("random").stdout.split() == "-m pytest -q -n 2 --dist loadgroup -k x".split()
+    assert "--randomly-seed=42 -k x" in given("42").stdout
+    for bad in ("shuffle", "4x", "-1"):
+        wrong = given(bad)
+        assert wrong.returncode == 2 and "DITSCALE_TEST_ORDER must be files, random or a seed" in wrong.stderr
+        assert wrong.stdout == ""
