@@ -72,7 +72,10 @@ def test_scripts_test_keeps_the_files_order_unless_asked_to_shuffle(tmp_path):
 
     assert given(None).stdout.split() == "-m pytest -q -n 2 --dist loadgroup -p no:randomly -k x".split()
     assert given("files").stdout == given(None).stdout
-    assert given("random").stdout.split() == "-m pytest -q -n 2 --dist loadgroup -k x".split()
+    shuffled = given("random").stdout.splitlines()
+    seed = shuffled[0].split("seed ")[1].split()[0]
+    assert shuffled[1].split() == f"-m pytest -q -n 2 --dist loadgroup --randomly-seed={seed} -k x".split()
+    assert f"DITSCALE_TEST_ORDER={seed} repeats" in shuffled[0] and seed.isdigit()
     assert "--randomly-seed=42 -k x" in given("42").stdout
     for bad in ("shuffle", "4x", "-1"):
         wrong = given(bad)
