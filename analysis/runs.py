@@ -303,9 +303,11 @@ def size_rank(size: str, family: str = "") -> float:
     return rank if math.isfinite(rank) else math.inf
 
 
-def _trial_row(r) -> dict:
-    """A trial's columns from its run: ids, status, times, the model tags, compute, every final metric."""
-    tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
+def _trial_row(r, metrics: dict | None = None) -> dict:
+    """A trial's columns from its run: ids, status, times, the model tags, compute, every final metric
+    (`metrics`: the final values when not MLflow's latest, as for a rewound run: _latest_pass_finals)."""
+    tags, params = r.data.tags, r.data.params
+    metrics = r.data.metrics if metrics is None else metrics
     family = tags.get("family") or params.get("model.family", "")
     attention = tags.get("attention") if tags.get("attention") is not None else params.get("model.attention", "")
     if family != "mmdit":
@@ -363,7 +365,8 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
     model, arch (dit | mmdit-joint | mmdit-split), label (a legend name); forward_gflops (forward
     GFLOPs of one image, multiply-adds: logged value, else train_gflops / samples_seen / 3, else
     NaN), params (parameter count when logged, else NaN), train_gflops (training compute at the end,
-    multiply-adds), samples_seen, steps (last logged step); final_<metric> for every metric and
+    multiply-adds), samples_seen, steps (last logged step); final_<metric> for every metric (a rewound
+    run's: its latest pass's, _latest_pass_finals) and
     best_<metric> (minimum over the run) for loss, val_loss*, fid*, fd_*, kid* (not se_val_loss); loss_tail (mean
     training loss over the last 10 % of its logs, a less noisy final loss); then every config param
     under its dotted key (numbers as numbers).
@@ -375,7 +378,7 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
         histories = load_histories(tracking_uri, experiment, keys=LOWER_IS_BETTER.pattern, runs=runs)
     rows, param_keys = [], []
     for r in runs:
-        row = _trial_row(r)
+        row = _trial_row(r, _latest_pass_finals(tracking_uri, experiment, r) if _rewinds(r) else None)
         row.update({f"param:{k}": v for k, v in r.data.params.items()})
         param_keys.extend(k for k in r.data.params if k not in param_keys)
         rows.append(row)
@@ -384,7 +387,8 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
         return pd.DataFrame(columns=["run_id", "trial_id", "status", "family", "size", "patch", "attention",
                                      "objective", "model", "arch", "forward_gflops", "params", "train_gflops"])
     df["patch"] = pd.to_numeric(df["patch"], errors="coerce").astype("Int64")
-    # final = the value at the last step (MLflow's latest); best and loss_tail from the histories
+    # final = the value at the last step (MLflow's latest; a rewound run's latest pass); best and loss_tail
+    # from the histories
     _add_history_columns(df, histories)
     if "steps" not in df or df["steps"].isna().all():
         df["steps"] = df.get("final_step", pd.Series(np.nan, index=df.index))
@@ -401,6 +405,21 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
     df = df[lead + [c for c in df.columns if c not in lead]].reset_index(drop=True)
     df.attrs["config_keys"] = list(param_keys)  # which columns are the trial config (see analysis.study)
     return df
+
+
+def _latest_pass_finals(tracking_uri: str | None, experiment: str, run) -> dict[str, float]:
+    """The final value of each metric of a rewound run (REWINDS_TAG) as its latest pass left it: the last
+    point by step, then time, of its read history (load_histories). MLflow's latest values are the
+    replaced pass's until the new pass reaches the old highest step (a trunk retrained and stopped
+    earlier, a trial killed again); a metric that only the replaced pass logged has no final value.
+    system/ metrics count their own steps and keep MLflow's latest."""
+    keys = [k for k in run.data.metrics if not k.startswith("system/")]
+    finals = {k: v for k, v in run.data.metrics.items() if k.startswith("system/")}
+    if keys:
+        hist = load_histories(tracking_uri, experiment, keys=keys, runs=[run])
+        last = hist.sort_values(["key", "step", "timestamp"], kind="stable").groupby("key")["value"].last()
+        finals.update({k: float(v) for k, v in last.items()})
+    return finals
 
 
 def _label(row) -> str:

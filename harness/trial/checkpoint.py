@@ -50,7 +50,9 @@ T = TypeVar("T")
 # A run tag: JSON [[step, time_ms], ...], one pair per resume that went back behind what the run had
 # logged (record_rewind). analysis/runs.py (REWINDS_TAG there) reads it; tests check the names agree.
 REWINDS_TAG = "ditscale.rewinds"
-MAX_REWINDS = 100  # the newest kept: 100 pairs stay far below MLflow's 8000-character tag values
+# MLflow's limit on a tag's value (mlflow/utils/validation.py MAX_TAG_VAL_LENGTH, 8000 in MLflow 2 and 3):
+# about 330 pairs of (step, ms) fit; _rewinds_text drops the oldest beyond it, with a warning.
+MAX_REWIND_CHARS = 8000
 
 
 @dataclass
@@ -453,7 +455,13 @@ def came_from_trunk(root: Path, step: int) -> bool:
 def record_rewind(client, run_id: str, step: int, now_ms: int | None = None) -> bool:
     """Before a trial that resumed at `step` logs anything, mark in its MLflow run (REWINDS_TAG) that the
     points it logged earlier at steps after `step` are superseded by what it logs from now on. True when
-    the run had logged beyond `step` (then the pair is added), else False (nothing to supersede).
+    the pair was added: whenever the run already holds a metric of its own (not a system/ metric), else
+    False (a new run: nothing to supersede).
+
+    The pair is added without asking whether the run logged beyond `step`: MLflow keeps no per-run
+    highest step across metrics (the `step` metric is only Trainer.log's, and eval.every is not tied to
+    train.log_every, so a val_loss can lie beyond the last `step` point), and the cut is always safe:
+    every non-system point logged before now at a step above `step` belongs to the abandoned pass.
 
     Why a mark and not a cleaned run: MLflow cannot delete a metric's points, and a WSD trunk rewound
     because a branch point's checkpoint was deleted (harness/launch/branches.py: rewind_trunk), or any trial
@@ -461,17 +469,43 @@ def record_rewind(client, run_id: str, step: int, now_ms: int | None = None) -> 
     A new run per rewind would split one trial's history (and the run id that its checkpoints, its
     branches' `branch_of` and the sweeps' parent tags name) or copy it point by point. With the mark,
     analysis/runs.py load_histories keeps, for each pair (S, T), only the points at steps <= S or logged
-    at T or later: the latest pass, one value per step (best_*, loss_tail and the curves read that). The
-    final values (MLflow's latest, highest step then newest) are already the latest pass's once it reaches
-    the run's highest step, as a finished trial does. `T` is rank 0's clock, which stamps the points it
-    logs next; the superseded points were logged before this process started (a restart apart)."""
+    at T or later: the latest pass, one value per step (best_*, final_*, loss_tail and the curves read
+    that). `T` is rank 0's clock, which stamps the points it logs next; the superseded points were logged
+    before this process started (a restart apart). Pairs that a later one covers are dropped
+    (_compact_rewinds)."""
     run = client.get_run(run_id)
-    if run.data.metrics.get("step", 0) <= step:  # the highest step logged (the `step` metric's value)
+    if not any(not key.startswith("system/") for key in run.data.metrics):
         return False
     try:
-        pairs = json.loads(run.data.tags.get(REWINDS_TAG, "[]"))
-    except ValueError:  # a hand-edited tag: start it again rather than fail the trial
+        pairs = [[int(s), int(t)] for s, t in json.loads(run.data.tags.get(REWINDS_TAG, "[]"))]
+    except (ValueError, TypeError):  # a hand-edited tag: start it again rather than fail the trial
         pairs = []
     pairs.append([int(step), int(now_ms if now_ms is not None else time.time() * 1000)])
-    client.set_tag(run_id, REWINDS_TAG, json.dumps(pairs[-MAX_REWINDS:], separators=(",", ":")))
+    client.set_tag(run_id, REWINDS_TAG, _rewinds_text(_compact_rewinds(pairs), run_id))
     return True
+
+
+def _compact_rewinds(pairs: list[list[int]]) -> list[list[int]]:
+    """`pairs` (oldest first) without those a later pair covers: a later (S2, T2) with S2 <= S1 cuts every
+    point that (S1, T1) cuts (steps above S1 >= S2, logged before T1 <= T2), so dropping (S1, T1) loses
+    nothing."""
+    kept: list[list[int]] = []
+    for step, at in pairs:
+        kept = [p for p in kept if p[0] < step]
+        kept.append([step, at])
+    return kept
+
+
+def _rewinds_text(pairs: list[list[int]], run_id: str) -> str:
+    """The tag's JSON, every pair while it fits MLflow's tag values (MAX_REWIND_CHARS); beyond that the
+    oldest pairs go, with a warning: the points they cut would be read again."""
+    text = json.dumps(pairs, separators=(",", ":"))
+    dropped = 0
+    while len(text) > MAX_REWIND_CHARS and len(pairs) > 1:
+        pairs, dropped = pairs[1:], dropped + 1
+        text = json.dumps(pairs, separators=(",", ":"))
+    if dropped:
+        print(f"warning: MLflow run {run_id}: tag {REWINDS_TAG} holds {len(pairs)} rewinds, its most; the "
+              f"{dropped} oldest were dropped and the points they superseded are read again by the analysis",
+              file=sys.stderr, flush=True)
+    return text

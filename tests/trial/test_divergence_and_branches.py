@@ -345,10 +345,10 @@ def test_a_rewound_run_reads_as_its_latest_pass_only(tmp_path):
         c.log_batch(run_id, metrics=[m for s in steps for m in (Metric("loss", loss(s), start + s, s),
                                                                    Metric("step", float(s), start + s, s))])
 
-    log_pass(range(5, 55, 5), lambda s: 1.0 if s <= 20 else 0.2, t0)  # the first pass, to step 50
     c.log_batch(run_id, metrics=[Metric("system/cpu_utilization_percentage", 50.0, t0, 400)])  # its own steps
-    assert not record_rewind(c, run_id, 50)  # resumed where it had logged to: nothing superseded
+    assert not record_rewind(c, run_id, 0)  # a new run (system metrics apart): nothing to supersede
     assert REWINDS_TAG not in c.get_run(run_id).data.tags
+    log_pass(range(5, 55, 5), lambda s: 1.0 if s <= 20 else 0.2, t0)  # the first pass, to step 50
     assert record_rewind(c, run_id, 20, now_ms=t0 + 1000)
     log_pass(range(25, 50, 5), lambda s: 0.5, t0 + 2000)  # the second pass, stopped at 45 (killed, diverged)
     assert json.loads(c.get_run(run_id).data.tags[REWINDS_TAG]) == [[20, t0 + 1000]]
@@ -361,8 +361,74 @@ def test_a_rewound_run_reads_as_its_latest_pass_only(tmp_path):
     assert len(hist[hist["key"] == "system/cpu_utilization_percentage"]) == 1
     trials = analysis_runs.load_trials(uri, "rewind", runs=[run])  # its own histories: loss, val_loss, ...
     assert trials.loc[0, "best_loss"] == 0.5 and trials.loc[0, "steps"] == 45
-    # a second rewind adds a pair; a hand-broken tag is ignored with a warning, not an error
+    # the final values are the latest pass's too (MLflow's latest are the first pass's step 50: 0.2, 50)
+    assert trials.loc[0, "final_loss"] == 0.5 and trials.loc[0, "final_step"] == 45
+    assert trials.loc[0, "final_system/cpu_utilization_percentage"] == 50.0
+    # a second rewind to an earlier step covers the first pair, which goes (it would cut nothing more);
+    # a hand-broken tag is ignored with a warning, not an error
     assert record_rewind(c, run_id, 10, now_ms=t0 + 3000)
-    assert json.loads(c.get_run(run_id).data.tags[REWINDS_TAG]) == [[20, t0 + 1000], [10, t0 + 3000]]
+    assert json.loads(c.get_run(run_id).data.tags[REWINDS_TAG]) == [[10, t0 + 3000]]
     c.set_tag(run_id, REWINDS_TAG, "not json")
     assert len(analysis_runs.load_histories(uri, "rewind", runs=[c.get_run(run_id)])) == len(hist) + 12  # both passes
+
+
+def test_a_rewind_is_recorded_when_only_an_evaluation_logged_beyond_the_checkpoint(tmp_path):
+    """train.log_every 10, eval.every 25, a checkpoint at step 20, killed at 27: the `step` metric (Trainer.log's)
+    ends at 20 but val_loss was logged at 25. Resumed at 20, the run is marked all the same, so the
+    val_loss of step 25 is read once (the new pass's) and is the final one. Real MLflow (sqlite)."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    from analysis import runs as analysis_runs
+    from harness.trial.checkpoint import REWINDS_TAG, record_rewind
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = mlflow.MlflowClient(uri)
+    run_id = c.create_run(c.create_experiment("eval-beyond"), tags={"trial_id": "e" * 12}).info.run_id
+    t0 = 1_700_000_000_000
+    c.log_batch(run_id, metrics=[m for s in (10, 20) for m in (Metric("loss", 1.0, t0 + s, s),
+                                                                Metric("step", float(s), t0 + s, s))]
+                + [Metric("val_loss", 0.9, t0 + 25, 25)])  # the first pass, killed at 27
+    assert record_rewind(c, run_id, 20, now_ms=t0 + 1000)
+    assert json.loads(c.get_run(run_id).data.tags[REWINDS_TAG]) == [[20, t0 + 1000]]
+    c.log_batch(run_id, metrics=[Metric("loss", 0.5, t0 + 2030, 30), Metric("step", 30.0, t0 + 2030, 30),
+                                 Metric("val_loss", 0.4, t0 + 2025, 25)])  # the new pass, to step 30
+    run = c.get_run(run_id)
+    val = analysis_runs.load_histories(uri, "eval-beyond", keys=["val_loss"], runs=[run])
+    assert val[["step", "value"]].values.tolist() == [[25, 0.4]]
+    trials = analysis_runs.load_trials(uri, "eval-beyond", runs=[run])
+    assert trials.loc[0, "final_val_loss"] == 0.4 and trials.loc[0, "best_val_loss"] == 0.4
+
+
+def test_rewinds_keep_every_pair_that_cuts_something_and_warn_at_mlflows_limit(tmp_path, capsys):
+    """Pairs a later pair covers (a later step <= theirs) go; the others stay, as many as MLflow's
+    8000-character tag value holds, and beyond that the oldest go with a warning (not silently at 100)."""
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH as MAX_REWIND_CHARS  # what MLflow accepts
+
+    from harness.trial.checkpoint import REWINDS_TAG, record_rewind
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = mlflow.MlflowClient(uri)
+    run_id = c.create_run(c.create_experiment("many")).info.run_id
+    c.log_batch(run_id, metrics=[Metric("loss", 1.0, 0, 5000), Metric("step", 5000.0, 0, 5000)])
+    for i, step in enumerate((10, 20, 30, 15)):
+        assert record_rewind(c, run_id, step, now_ms=1000 + i)
+    assert json.loads(c.get_run(run_id).data.tags[REWINDS_TAG]) == [[10, 1000], [15, 1003]]
+    many = [[10, 1000], [15, 1003]] + [[step, 1_700_000_000_000 + step] for step in range(100, 300)]
+    c.set_tag(run_id, REWINDS_TAG, json.dumps(many, separators=(",", ":")))  # preempted 200 times further on
+    assert record_rewind(c, run_id, 300, now_ms=1_700_000_000_300)
+    pairs = json.loads(c.get_run(run_id).data.tags[REWINDS_TAG])
+    assert pairs == [*many, [300, 1_700_000_000_300]]  # all 203, more than the 100 kept before
+    assert "warning" not in capsys.readouterr().err
+    full = [[step, 1_800_000_000_000 + step] for step in range(1000, 2000)]
+    while len(json.dumps(full, separators=(",", ":"))) > MAX_REWIND_CHARS:
+        full = full[1:]  # as many as the tag holds
+    c.set_tag(run_id, REWINDS_TAG, json.dumps(full, separators=(",", ":")))
+    assert record_rewind(c, run_id, 2000, now_ms=1_800_000_002_000)
+    text = c.get_run(run_id).data.tags[REWINDS_TAG]
+    assert len(text) <= MAX_REWIND_CHARS
+    pairs = json.loads(text)
+    assert pairs[-1] == [2000, 1_800_000_002_000] and pairs[:-1] == full[1:]  # the newest stay, the oldest went
+    assert "1 oldest were dropped" in capsys.readouterr().err
