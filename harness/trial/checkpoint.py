@@ -41,8 +41,15 @@ from harness.common.process_group import DistInfo
 from harness.errors import UserError
 from harness.files import atomic_write_text, disk_full, not_writable_message, write_refused
 from harness.paths import BRANCH_MARKER, checkpoint_root
-from harness.trial.checkpoint_files import EMA_FILE, LATEST, PRUNING_PREFIX, SAVING_PREFIX, tag_for, tag_step
-from harness.trial.checkpoint_files import prepare_checkpoint_root  # noqa: F401 - where the trial's callers find it
+from harness.trial.checkpoint_files import (
+    EMA_FILE,
+    LATEST,
+    PRUNING_PREFIX,
+    SAVING_PREFIX,
+    prepare_checkpoint_root,  # noqa: F401 - where the trial's callers find it
+    tag_for,
+    tag_step,
+)
 from harness.trial.divergence import SmoothedLoss
 from harness.trial.posthoc_ema import load_phema, save_phema
 
@@ -135,9 +142,9 @@ def save_checkpoint(engine, ema, dist: DistInfo, root: Path, state: TrialState, 
     that left DeepSpeed midway would leave the others waiting in its closing barrier, up to the process
     group's timeout, 30 min by default, while it waited for them in another collective); then every
     rank's outcome is gathered before rank 0 publishes the tag, so a tag missing one rank's files is
-    never named by `latest`. A full disk or refused write is a UserError on every rank (one line naming
-    the rank and the folder); another error is raised as is on the rank that met it, a RuntimeError
-    naming that rank on the others."""
+    never named by `latest`. What each rank then raises: _raise_save_failure (its own error when that
+    was not a full disk or refused write; else the first full disk or refused write of any rank as one
+    UserError line naming that rank and the folder; else a RuntimeError naming the rank that failed)."""
     tag = tag_for(state.step)
     rng = [None] * dist.world_size
     tdist.all_gather_object(rng, _rng_state())
@@ -161,19 +168,19 @@ def save_checkpoint(engine, ema, dist: DistInfo, root: Path, state: TrialState, 
     except Exception as err:  # noqa: BLE001 - every rank's outcome is agreed on below, then raised
         error = err
     mine = _failure(error, root, path)
-    outcome = _save_outcome(dist, mine)
-    if outcome is None and dist.is_main:
+    failures = _save_outcome(dist, mine)
+    if not failures and dist.is_main:
         try:
             _publish(root, staging, tag)
         except Exception as err:  # noqa: BLE001 - as above
             error = err
             mine = _failure(error, root, path)
-    if outcome is None:  # rank 0's rename, agreed: also holds the other ranks until it is done
-        outcome = _save_outcome(dist, mine)
-    if outcome is not None:
+    if not failures:  # rank 0's rename, agreed: also holds the other ranks until it is done
+        failures = _save_outcome(dist, mine)
+    if failures:
         if dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)
-        _raise_save_failure(outcome, mine, error, dist, path)
+        _raise_save_failure(failures, mine, error, dist, path)
     if keep is not None and dist.is_main:
         try:
             prune_checkpoints(root, keep, tag, also_keep)
@@ -184,6 +191,8 @@ def save_checkpoint(engine, ema, dist: DistInfo, root: Path, state: TrialState, 
 
 # DeepSpeed's own writes during engine.save_checkpoint (DeepSpeed 0.19): the checkpoint engine's
 # makedirs and save (every file), and rank 0's copy of the ZeRO recovery scripts.
+# The checkpoint engine's two must be there (_writes_recorded raises otherwise); the recovery-script copy
+# is ZeRO's and optional.
 _DEEPSPEED_WRITES = (("checkpoint_engine", "makedirs"), ("checkpoint_engine", "save"), (None, "_copy_recovery_script"))
 
 
@@ -213,6 +222,10 @@ def _writes_recorded(engine):
         if owner is not None and callable(getattr(owner, method, None)):
             wrapped.append((owner, method, owner.__dict__.get(method)))
             setattr(owner, method, recorded(getattr(owner, method)))
+        elif owner_name:  # without them a failing rank would leave DeepSpeed's save midway: the hang again
+            raise RuntimeError(f"DeepSpeed {_deepspeed_version()}: its engine has no {owner_name}.{method} to "
+                               "record checkpoint writes with (written for DeepSpeed 0.19); adapt "
+                               "harness/trial/checkpoint.py _DEEPSPEED_WRITES")
     try:
         yield failed
     finally:
@@ -221,6 +234,14 @@ def _writes_recorded(engine):
                 delattr(owner, method)  # the class's method again
             else:
                 setattr(owner, method, own)
+
+
+def _deepspeed_version() -> str:
+    try:
+        import deepspeed
+    except ImportError:
+        return "(not installed)"
+    return getattr(deepspeed, "__version__", "(version unknown)")
 
 
 @dataclass
@@ -241,24 +262,28 @@ def _failure(error: Exception | None, root: Path, path: Path) -> _SaveFailure | 
     return _SaveFailure(f"{type(error).__name__}: {first}", False)
 
 
-def _save_outcome(dist: DistInfo, mine: _SaveFailure | None) -> tuple[int, _SaveFailure] | None:
-    """Every rank's failure gathered (a collective: every rank calls it): the first failing rank and its
-    failure, or None when every rank succeeded."""
+def _save_outcome(dist: DistInfo, mine: _SaveFailure | None) -> list[tuple[int, _SaveFailure]]:
+    """Every rank's failure gathered (a collective: every rank calls it): (rank, failure) of each rank
+    that failed, by rank; empty when every rank succeeded."""
     found = [mine]
     if dist.world_size > 1 and tdist.is_initialized():
         found = [None] * dist.world_size
         tdist.all_gather_object(found, mine)
-    return next(((rank, failure) for rank, failure in enumerate(found) if failure is not None), None)
+    return [(rank, failure) for rank, failure in enumerate(found) if failure is not None]
 
 
-def _raise_save_failure(outcome: tuple[int, _SaveFailure], mine: _SaveFailure | None, error: Exception | None,
-                        dist: DistInfo, path: Path) -> None:
-    """Every rank raises: this rank's own error if it was not a full disk or refused write (its traceback),
-    else a UserError for a full disk or refused write (the same line on every rank), else a RuntimeError
-    naming the rank that failed."""
+def _raise_save_failure(failures: list[tuple[int, _SaveFailure]], mine: _SaveFailure | None,
+                        error: Exception | None, dist: DistInfo, path: Path) -> None:
+    """Every rank raises, one of three things:
+    - a rank whose own error was not a full disk or refused write raises that error as is (its traceback);
+    - else, when some rank met a full disk or refused write, a UserError with the first such rank's line
+      (prefixed "rank N: " when world_size > 1): the same on every rank that raises it, whether it failed
+      that way itself or met no error of its own, even when a lower rank failed otherwise;
+    - else (every failure was an error of ours, elsewhere) a RuntimeError naming the checkpoint and the
+      first rank that failed, with its error's first line."""
     if mine is not None and not mine.user:
         raise error
-    rank, failure = outcome
+    rank, failure = next(((r, f) for r, f in failures if f.user), failures[0])
     prefix = f"rank {rank}: " if dist.world_size > 1 else ""
     if failure.user:
         raise UserError(prefix + failure.why)
@@ -268,17 +293,36 @@ def _raise_save_failure(outcome: tuple[int, _SaveFailure], mine: _SaveFailure | 
 def _publish(root: Path, staging: Path, tag: str) -> None:
     """Rename the complete `staging` folder to `tag` and point `latest` at it (atomically; DeepSpeed's
     own save_latest writes the file in place). A folder of that step already there (left by a run that
-    fell back from a damaged newer tag) is replaced."""
+    fell back from a damaged newer tag) is replaced: moved aside, removed only once `latest` is written.
+
+    When a step fails, what was done is undone by renames (cheap, no space needed) and the error raised:
+    the new tag back to `staging` (which the caller removes), the old folder back to `tag`, `latest`
+    untouched (atomic_write_text leaves the old file whole). Only if an undoing rename fails too (the
+    folder itself gone unwritable) can there be left: the new tag under `tag` that `latest` does not
+    name (resume takes `latest`'s tag and older ones only; the next save of that step replaces it), or
+    the old folder under the hidden .pruning-<tag> name and none under `tag` (the next complete save's
+    pruning removes it)."""
     final = root / tag
-    if final.exists():
-        doomed = root / f"{PRUNING_PREFIX}{tag}"
+    doomed = root / f"{PRUNING_PREFIX}{tag}"
+    replacing = final.exists()
+    if replacing:
         shutil.rmtree(doomed, ignore_errors=True)
         os.replace(final, doomed)
+    try:
         os.replace(staging, final)
+    except OSError:
+        if replacing:
+            os.replace(doomed, final)
+        raise
+    try:
+        atomic_write_text(root / LATEST, tag)
+    except Exception:
+        os.replace(final, staging)
+        if replacing:
+            os.replace(doomed, final)
+        raise
+    if replacing:
         shutil.rmtree(doomed, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-    atomic_write_text(root / LATEST, tag)
 
 
 def _save_problem(err: Exception, root: Path, path: Path) -> str | None:

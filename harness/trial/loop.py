@@ -30,8 +30,14 @@ from harness.paths import checkpoint_root, stop_file, trial_dir
 from harness.tracking import RunLogger, open_trial_run, resolve_tracking_uri
 from harness.trial.batches import TrainBatches
 from harness.trial.build import build_trial
-from harness.trial.checkpoint import (TrialState, came_from_trunk, prepare_checkpoint_root, record_rewind, resume,
-                                     save_checkpoint)
+from harness.trial.checkpoint import (
+    TrialState,
+    came_from_trunk,
+    prepare_checkpoint_root,
+    record_rewind,
+    resume,
+    save_checkpoint,
+)
 from harness.trial.engine import build_engine
 from harness.trial.posthoc_ema import EMAChoice, PosthocEMA, ema_chooser, log_ema_choice
 from harness.trial.startup import StartupPhases
