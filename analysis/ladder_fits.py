@@ -45,8 +45,8 @@ def grid_fits(uri: str, experiment: str, grid_ids: set[str], bootstrap: int = IS
 
 def check_one_law(trials) -> None:
     """A ladder predicts one law; the report fits one per group of trials (analysis.study.analysis_groups:
-    per patch, objective, ...). The study's validation refuses such a grid before anything runs (harness/
-    harness/one_law.py one_law_problems, which says why); this catches a grid whose logged trials still fall
+    per patch, objective, ...). The study's validation refuses such a grid before anything runs
+    (harness/one_law.py one_law_problems, which says why); this catches a grid whose logged trials still fall
     into several groups (e.g. trials of an older file in the same experiment), so that the registered
     prediction is never a law pooled across them."""
     groups = study.analysis_groups(trials)

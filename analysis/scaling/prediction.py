@@ -27,6 +27,9 @@ from .surface import LossSurfaceFit, fit_loss_surface
 # 2022: 0.50; Liang et al. 2024: 0.57), the difference a comparison of the two methods should be able to see
 INFORMATIVE_REL_WIDTH = 0.5
 NOT_INFORMATIVE = "not informative"
+# The sign of the held-out errors (error_pct, fd_error_pct), written beside them into fits.json: positive
+# when the law predicted too low, as the ladder's Extrapolation section and issue 27 have it.
+ERROR_CONVENTION = "100 * (measured - predicted) / measured"
 
 
 @dataclass
@@ -172,7 +175,7 @@ class HoldoutPrediction:
     measured: float = math.nan  # best replicate-mean loss measured at that budget
     measured_std: float = math.nan
     measured_n: float = math.nan
-    error_pct: float = math.nan  # 100 · (measured − predicted) / measured: > 0 when the law predicted too low
+    error_pct: float = math.nan  # ERROR_CONVENTION: > 0 when the law predicted too low
     covered: bool | None = None  # measured inside the predicted interval
     isoflop_predicted: float = math.nan  # L_opt(C) from the approach-2 law fitted on the other budgets
     isoflop_predicted_ci: tuple[float, float] | None = None
@@ -208,11 +211,13 @@ class HoldoutPrediction:
         return txt
 
     def as_dict(self) -> dict:
+        """The fields for fits.json, with error_convention beside error_pct (its sign flipped in 331b4b3
+        under the same key: a reader of an older report can tell them apart, as the field is absent there)."""
         keys = ("budget", "compute", "n_fit_budgets", "predicted", "predicted_ci", "predicted_n", "measured",
                 "measured_std", "measured_n", "error_pct", "covered", "isoflop_predicted", "isoflop_predicted_ci",
                 "fd_key", "fd_predicted", "fd_predicted_ci", "fd_measured", "fd_error_pct", "isoflop_not_identified",
                 "warning")
-        return lists_for_tuples({k: getattr(self, k) for k in keys})
+        return lists_for_tuples({**{k: getattr(self, k) for k in keys}, "error_convention": ERROR_CONVENTION})
 
 
 def holdout_prediction(df: pd.DataFrame, budget: str = "budget", compute: str = "compute", n: str = "n",

@@ -114,7 +114,8 @@ def trunk_checkpoint(trunk: TrialConfig, branch: TrialConfig) -> Path:
 
 def branch_ready(trunk: TrialConfig, branch: TrialConfig) -> bool:
     """Whether the branch can start or resume: it has checkpoints of its own, or its trunk has the
-    one at its branch point (with the EMA, which is written first)."""
+    one at its branch point (its EMA file there: save_checkpoint writes a tag under a hidden name, the EMA
+    last, and renames it to step-* once every rank's files are in, so a step-* folder is complete)."""
     return (checkpoint_root(branch) / LATEST).is_file() or (trunk_checkpoint(trunk, branch) / EMA_FILE).is_file()
 
 

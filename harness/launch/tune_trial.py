@@ -185,8 +185,9 @@ def trial_resources(trial: TrialConfig) -> dict:
 
 def conclude_branch(trial: TrialConfig, trunk: TrialConfig, uri: str, parent_run_id: str | None, status: str) -> str:
     """Record a branch that will not train in its own MLflow run (tagged branch_of, as a trained branch is):
-    `diverged (trunk <id>)` when its trunk diverged before the branch point (a concluded status: the
-    report excludes it, a later sweep skips it), or `failed: <why>`. Returns the run id."""
+    `diverged (trunk <id>)` when its trunk diverged at or before the branch point (branches.trunk_need; a
+    concluded status: the report excludes it, a later sweep skips it), or `failed: <why>`. Returns the run
+    id."""
     run_id = open_trial_run(trial, uri, parent_run_id=parent_run_id, tags={BRANCH_OF_TAG: trunk.trial_id})
     RunLogger(uri, run_id).close(status)
     return run_id

@@ -166,6 +166,7 @@ def test_holdout_predicts_the_largest_budget_and_computes_the_error_it_states():
     # one sign convention in the whole report (issue 27, the Extrapolation section's): measured − predicted
     assert ho.error_pct == pytest.approx(100 * (ho.measured - ho.predicted) / ho.measured, rel=1e-12)
     assert ho.error_pct != pytest.approx(100 * (ho.predicted - ho.measured) / ho.measured, rel=1e-6)
+    assert ho.as_dict()["error_convention"] == "100 * (measured - predicted) / measured"  # named in fits.json
     assert abs(ho.error_pct) < 3 and ho.predicted_ci[0] <= ho.predicted <= ho.predicted_ci[1]
     # the surface was fitted without the held-out budget
     assert ho.surface.n == int((df["budget"] != ho.budget).sum())
@@ -353,6 +354,7 @@ def test_budget_report_reads_from_the_answer_down(budget_report):
     (ho,) = [f for f in fits if f["relation"] == "held-out prediction"]
     assert ho["fitted"] and ho["n_fit_budgets"] == 3
     assert ho["error_pct"] == pytest.approx(100 * (ho["measured"] - ho["predicted"]) / ho["measured"])
+    assert ho["error_convention"] == "100 * (measured - predicted) / measured"
     assert f"{ho['error_pct']:+.2f} %" in md and abs(ho["error_pct"]) < 3
     assert "error (measured − predicted) / measured" in md.split("Held-out prediction")[1]
     assert ho["fd_key"] == "fd_lenet_cfg1.5" and math.isfinite(ho["fd_error_pct"])
