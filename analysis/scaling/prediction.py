@@ -21,7 +21,6 @@ from .isoflop import IsoflopOptima, fit_isoflop_optima
 from .powerlaw import ExponentFit, fit_exponent
 from .surface import LossSurfaceFit, fit_loss_surface
 
-
 # agreement is informative only when at least one interval is narrower than this fraction of its estimate:
 # ±25 % of a ≈ 0.5 is the spread of published N_opt exponents (Kaplan et al. 2020: 0.73; Hoffmann et al.
 # 2022: 0.50; Liang et al. 2024: 0.57), the difference a comparison of the two methods should be able to see

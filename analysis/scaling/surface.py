@@ -15,8 +15,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .common import (CI_LEVEL, MIN_DISTINCT_X, bootstrap_draws, format_interval, format_number, lists_for_tuples,
-                     not_identified, percentile_band, percentile_interval)
+from .common import (
+    CI_LEVEL,
+    MIN_DISTINCT_X,
+    bootstrap_draws,
+    format_interval,
+    format_number,
+    lists_for_tuples,
+    not_identified,
+    percentile_band,
+    percentile_interval,
+)
 
 HUBER_DELTA = 1e-3  # as in Hoffmann et al.: log residuals beyond δ count linearly, so an outlier run weighs less
 

@@ -36,8 +36,15 @@ import torch
 from harness.assets import file_lock, find_inception, missing_inception_hint
 from harness.errors import UserError
 from harness.evaluation.dataset import EvalData, LatentDecoder, folder_images, iter_real_images, warn_once
-from harness.evaluation.standin import (VERSION, load_standin_state, save_standin, shapes_targets, standin_from_state,
-                                        state_digest, train_standin)
+from harness.evaluation.standin import (
+    VERSION,
+    load_standin_state,
+    save_standin,
+    shapes_targets,
+    standin_from_state,
+    state_digest,
+    train_standin,
+)
 from harness.files import atomic_write
 
 log = logging.getLogger("harness.evaluation")

@@ -26,6 +26,7 @@ from harness.checks import DEFAULT_COOLDOWN, cooldown_steps
 from harness.config import StudyError, TrialConfig
 from harness.paths import BRANCH_MARKER, checkpoint_root
 from harness.study import length_free_key
+
 # The checkpoint layout without torch: planning (and `ditscale sweep --dry-run`) imports this module.
 from harness.trial.checkpoint_files import EMA_FILE, LATEST, TAG_PATTERN, prepare_checkpoint_root, tag_for
 from harness.trial.divergence import divergence_step

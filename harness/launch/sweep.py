@@ -17,8 +17,18 @@ from pathlib import Path
 from harness.checks import ema_warnings
 from harness.config import MAX_TRIALS, TrialConfig
 from harness.launch import bracket
-from harness.launch.branches import (DIVERGED, REWIND, Trunk, branch_point, branch_ready, plan_branches, plan_compute,
-                                     rewind_trunk, trunk_checkpoint, trunk_need)
+from harness.launch.branches import (
+    DIVERGED,
+    REWIND,
+    Trunk,
+    branch_point,
+    branch_ready,
+    plan_branches,
+    plan_compute,
+    rewind_trunk,
+    trunk_checkpoint,
+    trunk_need,
+)
 from harness.launch.ladder import kept_ladder_lines, ladder_pending, prepare_ladder
 from harness.launch.ladder import plan_line as ladder_plan_line
 from harness.launch.local_ray import max_concurrent_trials, start_ray, stop_ray
@@ -27,8 +37,16 @@ from harness.launch.study_lock import study_lock
 from harness.launch.tune_trial import conclude_branch, run_tune_trial, storage_probe, trial_resources
 from harness.paths import checkpoint_root, stop_file
 from harness.study import load_trials
-from harness.tracking import (check_tracking_uri, close_parent_run, concluded, open_parent_run, redact, redact_uri,
-                              resolve_tracking_uri, sweep_state)
+from harness.tracking import (
+    check_tracking_uri,
+    close_parent_run,
+    concluded,
+    open_parent_run,
+    redact,
+    redact_uri,
+    resolve_tracking_uri,
+    sweep_state,
+)
 from harness.tracking_view import study_link
 from harness.trial.checkpoint_files import tag_for
 from harness.trial.divergence import divergence_step

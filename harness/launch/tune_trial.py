@@ -36,8 +36,7 @@ from pathlib import Path
 from harness.config import TrialConfig
 from harness.errors import UserError
 from harness.launch.branches import TRUNK_ROLE, seed_branch, trunk_checkpoint
-from harness.tracking import (BRANCH_OF_TAG, ROLE_TAG, RunLogger, mark_failed, open_trial_run,
-                              resolve_tracking_uri)
+from harness.tracking import BRANCH_OF_TAG, ROLE_TAG, RunLogger, mark_failed, open_trial_run, resolve_tracking_uri
 
 POINTER_FILE = "deepspeed_checkpoint.json"
 FAULT_ENV = "DITSCALE_FAULT_AT_STEP"

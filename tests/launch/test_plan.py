@@ -227,7 +227,8 @@ def test_liang_centre_converts_their_flops_to_ours():
     # independent checks of the coefficient (planner.py's comment above LIANG_CENTER): their 1.5e21-FLOP run's
     # compute-optimal size, ~958.3M, and their D_opt = 186.8535 C^0.4319, whose product with N_opt is C / 6
     assert law.n_opt(1.5e21 / 2) == pytest.approx(958.3e6, rel=0.01)
-    assert 6 * planner.LIANG_K * 186.8535 == pytest.approx(1.0, rel=0.01) and planner.LIANG_A + 0.4319 == pytest.approx(1.0)
+    assert 6 * planner.LIANG_K * 186.8535 == pytest.approx(1.0, rel=0.01)
+    assert planner.LIANG_A + 0.4319 == pytest.approx(1.0)
 
 
 def test_dit_isoflop_is_the_plan_its_header_names_and_its_costs_are_current(capsys):

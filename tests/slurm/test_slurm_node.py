@@ -240,9 +240,10 @@ def test_the_allocation_gives_the_batch_script_its_nodes_ports_folders_and_auth(
         "TOKEN_FILE": f"{tmp_path}/.ray-token-4242"}
     # A restart moves the port (its previous start may still hold the old one); the user's choices win.
     assert allocation.settings(JOB | {"SLURM_RESTART_COUNT": "3"}, ["n1"], tmp_path)["PORT"] != got["PORT"]
-    mine = allocation.settings(JOB | {"SLURM_CPUS_PER_TASK": "8", "SLURM_CPUS_ON_NODE": "16", "DITSCALE_RAY_PORT": "20000",
-                                      "DITSCALE_GPUS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "2", "DITSCALE_RAY_TMPDIR": "/scratch",
-                                      "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5", "RAY_AUTH_TOKEN": "t"}, ["n1"], tmp_path)
+    users = {"SLURM_CPUS_PER_TASK": "8", "SLURM_CPUS_ON_NODE": "16", "DITSCALE_RAY_PORT": "20000",
+             "DITSCALE_GPUS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "2", "DITSCALE_RAY_TMPDIR": "/scratch",
+             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5", "RAY_AUTH_TOKEN": "t"}
+    mine = allocation.settings(JOB | users, ["n1"], tmp_path)
     assert (mine["CPUS"], mine["GPUS"], mine["PORT"], mine["RAY_TMP_BASE"], mine["WORKERS"]) == \
         ("8", "1", "20000", "/scratch/ray-4242-0", "")
     assert (mine["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"], mine["TOKEN_FILE"]) == ("5", "")  # the user's token
