@@ -5,7 +5,7 @@ and everything they started: Ray's raylet, its workers, the trials), as a machin
 
 1. A worker host (host 3) while a trial trains there, past a checkpoint: Ray declares the node dead,
    Tune runs the trial again on the hosts left, and it resumes from its newest checkpoint. Slurm
-   declares the node DOWN while the job runs (SlurmdTimeout is 20 s on this cluster) and, with
+   declares the node DOWN while the job runs (SlurmdTimeout is 45 s on this cluster) and, with
    `#SBATCH --no-kill`, the job goes on without it and completes.
 2. Host 3 returns (netns-host.sh return). A two-host job loses its head's host (Ray's head, the sweep's
    driver, the batch shell): the job cannot go on. Slurm takes the node out of the job (--no-kill), the
@@ -48,7 +48,7 @@ def _study(digits: Path, folder: Path, name: str, trials: int) -> Path:
 def _submit(cluster: dict, study: Path, nodes: int) -> Job:
     # A worker's Ray gives its lost head 10 s instead of Ray's 60 (gcs_rpc_server_reconnect_timeout_s),
     # through the job's environment: the worker must requeue the job before Slurm declares the head node
-    # DOWN (20 s here, SlurmdTimeout; 300 s by default) and kills the workers' step with it.
+    # DOWN (45 s here, SlurmdTimeout; 300 s by default) and kills the workers' step with it.
     proc = ditscale("slurm", "submit", str(study), "--nodes", str(nodes), "--cpus-per-task", "1", cwd=study.parent,
                     env={"SLURM_CONF": cluster["conf"], "RAY_gcs_rpc_server_reconnect_timeout_s": "10"})
     return submitted(cluster, proc)

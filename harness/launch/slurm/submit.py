@@ -28,6 +28,7 @@ What runs on the nodes (the batch script's helpers and its srun steps) is harnes
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -271,8 +272,6 @@ def check_mlflow_server(study, mlflow_server: bool, mlflow_auth: bool, environ=N
         raise UserError(f"--mlflow-auth: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
                         "export the credentials of the server's admin before submitting (the job inherits them "
                         "from this environment; they are never written into the batch script)")
-    import importlib.util
-
     if importlib.util.find_spec("flask_wtf") is None:
         raise UserError("--mlflow-auth: MLflow's basic-auth app needs mlflow[auth] (Flask-WTF), which is not "
                         "installed: pip install 'mlflow[auth]'")
