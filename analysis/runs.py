@@ -32,15 +32,22 @@ import numpy as np
 import pandas as pd
 
 from harness.evaluation.noise import VAL_LOSSES_DIR
-from harness.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_ID_TAG, redact, resolve_tracking_uri
+from harness.tracking import (
+    PARENT_TAG,
+    REWINDS_TAG,
+    ROLE_TAG,
+    STATUS_TAG,
+    SWEEP_TAG,
+    TRIAL_ID_TAG,
+    redact,
+    resolve_tracking_uri,
+)
 from models.flops import training_gflops
 from models.registry import size_order
 
 log = logging.getLogger("analysis")
 # harness.evaluation.features.DETECTOR_TAG (a torch module, so not imported here; tests check they agree)
 DETECTOR_TAG = "ditscale.detector"
-# harness.trial.checkpoint.REWINDS_TAG (torch too): [[step, time_ms], ...], where a resumed run went back
-REWINDS_TAG = "ditscale.rewinds"
 
 TAG_COLUMNS = ("family", "size", "patch", "objective", "attention", "model")
 

@@ -42,6 +42,9 @@ from harness.errors import UserError
 TRIAL_ID_TAG = "trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 STATUS_TAG = "ditscale.status"  # running | finished | diverged: <why> | failed: <reason> | killed
+# JSON [[step, time_ms], ...]: one pair per resume that went back behind what the run had logged
+# (harness/trial/checkpoint.py record_rewind writes it; analysis/runs.py reads the latest pass through it).
+REWINDS_TAG = "ditscale.rewinds"
 
 
 ROLE_TAG = "ditscale.role"       # "trunk": a WSD trunk the branches start from, not a result itself

@@ -41,6 +41,7 @@ from harness.common.process_group import DistInfo
 from harness.errors import UserError
 from harness.files import atomic_write_text, disk_full, not_writable_message, write_refused
 from harness.paths import BRANCH_MARKER, checkpoint_root
+from harness.tracking import REWINDS_TAG
 from harness.trial.checkpoint_files import (
     EMA_FILE,
     LATEST,
@@ -54,9 +55,6 @@ from harness.trial.divergence import SmoothedLoss
 from harness.trial.posthoc_ema import load_phema, save_phema
 
 T = TypeVar("T")
-# A run tag: JSON [[step, time_ms], ...], one pair per resume that went back behind what the run had
-# logged (record_rewind). analysis/runs.py (REWINDS_TAG there) reads it; tests check the names agree.
-REWINDS_TAG = "ditscale.rewinds"
 # MLflow's limit on a tag's value (mlflow/utils/validation.py MAX_TAG_VAL_LENGTH, 8000 in MLflow 2 and 3):
 # about 330 pairs of (step, ms) fit; _rewinds_text drops the oldest beyond it, with a warning.
 MAX_REWIND_CHARS = 8000
