@@ -92,14 +92,11 @@ def _cmd_paths(args: argparse.Namespace) -> int:
     submit.check_mlflow_server(study, args.mlflow_server is not None, args.mlflow_auth,
                                mlflow_insecure=args.mlflow_insecure)
     p = study_paths(study)
-    for key, value in (("STUDY_NAME", p.name), ("STUDY_DIR", p.study_dir), ("STOP_FILE", p.stop_file),
-                       ("SLURM_DIR", p.slurm_dir), ("TRACKING_URI", p.tracking_uri),
-                       # what the job may print: the URI without credentials
-                       ("TRACKING_URI_SHOWN", redact_uri(p.tracking_uri)), ("REPORT", p.report)):
-        if "\n" in str(value) or "\r" in str(value):
-            raise UserError(f"{key}: {str(value)!r} holds a line break, which the batch script cannot read; "
-                            "rename it (name, resources.storage or tracking.uri)")
-        print(f"{key}={value}")
+    sys.stdout.write(allocation.as_lines({
+        "STUDY_NAME": p.name, "STUDY_DIR": p.study_dir, "STOP_FILE": p.stop_file, "SLURM_DIR": p.slurm_dir,
+        "TRACKING_URI": p.tracking_uri,
+        "TRACKING_URI_SHOWN": redact_uri(p.tracking_uri),  # what the job may print: the URI without credentials
+        "REPORT": p.report}, fix="rename it (name, resources.storage or tracking.uri)"))
     return 0
 
 

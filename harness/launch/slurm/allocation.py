@@ -98,11 +98,13 @@ def settings(env: Mapping[str, str], nodes: list[str], slurm_dir: str | Path) ->
     return {k: str(v) for k, v in values.items()}
 
 
-def as_lines(values: Mapping[str, str]) -> str:
-    """One `KEY=value` a line; a value with a line break (which `read` would split) is refused."""
+def as_lines(values: Mapping[str, object], fix: str = "") -> str:
+    """One `KEY=value` a line, as the batch script reads them (`slurm paths` and `slurm node allocation`);
+    a value with a line break (which `read` would split) is refused, with `fix` (what to change) appended."""
     for key, value in values.items():
-        if "\n" in value or "\r" in value:
-            raise UserError(f"{key}: {value!r} holds a line break, which the batch script cannot read")
+        if "\n" in str(value) or "\r" in str(value):
+            raise UserError(f"{key}: {str(value)!r} holds a line break, which the batch script cannot read"
+                            + (f"; {fix}" if fix else ""))
     return "".join(f"{k}={v}\n" for k, v in values.items())
 
 
