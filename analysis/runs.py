@@ -33,6 +33,7 @@ import pandas as pd
 
 from harness.evaluation.noise import VAL_LOSSES_DIR
 from harness.tracking import (
+    DETECTOR_TAG,
     PARENT_TAG,
     REWINDS_TAG,
     ROLE_TAG,
@@ -46,8 +47,6 @@ from models.flops import training_gflops
 from models.registry import size_order
 
 log = logging.getLogger("analysis")
-# harness.evaluation.features.DETECTOR_TAG (a torch module, so not imported here; tests check they agree)
-DETECTOR_TAG = "ditscale.detector"
 
 TAG_COLUMNS = ("family", "size", "patch", "objective", "attention", "model")
 

@@ -45,6 +45,9 @@ STATUS_TAG = "ditscale.status"  # running | finished | diverged: <why> | failed:
 # JSON [[step, time_ms], ...]: one pair per resume that went back behind what the run had logged
 # (harness/trial/checkpoint.py record_rewind writes it; analysis/runs.py reads the latest pass through it).
 REWINDS_TAG = "ditscale.rewinds"
+# The FD's feature network and its weights (features.Extractor.identity, e.g. "shapesdet@<sha256>"; metric
+# networks as DETECTOR_TAG.<metric>): the report refuses to rank FDs of different detectors (analysis/runs.py).
+DETECTOR_TAG = "ditscale.detector"
 
 
 ROLE_TAG = "ditscale.role"       # "trunk": a WSD trunk the branches start from, not a result itself

@@ -46,11 +46,11 @@ from harness.evaluation.standin import (
     train_standin,
 )
 from harness.files import atomic_write
+from harness.tracking import DETECTOR_TAG
 
 log = logging.getLogger("harness.evaluation")
 
 EXTRACTORS = ("auto", "inception", "lenet", "shapesdet")
-DETECTOR_TAG = "ditscale.detector"  # the run tag naming the FD's feature network (Extractor.identity)
 REFERENCE_LIMIT = 50_000  # the most reference images read when eval.reference_samples is not set
 STANDIN_TRAIN_LIMIT = 20_000
 # --- extractors ------------------------------------------------------------------------------------
