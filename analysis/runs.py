@@ -384,7 +384,7 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
         histories = load_histories(tracking_uri, experiment, keys=LOWER_IS_BETTER.pattern, runs=runs)
     rows, param_keys = [], []
     for r in runs:
-        row = _trial_row(r, _latest_pass_finals(tracking_uri, experiment, r) if _rewinds(r) else None)
+        row = _trial_row(r, _latest_pass_finals(tracking_uri, experiment, r, histories) if _rewinds(r) else None)
         row.update({f"param:{k}": v for k, v in r.data.params.items()})
         param_keys.extend(k for k in r.data.params if k not in param_keys)
         rows.append(row)
@@ -413,16 +413,24 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
     return df
 
 
-def _latest_pass_finals(tracking_uri: str | None, experiment: str, run) -> dict[str, float]:
+def _latest_pass_finals(tracking_uri: str | None, experiment: str, run,
+                        histories: pd.DataFrame | None = None) -> dict[str, float]:
     """The final value of each metric of a rewound run (REWINDS_TAG) as its latest pass left it: the last
     point by step, then time, of its read history (load_histories). MLflow's latest values are the
     replaced pass's until the new pass reaches the old highest step (a trunk retrained and stopped
     earlier, a trial killed again); a metric that only the replaced pass logged has no final value.
-    system/ metrics count their own steps and keep MLflow's latest."""
+    system/ metrics count their own steps and keep MLflow's latest. `histories`: what load_histories
+    already read (the run's keys found there are not read from MLflow again)."""
     keys = [k for k in run.data.metrics if not k.startswith("system/")]
     finals = {k: v for k, v in run.data.metrics.items() if k.startswith("system/")}
+    have = pd.DataFrame(columns=["key", "step", "timestamp", "value"])
+    if histories is not None and not histories.empty:
+        have = histories[(histories["run_id"] == run.info.run_id) & histories["key"].isin(keys)]
+    missing = [k for k in keys if k not in set(have["key"])]
     if keys:
-        hist = load_histories(tracking_uri, experiment, keys=keys, runs=[run])
+        hist = have
+        if missing:
+            hist = pd.concat([have, load_histories(tracking_uri, experiment, keys=missing, runs=[run])])
         last = hist.sort_values(["key", "step", "timestamp"], kind="stable").groupby("key")["value"].last()
         finals.update({k: float(v) for k, v in last.items()})
     return finals

@@ -325,7 +325,7 @@ def test_non_finite_or_absurd_budgets_are_rejected_naming_train_flops(digits_dir
     assert len(str(err.value).splitlines()) == 1
 
 
-def test_a_rewound_run_reads_as_its_latest_pass_only(tmp_path):
+def test_a_rewound_run_reads_as_its_latest_pass_only(tmp_path, monkeypatch):
     """A trunk trained again from step 20 (rewind_trunk) logs steps 25.. a second time into its run:
     record_rewind marks the run before the new pass logs, and the analysis then reads one series, the
     latest (best_loss, steps, the curves), not the union of both. Real MLflow (sqlite)."""
@@ -359,7 +359,13 @@ def test_a_rewound_run_reads_as_its_latest_pass_only(tmp_path):
     assert loss["step"].tolist() == list(range(5, 50, 5))  # once each; the first pass's step 50 is gone
     assert loss.set_index("step")["value"].to_dict() == {s: 1.0 if s <= 20 else 0.5 for s in range(5, 50, 5)}
     assert len(hist[hist["key"] == "system/cpu_utilization_percentage"]) == 1
+    reads = []  # each metric history is read from MLflow once, also for the rewound run's final values
+    real_read = mlflow.MlflowClient.get_metric_history
+    monkeypatch.setattr(mlflow.MlflowClient, "get_metric_history",
+                        lambda self, rid, key, **kw: reads.append(key) or real_read(self, rid, key, **kw))
     trials = analysis_runs.load_trials(uri, "rewind", runs=[run])  # its own histories: loss, val_loss, ...
+    assert sorted(reads) == ["loss", "step"], reads
+    monkeypatch.undo()
     assert trials.loc[0, "best_loss"] == 0.5 and trials.loc[0, "steps"] == 45
     # the final values are the latest pass's too (MLflow's latest are the first pass's step 50: 0.2, 50)
     assert trials.loc[0, "final_loss"] == 0.5 and trials.loc[0, "final_step"] == 45
