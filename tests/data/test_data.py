@@ -352,7 +352,7 @@ def test_never_overwrites_without_the_flag(tmp_path, capsys):
 
 def test_console_script_pack_verify_bench(tmp_path):
     out = tmp_path / "cli"
-    run = lambda *a: subprocess.run(["ditscale", "data", *a], capture_output=True, text=True, timeout=300)  # noqa: E731
+    run = lambda *a: subprocess.run(["ditscale", "data", *a], capture_output=True, text=True, timeout=300)
     proc = run("pack", "shapes", str(out), "--count", "60", "--image-size", "16", "--shard-size", "20")
     assert proc.returncode == 0, proc.stderr
     assert "train-{000000..000002}.tar: 57 samples in 3 shard(s)" in proc.stdout

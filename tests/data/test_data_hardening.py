@@ -260,7 +260,7 @@ def test_a_malformed_manifest_is_one_line_naming_the_field_and_nothing_outside_i
     out = tmp_path / "out"
     _pack_small(out)
     good = (out / "dataset.json").read_text()
-    shard = lambda name: {"splits": {"train": {"shards": [{"name": name, "count": 10}]}}}  # noqa: E731
+    shard = lambda name: {"splits": {"train": {"shards": [{"name": name, "count": 10}]}}}
     cases = {
         json.dumps(shard("../../etc/passwd")): "splits.train.shards.0.name: '../../etc/passwd' is not a plain file",
         json.dumps({"splits": {"train": {"shards": [{"count": 10}]}}}): "splits.train.shards.0.name: Field required",

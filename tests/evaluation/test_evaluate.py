@@ -115,7 +115,7 @@ def test_torchmetrics_cross_checks_kid_and_fd(digit_folders, lenet):
         def forward(self, x):
             return lenet.model_fn(x.float())
 
-    to_tensor = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731
+    to_tensor = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)
     kid = KernelInceptionDistance(feature=Features(), subsets=3, subset_size=n)
     fd = FrechetInceptionDistance(feature=Features(), input_img_size=(3, 16, 16))
     for metric in (kid, fd):

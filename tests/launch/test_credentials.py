@@ -237,7 +237,7 @@ echo "PASSWORD_SHA=$(printf %s "${MLFLOW_TRACKING_PASSWORD:-}" | sha256sum | cut
 
 
 @pytest.mark.slow
-def test_the_job_gets_the_password_from_its_environment_not_its_command_line(submit, cred_study, tmp_path):  # noqa: F811
+def test_the_job_gets_the_password_from_its_environment_not_its_command_line(submit, cred_study, tmp_path):
     """The real sbatch and slurmctld: neither `scontrol show job` nor the job's log shows the password,
     and the job's environment holds it."""
     from tests.support.slurm import job_info, slurm

@@ -119,7 +119,7 @@ def test_block_matches_hand_written_formulas():
 
     h = layer_norm(x) * (1 + scale1) + shift1
     q, k, v = linear(h, block.attn.qkv).split(D, dim=-1)
-    heads = lambda z: z.reshape(B, N, H, D // H).transpose(1, 2)  # noqa: E731
+    heads = lambda z: z.reshape(B, N, H, D // H).transpose(1, 2)
     q, k, v = heads(q), heads(k), heads(v)
     att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // H), dim=-1) @ v
     att = linear(att.transpose(1, 2).reshape(B, N, D), block.attn.proj)

@@ -127,7 +127,7 @@ def _assert_resumed_within_one_interval(client, run, label: str) -> str:
 
 
 @pytest.mark.slow
-def test_losing_a_worker_host_then_the_head_host(netns_cluster, digits_dir, tmp_path):  # noqa: F811
+def test_losing_a_worker_host_then_the_head_host(netns_cluster, digits_dir, tmp_path):
     cluster, name = netns_cluster, netns_cluster["name"]
     digits = digits_dir
     notes = []

@@ -33,7 +33,7 @@ import pytest
 
 from tests.support import tiny_study, write_study
 from tests.support.netns import run_to_completion, submitted
-from tests.support.slurm import SBATCH
+from tests.support.slurm import SBATCH, stub_batch_env
 
 _CLEAN_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_MODE",
               "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "DITSCALE_RAY_AUTH")
@@ -161,8 +161,6 @@ def _stub_job(folder: Path, study_uri: str | None = None) -> dict:
     `slurm node allocation` and `slurm node mlflow-server start|stop` (a study in `folder`/study.yaml): a
     one-node job on `node1` whose Ray steps and sweep do nothing, an `mlflow` that records its arguments and environment and then waits
     to be stopped (as a server does), and a wait that says it is up (the stand-in answers nothing)."""
-    bin_dir = folder / "bin"
-    bin_dir.mkdir()
     study = tiny_study(folder / "no-data", "stub")
     if study_uri:
         study["tracking"] = {"uri": study_uri}
@@ -179,20 +177,13 @@ def _stub_job(folder: Path, study_uri: str | None = None) -> dict:
                      f"  'sweep '*) echo \"sweep MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI\" >> {rec} ;;\n"
                      "  *) exit 1 ;;\n"
                      "esac\n"),
-        "ray": "#!/bin/sh\nexit 0\n",
-        "scontrol": '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && echo node1\nexit 0\n',
         "srun": '#!/bin/sh\nwhile [ $# -gt 0 ]; do case $1 in --*) shift ;; *) break ;; esac; done\nexec "$@"\n',
         "mlflow": (f"#!/bin/bash\n{{ echo \"mlflow argv $*\"; env | grep '^MLFLOW_' | sed 's/^/mlflow env /'; "
                    f"echo \"mlflow pid $$\"; }} >> {rec}\nexec sleep 600\n"),
     }
-    for name, text in scripts.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "DITSCALE_", "SLURM_", "MLFLOW_"))}
-    return env | {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin", "SLURM_JOB_ID": "78",
-                  "SLURM_JOB_NODELIST": "node1", "SLURMD_NODENAME": "node1", "DITSCALE_RAY_AUTH": "disabled",
-                  "DITSCALE_RAY_TMPDIR": str(folder), "DITSCALE_MLFLOW_PORT": "5999"}
+    env = stub_batch_env(folder, scripts, "78", drop=("RAY_", "DITSCALE_", "SLURM_", "MLFLOW_"))
+    return env | {"SLURMD_NODENAME": "node1", "DITSCALE_RAY_AUTH": "disabled", "DITSCALE_RAY_TMPDIR": str(folder),
+                  "DITSCALE_MLFLOW_PORT": "5999"}
 
 
 def test_the_job_starts_its_server_with_the_credentials_in_its_environment_only_and_stops_it(tmp_path):

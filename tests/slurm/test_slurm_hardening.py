@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import ditscale, tiny_study, write_study
-from tests.support.slurm import SBATCH  # submit(study, *options) -> Job: a fixture in conftest
+from tests.support.slurm import SBATCH, stub_batch_env  # submit(study, *options) -> Job: a fixture in conftest
 
 PROBE = """#!/bin/bash
 #SBATCH --nodes=1
@@ -132,7 +132,7 @@ def test_a_submit_directory_mlflow_cannot_start_in_fails_in_one_line_before_sbat
     assert not called.exists()
 
 
-def test_a_submit_directory_with_spaces_quotes_and_hash_runs_on_slurm(submit, hard_study, tmp_path):  # noqa: F811
+def test_a_submit_directory_with_spaces_quotes_and_hash_runs_on_slurm(submit, hard_study, tmp_path):
     """The real sbatch reads the quoted lines: the job runs in that directory, logs where `submit`
     says, under the job name given, and the #SBATCH lines after the quoted ones still count."""
     folder = tmp_path / "sub dir \"q\" #1 50%"
@@ -160,8 +160,6 @@ def _stubs(folder: Path, slurm_dir: Path, record: Path) -> dict:
     scontrol (`ditscale slurm node allocation`, which writes the token file, is the real one); srun records
     the token file's mode, owner and content, then fails (the script stops there, as when the head
     node's IP cannot be found)."""
-    bin_dir = folder / "bin"
-    bin_dir.mkdir()
     paths = "".join(f"{k}={v}\n" for k, v in (
         ("STUDY_NAME", "tok"), ("STUDY_DIR", slurm_dir.parent), ("STOP_FILE", slurm_dir.parent / "STOP"),
         ("SLURM_DIR", slurm_dir), ("TRACKING_URI", f"sqlite:///{folder}/mlflow.db"),
@@ -169,19 +167,10 @@ def _stubs(folder: Path, slurm_dir: Path, record: Path) -> dict:
     scripts = {
         "ditscale": (f'#!/bin/sh\n[ "$1 $2" = "slurm node" ] && exec {shlex.quote(sys.executable)} -m harness.cli "$@"\n'
                      f'[ "$1 $2" = "slurm paths" ] || exit 1\ncat <<\'EOF\'\n{paths}EOF\n'),
-        "ray": "#!/bin/sh\nexit 0\n",
-        "scontrol": '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && echo node1\nexit 0\n',
         "srun": (f'#!/bin/sh\n{{ stat -c "%a %u %F" "$RAY_AUTH_TOKEN_PATH"; cat "$RAY_AUTH_TOKEN_PATH"; }} '
                  f'> {shlex.quote(str(record))} 2>&1\nexit 1\n'),
     }
-    for name, text in scripts.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "DITSCALE_", "SLURM_")) and k != "MLFLOW_TRACKING_URI"}
-    env |= {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin", "SLURM_JOB_ID": "77",
-            "SLURM_JOB_NODELIST": "node1"}
-    return env
+    return stub_batch_env(folder, scripts, "77", drop=("RAY_", "DITSCALE_", "SLURM_", "MLFLOW_TRACKING_URI"))
 
 
 def _run_token_step(tmp_path: Path, plant) -> tuple[subprocess.CompletedProcess, Path, Path]:

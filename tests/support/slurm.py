@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,25 @@ SLURM_START = ROOT / "slurm" / "testing" / "start-local-cluster.sh"
 SLURM_STOP = ROOT / "slurm" / "testing" / "stop-local-cluster.sh"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
+
+# What every stand-in batch job has: a Ray that does nothing and a one-node allocation on node1.
+STUB_RAY = "#!/bin/sh\nexit 0\n"
+STUB_SCONTROL = '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && echo node1\nexit 0\n'
+
+
+def stub_batch_env(folder: Path, scripts: dict[str, str], job_id: str, drop: tuple[str, ...]) -> dict:
+    """The environment in which sweep.sbatch runs `scripts` ({command: script text}, written to
+    `folder`/bin with `ray` and `scontrol` stand-ins unless given) instead of the real commands, as job
+    `job_id` on node1; the variables starting with one of `drop` are not passed on (the test's own Ray,
+    Slurm or tracking settings)."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    for name, text in {"ray": STUB_RAY, "scontrol": STUB_SCONTROL, **scripts}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    return env | {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin", "SLURM_JOB_ID": job_id,
+                  "SLURM_JOB_NODELIST": "node1"}
 
 
 def cluster_exports(stdout: str) -> dict:

@@ -137,7 +137,7 @@ def test_resumed_at_the_last_step_still_evaluates(tmp_path, digits_dir):
     study = write_study(tmp_path / "s.yaml", tiny_study(digits_dir, "lasteval", train={"steps": 10},
                                                         eval={"val_batches": 1}))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    run = lambda mode: subprocess.run([sys.executable, "-c", _FAIL_FINAL_EVAL, str(study), mode], cwd=tmp_path,  # noqa: E731
+    run = lambda mode: subprocess.run([sys.executable, "-c", _FAIL_FINAL_EVAL, str(study), mode], cwd=tmp_path,
                                       env=env, text=True, capture_output=True, timeout=300)
     first = run("fail")
     assert first.returncode != 0 and "killed during the final evaluation" in first.stderr, first.stderr[-3000:]
