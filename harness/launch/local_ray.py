@@ -37,12 +37,16 @@ from harness.errors import UserError
 # the preemption watcher (node draining on autoscaled clouds; Slurm preemption goes through the stop
 # file instead), the metrics callbacks (Prometheus export) and the per-trial working directory
 # (paths are absolute already). The controller polls its workers every 2 s by default; 0.2 s lets a
-# short trial start and end sooner.
+# short trial start and end sooner. Tune's own result files (CSV, JSON and TensorBoard per trial) are
+# off: MLflow holds every metric, and Tune's TensorBoard logger imports torch into the sweep's driver
+# (measured: 2.1 s of a tiny sweep's start-up here, ~0.5 GB); TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 in
+# the sweep's environment brings them back (values already set there win over these).
 _RAY_TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
     "RAY_CHDIR_TO_TRIAL_DIR": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
 }
 
 
@@ -132,9 +136,11 @@ def stop_ray() -> None:
         _refresh_ray_auth()
 
 
-def start_ray(address: str | None) -> bool:
+def start_ray(address: str | None, train_workers: bool = True) -> bool:
     """Join `address`, or start an embedded local Ray on 127.0.0.1 with token authentication (a fresh
-    token per sweep; _embedded_ray_auth). Returns True if we started it (stop it with stop_ray)."""
+    token per sweep; _embedded_ray_auth). Returns True if we started it (stop it with stop_ray).
+    train_workers: whether any trial will start Ray Train workers (else nothing needs the
+    autoscaling coordinator _prewarm_autoscaling_coordinator starts)."""
     for key, value in runtime_env()["env_vars"].items():
         os.environ.setdefault(key, value)  # the driver-side Tune/Train code reads them too
     if not address:
@@ -166,7 +172,8 @@ def start_ray(address: str | None) -> bool:
     except BaseException:
         stop_ray()
         raise
-    _prewarm_autoscaling_coordinator()
+    if train_workers:
+        _prewarm_autoscaling_coordinator()
     return True
 
 
@@ -174,7 +181,9 @@ def _prewarm_autoscaling_coordinator() -> None:
     """Each Train controller first sends its resource request to a cluster-wide coordinator actor and
     waits up to 5 s for it; on a fresh cluster the first trial pays for that actor's process start
     and times out. Creating it now overlaps its start with the first Tune trial's. (Private Ray API:
-    if it moves, the only loss is those seconds.)"""
+    if it moves, the only loss is those seconds.) A trial that trains inside Tune's process (Ray
+    Train's local mode: tune_trial.runs_in_process) has no controller: a sweep of only those skips it
+    (the actor's process imports ray.data, ~1.5 s of CPU)."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator,
