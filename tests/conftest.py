@@ -16,18 +16,19 @@ from pathlib import Path
 import pytest
 
 from tests.support.netns import HOSTS, SBIN, START, STOP, free_net, missing_piece
+from tests.support.shared import shared_folder
 from tests.support.slurm import FINAL_STATES, SLURM_START, SLURM_STOP, cluster_exports, job_info, submitted_job
 from tests.support.study import ditscale
 
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
-    """digits at 16x16, 1 channel, 10 classes, captions; 4 train shards + 1 val shard."""
+    """digits at 16x16, 1 channel, 10 classes, captions; 4 train shards + 1 val shard. Packed once per
+    run, shared by the xdist workers, with what evaluation caches beside it (tests/support/shared.py)."""
     from harness.data import pack_dataset
 
-    out = tmp_path_factory.mktemp("digits") / "digits"
-    pack_dataset("digits", str(out), image_size=16, shard_size=500, progress=False)
-    return out
+    return shared_folder(tmp_path_factory, "digits",
+                         lambda out: pack_dataset("digits", str(out), image_size=16, shard_size=500, progress=False))
 
 
 # --- the one-node Slurm cluster (tests/slurm/test_slurm*.py, tests/launch/test_credentials.py) ------------------------------

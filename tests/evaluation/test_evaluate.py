@@ -26,6 +26,7 @@ from harness.errors import UserError
 from tests.support import ditscale, tiny_study, write_study
 from tests.support.evaluation import evaluation_trial as _trial
 from tests.support.evaluation import evaluator as _evaluator
+from tests.support.shared import shared_folder
 
 # --- fixtures ---------------------------------------------------------------------------------------
 
@@ -35,11 +36,11 @@ from tests.support.evaluation import evaluator as _evaluator
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
+    """shapes at 32x32 with captions, packed once per run with its shapesdet stand-in (tests/support/shared.py)."""
     from harness.data import pack_dataset
 
-    out = tmp_path_factory.mktemp("shapes") / "shapes"
-    pack_dataset("shapes", str(out), image_size=32, count=1500, progress=False)
-    return out
+    return shared_folder(tmp_path_factory, "shapes",
+                         lambda out: pack_dataset("shapes", str(out), image_size=32, count=1500, progress=False))
 
 
 @pytest.fixture(scope="session")

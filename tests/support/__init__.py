@@ -12,6 +12,7 @@ separate instance per module). Plain helpers live here, one module per concern:
 - synthetic.py: synthetic sweeps logged into a real MLflow store, check_report
 - phema.py: the post-hoc EMA checks test_train's kill-and-resume trial runs
 - evaluation.py: an Evaluator on a tiny trial
+- shared.py: session data (the packed datasets) built once per run and shared by the xdist workers
 """
 
 from tests.support.study import ROOT, ditscale, tiny_study, write_study
