@@ -11,7 +11,9 @@ study and asserts every file exists and was logged to the sweep's parent run.
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -490,7 +492,6 @@ def test_report_html_loads_in_headless_chromium(built_report, tmp_path):
             session, "Array.from(document.querySelectorAll('h3, h4')).map(h => h.textContent).join('\\n')")
     finally:
         browser.close()
-    import base64
 
     screenshot = tmp_path / "report-screenshot.png"
     screenshot.write_bytes(base64.b64decode(shot["data"]))
@@ -542,7 +543,6 @@ def test_one_malformed_per_sample_loss_file_is_skipped_with_a_warning(store, tmp
     one file has a string in `t`, one a nested list in `loss`. Each is skipped with a warning naming its
     run and file; the good tables are used (the loss finding is still judged, paired where possible),
     and the report has its findings and fits."""
-    import logging
 
     loss = {("S", 4): 0.300, ("B", 4): 0.250, ("L", 4): 0.200, ("XL", 4): 0.170}
     cfgs = [{"family": "dit", "size": s, "patch": p, "steps": 400, "gflops": DIT_GFLOPS[(s, p)],

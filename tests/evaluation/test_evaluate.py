@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import math
 import multiprocessing
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -475,7 +478,6 @@ def test_assets_fetch_and_data_stats_commands(tmp_path, digits_dir, lenet, monke
 
 
 def test_eval_command_logs_into_the_trials_run(digits_dir, tmp_path, lenet, monkeypatch):
-    import json
 
     import mlflow
 
@@ -530,7 +532,6 @@ def test_eval_command_logs_into_the_trials_run(digits_dir, tmp_path, lenet, monk
 
 
 def _rank_main(rank: int, world: int, port: int, digits: str, tmp: str, out: str) -> None:
-    import json
 
     import torch.distributed as tdist
 
@@ -550,8 +551,6 @@ def _rank_main(rank: int, world: int, port: int, digits: str, tmp: str, out: str
 
 @pytest.mark.slow
 def test_two_ranks_give_the_numbers_of_one(digits_dir, tmp_path, lenet):
-    import json
-
     import torch.multiprocessing as mp
 
     from harness.common.net import free_port
@@ -742,8 +741,6 @@ def test_standin_training_gives_the_same_weights_whatever_the_threads_and_isa(tm
     ATen's portable kernels instead of its widest (AVX-512 where the CPU has it), oneDNN capped at
     AVX2 — the stand-in's weights, and so the detector identity (ditscale.detector) every FD carries,
     are the same bit for bit."""
-    import subprocess
-    import sys
 
     from tests.support import ROOT
 

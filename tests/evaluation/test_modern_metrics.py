@@ -10,6 +10,9 @@ folder laid out as `ditscale assets fetch --metric` lays it out, and load them t
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +81,6 @@ def test_fd_dinov2_is_zero_against_itself_and_grows_monotonically_with_noise(tin
 def test_fd_dinov2_preprocessing_is_dgm_evals(tiny_assets):
     """PIL bicubic to 224 x 224 on the uint8 image (dgm-eval: torchvision Resize on a PIL image), values kept
     0..255, stacked into the same tensor clean-fid's per-image ToTensor path gives."""
-    import dataclasses
 
     from PIL import Image
 
@@ -242,8 +244,6 @@ def test_sweep_stops_before_ray_when_a_metric_weight_is_missing(digits_dir, tmp_
 def test_assets_status_lists_each_metric_network_with_its_revision_or_the_fetch_command(tiny_assets, tmp_path, capsys):
     """`ditscale assets status` says, per eval.metrics network, whether evaluation will find it and whether it
     is the pinned revision; a missing one gets the fetch command (the line a study would stop with)."""
-    import argparse
-    import shutil
 
     from harness.evaluation.commands import _cmd_assets_status
 

@@ -3,7 +3,11 @@ shared trunk, and divergence: planning rules checked directly, the sweep on real
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -127,8 +131,6 @@ def test_dry_run_of_a_branched_study_imports_no_torch(digits_dir, tmp_path):
     """`ditscale sweep --dry-run` plans WSD trunks (harness/launch/branches.py, which needs the checkpoint
     layout) without importing torch, DeepSpeed, Ray or MLflow: it used to import torch through
     harness/trial/checkpoint.py and harness/trial/engine.py."""
-    import subprocess
-    import sys
 
     study = tiny_study(digits_dir, "dry-torch", train={"steps": 40, "schedule": "wsd", "cooldown": 0.25},
                        grid={"train.steps": [40, 80]})
@@ -151,7 +153,6 @@ def test_branches_match_standalone_and_divergence_is_a_concluded_status(digits_d
     Issue 26: a second trunk (learning rate far too high) diverges, and its branches conclude as
     `diverged (trunk <id>)`, not as errors (the sweep exits 0); a finished trunk whose checkpoints were
     deleted is trained again when a branch still needs them."""
-    import shutil
 
     import mlflow
 
@@ -244,8 +245,6 @@ def test_branches_match_standalone_and_divergence_is_a_concluded_status(digits_d
     # The retrained trunk logged its steps a second time into its run: the run says where it went back
     # (harness/trial/checkpoint.py record_rewind) and the analysis reads the latest pass only.
     with checks("a retrained trunk's run reads as one series, its latest pass"):
-        import json
-
         from analysis.runs import load_histories
 
         trunk_run = client.get_run(trunk[0].info.run_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -323,7 +324,6 @@ def test_the_ladder_is_registered_before_it_trains_and_the_registration_survives
     every budget at this scale) and its minimum is at its smallest size. The sweep adds d1w32 there (the
     smaller side), trains it, and stops at the limit; the other budgets' minimum is d1w32, below which no DiT
     geometry exists (one line each). The added trial restores the 12-trial grid the ladder fits."""
-    import re
 
     import mlflow
 

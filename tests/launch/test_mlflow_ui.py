@@ -5,6 +5,7 @@ val_loss and FD metric, in headless Chromium against a real `mlflow server`."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -280,8 +281,6 @@ class _Page:
                 for (top, _), name in names[0].items()}
 
     def screenshot(self, path: Path) -> None:
-        import base64
-
         shot = self.b.send("Page.captureScreenshot", {"format": "png"}, session=self.session)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(shot["data"]))

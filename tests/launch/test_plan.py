@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -235,7 +236,6 @@ def test_dit_isoflop_is_the_plan_its_header_names_and_its_costs_are_current(caps
     """experiments/dit_isoflop.yaml: written by `ditscale plan --center liang2024 --ladder ...` (issue 27 item 5);
     the dry run lists exactly its points at each LR, says the ladder trains after the grid, and the header's
     GPU-hours are recomputed here from the dry run's compute (a hand edit of the budgets makes this fail)."""
-    import re
 
     path = EXPERIMENTS / "dit_isoflop.yaml"
     text = path.read_text()

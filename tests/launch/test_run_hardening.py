@@ -12,8 +12,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -44,7 +47,6 @@ def _env(**extra: str) -> dict:
 
 def _error_lines(stderr: str) -> list[str]:
     """The CLI's error lines, without its `ditscale sweep: error: ` prefix."""
-    import re
 
     lines = stderr.strip().splitlines()
     return [re.sub(r"^ditscale [\w-]+: error: ", "", line) for line in lines]
@@ -77,8 +79,6 @@ def _listeners(pid: int) -> list[tuple[str, int]]:
 
 
 def _loopback(ip: str) -> bool:
-    import ipaddress
-
     address = ipaddress.ip_address(ip)
     return address.is_loopback or (address.version == 6 and address.ipv4_mapped is not None
                                    and address.ipv4_mapped.is_loopback)
@@ -274,7 +274,6 @@ def test_tracking_credentials_connect_but_are_never_written_or_printed(tmp_path,
     (Ray's runtime-env agent logs a job's env_vars) or output line. A tracking URI with the credentials
     in it (`http://user:pw@host`) reads the study back for `ditscale report`, again without a trace.
     (URI credentials in a sweep become these variables first: test_credentials.py.)"""
-    import importlib.util
 
     assert importlib.util.find_spec("flask_wtf"), "MLflow's basic-auth app needs mlflow[auth] (Flask-WTF)"
     password = "pw-" + secrets.token_hex(12)

@@ -4,6 +4,7 @@ DeepSpeed (gloo), MLflow parent + child runs, fault recovery, resume, dry run.""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -89,7 +90,6 @@ def test_grid_on_local_ray_with_fault_recovery_and_resume(tmp_path, digits_dir):
 def test_single_worker_trials_train_in_the_reused_tune_process_and_recover(tmp_path, digits_dir):
     """resources.workers_per_trial 1: Ray Train's local mode inside Tune's reused trial process. A
     failure there is retried by Tune and resumes from the trial folder's checkpoint, in one run."""
-    import re
 
     name = "inproc"
     study = write_study(tmp_path / "s.yaml", {

@@ -2,7 +2,12 @@
 averaged weights in for evaluation, and the `gather` hook for ZeRO-3-partitioned parameters."""
 
 import io
+import os
+import socket
+import subprocess
+import sys
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -277,7 +282,6 @@ print("ZERO3-EMA-OK")
 def test_the_initial_weights_share_the_sweep_warns_about_is_what_the_ema_keeps(decay, steps, warmup):
     """harness.checks.ema_init_share (the sweep's warning) against the EMA itself: a weight that starts at 1
     and is 0 after every step is left at exactly the initial weights' share."""
-    from types import SimpleNamespace
 
     from harness.checks import ema_init_share
 
@@ -300,10 +304,6 @@ def test_real_deepspeed_zero3_gathered_parameters(tmp_path):
     """The same contract against real ZeRO-3 partitioning (one gloo process), in a subprocess so that
     DeepSpeed's process group does not outlive the test."""
     pytest.importorskip("deepspeed")
-    import os
-    import socket
-    import subprocess
-    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,5 +1,8 @@
 """Analytic parameter and FLOP counts against the DiT paper and against PyTorch's own counters."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -73,8 +76,6 @@ def test_the_model_section_is_one_spec_for_the_builder_the_counter_and_the_name(
 def test_counting_a_study_needs_no_torch(tmp_path):
     """Budgets and the plan count FLOPs from the spec alone: `load_trials` on a train.flops study imports no
     torch (before #28 it built the model's info through a torch-importing module)."""
-    import subprocess
-    import sys
 
     study = EXPERIMENTS / "isoflop_smoke.yaml"
     code = ("import sys\nfrom harness.study import load_trials, planned_count\n"

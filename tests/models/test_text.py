@@ -1,6 +1,8 @@
 """Text conditioning: tiny CLIP / T5 encoders built from configs, saved and loaded by path (nothing is
 downloaded), SD3's combination of the three, and the built-in trainable word encoder."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -142,8 +144,6 @@ def test_sd3_combination_layout(hf_paths):
 
 
 def test_sd3_pipeline_folder(hf_paths, tmp_path):
-    import shutil
-
     for sub, key in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5")):
         shutil.copytree(hf_paths[key], tmp_path / sub)
         tok = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}[sub]
@@ -197,7 +197,6 @@ def test_text_embeddings_to_and_cond():
 def test_hub_names_are_found_in_the_assets_folder(hf_paths, tmp_path):
     """Offline nodes: `clip:org/name` loads DITSCALE_ASSETS/text/org--name (what `ditscale assets
     fetch --text-encoder org/name` writes); names the folder lacks, local paths and word: stay as given."""
-    import shutil
 
     from harness.assets import resolve_text_spec
     from harness.data.text_embeddings import load_encoder

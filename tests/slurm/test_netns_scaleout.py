@@ -18,14 +18,18 @@ without root, Slurm or network namespaces these tests are skipped (failed under 
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -245,8 +249,6 @@ def test_the_job_refuses_auth_without_credentials_or_a_study_with_its_own_store(
 
 def test_waiting_for_the_server_names_a_refused_password_without_showing_it(monkeypatch):
     """A user store left by an earlier job with another password: one line saying so (HTTP 401)."""
-    import http.server
-    import threading
 
     from harness.errors import UserError
     from harness.launch.slurm import wait_for_mlflow
@@ -277,7 +279,6 @@ def test_waiting_for_the_server_names_a_refused_password_without_showing_it(monk
 def test_what_the_nodes_of_a_joined_cluster_are_asked(tmp_path):
     """The --address helpers without Ray: which addresses are a cluster's GCS, and what a node reports
     missing (a path it cannot see, a tracking server it cannot reach)."""
-    import socket
 
     from harness.launch.local_ray import _gcs_target, _local_node, _look
 
@@ -400,7 +401,6 @@ def hosts_ray(netns_cluster):
             except ProcessLookupError:
                 pass
             proc.wait(timeout=10)
-        import shutil
 
         shutil.rmtree(state, ignore_errors=True)
 

@@ -6,8 +6,10 @@ with the browser checks silently skipped."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -56,7 +58,6 @@ class CDP:
     """Chrome DevTools Protocol over --remote-debugging-pipe (fd 3: to the browser, fd 4: from it)."""
 
     def __init__(self, binary: str, profile: Path):
-        import fcntl
 
         def high(fd: int) -> int:  # move a child-side pipe end above 9, clear of fds 3 and 4
             moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
@@ -85,8 +86,6 @@ class CDP:
         self.events: list[dict] = []
 
     def _read_message(self, deadline: float) -> dict:
-        import select
-
         while b"\0" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:

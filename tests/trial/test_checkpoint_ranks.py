@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,7 +222,6 @@ def test_a_publish_that_fails_partway_is_undone(tmp_path):
     root = tmp_path / "checkpoints"
 
     def prepare(old: bool):
-        import shutil
         shutil.rmtree(root, ignore_errors=True)
         (root / ".saving-step-00000002").mkdir(parents=True)
         (root / ".saving-step-00000002" / "new").write_text("new")

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,8 +137,6 @@ def test_state_dict_round_trip_continues_identically():
 # -- in a trial folder ----------------------------------------------------------------------------------
 
 def _trial(sigma_rels=(0.05, 0.1), every=10, steps=35):
-    from types import SimpleNamespace
-
     cfg = SimpleNamespace(sigma_rels=list(sigma_rels), snapshot_every=every)
     return SimpleNamespace(train=SimpleNamespace(posthoc_ema=cfg, steps=steps))
 
@@ -269,7 +272,6 @@ def test_study_fields(tmp_path):
 def test_the_width_with_the_lowest_validation_loss_is_chosen(tmp_path):
     """choose_sigma_rel (one process): each width's EMA is rebuilt and scored in the model, whose own
     weights come back afterwards; the best (lowest loss, a NaN never) is left in the holder."""
-    from types import SimpleNamespace
 
     from harness.trial.posthoc_ema import choose_sigma_rel, plan_reconstruction, reconstruct, val_loss_metric
 
@@ -332,8 +334,6 @@ def test_a_best_width_at_the_edge_of_the_list_is_one_warning_line():
 def _choose_on_rank(rank: int, folder: str, out: str) -> None:
     """One of two gloo ranks: only rank 0's trial folder holds snapshots (rank 1's is empty, as on another
     node), and rank 1's validation loss ranks the widths the other way round."""
-    from pathlib import Path
-    from types import SimpleNamespace
 
     import torch.distributed as tdist
 
@@ -517,9 +517,6 @@ def test_zero3_on_two_ranks_gives_the_reconstruction_of_zero0(tmp_path, digits_d
     the measured difference is exactly 0 (fp32, gloo, 2 CPU ranks, DeepSpeed 0.19.8). The bound is 1e-4 of
     what choosing another width moves the weights (the largest difference between the 0.05 and 0.10
     reconstructions, 5.3e-4 at step 10): far above rounding, far below any error in what an EMA reads."""
-    import os
-    import subprocess
-    import sys
 
     from harness.common.net import free_port
     from harness.trial.posthoc_ema import plan_reconstruction, reconstruct
