@@ -49,6 +49,7 @@ from harness.tracking import (
 )
 from harness.tracking_view import study_link
 from harness.trial.checkpoint_files import tag_for
+from harness.trial.deepspeed_config import check_deepspeed_configs
 from harness.trial.divergence import divergence_step
 
 
@@ -73,12 +74,7 @@ def run_sweep(config_path: str, overrides: list[str] = (), address: str | None =
         if as_json:
             print(plan_json(rows))
         return {"planned": len(trials), "ran": 0}
-    if any(trial.train.deepspeed for trial in trials):  # DeepSpeed's own config class, before anything starts
-        # Imported only then: the engine imports torch, which the driver does not otherwise need
-        # (measured: 1.9 s of a tiny sweep's start-up here, and ~0.5 GB).
-        from harness.trial.engine import check_deepspeed_configs
-
-        check_deepspeed_configs(trials)
+    check_deepspeed_configs(trials)  # DeepSpeed's own config class, before anything starts
     with study_lock(trials[0]):  # one sweep of a study at a time
         return _sweep(study, trials, trunks, address, max_concurrent, report, source=config_path)
 

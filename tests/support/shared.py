@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from filelock import FileLock
+from harness.assets import file_lock
 
 DONE = ".built"  # beside the folder, written last: a folder without one was left half-built, built again
 
@@ -26,9 +26,8 @@ def shared_folder(tmp_path_factory, name: str, build: Callable[[Path], None]) ->
     if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' folders are popen-gwN/ in the run's folder
         base = base.parent
     folder = base / "shared" / name
-    folder.parent.mkdir(parents=True, exist_ok=True)
     done = folder.with_name(name + DONE)  # not inside: the folder holds only what `build` made
-    with FileLock(f"{folder}.lock"):
+    with file_lock(f"{folder}.lock"):  # makes the shared/ folder too
         if not done.is_file():
             if folder.exists():
                 shutil.rmtree(folder)
