@@ -37,10 +37,11 @@ from harness.errors import UserError
 # the preemption watcher (node draining on autoscaled clouds; Slurm preemption goes through the stop
 # file instead), the metrics callbacks (Prometheus export) and the per-trial working directory
 # (paths are absolute already). The controller polls its workers every 2 s by default; 0.2 s lets a
-# short trial start and end sooner. Tune's own result files (CSV, JSON and TensorBoard per trial) are
-# off: MLflow holds every metric, and Tune's TensorBoard logger imports torch into the sweep's driver
-# (measured: 2.1 s of a tiny sweep's start-up here, ~0.5 GB); TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 in
-# the sweep's environment brings them back (values already set there win over these).
+# short trial start and end sooner. Tune's automatic result files (CSV, JSON and TensorBoard per trial)
+# are off, but for the JSON one, which the sweep adds back because Tune's result grid reads it: MLflow
+# holds every metric, and Tune's TensorBoard logger imports torch into the sweep's driver (measured:
+# 2.1 s of a tiny sweep's start-up here, ~0.5 GB); TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 in the sweep's
+# environment brings them all back (values already set there win over these).
 _RAY_TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",

@@ -311,6 +311,7 @@ def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, m
               phase: str = "sweep", links: dict | None = None) -> dict:
     """One Tune experiment over `todo`. links {trial_id: {"role": "trunk"} | {"trunk": trunk config}}."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     concurrent = max_concurrent_trials(todo, max_concurrent)
     # Tune's table shows the search space: the trial id there, the whole trial config passed beside it.
@@ -332,6 +333,9 @@ def _run_tune(study, todo: list[TrialConfig], parent_run_id: str, probe: Path, m
             storage_path=str(Path(study.resources.storage).resolve() / "_ray"),
             failure_config=tune.FailureConfig(max_failures=study.resources.max_failures),
             verbose=1,
+            # The automatic loggers are off (local_ray._RAY_TRAIN_ENV); Tune's result grid reads each
+            # trial's result.json at the end, and says it failed to fetch the metrics without it.
+            callbacks=[JsonLoggerCallback()],
         ),
     )
     results = tuner.fit()

@@ -103,6 +103,7 @@ def test_single_worker_trials_train_in_the_reused_tune_process_and_recover(tmp_p
                     env={"DITSCALE_FAULT_AT_STEP": f"10:{faulty}"}, timeout=900)
     out = proc.stdout + proc.stderr
     assert "injected worker failure" in out, "the fault knob did not fire"
+    assert "Failed to fetch metrics" not in out, out[-3000:]  # Tune's result grid found each trial's result.json
     # The loop ran in Tune's trial processes (no Ray Train worker), and one process trained two trials.
     starts = re.findall(r"\(run_tune_trial pid=(\d+)\).*\[DiT-XXS/\d (\w{6})\] start-up", out)
     assert "RayTrainWorker" not in out and len({tid for _, tid in starts}) == 3, (starts, out[-6000:])
